@@ -1,0 +1,30 @@
+//! jvpn-core: the Jumping VPN protocol as pure, deterministic code.
+//!
+//! Nothing in this crate opens a socket, spawns a task or reads a clock: every input
+//! carries the monotonic `now` the driver read, and every decision comes back as a value
+//! (events to log, actions to perform, the next deadline to sleep until). The actor
+//! runtime (`jvpn-actors`) is a thin shell over it, and every rule of the contract in
+//! spec/ is testable here on a virtual clock.
+//!
+//! - [`fsm`]: states, events, the transition table, `state_version`.
+//! - [`policy`]: the policy schema, validated once into a [`policy::Policy`].
+//! - [`health`]: per-transport loss, drops, heartbeat age and RTT, in fixed memory.
+//! - [`select`]: candidate filter, ranking, hysteresis, and the switch budget.
+//! - [`control`]: one session's control plane composing the above with every timer.
+//! - [`replay`]: the sliding anti-replay window.
+//! - [`store`]: the session table contract and its in-memory implementation.
+//! - [`event`]: the event types and their JSON-lines form.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod control;
+pub mod event;
+pub mod fsm;
+pub mod health;
+pub mod ids;
+pub mod policy;
+pub mod reason;
+pub mod replay;
+pub mod select;
+pub mod store;

@@ -1,0 +1,132 @@
+//! Reason codes: why a transition, a denial or a termination happened.
+//!
+//! One enum for every code in the contract so that events, metrics labels and the spec
+//! share one vocabulary. The snake_case string of each variant is stable: dashboards and
+//! audits depend on it.
+
+use std::fmt;
+
+use serde::Serialize;
+
+macro_rules! reason_codes {
+    ($($(#[$doc:meta])* $variant:ident => $text:literal,)+) => {
+        /// Why something happened; see spec/state-machine.md for where each code is used.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ReasonCode {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl ReasonCode {
+            /// Every reason code, in declaration order.
+            pub const ALL: &'static [ReasonCode] = &[$(ReasonCode::$variant,)+];
+
+            /// The stable snake_case form.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ReasonCode::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+
+reason_codes! {
+    /// BIRTH → ATTACHED: the handshake finished and the first transport is bound.
+    AttachedToTransport => "attached_to_transport",
+    /// ATTACHED → VOLATILE: loss over the loss window passed the threshold.
+    LossThresholdExceeded => "loss_threshold_exceeded",
+    /// ATTACHED → VOLATILE: too many losses in a row.
+    ConsecutiveDropExceeded => "consecutive_drop_exceeded",
+    /// ATTACHED → VOLATILE: no heartbeat answer for longer than allowed.
+    HeartbeatTimeout => "heartbeat_timeout",
+    /// ATTACHED → VOLATILE: the transport reported itself dead (send error, link down).
+    TransportDead => "transport_dead",
+    /// ATTACHED → VOLATILE: round-trip p95 passed the configured latency threshold.
+    LatencyThresholdExceeded => "latency_threshold_exceeded",
+    /// VOLATILE/DEGRADED → RECOVERING: switching away from a lossy or slow transport.
+    LossRecovery => "loss_recovery",
+    /// VOLATILE/DEGRADED → RECOVERING: switching away from a dead transport.
+    DeadTransportRecovery => "dead_transport_recovery",
+    /// VOLATILE/DEGRADED → RECOVERING: an operator or policy forced the switch.
+    PolicyForcedRecovery => "policy_forced_recovery",
+    /// VOLATILE → DEGRADED: volatility lasted longer than volatile_to_degraded_ms.
+    VolatilePersisted => "volatile_persisted",
+    /// VOLATILE → DEGRADED, and switch denials: the per-minute switch budget is spent.
+    SwitchRateLimited => "switch_rate_limited",
+    /// RECOVERING → ATTACHED: the peer accepted the reattach.
+    ReattachSuccess => "reattach_success",
+    /// RECOVERING → DEGRADED: the peer refused the reattach.
+    ReattachValidationFailed => "reattach_validation_failed",
+    /// RECOVERING → DEGRADED: the chosen candidate vanished before the reattach completed.
+    NoCandidateTransports => "no_candidate_transports",
+    /// RECOVERING → DEGRADED, reattach and switch denials: policy forbids it.
+    PolicyDenied => "policy_denied",
+    /// RECOVERING → DEGRADED: no answer within recovery_window_ms (an addition to the
+    /// digest, which left this case without its own code).
+    RecoveryWindowExpired => "recovery_window_expired",
+    /// → TERMINATED: the session outlived session.max_lifetime_ms.
+    SessionLifetimeExceeded => "session_lifetime_exceeded",
+    /// → TERMINATED, reattach denial: nothing heard for session.transport_lost_ttl_ms.
+    TransportTtlExceeded => "transport_ttl_exceeded",
+    /// → TERMINATED: too many security failures on this session.
+    SecurityFailure => "security_failure",
+    /// → TERMINATED: an operator ended the session.
+    OperatorTerminated => "operator_terminated",
+    /// → TERMINATED: the peer announced that it ended the session.
+    PeerTerminated => "peer_terminated",
+    /// Switch denial: the last switch was less than switch_cooldown_ms ago.
+    CooldownActive => "cooldown_active",
+    /// Switch denial: no candidate passed the filter.
+    NoValidCandidate => "no_valid_candidate",
+    /// Reattach denial: no such session.
+    UnknownSession => "unknown_session",
+    /// Reattach denial: the session's state does not allow a reattach.
+    InvalidStateForReattach => "invalid_state_for_reattach",
+    /// Reattach denial: the session outlived its lifetime.
+    SessionExpired => "session_expired",
+    /// Reattach denial: the proof of possession of the session keys did not verify.
+    BadProof => "bad_proof",
+    /// Reattach denial: the request's timestamp is outside the freshness window.
+    StaleRequest => "stale_request",
+    /// Reattach denial, data drop: this counter was seen before.
+    ReplayDetected => "replay_detected",
+    /// Reattach denial: the candidate transport's metadata is not usable.
+    InvalidTransportCandidate => "invalid_transport_candidate",
+    /// Reattach denial, store refusal: the record moved on since the caller read it.
+    StaleStateVersion => "stale_state_version",
+    /// Store refusal: the swap could not be applied atomically (wrong owner, record gone).
+    AtomicityFailed => "atomicity_failed",
+    /// An event that the transition table does not define for the current state.
+    InvalidTransition => "invalid_transition",
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ReasonCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_code_has_a_unique_snake_case_form() {
+        let mut seen = HashSet::new();
+        for code in ReasonCode::ALL {
+            let s = code.as_str();
+            assert!(seen.insert(s), "duplicate reason string {s}");
+            assert!(
+                s.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{s} is not snake_case"
+            );
+        }
+    }
+}

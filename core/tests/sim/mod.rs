@@ -1,0 +1,327 @@
+//! A deterministic simulated network for driving `SessionControl` on a virtual clock:
+//! paths with scripted loss and RTT, heartbeats on the active path and probes on the
+//! standbys (as the client agent sends them), and a peer that answers reattaches as
+//! told. The driver loop is the real one in miniature: wake at the earliest of the
+//! session's deadline and the network's own events, feed inputs, drain outputs.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jvpn_core::control::{Action, SessionControl};
+use jvpn_core::event::{EventBody, SessionEvent, TransportRef};
+use jvpn_core::fsm::State;
+use jvpn_core::ids::{Protocol, SessionId, TransportId};
+use jvpn_core::policy::Policy;
+use jvpn_core::reason::ReasonCode;
+
+/// How a path treats packets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Loss {
+    /// Everything arrives.
+    None,
+    /// Nothing arrives.
+    All,
+    /// Every other heartbeat is lost (50 %, never two in a row).
+    EveryOther,
+    /// Each packet is lost with this probability (percent), from a seeded generator.
+    Percent(u8),
+}
+
+/// How the peer answers a reattach request that reaches it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Answer {
+    /// Accept it.
+    Accept,
+    /// Refuse it with this reason.
+    Deny(ReasonCode),
+    /// Never answer.
+    Silent,
+}
+
+pub struct Path {
+    pub id: TransportId,
+    pub protocol: Protocol,
+    pub loss: Loss,
+    pub rtt: Duration,
+    next_probe: Instant,
+    seq: u64,
+}
+
+enum Pending {
+    Ack {
+        at: Instant,
+        id: TransportId,
+        seq: u64,
+    },
+    Answer {
+        at: Instant,
+        id: TransportId,
+        answer: Answer,
+    },
+}
+
+impl Pending {
+    fn at(&self) -> Instant {
+        match self {
+            Pending::Ack { at, .. } | Pending::Answer { at, .. } => *at,
+        }
+    }
+}
+
+pub struct Sim {
+    pub ctl: SessionControl,
+    pub t0: Instant,
+    pub now: Instant,
+    pub paths: Vec<Path>,
+    pub answer: Answer,
+    /// Every event, in order.
+    pub events: Vec<SessionEvent>,
+    /// Every reattach the session asked for.
+    pub reattaches: Vec<(Instant, TransportId)>,
+    /// The last instant the peer was really heard (an ack or answer that the session
+    /// accepted): the reference for the transport-lost TTL.
+    pub last_heard: Instant,
+    pending: Vec<Pending>,
+    rng: u64,
+}
+
+pub const SESSION: SessionId = SessionId(0x5e55_1015_cafe_f00d);
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+impl Sim {
+    /// A session with one UDP path per id in `paths` (10 ms RTT, no loss), attached on
+    /// the first.
+    pub fn new(policy: Policy, paths: &[u32]) -> Sim {
+        let t0 = Instant::now();
+        let mut ctl = SessionControl::new(SESSION, Arc::new(policy), t0);
+        let mut sim_paths = Vec::new();
+        for &id in paths {
+            let transport = TransportRef {
+                id: TransportId(id),
+                protocol: Protocol::Udp,
+            };
+            ctl.add_transport(transport, t0).expect("add transport");
+            sim_paths.push(Path {
+                id: TransportId(id),
+                protocol: Protocol::Udp,
+                loss: Loss::None,
+                rtt: ms(10),
+                next_probe: t0,
+                seq: 0,
+            });
+        }
+        ctl.attach(TransportId(paths[0]), t0).expect("attach");
+        let mut sim = Sim {
+            ctl,
+            t0,
+            now: t0,
+            paths: sim_paths,
+            answer: Answer::Accept,
+            events: Vec::new(),
+            reattaches: Vec::new(),
+            last_heard: t0,
+            pending: Vec::new(),
+            rng: 0x9e37_79b9_7f4a_7c15,
+        };
+        sim.drain();
+        sim
+    }
+
+    pub fn path(&mut self, id: u32) -> &mut Path {
+        self.paths
+            .iter_mut()
+            .find(|p| p.id == TransportId(id))
+            .expect("no such path")
+    }
+
+    /// Sets a path's loss.
+    pub fn set_loss(&mut self, id: u32, loss: Loss) {
+        self.path(id).loss = loss;
+    }
+
+    /// The path goes down and the transport says so.
+    pub fn kill(&mut self, id: u32) {
+        self.set_loss(id, Loss::All);
+        let now = self.now;
+        let _ = self.ctl.transport_dead(TransportId(id), now);
+        self.drain();
+    }
+
+    /// The path comes back and the transport says so.
+    pub fn revive(&mut self, id: u32) {
+        self.set_loss(id, Loss::None);
+        let now = self.now;
+        let _ = self.ctl.transport_up(TransportId(id), now);
+        self.drain();
+    }
+
+    /// Runs the world until `self.t0 + at`.
+    pub fn run_until_ms(&mut self, at: u64) {
+        self.run_until(self.t0 + ms(at));
+    }
+
+    /// Runs the world for `d` more.
+    pub fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
+    }
+
+    /// Runs the world until `end`, waking at every due instant. Bounded: each wake
+    /// consumes a scheduled item or a deadline, all of which lie in the future.
+    pub fn run_until(&mut self, end: Instant) {
+        for _ in 0..1_000_000 {
+            let Some(next) = self.next_wake().filter(|t| *t <= end) else {
+                break;
+            };
+            self.now = next;
+            self.wake();
+        }
+        self.now = self.now.max(end);
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        if self.ctl.state() == State::Terminated {
+            return None;
+        }
+        let probes = self.paths.iter().map(|p| p.next_probe);
+        let pending = self.pending.iter().map(Pending::at);
+        probes.chain(pending).chain(self.ctl.next_deadline()).min()
+    }
+
+    fn wake(&mut self) {
+        let now = self.now;
+        // Deliveries first, in schedule order.
+        let mut due: Vec<Pending> = Vec::new();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].at() <= now {
+                due.push(self.pending.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_by_key(Pending::at);
+        for item in due {
+            match item {
+                Pending::Ack { id, seq, .. } => {
+                    if let Ok(Some(_)) = self.ctl.probe_acked(id, seq, now) {
+                        self.last_heard = now;
+                    }
+                }
+                Pending::Answer { id, answer, .. } => match answer {
+                    Answer::Accept => {
+                        if self.ctl.reattach_accepted(id, now).is_ok() {
+                            self.last_heard = now;
+                        }
+                    }
+                    Answer::Deny(reason) => {
+                        let _ = self.ctl.reattach_denied(id, reason, now);
+                    }
+                    Answer::Silent => {}
+                },
+            }
+            self.drain();
+        }
+        // Then heartbeats (active) and probes (standby) that are due.
+        let active = self.ctl.active().map(|t| t.id);
+        let policy = Arc::clone(self.ctl.policy());
+        for index in 0..self.paths.len() {
+            if self.paths[index].next_probe > now {
+                continue;
+            }
+            let delivered = self.delivered(index);
+            let path = &mut self.paths[index];
+            path.seq += 1;
+            let (id, seq, rtt) = (path.id, path.seq, path.rtt);
+            path.next_probe = now
+                + if Some(id) == active {
+                    policy.heartbeat_interval
+                } else {
+                    policy.probe_interval
+                };
+            let _ = self.ctl.probe_sent(id, seq, now);
+            if delivered {
+                self.pending.push(Pending::Ack {
+                    at: now + rtt,
+                    id,
+                    seq,
+                });
+            }
+            self.drain();
+        }
+        self.ctl.handle_timeout(now);
+        self.drain();
+    }
+
+    fn delivered(&mut self, index: usize) -> bool {
+        match self.paths[index].loss {
+            Loss::None => true,
+            Loss::All => false,
+            Loss::EveryOther => self.paths[index].seq % 2 == 1,
+            Loss::Percent(p) => {
+                // xorshift64*: deterministic per simulation.
+                self.rng ^= self.rng >> 12;
+                self.rng ^= self.rng << 25;
+                self.rng ^= self.rng >> 27;
+                let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % 100;
+                r >= u64::from(p)
+            }
+        }
+    }
+
+    /// Moves events into `self.events` and answers reattach actions.
+    pub fn drain(&mut self) {
+        while let Some(e) = self.ctl.poll_event() {
+            self.events.push(e);
+        }
+        while let Some(Action::Reattach { candidate, .. }) = self.ctl.poll_action() {
+            self.reattaches.push((self.now, candidate));
+            let Some(index) = self.paths.iter().position(|p| p.id == candidate) else {
+                continue;
+            };
+            // The request and the answer each cross the candidate path.
+            if !(self.delivered(index) && self.delivered(index)) {
+                continue;
+            }
+            let at = self.now + self.paths[index].rtt;
+            self.pending.push(Pending::Answer {
+                at,
+                id: candidate,
+                answer: self.answer,
+            });
+        }
+    }
+
+    /// The state changes seen so far, as (from, to, reason).
+    pub fn transitions(&self) -> Vec<(State, State, ReasonCode)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e.body {
+                EventBody::SessionStateChange {
+                    previous_state,
+                    new_state,
+                    reason_code,
+                    ..
+                } => Some((previous_state, new_state, reason_code)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The event types seen so far, in order.
+    pub fn event_types(&self) -> Vec<&'static str> {
+        self.events.iter().map(|e| e.body.event_type()).collect()
+    }
+
+    /// Milliseconds from t0 of the first event matching `pred`.
+    pub fn first_ms(&self, pred: impl Fn(&EventBody) -> bool) -> Option<u64> {
+        self.events
+            .iter()
+            .find(|e| pred(&e.body))
+            .map(|e| e.at.duration_since(self.t0).as_millis() as u64)
+    }
+}
