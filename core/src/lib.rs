@@ -14,6 +14,7 @@
 //! - [`replay`]: the sliding anti-replay window.
 //! - [`store`]: the session table contract and its in-memory implementation.
 //! - [`event`]: the event types and their JSON-lines form.
+//! - [`sim`]: a deterministic simulated network that drives a session on a virtual clock.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -27,4 +28,5 @@ pub mod policy;
 pub mod reason;
 pub mod replay;
 pub mod select;
+pub mod sim;
 pub mod store;

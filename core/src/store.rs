@@ -91,14 +91,6 @@ pub enum StoreError {
         /// Who owns it.
         owner: NodeId,
     },
-    /// The new record names another session than the one it replaces.
-    #[error("record for session {new} cannot replace session {expected}")]
-    IdentityChange {
-        /// The id of the record being replaced.
-        expected: SessionId,
-        /// The id in the new record.
-        new: SessionId,
-    },
     /// More candidates than the store's limit.
     #[error("{count} candidates exceed the limit of {limit}")]
     TooManyCandidates {
@@ -119,8 +111,7 @@ impl StoreError {
             StoreError::AlreadyExists(_)
             | StoreError::Full { .. }
             | StoreError::VersionNotAdvanced { .. }
-            | StoreError::NotOwner { .. }
-            | StoreError::IdentityChange { .. } => ReasonCode::AtomicityFailed,
+            | StoreError::NotOwner { .. } => ReasonCode::AtomicityFailed,
         }
     }
 }

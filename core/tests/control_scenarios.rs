@@ -1,14 +1,12 @@
 //! Whole-session scenarios on a virtual clock: jumps, denials, budgets, timers.
 
-mod sim;
-
 use jvpn_core::control::{ControlError, SecurityIncident};
 use jvpn_core::event::{EventBody, ReattachOutcome, TransportRef};
 use jvpn_core::fsm::{State, TerminationCause};
 use jvpn_core::ids::{Protocol, StateVersion, TransportId};
 use jvpn_core::policy::{Policy, PolicyConfig};
 use jvpn_core::reason::ReasonCode;
-use sim::{ms, Answer, Loss, Sim, SESSION};
+use jvpn_core::sim::{ms, Answer, Loss, Sim, SESSION};
 use State::*;
 
 fn policy(edit: impl FnOnce(&mut PolicyConfig)) -> Policy {
@@ -19,7 +17,7 @@ fn policy(edit: impl FnOnce(&mut PolicyConfig)) -> Policy {
 
 #[test]
 fn dead_active_path_jumps_to_the_standby_with_the_session_id_unchanged() {
-    let mut sim = Sim::new(Policy::default(), &[1, 2]);
+    let mut sim = Sim::udp(Policy::default(), &[1, 2]).expect("sim");
     sim.run_until_ms(10_000);
     assert_eq!(sim.ctl.state(), Attached);
     sim.kill(1);
@@ -82,7 +80,7 @@ fn sustained_heartbeat_loss_triggers_loss_threshold_and_a_loss_recovery() {
         c.volatility.heartbeat_interval_ms = Some(100);
         c.volatility.heartbeat_volatile_ms = Some(400);
     });
-    let mut sim = Sim::new(p, &[1, 2]);
+    let mut sim = Sim::udp(p, &[1, 2]).expect("sim");
     sim.run_until_ms(5_000);
     sim.set_loss(1, Loss::EveryOther);
     sim.run_until_ms(10_000);
@@ -98,7 +96,7 @@ fn sustained_heartbeat_loss_triggers_loss_threshold_and_a_loss_recovery() {
 
 #[test]
 fn a_receive_report_over_the_threshold_makes_the_path_volatile() {
-    let mut sim = Sim::new(Policy::default(), &[1, 2]);
+    let mut sim = Sim::udp(Policy::default(), &[1, 2]).expect("sim");
     sim.run_until_ms(1_000);
     let now = sim.now;
     sim.ctl
@@ -121,7 +119,7 @@ fn a_receive_report_over_the_threshold_makes_the_path_volatile() {
 
 #[test]
 fn without_a_candidate_the_session_degrades_then_ends_at_the_transport_ttl() {
-    let mut sim = Sim::new(Policy::default(), &[1]);
+    let mut sim = Sim::udp(Policy::default(), &[1]).expect("sim");
     sim.run_until_ms(3_000);
     sim.set_loss(1, Loss::All);
     sim.run_until_ms(60_000);
@@ -163,7 +161,7 @@ fn without_a_candidate_the_session_degrades_then_ends_at_the_transport_ttl() {
 
 #[test]
 fn an_unanswered_reattach_fails_at_the_recovery_deadline_and_a_late_ack_is_refused() {
-    let mut sim = Sim::new(Policy::default(), &[1, 2]);
+    let mut sim = Sim::udp(Policy::default(), &[1, 2]).expect("sim");
     sim.answer = Answer::Silent;
     sim.run_until_ms(1_000);
     sim.kill(1);
@@ -196,7 +194,7 @@ fn an_unanswered_reattach_fails_at_the_recovery_deadline_and_a_late_ack_is_refus
 
 #[test]
 fn a_denied_reattach_changes_no_binding_and_the_candidate_is_retried_later() {
-    let mut sim = Sim::new(Policy::default(), &[1, 2]);
+    let mut sim = Sim::udp(Policy::default(), &[1, 2]).expect("sim");
     sim.answer = Answer::Deny(ReasonCode::StaleStateVersion);
     sim.run_until_ms(1_000);
     sim.kill(1);
@@ -233,7 +231,7 @@ fn flapping_paths_are_bounded_by_the_switch_budget() {
         c.switching.max_switches_per_min = Some(2);
         c.switching.switch_cooldown_ms = Some(0);
     });
-    let mut sim = Sim::new(p, &[1, 2]);
+    let mut sim = Sim::udp(p, &[1, 2]).expect("sim");
     // Three times: bring the standby back, let its loss window clean, kill the active.
     for round in 0..3u64 {
         let start = 1_000 + round * 5_000;
@@ -263,7 +261,7 @@ fn flapping_paths_are_bounded_by_the_switch_budget() {
 #[test]
 fn a_switch_inside_the_cooldown_waits_for_its_end() {
     let p = policy(|c| c.switching.switch_cooldown_ms = Some(5_000));
-    let mut sim = Sim::new(p, &[1, 2]);
+    let mut sim = Sim::udp(p, &[1, 2]).expect("sim");
     sim.run_until_ms(1_000);
     sim.kill(1);
     sim.run_until_ms(2_000);
@@ -287,7 +285,7 @@ fn a_switch_inside_the_cooldown_waits_for_its_end() {
 
 #[test]
 fn a_recovered_path_is_reattached_in_place_without_a_switch() {
-    let mut sim = Sim::new(Policy::default(), &[1]);
+    let mut sim = Sim::udp(Policy::default(), &[1]).expect("sim");
     sim.run_until_ms(1_000);
     sim.set_loss(1, Loss::All);
     sim.run_until_ms(7_000); // VOLATILE, then DEGRADED
@@ -311,7 +309,7 @@ fn a_recovered_path_is_reattached_in_place_without_a_switch() {
 #[test]
 fn the_session_ends_exactly_at_its_lifetime() {
     let p = policy(|c| c.session.max_lifetime_ms = Some(30_000));
-    let mut sim = Sim::new(p, &[1, 2]);
+    let mut sim = Sim::udp(p, &[1, 2]).expect("sim");
     sim.run_until_ms(29_999);
     assert_eq!(sim.ctl.state(), Attached);
     sim.run_until_ms(40_000);
@@ -327,7 +325,7 @@ fn the_session_ends_exactly_at_its_lifetime() {
 
 #[test]
 fn repeated_security_failures_terminate_and_termination_is_absorbing() {
-    let mut sim = Sim::new(Policy::default(), &[1]);
+    let mut sim = Sim::udp(Policy::default(), &[1]).expect("sim");
     let now = sim.now;
     for counter in 0..4 {
         sim.ctl
@@ -351,7 +349,7 @@ fn repeated_security_failures_terminate_and_termination_is_absorbing() {
 
 #[test]
 fn operator_termination_is_reason_coded() {
-    let mut sim = Sim::new(Policy::default(), &[1]);
+    let mut sim = Sim::udp(Policy::default(), &[1]).expect("sim");
     sim.run_until_ms(500);
     let now = sim.now;
     sim.ctl
@@ -367,7 +365,7 @@ fn operator_termination_is_reason_coded() {
 #[test]
 fn the_candidate_list_is_bounded_and_checked_against_policy() {
     let p = policy(|c| c.transport.allowed_protocols = Some(vec![Protocol::Udp, Protocol::Quic]));
-    let mut sim = Sim::new(p, &[1, 2, 3]);
+    let mut sim = Sim::udp(p, &[1, 2, 3]).expect("sim");
     let now = sim.now;
     let tcp = TransportRef {
         id: TransportId(9),
@@ -403,7 +401,7 @@ fn the_candidate_list_is_bounded_and_checked_against_policy() {
 
 #[test]
 fn removing_the_candidate_in_flight_fails_the_recovery() {
-    let mut sim = Sim::new(Policy::default(), &[1, 2]);
+    let mut sim = Sim::udp(Policy::default(), &[1, 2]).expect("sim");
     sim.answer = Answer::Silent;
     sim.run_until_ms(1_000);
     sim.kill(1);

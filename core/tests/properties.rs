@@ -1,8 +1,6 @@
 //! Property tests: random network scripts under random policies, on a virtual clock,
 //! with every invariant of the contract checked after every step.
 
-mod sim;
-
 use std::time::{Duration, Instant};
 
 use jvpn_core::control::SecurityIncident;
@@ -12,8 +10,8 @@ use jvpn_core::ids::TransportId;
 use jvpn_core::policy::{Policy, PolicyConfig};
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::select::SWITCH_RATE_WINDOW;
+use jvpn_core::sim::{ms, Answer, Loss, Sim};
 use proptest::prelude::*;
-use sim::{ms, Answer, Loss, Sim};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -269,7 +267,7 @@ proptest! {
 
     #[test]
     fn every_invariant_holds_on_random_scripts(p in policy(), ops in prop::collection::vec(op(), 1..80)) {
-        let mut sim = Sim::new(p.clone(), &[1, 2, 3]);
+        let mut sim = Sim::udp(p.clone(), &[1, 2, 3]).expect("sim");
         check(&sim, &p)?;
         for op in &ops {
             apply(&mut sim, op);
@@ -284,7 +282,7 @@ proptest! {
 
     #[test]
     fn next_deadline_is_always_in_the_future(p in policy(), ops in prop::collection::vec(op(), 1..40)) {
-        let mut sim = Sim::new(p, &[1, 2, 3]);
+        let mut sim = Sim::udp(p, &[1, 2, 3]).expect("sim");
         for op in &ops {
             apply(&mut sim, op);
             if let Some(d) = sim.ctl.next_deadline() {

@@ -1,20 +1,21 @@
-//! A deterministic simulated network for driving `SessionControl` on a virtual clock:
-//! paths with scripted loss and RTT, heartbeats on the active path and probes on the
-//! standbys (as the client agent sends them), and a peer that answers reattaches as
-//! told. The driver loop is the real one in miniature: wake at the earliest of the
+//! A deterministic simulated network for driving a [`SessionControl`] on a virtual
+//! clock: paths with scripted loss and RTT, heartbeats on the active path and probes on
+//! the standbys (as the client agent sends them), and a peer that answers reattaches as
+//! told. The loop is the real driver's in miniature: wake at the earliest of the
 //! session's deadline and the network's own events, feed inputs, drain outputs.
-
-#![allow(dead_code)]
+//!
+//! Used by the property and scenario tests, and by `jvpn simulate` to dry-run a policy
+//! against scripted outages.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jvpn_core::control::{Action, SessionControl};
-use jvpn_core::event::{EventBody, SessionEvent, TransportRef};
-use jvpn_core::fsm::State;
-use jvpn_core::ids::{Protocol, SessionId, TransportId};
-use jvpn_core::policy::Policy;
-use jvpn_core::reason::ReasonCode;
+use crate::control::{Action, ControlError, SessionControl};
+use crate::event::{EventBody, SessionEvent, TransportRef};
+use crate::fsm::State;
+use crate::ids::{Protocol, SessionId, TransportId};
+use crate::policy::Policy;
+use crate::reason::ReasonCode;
 
 /// How a path treats packets.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,10 +41,13 @@ pub enum Answer {
     Silent,
 }
 
+/// One simulated path, carrying one transport.
 pub struct Path {
+    /// The transport it carries.
     pub id: TransportId,
-    pub protocol: Protocol,
+    /// How it loses packets.
     pub loss: Loss,
+    /// Its round-trip time.
     pub rtt: Duration,
     next_probe: Instant,
     seq: u64,
@@ -70,11 +74,17 @@ impl Pending {
     }
 }
 
+/// A session and its simulated network.
 pub struct Sim {
+    /// The session under test.
     pub ctl: SessionControl,
+    /// When the simulation began.
     pub t0: Instant,
+    /// The virtual now.
     pub now: Instant,
+    /// The paths, one per transport.
     pub paths: Vec<Path>,
+    /// How the peer answers reattach requests from now on.
     pub answer: Answer,
     /// Every event, in order.
     pub events: Vec<SessionEvent>,
@@ -87,35 +97,33 @@ pub struct Sim {
     rng: u64,
 }
 
+/// The simulated session's id.
 pub const SESSION: SessionId = SessionId(0x5e55_1015_cafe_f00d);
 
+/// `n` milliseconds.
 pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
 impl Sim {
-    /// A session with one UDP path per id in `paths` (10 ms RTT, no loss), attached on
-    /// the first.
-    pub fn new(policy: Policy, paths: &[u32]) -> Sim {
+    /// A session with one path per transport in `paths` (10 ms RTT, no loss), attached
+    /// on the first; refused as the session would refuse the transports.
+    pub fn new(policy: Policy, paths: &[TransportRef]) -> Result<Sim, ControlError> {
         let t0 = Instant::now();
         let mut ctl = SessionControl::new(SESSION, Arc::new(policy), t0);
         let mut sim_paths = Vec::new();
-        for &id in paths {
-            let transport = TransportRef {
-                id: TransportId(id),
-                protocol: Protocol::Udp,
-            };
-            ctl.add_transport(transport, t0).expect("add transport");
+        for &transport in paths {
+            ctl.add_transport(transport, t0)?;
             sim_paths.push(Path {
-                id: TransportId(id),
-                protocol: Protocol::Udp,
+                id: transport.id,
                 loss: Loss::None,
                 rtt: ms(10),
                 next_probe: t0,
                 seq: 0,
             });
         }
-        ctl.attach(TransportId(paths[0]), t0).expect("attach");
+        let first = paths.first().map_or(TransportId(0), |t| t.id);
+        ctl.attach(first, t0)?;
         let mut sim = Sim {
             ctl,
             t0,
@@ -129,19 +137,26 @@ impl Sim {
             rng: 0x9e37_79b9_7f4a_7c15,
         };
         sim.drain();
-        sim
+        Ok(sim)
     }
 
-    pub fn path(&mut self, id: u32) -> &mut Path {
-        self.paths
-            .iter_mut()
-            .find(|p| p.id == TransportId(id))
-            .expect("no such path")
+    /// A session over `ids.len()` UDP paths numbered as given.
+    pub fn udp(policy: Policy, ids: &[u32]) -> Result<Sim, ControlError> {
+        let paths: Vec<TransportRef> = ids
+            .iter()
+            .map(|&id| TransportRef {
+                id: TransportId(id),
+                protocol: Protocol::Udp,
+            })
+            .collect();
+        Sim::new(policy, &paths)
     }
 
-    /// Sets a path's loss.
+    /// Sets a path's loss (unknown paths are ignored).
     pub fn set_loss(&mut self, id: u32, loss: Loss) {
-        self.path(id).loss = loss;
+        if let Some(path) = self.paths.iter_mut().find(|p| p.id == TransportId(id)) {
+            path.loss = loss;
+        }
     }
 
     /// The path goes down and the transport says so.
@@ -170,10 +185,11 @@ impl Sim {
         self.run_until(self.now + d);
     }
 
-    /// Runs the world until `end`, waking at every due instant. Bounded: each wake
-    /// consumes a scheduled item or a deadline, all of which lie in the future.
+    /// Runs the world until `end`, waking at every due instant. Each wake consumes a
+    /// scheduled item or a deadline, all of which lie in the future, so the loop ends; the
+    /// bound on wakes is a second guard.
     pub fn run_until(&mut self, end: Instant) {
-        for _ in 0..1_000_000 {
+        for _ in 0..10_000_000 {
             let Some(next) = self.next_wake().filter(|t| *t <= end) else {
                 break;
             };

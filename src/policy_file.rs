@@ -1,0 +1,71 @@
+//! Loading a policy from a TOML file, with `JVPN_POLICY__SECTION__KEY` environment
+//! overrides, into a validated [`Policy`]. Every error names the file.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use jvpn_core::policy::{Policy, PolicyConfig};
+
+/// Reads, parses and validates the policy at `path`.
+pub fn load(path: &Path) -> Result<Policy> {
+    let raw = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("JVPN_POLICY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .with_context(|| format!("{}: cannot read policy", path.display()))?;
+    let parsed: PolicyConfig = raw.try_deserialize().with_context(|| {
+        format!(
+            "{}: the policy does not match the schema (spec/policy.md)",
+            path.display()
+        )
+    })?;
+    parsed
+        .validate()
+        .with_context(|| format!("{}: the policy is refused", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        f.write_all(text.as_bytes()).expect("write temp file");
+        f
+    }
+
+    #[test]
+    fn the_example_policy_file_is_the_starter_set() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+        let p = load(&path).expect("example policy loads");
+        assert_eq!(p, Policy::default());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let f = file("[session]\nmax_lifetime_ms = 60000\n");
+        let err = format!("{:#}", load(f.path()).expect_err("accepted"));
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        assert!(
+            err.contains("session.transport_lost_ttl_ms: required key is missing"),
+            "{err}"
+        );
+
+        let f = file("[session]\nmax_lifetime = 60000\n");
+        let err = format!("{:#}", load(f.path()).expect_err("accepted"));
+        assert!(err.contains("unknown field `max_lifetime`"), "{err}");
+
+        let f = file("[volatility]\nloss_volatile_threshold = \"high\"\n");
+        let err = format!("{:#}", load(f.path()).expect_err("accepted"));
+        assert!(err.contains("loss_volatile_threshold"), "{err}");
+    }
+}
