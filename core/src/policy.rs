@@ -493,14 +493,14 @@ impl PolicyConfig {
             "security.replay_window_size",
             sec.replay_window_size,
             2_048,
-            128,
+            2_048,
             65_536,
         );
         if !replay_window_size.is_power_of_two() {
             c.out_of_range(
                 "security.replay_window_size",
                 replay_window_size,
-                "a power of two in [128, 65536]".into(),
+                "a power of two in [2048, 65536]".into(),
             );
         }
         let max_security_failures = c.count(
@@ -640,7 +640,7 @@ mod tests {
         let mut cfg = PolicyConfig::starter();
         cfg.volatility.loss_volatile_threshold = Some(0.0);
         cfg.switching.switch_improvement_factor = Some(f64::NAN);
-        cfg.security.replay_window_size = Some(1000);
+        cfg.security.replay_window_size = Some(3000);
         cfg.transport.max_candidate_count = Some(0);
         let err = cfg.validate().expect_err("bad policy accepted");
         assert_eq!(
@@ -660,7 +660,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("security.replay_window_size = 1000"),
+            text.contains(
+                "security.replay_window_size = 3000: out of range; \
+                 allowed: a power of two in [2048, 65536]"
+            ),
             "{text}"
         );
     }

@@ -91,6 +91,8 @@ pub fn select(candidates: &[Candidate], policy: &Policy, now: Instant) -> Option
 /// Why the limiter refused a switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwitchDenial {
+    /// The policy forbids switching altogether (max_switches_per_min = 0).
+    Forbidden,
     /// max_switches_per_min switches already happened in the last 60 s.
     RateLimited,
     /// The previous switch was less than switch_cooldown_ms ago.
@@ -101,6 +103,7 @@ impl SwitchDenial {
     /// The reason code of the denial.
     pub fn reason(self) -> ReasonCode {
         match self {
+            SwitchDenial::Forbidden => ReasonCode::PolicyDenied,
             SwitchDenial::RateLimited => ReasonCode::SwitchRateLimited,
             SwitchDenial::Cooldown => ReasonCode::CooldownActive,
         }
@@ -129,6 +132,9 @@ impl SwitchLimiter {
     /// Whether a switch may start at `now`. The rate limit is checked first: it is the
     /// lasting condition, the cooldown the passing one.
     pub fn check(&self, now: Instant) -> Result<(), SwitchDenial> {
+        if self.max_per_window == 0 {
+            return Err(SwitchDenial::Forbidden);
+        }
         let in_window = self
             .recent
             .iter()
@@ -282,7 +288,8 @@ mod tests {
         cfg.switching.max_switches_per_min = Some(0);
         let p = cfg.validate().expect("valid");
         let lim = SwitchLimiter::new(&p);
-        assert_eq!(lim.check(Instant::now()), Err(SwitchDenial::RateLimited));
+        assert_eq!(lim.check(Instant::now()), Err(SwitchDenial::Forbidden));
+        assert_eq!(SwitchDenial::Forbidden.reason(), ReasonCode::PolicyDenied);
         assert_eq!(lim.next_allowed(Instant::now()), None);
     }
 }
