@@ -14,6 +14,8 @@ pub fn load(path: &Path) -> Result<Policy> {
             config::Environment::with_prefix("JVPN_POLICY")
                 .prefix_separator("__")
                 .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("transport.allowed_protocols")
                 .try_parsing(true),
         )
         .build()
@@ -32,6 +34,7 @@ pub fn load(path: &Path) -> Result<Policy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jvpn_core::ids::Protocol;
     use std::io::Write;
 
     fn file(text: &str) -> tempfile::NamedTempFile {
@@ -48,6 +51,20 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
         let p = load(&path).expect("example policy loads");
         assert_eq!(p, Policy::default());
+    }
+
+    #[test]
+    fn environment_overrides_reach_scalar_and_list_keys() {
+        // The only test that touches these variables, so no other test sees them.
+        std::env::set_var("JVPN_POLICY__SWITCHING__SWITCH_COOLDOWN_MS", "2500");
+        std::env::set_var("JVPN_POLICY__TRANSPORT__ALLOWED_PROTOCOLS", "udp,tcp");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+        let loaded = load(&path);
+        std::env::remove_var("JVPN_POLICY__SWITCHING__SWITCH_COOLDOWN_MS");
+        std::env::remove_var("JVPN_POLICY__TRANSPORT__ALLOWED_PROTOCOLS");
+        let p = loaded.expect("policy with overrides");
+        assert_eq!(p.switch_cooldown(), std::time::Duration::from_millis(2_500));
+        assert_eq!(p.allowed_protocols(), [Protocol::Udp, Protocol::Tcp]);
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn run(
     node: &NodeId,
     out: &mut dyn Write,
 ) -> Result<State> {
-    let policy_version = policy.version.clone();
+    let policy_version = policy.version().to_owned();
     let mut sim =
         Sim::udp(policy, &[1, 2]).context("the policy refuses the simulated UDP paths")?;
     let unix_ms = SystemTime::now()

@@ -16,19 +16,15 @@ use thiserror::Error;
 
 use crate::event::{EventBody, ReattachOutcome, SessionEvent, TransportRef};
 use crate::fsm::{
-    FsmEvent, Instability, InvalidTransition, RecoveryFailure, State, StateMachine, SwitchCause,
-    TerminationCause,
+    FsmEvent, Instability, InvalidTransition, RecoveryFailure, State, SwitchCause, TerminationCause,
 };
 use crate::health::{HealthSnapshot, TransportHealth};
 use crate::ids::{SessionId, StateVersion, TransportId};
+use crate::journal::Journal;
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::select::{select, Candidate, SwitchDenial, SwitchLimiter};
 
-/// Events kept for the driver between two drains. A driver drains after every input,
-/// so this is only reached by a driver that stopped draining; past it events are counted
-/// in [`SessionControl::events_overflowed`] rather than growing memory.
-const EVENT_QUEUE_LIMIT: usize = 256;
 /// Actions kept for the driver between two drains (one reattach is ever pending).
 const ACTION_QUEUE_LIMIT: usize = 8;
 /// Transitions one evaluation may make at one instant. The table has no cycle without a
@@ -39,13 +35,16 @@ const MAX_STEPS_PER_EVALUATION: usize = 4;
 /// Something the driver must do on the session's behalf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Send an authenticated reattach request on `candidate`; report the answer with
+    /// Send an authenticated reattach request on `candidate`; report the answer, with
+    /// `attempt`, to
     /// [`SessionControl::reattach_accepted`] or [`SessionControl::reattach_denied`].
     Reattach {
         /// The transport to bind.
         candidate: TransportId,
         /// The recovery deadline; no answer by then counts as failed.
         deadline: Instant,
+        /// Names this attempt in the answer.
+        attempt: StateVersion,
     },
 }
 
@@ -79,9 +78,12 @@ pub enum ControlError {
     /// No transport with this id is known.
     #[error("transport {0} is not a candidate of this session")]
     UnknownTransport(TransportId),
-    /// A reattach answer for a transport that has no reattach in flight.
-    #[error("no reattach is in flight on transport {0}")]
-    NoReattachInFlight(TransportId),
+    /// A reattach answer for an attempt that is not the one in flight.
+    #[error("reattach attempt {0} is not in flight")]
+    NoReattachInFlight(StateVersion),
+    /// The session has ended; it takes no more input.
+    #[error("the session has terminated")]
+    Terminated,
     /// The event is not defined in the current state (also reported as an event).
     #[error(transparent)]
     InvalidTransition(#[from] InvalidTransition),
@@ -102,6 +104,8 @@ struct TransportSlot {
 struct Recovery {
     candidate: TransportId,
     deadline: Instant,
+    /// The version at which RECOVERING was entered: names this attempt uniquely.
+    attempt: StateVersion,
 }
 
 /// One session's control plane.
@@ -109,7 +113,7 @@ struct Recovery {
 pub struct SessionControl {
     session_id: SessionId,
     policy: Arc<Policy>,
-    fsm: StateMachine,
+    fsm: Journal,
     created_at: Instant,
     /// The latest instant seen: inputs stamped earlier are treated as happening now, so
     /// that time never runs backwards inside the session.
@@ -127,8 +131,6 @@ pub struct SessionControl {
     /// reported once, not once per timer tick.
     last_denial: Option<ReasonCode>,
     security_failures: u32,
-    events: VecDeque<SessionEvent>,
-    events_overflowed: u64,
     actions: VecDeque<Action>,
 }
 
@@ -138,10 +140,10 @@ impl SessionControl {
         let limiter = SwitchLimiter::new(&policy);
         SessionControl {
             session_id,
-            fsm: StateMachine::new(),
+            fsm: Journal::new(),
             created_at: now,
             now,
-            transports: Vec::with_capacity(policy.max_candidate_count),
+            transports: Vec::with_capacity(policy.max_candidate_count()),
             active: None,
             recovery: None,
             limiter,
@@ -150,8 +152,6 @@ impl SessionControl {
             last_heard: now,
             last_denial: None,
             security_failures: 0,
-            events: VecDeque::new(),
-            events_overflowed: 0,
             actions: VecDeque::new(),
             policy,
         }
@@ -165,16 +165,17 @@ impl SessionControl {
         transport: TransportRef,
         now: Instant,
     ) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         if !self.policy.allows(transport.protocol) {
             return Err(ControlError::ProtocolNotAllowed(transport.protocol));
         }
         if self.slot(transport.id).is_some() {
             return Err(ControlError::DuplicateTransport(transport.id));
         }
-        if self.transports.len() >= self.policy.max_candidate_count {
+        if self.transports.len() >= self.policy.max_candidate_count() {
             return Err(ControlError::CandidateListFull {
-                limit: self.policy.max_candidate_count,
+                limit: self.policy.max_candidate_count(),
             });
         }
         self.transports.push(TransportSlot {
@@ -190,7 +191,8 @@ impl SessionControl {
     /// Removes a candidate. The active transport is marked dead instead and dropped when
     /// the binding moves; a reattach in flight on the removed one fails.
     pub fn remove_transport(&mut self, id: TransportId, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         let index = self.index(id).ok_or(ControlError::UnknownTransport(id))?;
         if self.active == Some(id) {
             let slot = &mut self.transports[index];
@@ -212,7 +214,7 @@ impl SessionControl {
 
     /// The handshake finished over `id`: bind it (BIRTH → ATTACHED).
     pub fn attach(&mut self, id: TransportId, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
         let transport = self
             .slot(id)
             .ok_or(ControlError::UnknownTransport(id))?
@@ -241,7 +243,8 @@ impl SessionControl {
         seq: u64,
         now: Instant,
     ) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         self.slot_mut(id)?.health.probe_sent(seq, now);
         self.evaluate(now);
         Ok(())
@@ -254,7 +257,8 @@ impl SessionControl {
         seq: u64,
         now: Instant,
     ) -> Result<Option<Duration>, ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         let rtt = self.slot_mut(id)?.health.probe_acked(seq, now);
         if rtt.is_some() {
             self.last_heard = self.last_heard.max(now);
@@ -272,7 +276,8 @@ impl SessionControl {
         dropped: u32,
         now: Instant,
     ) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         self.slot_mut(id)?
             .health
             .record_loss_report(delivered, dropped, now);
@@ -280,10 +285,16 @@ impl SessionControl {
         Ok(())
     }
 
-    /// An authenticated packet arrived on `id`. Cheap, for the data path: it can only
-    /// make things better, so it does not re-evaluate (the next timer or probe does).
+    /// An authenticated packet arrived on `id`. Cheap, for the data path: a full
+    /// evaluation runs only when a timer is due, and hearing the peer can only make
+    /// things better, so nothing else needs re-evaluating.
     pub fn heard(&mut self, id: TransportId, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        self.now = self.now.max(now);
+        let now = self.now;
+        if self.timers_due(now) {
+            self.evaluate(now);
+        }
+        self.live()?;
         self.slot_mut(id)?;
         self.mark_heard(id, now);
         Ok(())
@@ -291,7 +302,8 @@ impl SessionControl {
 
     /// `id` reported itself dead (send error, link down, connection closed).
     pub fn transport_dead(&mut self, id: TransportId, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         self.slot_mut(id)?.health.mark_dead();
         self.evaluate(now);
         Ok(())
@@ -300,7 +312,8 @@ impl SessionControl {
     /// `id` reported itself usable again (link up, socket reopened). A closed transport
     /// stays closed.
     pub fn transport_up(&mut self, id: TransportId, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
+        self.live()?;
         let slot = self.slot_mut(id)?;
         if !slot.closed {
             slot.health.mark_up();
@@ -309,20 +322,24 @@ impl SessionControl {
         Ok(())
     }
 
-    /// The peer accepted the reattach on `id`: it becomes the one active binding, the
-    /// old one is retired in the same step (RECOVERING → ATTACHED).
+    /// The peer accepted reattach `attempt` (from [`Action::Reattach`]): its candidate
+    /// becomes the one active binding, the old one retired in the same step
+    /// (RECOVERING → ATTACHED). An answer to any other attempt changes nothing.
     ///
     /// Timers due by `now` fire first: an answer arriving after the recovery window is
     /// refused like any answer outside RECOVERING.
-    pub fn reattach_accepted(&mut self, id: TransportId, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
-        self.evaluate(now);
+    pub fn reattach_accepted(
+        &mut self,
+        attempt: StateVersion,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        let now = self.begin(now);
         if self.fsm.state() != State::Recovering {
             self.apply(FsmEvent::ReattachValid, now)?;
         }
-        if !self.reattach_in_flight_on(id) {
-            return Err(ControlError::NoReattachInFlight(id));
-        }
+        let Some(id) = self.attempt_in_flight(attempt) else {
+            return Err(ControlError::NoReattachInFlight(attempt));
+        };
         let new_transport = self
             .slot(id)
             .ok_or(ControlError::UnknownTransport(id))?
@@ -365,24 +382,23 @@ impl SessionControl {
         Ok(())
     }
 
-    /// The peer refused the reattach on `id` with `reason` (RECOVERING → DEGRADED); the
+    /// The peer refused reattach `attempt` with `reason` (RECOVERING → DEGRADED); the
     /// binding is unchanged and the candidate is not chosen again for recovery_window_ms.
     pub fn reattach_denied(
         &mut self,
-        id: TransportId,
+        attempt: StateVersion,
         reason: ReasonCode,
         now: Instant,
     ) -> Result<(), ControlError> {
-        let now = self.advance(now);
-        self.evaluate(now);
+        let now = self.begin(now);
         if self.fsm.state() != State::Recovering {
             self.apply(
                 FsmEvent::ReattachFailed(RecoveryFailure::ValidationFailed),
                 now,
             )?;
         }
-        if !self.reattach_in_flight_on(id) {
-            return Err(ControlError::NoReattachInFlight(id));
+        if self.attempt_in_flight(attempt).is_none() {
+            return Err(ControlError::NoReattachInFlight(attempt));
         }
         let failure = if reason == ReasonCode::PolicyDenied {
             RecoveryFailure::PolicyDenied
@@ -399,7 +415,7 @@ impl SessionControl {
     /// traffic authenticated with this session's keys: unauthenticated garbage would let
     /// anyone who knows a session id end it.
     pub fn security_incident(&mut self, incident: SecurityIncident, now: Instant) {
-        let now = self.advance(now);
+        let now = self.begin(now);
         if self.fsm.state() == State::Terminated {
             return;
         }
@@ -415,14 +431,14 @@ impl SessionControl {
             },
         };
         self.push_event(now, body);
-        if self.security_failures >= self.policy.max_security_failures {
+        if self.security_failures >= self.policy.max_security_failures() {
             self.terminate_with(TerminationCause::SecurityFailure, now);
         }
     }
 
     /// Ends the session on an explicit command (operator or peer).
     pub fn terminate(&mut self, cause: TerminationCause, now: Instant) -> Result<(), ControlError> {
-        let now = self.advance(now);
+        let now = self.begin(now);
         if self.fsm.state() == State::Terminated {
             self.apply(FsmEvent::Terminate(cause), now)?;
         }
@@ -432,7 +448,7 @@ impl SessionControl {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let now = self.advance(now);
+        let now = self.begin(now);
         self.evaluate(now);
     }
 
@@ -440,7 +456,7 @@ impl SessionControl {
 
     /// The next event, oldest first.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        self.fsm.poll()
     }
 
     /// The next action for the driver.
@@ -455,8 +471,8 @@ impl SessionControl {
             return None;
         }
         let mut deadlines = vec![
-            self.created_at + self.policy.max_lifetime,
-            self.last_heard + self.policy.transport_lost_ttl,
+            self.created_at + self.policy.max_lifetime(),
+            self.last_heard + self.policy.transport_lost_ttl(),
         ];
         deadlines.extend(
             self.transports
@@ -467,9 +483,15 @@ impl SessionControl {
             State::Attached => {
                 if let Some(slot) = self.active.and_then(|id| self.slot(id)) {
                     deadlines.push(slot.health.heartbeat_deadline(&self.policy));
+                    deadlines.extend(slot.health.next_change(&self.policy, self.now));
                 }
             }
             State::Volatile | State::Degraded => {
+                deadlines.extend(
+                    self.transports
+                        .iter()
+                        .filter_map(|s| s.health.next_change(&self.policy, self.now)),
+                );
                 deadlines.extend(
                     self.volatile_deadline
                         .filter(|_| self.fsm.state() == State::Volatile),
@@ -542,7 +564,7 @@ impl SessionControl {
 
     /// Events discarded because the driver did not drain the queue.
     pub fn events_overflowed(&self) -> u64 {
-        self.events_overflowed
+        self.fsm.overflowed()
     }
 
     // ---- the decision procedure ---------------------------------------------------
@@ -555,11 +577,11 @@ impl SessionControl {
             if self.fsm.state() == State::Terminated {
                 return;
             }
-            if now >= self.created_at + self.policy.max_lifetime {
+            if now >= self.created_at + self.policy.max_lifetime() {
                 self.terminate_with(TerminationCause::LifetimeExceeded, now);
                 return;
             }
-            if now >= self.last_heard + self.policy.transport_lost_ttl {
+            if now >= self.last_heard + self.policy.transport_lost_ttl() {
                 self.terminate_with(TerminationCause::TransportTtlExceeded, now);
                 return;
             }
@@ -591,7 +613,7 @@ impl SessionControl {
                         .is_ok()
                     {
                         self.instability = Some(cause);
-                        self.volatile_deadline = Some(now + self.policy.volatile_to_degraded);
+                        self.volatile_deadline = Some(now + self.policy.volatile_to_degraded());
                         self.last_denial = None;
                     }
                 }
@@ -650,10 +672,11 @@ impl SessionControl {
         }
         self.limiter.record(now);
         self.last_denial = None;
-        let deadline = now + self.policy.recovery_window;
+        let deadline = now + self.policy.recovery_window();
         self.recovery = Some(Recovery {
             candidate: choice,
             deadline,
+            attempt: self.fsm.version(),
         });
         if let Some(slot) = self.slot(choice) {
             let candidate_transport = slot.transport;
@@ -661,7 +684,7 @@ impl SessionControl {
                 now,
                 EventBody::ReattachAttempt {
                     candidate_transport,
-                    recovery_deadline_ms: duration_ms(self.policy.recovery_window),
+                    recovery_deadline_ms: duration_ms(self.policy.recovery_window()),
                 },
             );
         }
@@ -669,6 +692,7 @@ impl SessionControl {
             self.actions.push_back(Action::Reattach {
                 candidate: choice,
                 deadline,
+                attempt: self.fsm.version(),
             });
         }
     }
@@ -695,7 +719,7 @@ impl SessionControl {
         };
         if let Some(index) = self.index(recovery.candidate) {
             let slot = &mut self.transports[index];
-            slot.excluded_until = Some(now + self.policy.recovery_window);
+            slot.excluded_until = Some(now + self.policy.recovery_window());
             let candidate_transport = slot.transport;
             self.push_event(
                 now,
@@ -727,48 +751,48 @@ impl SessionControl {
         );
     }
 
-    /// The one place the state machine is mutated: every success is reported as one
-    /// SessionStateChange, every refusal as one TransitionRejected.
     fn apply(&mut self, event: FsmEvent, now: Instant) -> Result<(), InvalidTransition> {
-        match self.fsm.apply(event) {
-            Ok(t) => {
-                self.push_event(
-                    now,
-                    EventBody::SessionStateChange {
-                        previous_state: t.from,
-                        new_state: t.to,
-                        reason_code: t.reason,
-                        state_version: t.version,
-                    },
-                );
-                Ok(())
-            }
-            Err(e) => {
-                self.push_event(
-                    now,
-                    EventBody::TransitionRejected {
-                        state: e.state,
-                        event: e.event.name(),
-                        reason_code: ReasonCode::InvalidTransition,
-                        state_version: self.fsm.version(),
-                    },
-                );
-                Err(e)
-            }
-        }
+        self.fsm.apply(event, now).map(|_| ())
     }
 
     fn push_event(&mut self, at: Instant, body: EventBody) {
-        if self.events.len() >= EVENT_QUEUE_LIMIT {
-            self.events_overflowed += 1;
-            return;
-        }
-        self.events.push_back(SessionEvent { at, body });
+        self.fsm.record(at, body);
     }
 
-    fn advance(&mut self, now: Instant) -> Instant {
+    /// Brings the session up to `now` before an input: time never runs backwards inside
+    /// the session, and every timer due by `now` fires first, so that an input is never
+    /// applied to a session that should already have moved on (a packet arriving after
+    /// the transport-lost TTL does not revive the session).
+    fn begin(&mut self, now: Instant) -> Instant {
         self.now = self.now.max(now);
+        self.evaluate(self.now);
         self.now
+    }
+
+    /// Refuses inputs to an ended session.
+    fn live(&self) -> Result<(), ControlError> {
+        if self.fsm.state() == State::Terminated {
+            return Err(ControlError::Terminated);
+        }
+        Ok(())
+    }
+
+    /// Whether a timer that changes state is due at `now` (probe expiry aside): the cheap
+    /// check that lets the data path skip a full evaluation.
+    fn timers_due(&self, now: Instant) -> bool {
+        let p = &self.policy;
+        let state_deadline = match self.fsm.state() {
+            State::Attached => self
+                .active
+                .and_then(|id| self.slot(id))
+                .map(|s| s.health.heartbeat_deadline(p)),
+            State::Volatile => self.volatile_deadline,
+            State::Recovering => self.recovery.map(|r| r.deadline),
+            _ => None,
+        };
+        now >= self.created_at + p.max_lifetime()
+            || now >= self.last_heard + p.transport_lost_ttl()
+            || state_deadline.is_some_and(|d| now >= d)
     }
 
     fn mark_heard(&mut self, id: TransportId, now: Instant) {
@@ -776,6 +800,13 @@ impl SessionControl {
             self.transports[index].health.record_heard(now);
             self.last_heard = self.last_heard.max(now);
         }
+    }
+
+    /// The candidate of reattach `attempt`, if that attempt is the one in flight.
+    fn attempt_in_flight(&self, attempt: StateVersion) -> Option<TransportId> {
+        self.recovery
+            .filter(|r| r.attempt == attempt)
+            .map(|r| r.candidate)
     }
 
     fn reattach_in_flight_on(&self, id: TransportId) -> bool {

@@ -328,7 +328,7 @@ mod tests {
     use super::*;
 
     /// One event of every kind and every cause, so the table test covers all pairs.
-    pub(crate) fn all_events() -> Vec<FsmEvent> {
+    fn all_events() -> Vec<FsmEvent> {
         use FsmEvent as E;
         let mut events = vec![
             E::AttachOk,
@@ -423,6 +423,89 @@ mod tests {
         }
         // 1 attach + 5 instability + 3 + 2 + 3 + 1 + 4 rows, + 5 causes × 5 live states.
         assert_eq!(defined, 1 + 5 + 3 + 2 + 3 + 1 + 4 + 25);
+    }
+
+    /// Each cause's reason code, written out from the contract rather than derived from
+    /// the code under test.
+    #[test]
+    fn every_event_carries_the_contract_reason_code() {
+        use FsmEvent as E;
+        let expected: &[(FsmEvent, &str)] = &[
+            (E::AttachOk, "attached_to_transport"),
+            (
+                E::InstabilityDetected(Instability::LossThreshold),
+                "loss_threshold_exceeded",
+            ),
+            (
+                E::InstabilityDetected(Instability::ConsecutiveDrops),
+                "consecutive_drop_exceeded",
+            ),
+            (
+                E::InstabilityDetected(Instability::HeartbeatTimeout),
+                "heartbeat_timeout",
+            ),
+            (
+                E::InstabilityDetected(Instability::TransportDead),
+                "transport_dead",
+            ),
+            (
+                E::InstabilityDetected(Instability::LatencyThreshold),
+                "latency_threshold_exceeded",
+            ),
+            (E::SwitchInitiated(SwitchCause::Loss), "loss_recovery"),
+            (
+                E::SwitchInitiated(SwitchCause::DeadTransport),
+                "dead_transport_recovery",
+            ),
+            (
+                E::SwitchInitiated(SwitchCause::PolicyForced),
+                "policy_forced_recovery",
+            ),
+            (E::VolatilePersisted, "volatile_persisted"),
+            (E::SwitchRateLimited, "switch_rate_limited"),
+            (E::ReattachValid, "reattach_success"),
+            (
+                E::ReattachFailed(RecoveryFailure::ValidationFailed),
+                "reattach_validation_failed",
+            ),
+            (
+                E::ReattachFailed(RecoveryFailure::NoCandidate),
+                "no_candidate_transports",
+            ),
+            (
+                E::ReattachFailed(RecoveryFailure::PolicyDenied),
+                "policy_denied",
+            ),
+            (
+                E::ReattachFailed(RecoveryFailure::WindowExpired),
+                "recovery_window_expired",
+            ),
+            (
+                E::Terminate(TerminationCause::LifetimeExceeded),
+                "session_lifetime_exceeded",
+            ),
+            (
+                E::Terminate(TerminationCause::TransportTtlExceeded),
+                "transport_ttl_exceeded",
+            ),
+            (
+                E::Terminate(TerminationCause::SecurityFailure),
+                "security_failure",
+            ),
+            (
+                E::Terminate(TerminationCause::Operator),
+                "operator_terminated",
+            ),
+            (E::Terminate(TerminationCause::Peer), "peer_terminated"),
+        ];
+        assert_eq!(
+            expected.len(),
+            all_events().len(),
+            "an event is missing here"
+        );
+        for (event, reason) in expected {
+            assert_eq!(event.reason().as_str(), *reason, "{event:?}");
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct HealthSnapshot {
     pub srtt: Option<Duration>,
     /// 95th percentile of the recent RTT samples, if any.
     pub rtt_p95: Option<Duration>,
-    /// When the current run without drops began.
+    /// When the current run without drops began (the last drop, or creation).
     pub stable_since: Instant,
     /// The transport reported itself dead and has not reported itself up since.
     pub dead: bool,
@@ -74,7 +74,7 @@ pub struct TransportHealth {
 impl TransportHealth {
     /// A fresh record: counts as heard at `now`, with no samples.
     pub fn new(policy: &Policy, now: Instant) -> Self {
-        let width = policy.loss_window / LOSS_BUCKETS as u32;
+        let width = policy.loss_window() / LOSS_BUCKETS as u32;
         TransportHealth {
             origin: now,
             bucket_width: width.max(Duration::from_millis(1)),
@@ -87,7 +87,7 @@ impl TransportHealth {
             rtt_samples: [Duration::ZERO; RTT_SAMPLES],
             rtt_count: 0,
             probes: [None; PROBES_IN_FLIGHT],
-            heartbeat_interval: policy.heartbeat_interval,
+            heartbeat_interval: policy.heartbeat_interval(),
         }
     }
 
@@ -146,7 +146,7 @@ impl TransportHealth {
     /// How long a probe may stay unanswered: the heartbeat interval, or three smoothed
     /// RTTs on a path slower than that.
     pub fn probe_timeout(&self) -> Duration {
-        let by_rtt = self.srtt.map_or(Duration::ZERO, |s| s * 3);
+        let by_rtt = self.srtt.map_or(Duration::ZERO, |s| s.saturating_mul(3));
         self.heartbeat_interval.max(by_rtt)
     }
 
@@ -167,10 +167,10 @@ impl TransportHealth {
         if dropped == 0 && delivered > 0 {
             self.consecutive_drops = 0;
         } else if dropped > 0 && delivered == 0 {
-            if self.consecutive_drops == 0 {
-                self.stable_since = now;
-            }
             self.consecutive_drops = self.consecutive_drops.saturating_add(dropped);
+        }
+        if dropped > 0 {
+            self.stable_since = now;
         }
         let b = self.bucket(now);
         b.delivered = b.delivered.saturating_add(delivered);
@@ -186,9 +186,7 @@ impl TransportHealth {
 
     /// A loss observed by other means than a probe.
     pub fn record_dropped(&mut self, now: Instant) {
-        if self.consecutive_drops == 0 {
-            self.stable_since = now;
-        }
+        self.stable_since = now;
         self.consecutive_drops = self.consecutive_drops.saturating_add(1);
         let b = self.bucket(now);
         b.dropped = b.dropped.saturating_add(1);
@@ -198,7 +196,7 @@ impl TransportHealth {
     pub fn record_rtt(&mut self, rtt: Duration) {
         self.srtt = Some(match self.srtt {
             None => rtt,
-            Some(s) => (s * 7 + rtt) / 8,
+            Some(s) => s.saturating_mul(7).saturating_add(rtt) / 8,
         });
         self.rtt_samples[self.rtt_count % RTT_SAMPLES] = rtt;
         self.rtt_count = self.rtt_count.wrapping_add(1);
@@ -225,9 +223,33 @@ impl TransportHealth {
         }
     }
 
+    /// The next instant at which the passage of time alone can change this transport's
+    /// judgement (its loss window drops a bucket holding a loss, or its heard-age reaches
+    /// the active or the standby limit), so a driver wakes for it instead of waiting for
+    /// the next packet. `None` if nothing can change without new input.
+    pub fn next_change(&self, policy: &Policy, now: Instant) -> Option<Instant> {
+        let epoch = self.epoch(now);
+        let oldest = epoch.saturating_sub(LOSS_BUCKETS as u64 - 1);
+        let losses_in_window = self
+            .buckets
+            .iter()
+            .any(|b| b.dropped > 0 && (oldest..=epoch).contains(&b.epoch));
+        let slide = losses_in_window.then(|| {
+            let next_epoch = u32::try_from(epoch + 1).unwrap_or(u32::MAX);
+            self.origin + self.bucket_width.saturating_mul(next_epoch)
+        });
+        let active_limit = self.last_heard + policy.heartbeat_volatile();
+        let standby_limit = active_limit + policy.probe_interval();
+        [slide, Some(active_limit), Some(standby_limit)]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .min()
+    }
+
     /// When the heartbeat-age trigger will fire if nothing is heard before.
     pub fn heartbeat_deadline(&self, policy: &Policy) -> Instant {
-        self.last_heard + policy.heartbeat_volatile
+        self.last_heard + policy.heartbeat_volatile()
     }
 
     fn epoch(&self, now: Instant) -> u64 {
@@ -278,7 +300,11 @@ impl HealthSnapshot {
     /// heartbeat, consecutive drops, loss, latency) so that the reported reason is
     /// deterministic.
     pub fn instability(&self, policy: &Policy) -> Option<Instability> {
-        self.judge(policy, policy.heartbeat_volatile, policy.loss_min_samples)
+        self.judge(
+            policy,
+            policy.heartbeat_volatile(),
+            policy.loss_min_samples(),
+        )
     }
 
     /// Whether the transport may be chosen to (re)attach to. Stricter than the triggers:
@@ -288,9 +314,9 @@ impl HealthSnapshot {
     /// longer than the active transport.
     pub fn fit_for_selection(&self, policy: &Policy, active: bool) -> bool {
         let heartbeat_limit = if active {
-            policy.heartbeat_volatile
+            policy.heartbeat_volatile()
         } else {
-            policy.heartbeat_volatile + policy.probe_interval
+            policy.heartbeat_volatile() + policy.probe_interval()
         };
         self.judge(policy, heartbeat_limit, 1).is_none()
     }
@@ -309,13 +335,13 @@ impl HealthSnapshot {
         if self.heartbeat_age >= heartbeat_limit {
             return Some(Instability::HeartbeatTimeout);
         }
-        if self.consecutive_drops >= policy.max_consecutive_drops {
+        if self.consecutive_drops >= policy.max_consecutive_drops() {
             return Some(Instability::ConsecutiveDrops);
         }
-        if self.samples >= min_loss_samples && self.loss_ratio > policy.loss_volatile_threshold {
+        if self.samples >= min_loss_samples && self.loss_ratio > policy.loss_volatile_threshold() {
             return Some(Instability::LossThreshold);
         }
-        match (policy.latency_volatile, self.rtt_p95) {
+        match (policy.latency_volatile(), self.rtt_p95) {
             (Some(limit), Some(p95)) if p95 > limit => Some(Instability::LatencyThreshold),
             _ => None,
         }
@@ -365,7 +391,7 @@ mod tests {
         );
         assert_eq!(
             h.next_probe_expiry(),
-            Some(t0 + ms(10) + p.heartbeat_interval)
+            Some(t0 + ms(10) + p.heartbeat_interval())
         );
         h.expire_probes(t0 + ms(600));
         let s = h.snapshot(t0 + ms(600));

@@ -40,10 +40,11 @@ impl std::str::FromStr for SessionId {
 pub struct StateVersion(pub u64);
 
 impl StateVersion {
-    /// The version after one more mutation.
+    /// The version after one more mutation. Saturates at `u64::MAX`, which no session
+    /// reaches (2^64 mutations), rather than wrapping to an older version.
     #[must_use]
     pub fn next(self) -> Self {
-        StateVersion(self.0 + 1)
+        StateVersion(self.0.saturating_add(1))
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`health`]: per-transport loss, drops, heartbeat age and RTT, in fixed memory.
 //! - [`select`]: candidate filter, ranking, hysteresis, and the switch budget.
 //! - [`control`]: one session's control plane composing the above with every timer.
+//! - [`journal`]: a state machine with its event queue: no mutation without its event.
 //! - [`replay`]: the sliding anti-replay window.
 //! - [`store`]: the session table contract and its in-memory implementation.
 //! - [`event`]: the event types and their JSON-lines form.
@@ -24,6 +25,7 @@ pub mod event;
 pub mod fsm;
 pub mod health;
 pub mod ids;
+pub mod journal;
 pub mod policy;
 pub mod reason;
 pub mod replay;

@@ -90,55 +90,66 @@ pub struct SecuritySection {
     pub reattach_proof_max_age_ms: Option<u64>,
     pub replay_window_size: Option<u32>,
     pub max_security_failures: Option<u32>,
+    pub rekey_after_ms: Option<u64>,
+    pub reject_after_ms: Option<u64>,
+    pub rekey_after_packets: Option<u64>,
+    pub key_overlap_ms: Option<u64>,
 }
 
-/// A validated policy. Only [`PolicyConfig::validate`] and [`Policy::default`] make one
-/// (`non_exhaustive` forbids a struct literal outside this crate).
+/// A validated policy. Only [`PolicyConfig::validate`] and [`Policy::default`] make one,
+/// and its fields are private, so holding one proves every value is in range.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
 pub struct Policy {
     /// Carried as policy_version by every event.
-    pub version: String,
+    version: String,
     /// A session older than this is terminated (session_lifetime_exceeded).
-    pub max_lifetime: Duration,
+    max_lifetime: Duration,
     /// A session that heard nothing from its peer for this long is terminated.
-    pub transport_lost_ttl: Duration,
+    transport_lost_ttl: Duration,
     /// Heartbeats on the active transport are sent this often.
-    pub heartbeat_interval: Duration,
+    heartbeat_interval: Duration,
     /// No heartbeat answer for this long makes the transport volatile.
-    pub heartbeat_volatile: Duration,
+    heartbeat_volatile: Duration,
     /// Standby candidates are probed this often.
-    pub probe_interval: Duration,
+    probe_interval: Duration,
     /// Loss ratio is measured over this sliding window.
-    pub loss_window: Duration,
+    loss_window: Duration,
     /// Loss ratio above this makes the transport volatile; in (0, 1].
-    pub loss_volatile_threshold: f64,
+    loss_volatile_threshold: f64,
     /// The loss ratio is only judged over at least this many samples.
-    pub loss_min_samples: u32,
+    loss_min_samples: u32,
     /// This many losses in a row make the transport volatile.
-    pub max_consecutive_drops: u32,
+    max_consecutive_drops: u32,
     /// Round-trip p95 above this makes the transport volatile; `None` disables it.
-    pub latency_volatile: Option<Duration>,
+    latency_volatile: Option<Duration>,
     /// Volatility lasting this long degrades the session.
-    pub volatile_to_degraded: Duration,
+    volatile_to_degraded: Duration,
     /// At most this many switches in any 60 s.
-    pub max_switches_per_min: u32,
+    max_switches_per_min: u32,
     /// A switch less than this after the previous one is denied.
-    pub switch_cooldown: Duration,
+    switch_cooldown: Duration,
     /// A reattach must complete within this window.
-    pub recovery_window: Duration,
+    recovery_window: Duration,
     /// A candidate must beat a live active transport by this factor.
-    pub switch_improvement_factor: f64,
+    switch_improvement_factor: f64,
     /// Transports a session may use.
-    pub allowed_protocols: Vec<Protocol>,
+    allowed_protocols: Vec<Protocol>,
     /// Bound on the candidate list.
-    pub max_candidate_count: usize,
+    max_candidate_count: usize,
     /// A reattach proof older (or newer) than this is stale.
-    pub reattach_proof_max_age: Duration,
+    reattach_proof_max_age: Duration,
     /// Width of the anti-replay window, in counters.
-    pub replay_window_size: u32,
+    replay_window_size: u32,
     /// This many security failures terminate the session (security_failure).
-    pub max_security_failures: u32,
+    max_security_failures: u32,
+    /// Keys older than this are replaced (the client starts a rekey).
+    rekey_after: Duration,
+    /// Keys older than this are never used again, rekeyed or not.
+    reject_after: Duration,
+    /// Keys that sealed or opened this many packets are replaced.
+    rekey_after_packets: u64,
+    /// After a rekey, the previous keys still open packets this long (reordering).
+    key_overlap: Duration,
 }
 
 impl Default for Policy {
@@ -154,6 +165,131 @@ impl Default for Policy {
 }
 
 impl Policy {
+    /// Carried as policy_version by every event.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// A session older than this is terminated (session_lifetime_exceeded).
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+
+    /// A session that heard nothing from its peer for this long is terminated.
+    pub fn transport_lost_ttl(&self) -> Duration {
+        self.transport_lost_ttl
+    }
+
+    /// Heartbeats on the active transport are sent this often.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
+    /// No heartbeat answer for this long makes the transport volatile.
+    pub fn heartbeat_volatile(&self) -> Duration {
+        self.heartbeat_volatile
+    }
+
+    /// Standby candidates are probed this often.
+    pub fn probe_interval(&self) -> Duration {
+        self.probe_interval
+    }
+
+    /// Loss ratio is measured over this sliding window.
+    pub fn loss_window(&self) -> Duration {
+        self.loss_window
+    }
+
+    /// Loss ratio above this makes the transport volatile; in (0, 1].
+    pub fn loss_volatile_threshold(&self) -> f64 {
+        self.loss_volatile_threshold
+    }
+
+    /// The loss ratio is only judged over at least this many samples.
+    pub fn loss_min_samples(&self) -> u32 {
+        self.loss_min_samples
+    }
+
+    /// This many losses in a row make the transport volatile.
+    pub fn max_consecutive_drops(&self) -> u32 {
+        self.max_consecutive_drops
+    }
+
+    /// Round-trip p95 above this makes the transport volatile; `None` disables it.
+    pub fn latency_volatile(&self) -> Option<Duration> {
+        self.latency_volatile
+    }
+
+    /// Volatility lasting this long degrades the session.
+    pub fn volatile_to_degraded(&self) -> Duration {
+        self.volatile_to_degraded
+    }
+
+    /// At most this many switches in any 60 s.
+    pub fn max_switches_per_min(&self) -> u32 {
+        self.max_switches_per_min
+    }
+
+    /// A switch less than this after the previous one is denied.
+    pub fn switch_cooldown(&self) -> Duration {
+        self.switch_cooldown
+    }
+
+    /// A reattach must complete within this window.
+    pub fn recovery_window(&self) -> Duration {
+        self.recovery_window
+    }
+
+    /// A candidate must beat a live active transport by this factor.
+    pub fn switch_improvement_factor(&self) -> f64 {
+        self.switch_improvement_factor
+    }
+
+    /// Transports a session may use.
+    pub fn allowed_protocols(&self) -> &[Protocol] {
+        &self.allowed_protocols
+    }
+
+    /// Bound on the candidate list.
+    pub fn max_candidate_count(&self) -> usize {
+        self.max_candidate_count
+    }
+
+    /// A reattach proof older (or newer) than this is stale.
+    pub fn reattach_proof_max_age(&self) -> Duration {
+        self.reattach_proof_max_age
+    }
+
+    /// Width of the anti-replay window, in counters.
+    pub fn replay_window_size(&self) -> u32 {
+        self.replay_window_size
+    }
+
+    /// This many security failures terminate the session (security_failure).
+    pub fn max_security_failures(&self) -> u32 {
+        self.max_security_failures
+    }
+
+    /// Keys older than this are replaced (the client starts a rekey).
+    pub fn rekey_after(&self) -> Duration {
+        self.rekey_after
+    }
+
+    /// Keys older than this are never used again, rekeyed or not.
+    pub fn reject_after(&self) -> Duration {
+        self.reject_after
+    }
+
+    /// Keys that sealed or opened this many packets are replaced.
+    pub fn rekey_after_packets(&self) -> u64 {
+        self.rekey_after_packets
+    }
+
+    /// After a rekey, the previous keys still open packets this long (reordering).
+    pub fn key_overlap(&self) -> Duration {
+        self.key_overlap
+    }
+
     /// Whether `protocol` may be used.
     pub fn allows(&self, protocol: Protocol) -> bool {
         self.allowed_protocols.contains(&protocol)
@@ -310,6 +446,10 @@ impl PolicyConfig {
                 reattach_proof_max_age_ms: Some(5_000),
                 replay_window_size: Some(2_048),
                 max_security_failures: Some(5),
+                rekey_after_ms: Some(120_000),
+                reject_after_ms: Some(180_000),
+                rekey_after_packets: Some(1 << 60),
+                key_overlap_ms: Some(10_000),
             },
         }
     }
@@ -328,7 +468,7 @@ impl PolicyConfig {
         );
 
         let version = match &self.version {
-            Some(ver) if !ver.is_empty() && ver.len() <= 32 => ver.clone(),
+            Some(ver) if (1..=32).contains(&ver.chars().count()) => ver.clone(),
             Some(ver) => {
                 c.out_of_range(
                     "version",
@@ -511,7 +651,47 @@ impl PolicyConfig {
             1_000,
         );
 
+        let rekey_after = c.ms(
+            "security.rekey_after_ms",
+            sec.rekey_after_ms,
+            Some(120_000),
+            1_000,
+            HOUR_MS,
+        );
+        let reject_after = c.ms(
+            "security.reject_after_ms",
+            sec.reject_after_ms,
+            Some(180_000),
+            1_000,
+            2 * HOUR_MS,
+        );
+        let rekey_after_packets = c.optional(
+            "security.rekey_after_packets",
+            sec.rekey_after_packets,
+            1 << 60,
+            16,
+            1 << 60,
+        );
+        let key_overlap = c.ms(
+            "security.key_overlap_ms",
+            sec.key_overlap_ms,
+            Some(10_000),
+            100,
+            600_000,
+        );
+
         // Cross-key rules: each names the key whose value breaks it.
+        if reject_after <= rekey_after {
+            c.out_of_range(
+                "security.reject_after_ms",
+                reject_after.as_millis(),
+                format!(
+                    "more than security.rekey_after_ms ({} ms), so that a rekey can finish \
+                     before the keys are refused",
+                    rekey_after.as_millis()
+                ),
+            );
+        }
         if heartbeat_volatile <= heartbeat_interval {
             c.out_of_range(
                 "volatility.heartbeat_volatile_ms",
@@ -581,6 +761,10 @@ impl PolicyConfig {
             reattach_proof_max_age,
             replay_window_size,
             max_security_failures,
+            rekey_after,
+            reject_after,
+            rekey_after_packets,
+            key_overlap,
         })
     }
 }
@@ -601,17 +785,17 @@ mod tests {
     #[test]
     fn starter_set_is_valid_and_matches_the_contract() {
         let p = Policy::default();
-        assert_eq!(p.max_lifetime, Duration::from_secs(8 * 3600));
-        assert_eq!(p.transport_lost_ttl, Duration::from_secs(15));
-        assert_eq!(p.heartbeat_interval, Duration::from_millis(500));
-        assert_eq!(p.heartbeat_volatile, Duration::from_millis(2_000));
-        assert_eq!(p.loss_volatile_threshold, 0.20);
-        assert_eq!(p.max_switches_per_min, 8);
-        assert_eq!(p.switch_cooldown, Duration::from_millis(1_500));
-        assert_eq!(p.recovery_window, Duration::from_millis(8_000));
-        assert_eq!(p.max_candidate_count, 3);
-        assert_eq!(p.replay_window_size, 2_048);
-        assert_eq!(p.version, "1.0");
+        assert_eq!(p.max_lifetime(), Duration::from_secs(8 * 3600));
+        assert_eq!(p.transport_lost_ttl(), Duration::from_secs(15));
+        assert_eq!(p.heartbeat_interval(), Duration::from_millis(500));
+        assert_eq!(p.heartbeat_volatile(), Duration::from_millis(2_000));
+        assert_eq!(p.loss_volatile_threshold(), 0.20);
+        assert_eq!(p.max_switches_per_min(), 8);
+        assert_eq!(p.switch_cooldown(), Duration::from_millis(1_500));
+        assert_eq!(p.recovery_window(), Duration::from_millis(8_000));
+        assert_eq!(p.max_candidate_count(), 3);
+        assert_eq!(p.replay_window_size(), 2_048);
+        assert_eq!(p.version(), "1.0");
     }
 
     #[test]
@@ -731,9 +915,9 @@ mod tests {
         }"#;
         let cfg: PolicyConfig = serde_json::from_str(only_required).expect("parse");
         let p = cfg.validate().expect("valid");
-        assert_eq!(p.heartbeat_interval, Duration::from_millis(500));
-        assert_eq!(p.switch_cooldown, Duration::from_millis(1_500));
-        assert_eq!(p.max_switches_per_min, 2);
-        assert_eq!(p.loss_volatile_threshold, 0.5);
+        assert_eq!(p.heartbeat_interval(), Duration::from_millis(500));
+        assert_eq!(p.switch_cooldown(), Duration::from_millis(1_500));
+        assert_eq!(p.max_switches_per_min(), 2);
+        assert_eq!(p.loss_volatile_threshold(), 0.5);
     }
 }

@@ -81,7 +81,7 @@ pub fn select(candidates: &[Candidate], policy: &Policy, now: Instant) -> Option
         .iter()
         .find(|c| c.active && c.usable(policy, now));
     match usable_current {
-        Some(cur) if cur.id != best.id && !best.beats(cur, policy.switch_improvement_factor) => {
+        Some(cur) if cur.id != best.id && !best.beats(cur, policy.switch_improvement_factor()) => {
             Some(cur.id)
         }
         _ => Some(best.id),
@@ -121,11 +121,11 @@ pub struct SwitchLimiter {
 impl SwitchLimiter {
     /// A limiter for `policy`; it never holds more than max_switches_per_min instants.
     pub fn new(policy: &Policy) -> Self {
-        let max = policy.max_switches_per_min as usize;
+        let max = policy.max_switches_per_min() as usize;
         SwitchLimiter {
             recent: VecDeque::with_capacity(max),
             max_per_window: max,
-            cooldown: policy.switch_cooldown,
+            cooldown: policy.switch_cooldown(),
         }
     }
 

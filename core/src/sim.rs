@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::control::{Action, ControlError, SessionControl};
 use crate::event::{EventBody, SessionEvent, TransportRef};
 use crate::fsm::State;
-use crate::ids::{Protocol, SessionId, TransportId};
+use crate::ids::{Protocol, SessionId, StateVersion, TransportId};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 
@@ -61,7 +61,7 @@ enum Pending {
     },
     Answer {
         at: Instant,
-        id: TransportId,
+        attempt: StateVersion,
         answer: Answer,
     },
 }
@@ -88,8 +88,8 @@ pub struct Sim {
     pub answer: Answer,
     /// Every event, in order.
     pub events: Vec<SessionEvent>,
-    /// Every reattach the session asked for.
-    pub reattaches: Vec<(Instant, TransportId)>,
+    /// Every reattach the session asked for: when, on which transport, which attempt.
+    pub reattaches: Vec<(Instant, TransportId, StateVersion)>,
     /// The last instant the peer was really heard (an ack or answer that the session
     /// accepted): the reference for the transport-lost TTL.
     pub last_heard: Instant,
@@ -228,14 +228,16 @@ impl Sim {
                         self.last_heard = now;
                     }
                 }
-                Pending::Answer { id, answer, .. } => match answer {
+                Pending::Answer {
+                    attempt, answer, ..
+                } => match answer {
                     Answer::Accept => {
-                        if self.ctl.reattach_accepted(id, now).is_ok() {
+                        if self.ctl.reattach_accepted(attempt, now).is_ok() {
                             self.last_heard = now;
                         }
                     }
                     Answer::Deny(reason) => {
-                        let _ = self.ctl.reattach_denied(id, reason, now);
+                        let _ = self.ctl.reattach_denied(attempt, reason, now);
                     }
                     Answer::Silent => {}
                 },
@@ -255,9 +257,9 @@ impl Sim {
             let (id, seq, rtt) = (path.id, path.seq, path.rtt);
             path.next_probe = now
                 + if Some(id) == active {
-                    policy.heartbeat_interval
+                    policy.heartbeat_interval()
                 } else {
-                    policy.probe_interval
+                    policy.probe_interval()
                 };
             let _ = self.ctl.probe_sent(id, seq, now);
             if delivered {
@@ -294,8 +296,11 @@ impl Sim {
         while let Some(e) = self.ctl.poll_event() {
             self.events.push(e);
         }
-        while let Some(Action::Reattach { candidate, .. }) = self.ctl.poll_action() {
-            self.reattaches.push((self.now, candidate));
+        while let Some(Action::Reattach {
+            candidate, attempt, ..
+        }) = self.ctl.poll_action()
+        {
+            self.reattaches.push((self.now, candidate, attempt));
             let Some(index) = self.paths.iter().position(|p| p.id == candidate) else {
                 continue;
             };
@@ -306,7 +311,7 @@ impl Sim {
             let at = self.now + self.paths[index].rtt;
             self.pending.push(Pending::Answer {
                 at,
-                id: candidate,
+                attempt,
                 answer: self.answer,
             });
         }

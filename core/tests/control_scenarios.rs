@@ -177,7 +177,8 @@ fn an_unanswered_reattach_fails_at_the_recovery_deadline_and_a_late_ack_is_refus
     );
     let version = sim.ctl.version();
     let now = sim.now;
-    let late = sim.ctl.reattach_accepted(TransportId(2), now);
+    let (_, _, attempt) = sim.reattaches[0];
+    let late = sim.ctl.reattach_accepted(attempt, now);
     assert!(
         matches!(late, Err(ControlError::InvalidTransition(_))),
         "{late:?}"
@@ -221,6 +222,9 @@ fn a_denied_reattach_changes_no_binding_and_the_candidate_is_retried_later() {
     sim.run_until_ms(1_000 + 8_100);
     assert_eq!(sim.reattaches.len(), 2);
     assert_eq!(sim.reattaches[1].0, sim.t0 + ms(1_000 + 10 + 8_000));
+    // An answer to the first, refused attempt cannot complete the second.
+    let (_, _, first_attempt) = sim.reattaches[0];
+    assert!(sim.ctl.reattach_accepted(first_attempt, sim.now).is_err());
     assert_eq!(sim.ctl.state(), Attached);
     assert_eq!(sim.ctl.active().map(|t| t.id), Some(TransportId(2)));
 }
@@ -280,7 +284,10 @@ fn a_switch_inside_the_cooldown_waits_for_its_end() {
     assert_eq!(sim.reattaches.len(), 1);
     sim.run_until_ms(6_100);
     assert_eq!(sim.reattaches.len(), 2);
-    assert_eq!(sim.reattaches[1], (sim.t0 + ms(6_000), TransportId(1)));
+    assert_eq!(
+        (sim.reattaches[1].0, sim.reattaches[1].1),
+        (sim.t0 + ms(6_000), TransportId(1))
+    );
 }
 
 #[test]
@@ -345,6 +352,61 @@ fn repeated_security_failures_terminate_and_termination_is_absorbing() {
     assert_eq!(sim.ctl.version(), version);
     sim.drain();
     assert_eq!(sim.event_types().last(), Some(&"TransitionRejected"));
+}
+
+#[test]
+fn a_packet_arriving_after_the_ttl_does_not_revive_the_session() {
+    let mut sim = Sim::udp(Policy::default(), &[1]).expect("sim");
+    let late = sim.t0 + ms(20_000);
+    assert_eq!(
+        sim.ctl.heard(TransportId(1), late),
+        Err(ControlError::Terminated)
+    );
+    sim.drain();
+    assert_eq!(
+        sim.transitions().last(),
+        Some(&(Attached, Terminated, ReasonCode::TransportTtlExceeded))
+    );
+    assert_eq!(
+        sim.first_ms(|b| matches!(b, EventBody::SessionTerminated { .. })),
+        Some(20_000),
+        "reported when the driver first looked, with the true transportless age"
+    );
+}
+
+#[test]
+fn a_handshake_finishing_after_the_ttl_cannot_attach() {
+    let t0 = std::time::Instant::now();
+    let mut ctl = jvpn_core::control::SessionControl::new(
+        SESSION,
+        std::sync::Arc::new(Policy::default()),
+        t0,
+    );
+    let t = TransportRef {
+        id: TransportId(1),
+        protocol: Protocol::Udp,
+    };
+    ctl.add_transport(t, t0).expect("add");
+    let attached = ctl.attach(TransportId(1), t0 + ms(60_000));
+    assert!(matches!(attached, Err(ControlError::InvalidTransition(_))));
+    assert_eq!(ctl.state(), Terminated);
+    assert_eq!(ctl.active(), None);
+}
+
+#[test]
+fn a_late_input_fires_the_overdue_timers_first() {
+    let mut sim = Sim::udp(Policy::default(), &[1]).expect("sim");
+    sim.ctl.security_incident(
+        SecurityIncident::Invalid(ReasonCode::BadProof),
+        sim.t0 + ms(20_000),
+    );
+    sim.drain();
+    assert_eq!(sim.ctl.state(), Terminated);
+    assert_eq!(
+        sim.transitions().last(),
+        Some(&(Attached, Terminated, ReasonCode::TransportTtlExceeded))
+    );
+    assert_eq!(sim.ctl.next_deadline(), None);
 }
 
 #[test]

@@ -40,14 +40,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Answer::Silent),
     ];
     prop_oneof![
-        10 => (1u64..4_000).prop_map(Op::Advance),
-        4 => (path.clone(), loss).prop_map(|(p, l)| Op::SetLoss(p, l)),
-        2 => path.clone().prop_map(Op::Kill),
-        2 => path.clone().prop_map(Op::Revive),
-        2 => answer.prop_map(Op::PeerAnswers),
-        2 => (path, 0u32..50, 0u32..50).prop_map(|(p, d, x)| Op::LossReport(p, d, x)),
-        1 => Just(Op::Security),
-        1 => (0u8..20).prop_filter_map("rare", |n| (n == 0).then_some(Op::OperatorTerminate)),
+        40 => (1u64..4_000).prop_map(Op::Advance),
+        16 => (path.clone(), loss).prop_map(|(p, l)| Op::SetLoss(p, l)),
+        8 => path.clone().prop_map(Op::Kill),
+        8 => path.clone().prop_map(Op::Revive),
+        8 => answer.prop_map(Op::PeerAnswers),
+        8 => (path, 0u32..50, 0u32..50).prop_map(|(p, d, x)| Op::LossReport(p, d, x)),
+        4 => Just(Op::Security),
+        1 => Just(Op::OperatorTerminate),
     ]
 }
 
@@ -167,7 +167,7 @@ fn check(sim: &Sim, p: &Policy) -> Result<(), TestCaseError> {
                 );
                 if let Some(since) = recovering_since.take() {
                     prop_assert!(
-                        e.at <= since + p.recovery_window,
+                        e.at <= since + p.recovery_window(),
                         "RECOVERING outlived its window"
                     );
                 }
@@ -208,7 +208,7 @@ fn check(sim: &Sim, p: &Policy) -> Result<(), TestCaseError> {
     for (i, t) in switch_starts.iter().enumerate() {
         if i > 0 {
             prop_assert!(
-                *t - switch_starts[i - 1] >= p.switch_cooldown,
+                *t - switch_starts[i - 1] >= p.switch_cooldown(),
                 "cooldown broken"
             );
         }
@@ -217,7 +217,7 @@ fn check(sim: &Sim, p: &Policy) -> Result<(), TestCaseError> {
             .filter(|s| *t - **s < SWITCH_RATE_WINDOW)
             .count();
         prop_assert!(
-            in_window <= p.max_switches_per_min as usize,
+            in_window <= p.max_switches_per_min() as usize,
             "switch budget broken"
         );
     }
@@ -225,14 +225,14 @@ fn check(sim: &Sim, p: &Policy) -> Result<(), TestCaseError> {
     // RECOVERING never outlives its window, even while still in it.
     if let Some(since) = recovering_since {
         prop_assert!(
-            sim.now <= since + p.recovery_window,
+            sim.now <= since + p.recovery_window(),
             "RECOVERING past its deadline"
         );
     }
 
     // Lifetime and transport-lost TTL: terminate exactly on time, with the right reason.
-    let lifetime_end = sim.t0 + p.max_lifetime;
-    let ttl_end = sim.last_heard + p.transport_lost_ttl;
+    let lifetime_end = sim.t0 + p.max_lifetime();
+    let ttl_end = sim.last_heard + p.transport_lost_ttl();
     match terminated_by {
         None => {
             prop_assert!(sim.now < lifetime_end, "alive past its lifetime");
@@ -274,19 +274,27 @@ proptest! {
             check(&sim, &p)?;
         }
         // Let every timer run out: the session must end by its lifetime at the latest.
-        sim.run_for(p.max_lifetime + Duration::from_secs(1));
+        sim.run_for(p.max_lifetime() + Duration::from_secs(1));
         check(&sim, &p)?;
         prop_assert_eq!(sim.ctl.state(), State::Terminated);
         prop_assert_eq!(sim.ctl.next_deadline(), None);
     }
 
+    /// Between inputs nothing is ever overdue: firing the timers again at the same
+    /// instant does nothing, and the next deadline is later than now (a driver that
+    /// sleeps until it neither misses work nor spins).
     #[test]
-    fn next_deadline_is_always_in_the_future(p in policy(), ops in prop::collection::vec(op(), 1..40)) {
+    fn no_work_is_ever_left_overdue(p in policy(), ops in prop::collection::vec(op(), 1..40)) {
         let mut sim = Sim::udp(p, &[1, 2, 3]).expect("sim");
         for op in &ops {
             apply(&mut sim, op);
+            let mut probe = sim.ctl.clone();
+            probe.handle_timeout(sim.now);
+            let overdue = probe.poll_event();
+            prop_assert!(overdue.is_none(), "work was overdue at {:?}: {:?}", sim.now - sim.t0, overdue);
+            prop_assert_eq!(probe.version(), sim.ctl.version());
             if let Some(d) = sim.ctl.next_deadline() {
-                prop_assert!(d > sim.now, "a deadline at or before now would spin the driver");
+                prop_assert!(d > sim.now);
             }
         }
     }

@@ -1,0 +1,95 @@
+//! A session's state machine together with the record of what happened to it: the one
+//! place where a state change and its event are produced together, so that no mutation
+//! goes unreported and no report is made without its mutation. Used by the client's
+//! control plane and by the gateway's sessions alike.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::event::{EventBody, SessionEvent};
+use crate::fsm::{FsmEvent, InvalidTransition, State, StateMachine, Transition};
+use crate::ids::StateVersion;
+use crate::reason::ReasonCode;
+
+/// Events kept between two drains. The driver drains after every input, so this is only
+/// reached by a driver that stopped draining; past it, events are counted, not stored.
+const EVENT_QUEUE_LIMIT: usize = 256;
+
+/// A state machine and its bounded, ordered event queue.
+#[derive(Debug, Clone, Default)]
+pub struct Journal {
+    fsm: StateMachine,
+    events: VecDeque<SessionEvent>,
+    overflowed: u64,
+}
+
+impl Journal {
+    /// A session in BIRTH with no events.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.fsm.state()
+    }
+
+    /// Mutations so far.
+    pub fn version(&self) -> StateVersion {
+        self.fsm.version()
+    }
+
+    /// Applies `event`: a success is recorded as one SessionStateChange, a refusal as
+    /// one TransitionRejected (and changes nothing).
+    pub fn apply(
+        &mut self,
+        event: FsmEvent,
+        now: Instant,
+    ) -> Result<Transition, InvalidTransition> {
+        match self.fsm.apply(event) {
+            Ok(t) => {
+                self.record(
+                    now,
+                    EventBody::SessionStateChange {
+                        previous_state: t.from,
+                        new_state: t.to,
+                        reason_code: t.reason,
+                        state_version: t.version,
+                    },
+                );
+                Ok(t)
+            }
+            Err(e) => {
+                self.record(
+                    now,
+                    EventBody::TransitionRejected {
+                        state: e.state,
+                        event: e.event.name(),
+                        reason_code: ReasonCode::InvalidTransition,
+                        state_version: self.fsm.version(),
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Records an event that is not a state change.
+    pub fn record(&mut self, at: Instant, body: EventBody) {
+        if self.events.len() >= EVENT_QUEUE_LIMIT {
+            self.overflowed += 1;
+            return;
+        }
+        self.events.push_back(SessionEvent { at, body });
+    }
+
+    /// The oldest undrained event.
+    pub fn poll(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// Events discarded because nobody drained the queue.
+    pub fn overflowed(&self) -> u64 {
+        self.overflowed
+    }
+}
