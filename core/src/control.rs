@@ -132,6 +132,7 @@ pub struct SessionControl {
     last_denial: Option<ReasonCode>,
     security_failures: u32,
     actions: VecDeque<Action>,
+    terminated_by: Option<ReasonCode>,
 }
 
 impl SessionControl {
@@ -152,6 +153,7 @@ impl SessionControl {
             last_heard: now,
             last_denial: None,
             security_failures: 0,
+            terminated_by: None,
             actions: VecDeque::new(),
             policy,
         }
@@ -444,6 +446,24 @@ impl SessionControl {
         }
         self.terminate_with(cause, now);
         Ok(())
+    }
+
+    /// Records an event that concerns the session but not its state machine (key
+    /// rotation, a refused rekey), in order with the others.
+    pub fn record_event(&mut self, body: EventBody, now: Instant) {
+        let now = self.now.max(now);
+        self.push_event(now, body);
+    }
+
+    /// Why the session ended, once it has.
+    pub fn terminated_by(&self) -> Option<ReasonCode> {
+        self.terminated_by
+    }
+
+    /// What made the session leave ATTACHED, while it is VOLATILE, DEGRADED or
+    /// RECOVERING.
+    pub fn instability(&self) -> Option<Instability> {
+        self.instability
     }
 
     /// Fires every timer due at `now`.
@@ -741,6 +761,7 @@ impl SessionControl {
         self.active = None;
         self.recovery = None;
         self.actions.clear();
+        self.terminated_by = Some(cause.reason());
         self.push_event(
             now,
             EventBody::SessionTerminated {

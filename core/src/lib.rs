@@ -15,14 +15,21 @@
 //! - [`replay`]: the sliding anti-replay window.
 //! - [`store`]: the session table contract and its in-memory implementation.
 //! - [`event`]: the event types and their JSON-lines form.
+//! - [`wire`]: every packet on the wire, encoded and decoded without panics.
+//! - [`crypto`]: Noise IK handshakes and the per-epoch keys that seal session packets.
+//! - [`gateway`]: the gateway side: handshakes, routing, reattach validation, per-session timers.
+//! - [`client`]: the client side: handshake, data, heartbeats and probes, reattach, rekey.
 //! - [`sim`]: a deterministic simulated network that drives a session on a virtual clock.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod control;
+pub mod crypto;
 pub mod event;
 pub mod fsm;
+pub mod gateway;
 pub mod health;
 pub mod ids;
 pub mod journal;
@@ -32,3 +39,4 @@ pub mod replay;
 pub mod select;
 pub mod sim;
 pub mod store;
+pub mod wire;

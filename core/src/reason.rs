@@ -9,7 +9,7 @@ use std::fmt;
 use serde::Serialize;
 
 macro_rules! reason_codes {
-    ($($(#[$doc:meta])* $variant:ident => $text:literal,)+) => {
+    ($($(#[$doc:meta])* $variant:ident = $id:literal => $text:literal,)+) => {
         /// Why something happened; see spec/state-machine.md for where each code is used.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum ReasonCode {
@@ -26,78 +26,99 @@ macro_rules! reason_codes {
                     $(ReasonCode::$variant => $text,)+
                 }
             }
+
+            /// The stable one-byte form used on the wire (spec/wire-format.md).
+            pub fn wire_id(self) -> u8 {
+                match self {
+                    $(ReasonCode::$variant => $id,)+
+                }
+            }
+
+            /// The code with this wire id, if any.
+            pub fn from_wire_id(id: u8) -> Option<ReasonCode> {
+                match id {
+                    $($id => Some(ReasonCode::$variant),)+
+                    _ => None,
+                }
+            }
         }
     };
 }
 
 reason_codes! {
     /// BIRTH → ATTACHED: the handshake finished and the first transport is bound.
-    AttachedToTransport => "attached_to_transport",
+    AttachedToTransport = 1 => "attached_to_transport",
     /// ATTACHED → VOLATILE: loss over the loss window passed the threshold.
-    LossThresholdExceeded => "loss_threshold_exceeded",
+    LossThresholdExceeded = 2 => "loss_threshold_exceeded",
     /// ATTACHED → VOLATILE: too many losses in a row.
-    ConsecutiveDropExceeded => "consecutive_drop_exceeded",
+    ConsecutiveDropExceeded = 3 => "consecutive_drop_exceeded",
     /// ATTACHED → VOLATILE: no heartbeat answer for longer than allowed.
-    HeartbeatTimeout => "heartbeat_timeout",
+    HeartbeatTimeout = 4 => "heartbeat_timeout",
     /// ATTACHED → VOLATILE: the transport reported itself dead (send error, link down).
-    TransportDead => "transport_dead",
+    TransportDead = 5 => "transport_dead",
     /// ATTACHED → VOLATILE: round-trip p95 passed the configured latency threshold.
-    LatencyThresholdExceeded => "latency_threshold_exceeded",
+    LatencyThresholdExceeded = 6 => "latency_threshold_exceeded",
     /// VOLATILE/DEGRADED → RECOVERING: switching away from a lossy or slow transport.
-    LossRecovery => "loss_recovery",
+    LossRecovery = 7 => "loss_recovery",
     /// VOLATILE/DEGRADED → RECOVERING: switching away from a dead transport.
-    DeadTransportRecovery => "dead_transport_recovery",
+    DeadTransportRecovery = 8 => "dead_transport_recovery",
     /// VOLATILE/DEGRADED → RECOVERING: an operator or policy forced the switch.
-    PolicyForcedRecovery => "policy_forced_recovery",
+    PolicyForcedRecovery = 9 => "policy_forced_recovery",
     /// VOLATILE → DEGRADED: volatility lasted longer than volatile_to_degraded_ms.
-    VolatilePersisted => "volatile_persisted",
+    VolatilePersisted = 10 => "volatile_persisted",
     /// VOLATILE → DEGRADED, and switch denials: the per-minute switch budget is spent.
-    SwitchRateLimited => "switch_rate_limited",
+    SwitchRateLimited = 11 => "switch_rate_limited",
     /// RECOVERING → ATTACHED: the peer accepted the reattach.
-    ReattachSuccess => "reattach_success",
+    ReattachSuccess = 12 => "reattach_success",
     /// RECOVERING → DEGRADED: the peer refused the reattach.
-    ReattachValidationFailed => "reattach_validation_failed",
+    ReattachValidationFailed = 13 => "reattach_validation_failed",
     /// RECOVERING → DEGRADED: the chosen candidate vanished before the reattach completed.
-    NoCandidateTransports => "no_candidate_transports",
+    NoCandidateTransports = 14 => "no_candidate_transports",
     /// RECOVERING → DEGRADED, reattach and switch denials: policy forbids it.
-    PolicyDenied => "policy_denied",
+    PolicyDenied = 15 => "policy_denied",
     /// RECOVERING → DEGRADED: no answer within recovery_window_ms (an addition to the
     /// digest, which left this case without its own code).
-    RecoveryWindowExpired => "recovery_window_expired",
+    RecoveryWindowExpired = 16 => "recovery_window_expired",
     /// → TERMINATED: the session outlived session.max_lifetime_ms.
-    SessionLifetimeExceeded => "session_lifetime_exceeded",
+    SessionLifetimeExceeded = 17 => "session_lifetime_exceeded",
     /// → TERMINATED, reattach denial: nothing heard for session.transport_lost_ttl_ms.
-    TransportTtlExceeded => "transport_ttl_exceeded",
+    TransportTtlExceeded = 18 => "transport_ttl_exceeded",
     /// → TERMINATED: too many security failures on this session.
-    SecurityFailure => "security_failure",
+    SecurityFailure = 19 => "security_failure",
     /// → TERMINATED: an operator ended the session.
-    OperatorTerminated => "operator_terminated",
+    OperatorTerminated = 20 => "operator_terminated",
     /// → TERMINATED: the peer announced that it ended the session.
-    PeerTerminated => "peer_terminated",
+    PeerTerminated = 21 => "peer_terminated",
     /// Switch denial: the last switch was less than switch_cooldown_ms ago.
-    CooldownActive => "cooldown_active",
+    CooldownActive = 22 => "cooldown_active",
     /// Switch denial: no candidate passed the filter.
-    NoValidCandidate => "no_valid_candidate",
+    NoValidCandidate = 23 => "no_valid_candidate",
     /// Reattach denial: no such session.
-    UnknownSession => "unknown_session",
+    UnknownSession = 24 => "unknown_session",
     /// Reattach denial: the session's state does not allow a reattach.
-    InvalidStateForReattach => "invalid_state_for_reattach",
+    InvalidStateForReattach = 25 => "invalid_state_for_reattach",
     /// Reattach denial: the session outlived its lifetime.
-    SessionExpired => "session_expired",
+    SessionExpired = 26 => "session_expired",
     /// Reattach denial: the proof of possession of the session keys did not verify.
-    BadProof => "bad_proof",
+    BadProof = 27 => "bad_proof",
     /// Reattach denial: the request's timestamp is outside the freshness window.
-    StaleRequest => "stale_request",
+    StaleRequest = 28 => "stale_request",
     /// Reattach denial, data drop: this counter was seen before.
-    ReplayDetected => "replay_detected",
+    ReplayDetected = 29 => "replay_detected",
     /// Reattach denial: the candidate transport's metadata is not usable.
-    InvalidTransportCandidate => "invalid_transport_candidate",
+    InvalidTransportCandidate = 30 => "invalid_transport_candidate",
     /// Reattach denial, store refusal: the record moved on since the caller read it.
-    StaleStateVersion => "stale_state_version",
+    StaleStateVersion = 31 => "stale_state_version",
     /// Store refusal: the swap could not be applied atomically (wrong owner, record gone).
-    AtomicityFailed => "atomicity_failed",
+    AtomicityFailed = 32 => "atomicity_failed",
     /// An event that the transition table does not define for the current state.
-    InvalidTransition => "invalid_transition",
+    InvalidTransition = 33 => "invalid_transition",
+    /// Handshake refusal: the client's static key is not in the gateway's authorized list.
+    UnauthorizedClient = 34 => "unauthorized_client",
+    /// Handshake refusal: the gateway holds its maximum number of sessions.
+    CapacityExceeded = 35 => "capacity_exceeded",
+    /// RekeyDenied: the peer did not answer a rekey in time; it will be retried.
+    RekeyTimeout = 36 => "rekey_timeout",
 }
 
 impl fmt::Display for ReasonCode {
@@ -116,6 +137,16 @@ impl Serialize for ReasonCode {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn wire_ids_are_unique_and_round_trip() {
+        let mut seen = HashSet::new();
+        for code in ReasonCode::ALL {
+            assert!(seen.insert(code.wire_id()), "duplicate wire id for {code}");
+            assert_eq!(ReasonCode::from_wire_id(code.wire_id()), Some(*code));
+        }
+        assert_eq!(ReasonCode::from_wire_id(0), None);
+    }
 
     #[test]
     fn every_code_has_a_unique_snake_case_form() {

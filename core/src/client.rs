@@ -1,0 +1,769 @@
+//! The client's side of the protocol, sans-IO.
+//!
+//! A [`Client`] performs the handshake over one of its transports, then runs the
+//! session: it seals outgoing IP packets on the active transport, heartbeats the active
+//! transport and probes the standbys (feeding their health to [`SessionControl`]), sends
+//! the reattach requests the control plane decides on, and rekeys on the policy's limits.
+//! The driver feeds datagrams and timeouts in and sends what
+//! [`Client::poll_transmit`] hands out.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::control::{Action, SessionControl};
+use crate::crypto::{
+    rekey_prologue, Channel, CryptoError, Initiation, KeyEvent, KeyLimits, Keypair, OpenError,
+    PublicKey, HANDSHAKE_PROLOGUE,
+};
+use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
+use crate::fsm::{State, TerminationCause};
+use crate::ids::{SessionId, StateVersion, TransportId};
+use crate::policy::Policy;
+use crate::reason::ReasonCode;
+use crate::wire::{
+    self, encode_handshake, Control, Datagram, InitPayload, PacketType, ReattachRequest,
+    RespPayload, Timestamp, TunnelAddr,
+};
+
+/// How long a handshake or rekey waits for its answer before it may be retried.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client's configuration.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The client's static key pair.
+    pub keypair: Keypair,
+    /// The gateway's static public key, pinned.
+    pub gateway: PublicKey,
+    /// The policy the session runs under.
+    pub policy: Arc<Policy>,
+    /// The candidate transports, in the client's numbering (at most
+    /// transport.max_candidate_count).
+    pub transports: Vec<TransportRef>,
+}
+
+/// Why the client refused to do something.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClientError {
+    /// No session is established (yet, or any more).
+    #[error("no session is established")]
+    NotEstablished,
+    /// The transport is not one of the configured candidates.
+    #[error("transport {0} is not configured")]
+    UnknownTransport(TransportId),
+    /// The session has no active transport to send on.
+    #[error("no active transport")]
+    NoActiveTransport,
+    /// The keys are expired and no rekey has finished.
+    #[error("the session keys have expired")]
+    KeysExpired,
+    /// A session is established: end it first ([`Client::terminate`]), so that a new
+    /// session is never started silently.
+    #[error("a session is established; terminate it before connecting again")]
+    AlreadyEstablished,
+    /// The handshake could not be built.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// A datagram to send.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit<'a> {
+    /// The transport to send it on.
+    pub via: TransportId,
+    /// The datagram.
+    pub bytes: &'a [u8],
+}
+
+/// Why a received datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientDrop {
+    /// Not a valid packet.
+    Malformed,
+    /// Not for this client's session or handshake.
+    NotOurs,
+    /// Did not authenticate.
+    Unauthenticated,
+    /// An authentic packet seen before.
+    Replay,
+    /// An answer that matches nothing in flight.
+    Unexpected,
+}
+
+/// What the driver must do with a received datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientReceived<'a> {
+    /// Write this IP packet to the tunnel device.
+    ToTunnel(&'a [u8]),
+    /// Consumed; nothing to write.
+    Consumed,
+    /// The gateway said, in clear text, that it does not know this session (e.g. it
+    /// restarted). Unauthenticated: the driver decides whether to start a new session.
+    SessionUnknown,
+    /// Dropped.
+    Dropped(ClientDrop),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Probe(TransportId),
+    Reattach {
+        candidate: TransportId,
+        attempt: StateVersion,
+    },
+    RekeyInit,
+}
+
+struct Probing {
+    transport: TransportRef,
+    next_at: Instant,
+    seq: u64,
+}
+
+struct Established {
+    session_id: SessionId,
+    tunnel: TunnelAddr,
+    channel: Channel,
+    control: SessionControl,
+    binding_version: StateVersion,
+    probing: Vec<Probing>,
+    pending: VecDeque<Pending>,
+    /// The reattach in flight: its request's counter and its attempt.
+    reattach: Option<(u64, StateVersion)>,
+    rekey: Option<(Initiation, Instant)>,
+    keys_expired_reported: bool,
+}
+
+enum Phase {
+    Idle,
+    Handshaking {
+        initiation: Box<Initiation>,
+        sender_index: u32,
+        via: TransportRef,
+        started: Instant,
+    },
+    Established(Box<Established>),
+    Ended(ReasonCode),
+}
+
+/// The client.
+pub struct Client {
+    config: ClientConfig,
+    limits: KeyLimits,
+    clock: WallClock,
+    phase: Phase,
+    last_timestamp: Timestamp,
+    /// Events of a session that has ended, until drained.
+    ended_events: VecDeque<SessionEvent>,
+    out: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+impl Client {
+    /// A client that has not connected yet. `clock` supplies wall time for handshake
+    /// timestamps and reattach freshness.
+    pub fn new(config: ClientConfig, clock: WallClock) -> Self {
+        Client {
+            limits: KeyLimits::from_policy(&config.policy),
+            config,
+            clock,
+            phase: Phase::Idle,
+            last_timestamp: Timestamp::default(),
+            ended_events: VecDeque::new(),
+            out: Vec::new(),
+            plain: Vec::new(),
+        }
+    }
+
+    /// Starts (or retries) the handshake over `via`; returns the initiation to send.
+    /// Refused while a session is established.
+    pub fn connect(&mut self, via: TransportId, now: Instant) -> Result<Transmit<'_>, ClientError> {
+        if matches!(self.phase, Phase::Established(_)) {
+            return Err(ClientError::AlreadyEstablished);
+        }
+        let transport = self.transport(via)?;
+        let timestamp = self.next_timestamp(now);
+        let payload = InitPayload {
+            timestamp,
+            transport_id: via,
+            protocol: transport.protocol,
+        };
+        let (initiation, msg1) = Initiation::start(
+            &self.config.keypair,
+            &self.config.gateway,
+            HANDSHAKE_PROLOGUE,
+            &payload.encode(),
+        )?;
+        let sender_index = getrandom::u32().map_err(|e| CryptoError::Random(e.to_string()))?;
+        encode_handshake(
+            PacketType::HandshakeInit,
+            sender_index,
+            &msg1,
+            &mut self.out,
+        );
+        self.phase = Phase::Handshaking {
+            initiation: Box::new(initiation),
+            sender_index,
+            via: transport,
+            started: now,
+        };
+        Ok(Transmit {
+            via,
+            bytes: &self.out,
+        })
+    }
+
+    /// Ends the session on the user's command (operator_terminated); returns the notice
+    /// to send to the gateway, if one could be sealed.
+    pub fn terminate(&mut self, now: Instant) -> Option<Transmit<'_>> {
+        let Phase::Established(e) = &mut self.phase else {
+            return None;
+        };
+        let via = e.control.active().map(|t| t.id);
+        let sealed = e
+            .channel
+            .seal(
+                &Control::Terminate {
+                    reason: ReasonCode::OperatorTerminated,
+                },
+                now,
+                &mut self.out,
+            )
+            .is_ok();
+        let _ = e.control.terminate(TerminationCause::Operator, now);
+        self.settle();
+        match (via, sealed) {
+            (Some(via), true) => Some(Transmit {
+                via,
+                bytes: &self.out,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The session's id, once established.
+    pub fn session_id(&self) -> Option<SessionId> {
+        self.established().map(|e| e.session_id)
+    }
+
+    /// The tunnel address the gateway gave, once established.
+    pub fn tunnel(&self) -> Option<TunnelAddr> {
+        self.established().map(|e| e.tunnel)
+    }
+
+    /// The session's state (BIRTH before the handshake finishes).
+    pub fn state(&self) -> State {
+        match &self.phase {
+            Phase::Established(e) => e.control.state(),
+            Phase::Ended(_) => State::Terminated,
+            _ => State::Birth,
+        }
+    }
+
+    /// Why the session ended, once it has.
+    pub fn ended(&self) -> Option<ReasonCode> {
+        match &self.phase {
+            Phase::Ended(r) => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// The session's control plane, once established (for status and tests).
+    pub fn control(&self) -> Option<&SessionControl> {
+        self.established().map(|e| &e.control)
+    }
+
+    /// Whether a handshake started at `started` has waited long enough to be retried.
+    pub fn handshake_timed_out(&self, now: Instant) -> bool {
+        matches!(&self.phase, Phase::Handshaking { started, .. } if now >= *started + HANDSHAKE_TIMEOUT)
+    }
+
+    /// Seals an IP packet from the tunnel device on the active transport.
+    pub fn send_data(&mut self, packet: &[u8], now: Instant) -> Result<Transmit<'_>, ClientError> {
+        let Phase::Established(e) = &mut self.phase else {
+            return Err(ClientError::NotEstablished);
+        };
+        let via = e.control.active().ok_or(ClientError::NoActiveTransport)?.id;
+        e.channel
+            .seal(&Control::Data(packet), now, &mut self.out)
+            .map_err(|_| ClientError::KeysExpired)?;
+        Ok(Transmit {
+            via,
+            bytes: &self.out,
+        })
+    }
+
+    /// A transport reported itself dead or back up.
+    pub fn transport_status(&mut self, id: TransportId, up: bool, now: Instant) {
+        if let Phase::Established(e) = &mut self.phase {
+            let _ = if up {
+                e.control.transport_up(id, now)
+            } else {
+                e.control.transport_dead(id, now)
+            };
+            collect_actions(e);
+        }
+        self.settle();
+    }
+
+    /// Handles one datagram that arrived on `via`.
+    pub fn handle_datagram(
+        &mut self,
+        via: TransportId,
+        datagram: &[u8],
+        now: Instant,
+    ) -> ClientReceived<'_> {
+        let Ok(parsed) = wire::parse(datagram) else {
+            return ClientReceived::Dropped(ClientDrop::Malformed);
+        };
+        let received = match parsed {
+            Datagram::HandshakeResp {
+                receiver_index,
+                noise,
+            } => self.finish_handshake(receiver_index, noise, now),
+            Datagram::Session {
+                header,
+                aad,
+                sealed,
+            } => {
+                let Phase::Established(e) = &mut self.phase else {
+                    return ClientReceived::Dropped(ClientDrop::NotOurs);
+                };
+                if header.session_id != e.session_id {
+                    return ClientReceived::Dropped(ClientDrop::NotOurs);
+                }
+                match e.channel.open(&header, aad, sealed, now, &mut self.plain) {
+                    Ok(key_event) => {
+                        if let KeyEvent::Rotated { epoch } = key_event {
+                            e.control
+                                .record_event(EventBody::KeyRotated { key_epoch: epoch }, now);
+                        }
+                        let _ = e.control.heard(via, now);
+                        match Control::decode(header.ptype, &self.plain) {
+                            Ok(control) => handle_control(e, via, control, now),
+                            Err(_) => Handled::Drop(ClientDrop::Malformed),
+                        }
+                    }
+                    Err(OpenError::Replay(_)) => Handled::Drop(ClientDrop::Replay),
+                    Err(_) => Handled::Drop(ClientDrop::Unauthenticated),
+                }
+            }
+            Datagram::SessionUnknown { session_id } => {
+                if self.session_id() == Some(session_id) {
+                    Handled::SessionUnknown
+                } else {
+                    Handled::Drop(ClientDrop::NotOurs)
+                }
+            }
+            Datagram::HandshakeInit { .. } => Handled::Drop(ClientDrop::Unexpected),
+        };
+        self.settle();
+        match received {
+            Handled::Tunnel => ClientReceived::ToTunnel(&self.plain),
+            Handled::Consumed => ClientReceived::Consumed,
+            Handled::SessionUnknown => ClientReceived::SessionUnknown,
+            Handled::Drop(d) => ClientReceived::Dropped(d),
+        }
+    }
+
+    /// Fires due timers: the control plane's, the probe schedule, the rekey limits.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Established(e) = &mut self.phase {
+            e.control.handle_timeout(now);
+            collect_actions(e);
+            let active = e.control.active().map(|t| t.id);
+            let policy = &self.config.policy;
+            for p in &mut e.probing {
+                if p.next_at <= now {
+                    let interval = if Some(p.transport.id) == active {
+                        policy.heartbeat_interval()
+                    } else {
+                        policy.probe_interval()
+                    };
+                    p.next_at = now + interval;
+                    push_pending(&mut e.pending, Pending::Probe(p.transport.id));
+                }
+            }
+            let rekey_stale = e
+                .rekey
+                .as_ref()
+                .is_some_and(|(_, t)| now >= *t + HANDSHAKE_TIMEOUT);
+            if rekey_stale {
+                e.rekey = None;
+                e.control.record_event(
+                    EventBody::RekeyDenied {
+                        reason_code: ReasonCode::RekeyTimeout,
+                    },
+                    now,
+                );
+            }
+            if e.rekey.is_none() && e.channel.needs_rekey(now) {
+                push_pending(&mut e.pending, Pending::RekeyInit);
+            }
+            if let Some(epoch) = e.channel.drop_expired(now) {
+                e.control
+                    .record_event(EventBody::KeyExpired { key_epoch: epoch }, now);
+            }
+            if e.channel.expired(now) && !e.keys_expired_reported {
+                e.keys_expired_reported = true;
+                e.control.record_event(
+                    EventBody::KeyExpired {
+                        key_epoch: e.channel.epoch(),
+                    },
+                    now,
+                );
+            }
+        }
+        self.settle();
+    }
+
+    /// The next datagram to send (heartbeats, probes, reattach requests, rekeys), one at
+    /// a time until `None`.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit<'_>> {
+        let Phase::Established(e) = &mut self.phase else {
+            return None;
+        };
+        while let Some(next) = e.pending.pop_front() {
+            let sent = match next {
+                Pending::Probe(id) => send_probe(e, id, now, &mut self.out),
+                Pending::Reattach { candidate, attempt } => {
+                    send_reattach(e, &self.clock, candidate, attempt, now, &mut self.out)
+                }
+                Pending::RekeyInit => send_rekey(
+                    e,
+                    &self.config.keypair,
+                    &self.config.gateway,
+                    now,
+                    &mut self.out,
+                ),
+            };
+            if let Some(via) = sent {
+                return Some(Transmit {
+                    via,
+                    bytes: &self.out,
+                });
+            }
+        }
+        None
+    }
+
+    /// The next instant at which [`Client::handle_timeout`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Established(e) => {
+                let probes = e.probing.iter().map(|p| p.next_at);
+                let rekey = e
+                    .rekey
+                    .as_ref()
+                    .map_or(e.channel.rekey_deadline(), |(_, t)| *t + HANDSHAKE_TIMEOUT);
+                probes
+                    .chain(e.control.next_deadline())
+                    .chain(std::iter::once(rekey))
+                    .chain(e.channel.overlap_deadline())
+                    .min()
+            }
+            Phase::Handshaking { started, .. } => Some(*started + HANDSHAKE_TIMEOUT),
+            _ => None,
+        }
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        match &mut self.phase {
+            Phase::Established(e) => e.control.poll_event(),
+            _ => self.ended_events.pop_front(),
+        }
+    }
+
+    fn finish_handshake(&mut self, receiver_index: u32, noise: &[u8], now: Instant) -> Handled {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let Phase::Handshaking {
+            initiation,
+            sender_index,
+            via,
+            ..
+        } = phase
+        else {
+            self.phase = phase;
+            return Handled::Drop(ClientDrop::Unexpected);
+        };
+        if receiver_index != sender_index {
+            self.phase = Phase::Handshaking {
+                initiation,
+                sender_index,
+                via,
+                started: now,
+            };
+            return Handled::Drop(ClientDrop::NotOurs);
+        }
+        let Ok((payload, keys)) = initiation.finish(noise) else {
+            // The initiation is spent either way; the driver retries with a new one.
+            self.phase = Phase::Idle;
+            return Handled::Drop(ClientDrop::Unauthenticated);
+        };
+        let Ok(resp) = RespPayload::decode(&payload) else {
+            self.phase = Phase::Idle;
+            return Handled::Drop(ClientDrop::Malformed);
+        };
+        let policy = Arc::clone(&self.config.policy);
+        let mut control = SessionControl::new(resp.session_id, Arc::clone(&policy), now);
+        let mut probing = Vec::new();
+        for t in &self.config.transports {
+            if control.add_transport(*t, now).is_ok() {
+                probing.push(Probing {
+                    transport: *t,
+                    next_at: now + policy.heartbeat_interval(),
+                    seq: 0,
+                });
+            }
+        }
+        let _ = control.attach(via.id, now);
+        self.phase = Phase::Established(Box::new(Established {
+            session_id: resp.session_id,
+            tunnel: resp.tunnel,
+            channel: Channel::new(resp.session_id, keys, self.limits, now),
+            control,
+            binding_version: resp.binding_version,
+            probing,
+            pending: VecDeque::new(),
+            reattach: None,
+            rekey: None,
+            keys_expired_reported: false,
+        }));
+        Handled::Consumed
+    }
+
+    /// Moves a terminated session to `Ended`, keeping its undrained events.
+    fn settle(&mut self) {
+        let Phase::Established(e) = &mut self.phase else {
+            return;
+        };
+        if e.control.state() != State::Terminated {
+            return;
+        }
+        let reason = e
+            .control
+            .terminated_by()
+            .unwrap_or(ReasonCode::PeerTerminated);
+        if let Phase::Established(mut e) = std::mem::replace(&mut self.phase, Phase::Ended(reason))
+        {
+            self.pending_events_from(&mut e);
+        }
+    }
+
+    fn pending_events_from(&mut self, e: &mut Established) {
+        while let Some(ev) = e.control.poll_event() {
+            if self.ended_events.len() < 256 {
+                self.ended_events.push_back(ev);
+            }
+        }
+    }
+
+    fn established(&self) -> Option<&Established> {
+        match &self.phase {
+            Phase::Established(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn transport(&self, id: TransportId) -> Result<TransportRef, ClientError> {
+        self.config
+            .transports
+            .iter()
+            .find(|t| t.id == id)
+            .copied()
+            .ok_or(ClientError::UnknownTransport(id))
+    }
+
+    /// A handshake timestamp later than any sent before, from the wall clock.
+    fn next_timestamp(&mut self, now: Instant) -> Timestamp {
+        let ms = self.clock.ts_ms(now);
+        let mut t = Timestamp {
+            secs: ms / 1_000,
+            nanos: u32::try_from((ms % 1_000) * 1_000_000).unwrap_or(0),
+        };
+        if t <= self.last_timestamp {
+            t = Timestamp {
+                secs: self.last_timestamp.secs,
+                nanos: self.last_timestamp.nanos.saturating_add(1),
+            };
+        }
+        self.last_timestamp = t;
+        t
+    }
+}
+
+enum Handled {
+    Tunnel,
+    Consumed,
+    SessionUnknown,
+    Drop(ClientDrop),
+}
+
+fn handle_control(
+    e: &mut Established,
+    via: TransportId,
+    control: Control<'_>,
+    now: Instant,
+) -> Handled {
+    let handled = match control {
+        Control::Data(_) => Handled::Tunnel,
+        Control::HeartbeatAck {
+            seq,
+            binding_version,
+        } => {
+            let _ = e.control.probe_acked(via, seq, now);
+            e.binding_version = e.binding_version.max(binding_version);
+            Handled::Consumed
+        }
+        Control::ProbeAck { seq } => {
+            let _ = e.control.probe_acked(via, seq, now);
+            Handled::Consumed
+        }
+        Control::ReattachAck {
+            request_counter,
+            binding_version,
+        } => match e.reattach {
+            Some((counter, attempt)) if counter == request_counter => {
+                e.reattach = None;
+                e.binding_version = binding_version;
+                let _ = e.control.reattach_accepted(attempt, now);
+                Handled::Consumed
+            }
+            _ => Handled::Drop(ClientDrop::Unexpected),
+        },
+        Control::ReattachDeny {
+            request_counter,
+            reason,
+            binding_version,
+        } => match e.reattach {
+            Some((counter, attempt)) if counter == request_counter => {
+                e.reattach = None;
+                e.binding_version = binding_version;
+                let _ = e.control.reattach_denied(attempt, reason, now);
+                Handled::Consumed
+            }
+            _ => Handled::Drop(ClientDrop::Unexpected),
+        },
+        Control::Terminate { .. } => {
+            let _ = e.control.terminate(TerminationCause::Peer, now);
+            Handled::Consumed
+        }
+        Control::RekeyResp(noise) => match e.rekey.take() {
+            Some((initiation, _)) => match initiation.finish(noise) {
+                Ok((_, keys)) => {
+                    let epoch = e.channel.rotate(keys, now);
+                    e.keys_expired_reported = false;
+                    e.control
+                        .record_event(EventBody::KeyRotated { key_epoch: epoch }, now);
+                    Handled::Consumed
+                }
+                Err(_) => {
+                    e.control.record_event(
+                        EventBody::RekeyDenied {
+                            reason_code: ReasonCode::BadProof,
+                        },
+                        now,
+                    );
+                    Handled::Drop(ClientDrop::Unauthenticated)
+                }
+            },
+            None => Handled::Drop(ClientDrop::Unexpected),
+        },
+        Control::Heartbeat { .. }
+        | Control::Probe { .. }
+        | Control::ReattachRequest(_)
+        | Control::RekeyInit(_) => Handled::Drop(ClientDrop::Unexpected),
+    };
+    collect_actions(e);
+    handled
+}
+
+/// Moves the control plane's actions into the send queue.
+fn collect_actions(e: &mut Established) {
+    while let Some(Action::Reattach {
+        candidate, attempt, ..
+    }) = e.control.poll_action()
+    {
+        push_pending(&mut e.pending, Pending::Reattach { candidate, attempt });
+    }
+}
+
+/// Queues `p` unless an equal item is queued already: the queue holds at most one of
+/// each, so it is bounded by the number of transports plus two.
+fn push_pending(queue: &mut VecDeque<Pending>, p: Pending) {
+    if !queue.contains(&p) {
+        queue.push_back(p);
+    }
+}
+
+fn send_probe(
+    e: &mut Established,
+    id: TransportId,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<TransportId> {
+    let active = e.control.active().map(|t| t.id);
+    let probing = e.probing.iter_mut().find(|p| p.transport.id == id)?;
+    probing.seq += 1;
+    let seq = probing.seq;
+    let control = if Some(id) == active {
+        Control::Heartbeat { seq }
+    } else {
+        Control::Probe { seq }
+    };
+    e.channel.seal(&control, now, out).ok()?;
+    let _ = e.control.probe_sent(id, seq, now);
+    collect_actions(e);
+    Some(id)
+}
+
+fn send_reattach(
+    e: &mut Established,
+    clock: &WallClock,
+    candidate: TransportId,
+    attempt: StateVersion,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<TransportId> {
+    let transport = e
+        .probing
+        .iter()
+        .find(|p| p.transport.id == candidate)?
+        .transport;
+    let cause = e
+        .control
+        .instability()
+        .map_or(ReasonCode::PolicyForcedRecovery, |i| i.reason());
+    let request = ReattachRequest {
+        timestamp_ms: clock.ts_ms(now),
+        expected_version: e.binding_version,
+        transport_id: candidate,
+        protocol: transport.protocol,
+        cause,
+    };
+    let counter = e
+        .channel
+        .seal(&Control::ReattachRequest(request), now, out)
+        .ok()?;
+    e.reattach = Some((counter, attempt));
+    Some(candidate)
+}
+
+fn send_rekey(
+    e: &mut Established,
+    keypair: &Keypair,
+    gateway: &PublicKey,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<TransportId> {
+    let via = e.control.active()?.id;
+    let prologue = rekey_prologue(e.session_id);
+    let (initiation, msg1) = Initiation::start(keypair, gateway, &prologue, &[]).ok()?;
+    e.channel.seal(&Control::RekeyInit(&msg1), now, out).ok()?;
+    e.rekey = Some((initiation, now));
+    Some(via)
+}

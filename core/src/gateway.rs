@@ -1,0 +1,1152 @@
+//! The gateway's side of the protocol, sans-IO.
+//!
+//! [`Gateway`] accepts handshakes from authorized clients, routes every datagram to its
+//! session by the header's session id, and routes every packet read from the tunnel
+//! device to the session owning its destination address. Each [`GatewaySession`] holds
+//! one session's keys, state machine, binding and timers, and validates reattach
+//! requests in the contract's order. The receive path returns a [`Received`] saying
+//! exactly what the caller must do with the packet; events and the session table are
+//! updated as a side effect.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::crypto::{
+    rekey_prologue, Channel, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey, Response,
+    HANDSHAKE_PROLOGUE,
+};
+use crate::event::{EventBody, ReattachOutcome, SessionEvent, TransportRef, WallClock};
+use crate::fsm::{FsmEvent, Instability, State, TerminationCause};
+use crate::ids::{NodeId, Protocol, SessionId, StateVersion, TransportId};
+use crate::journal::Journal;
+use crate::policy::Policy;
+use crate::reason::ReasonCode;
+use crate::replay::ReplayError;
+use crate::select::SwitchLimiter;
+use crate::store::{Binding, SessionRecord, SessionStore};
+use crate::wire::{
+    self, encode_handshake, encode_session_unknown, Control, Datagram, InitPayload, PacketType,
+    ReattachRequest, RespPayload, SessionHeader, Timestamp, TunnelAddr,
+};
+
+/// Where a datagram came from, or goes to: one transport as the gateway sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The transport kind it arrived on.
+    pub protocol: Protocol,
+    /// The peer's address on it.
+    pub addr: SocketAddr,
+}
+
+/// A client the gateway accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthorizedClient {
+    /// Its static public key.
+    pub public: PublicKey,
+    /// The tunnel address it is given.
+    pub tunnel: TunnelAddr,
+}
+
+/// Why a packet was dropped; every drop is counted by its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Drop {
+    /// Not a valid packet.
+    Malformed,
+    /// A handshake that failed (with the reason code of its event).
+    Handshake(ReasonCode),
+    /// No session with that id.
+    UnknownSession,
+    /// Did not authenticate under the session's keys.
+    Unauthenticated,
+    /// An authentic packet seen before.
+    Replay,
+    /// A data or heartbeat packet on a transport that is not the session's binding.
+    UnboundTransport,
+    /// A tunnelled packet whose source is not the session's tunnel address.
+    SpoofedSource,
+    /// A packet from the tunnel device for an address no session owns.
+    NoRoute,
+    /// The session's keys are expired.
+    KeysExpired,
+    /// A packet type that makes no sense at the gateway (e.g. an ack).
+    Unexpected,
+}
+
+impl Drop {
+    /// The stable label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::Malformed => "malformed",
+            Drop::Handshake(_) => "handshake",
+            Drop::UnknownSession => "unknown_session",
+            Drop::Unauthenticated => "unauthenticated",
+            Drop::Replay => "replay",
+            Drop::UnboundTransport => "unbound_transport",
+            Drop::SpoofedSource => "spoofed_source",
+            Drop::NoRoute => "no_route",
+            Drop::KeysExpired => "keys_expired",
+            Drop::Unexpected => "unexpected",
+        }
+    }
+}
+
+/// What the caller must do with a received datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'o> {
+    /// Send these bytes back to the endpoint the datagram came from.
+    Reply(&'o [u8]),
+    /// Write this IP packet to the tunnel device.
+    ToTunnel(&'o [u8]),
+    /// Nothing to send; the packet was consumed.
+    Consumed,
+    /// The packet was dropped (and counted).
+    Dropped(Drop),
+}
+
+/// The gateway's configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The gateway's static key pair (clients pin its public half).
+    pub keypair: Keypair,
+    /// This node's id, in events and session records.
+    pub node_id: NodeId,
+    /// The policy every session runs under.
+    pub policy: Arc<Policy>,
+    /// The clients allowed to connect.
+    pub clients: Vec<AuthorizedClient>,
+}
+
+/// One session at the gateway.
+pub struct GatewaySession {
+    id: SessionId,
+    client: PublicKey,
+    tunnel: TunnelAddr,
+    policy: Arc<Policy>,
+    node: NodeId,
+    channel: Channel,
+    journal: Journal,
+    created_at: Instant,
+    last_heard: Instant,
+    binding: Option<(Endpoint, TransportRef)>,
+    bound_at: StateVersion,
+    binding_heard: Instant,
+    volatile_since: Option<Instant>,
+    limiter: SwitchLimiter,
+    security_failures: u32,
+    out: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+impl std::fmt::Debug for GatewaySession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewaySession")
+            .field("id", &self.id)
+            .field("state", &self.journal.state())
+            .field("version", &self.journal.version())
+            .field("binding", &self.binding)
+            .finish()
+    }
+}
+
+impl GatewaySession {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.journal.state()
+    }
+
+    /// Mutations so far.
+    pub fn version(&self) -> StateVersion {
+        self.journal.version()
+    }
+
+    /// The client's tunnel address.
+    pub fn tunnel(&self) -> TunnelAddr {
+        self.tunnel
+    }
+
+    /// The active binding: where the client is reached.
+    pub fn binding(&self) -> Option<Endpoint> {
+        self.binding.map(|(e, _)| e)
+    }
+
+    /// The version under which the active binding was accepted.
+    pub fn bound_at(&self) -> StateVersion {
+        self.bound_at
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.journal.poll()
+    }
+
+    /// The earliest instant at which [`GatewaySession::handle_timeout`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.state() == State::Terminated {
+            return None;
+        }
+        let p = &self.policy;
+        let mut d =
+            (self.created_at + p.max_lifetime()).min(self.last_heard + p.transport_lost_ttl());
+        match self.state() {
+            State::Attached => d = d.min(self.binding_heard + p.heartbeat_volatile()),
+            State::Volatile => {
+                if let Some(since) = self.volatile_since {
+                    d = d.min(since + p.volatile_to_degraded());
+                }
+            }
+            _ => {}
+        }
+        if let Some(overlap) = self.channel.overlap_deadline() {
+            d = d.min(overlap);
+        }
+        Some(d)
+    }
+
+    /// Fires every timer due at `now`: lifetime, transport-lost TTL, the heartbeat on
+    /// the binding, volatility persisting, the end of the key overlap.
+    pub fn handle_timeout(&mut self, store: &dyn SessionStore, now: Instant) {
+        if self.state() == State::Terminated {
+            return;
+        }
+        if let Some(epoch) = self.channel.drop_expired(now) {
+            self.journal
+                .record(now, EventBody::KeyExpired { key_epoch: epoch });
+        }
+        let p = Arc::clone(&self.policy);
+        if now >= self.created_at + p.max_lifetime() {
+            self.terminate(store, TerminationCause::LifetimeExceeded, now);
+        } else if now >= self.last_heard + p.transport_lost_ttl() {
+            self.terminate(store, TerminationCause::TransportTtlExceeded, now);
+        } else if self.state() == State::Attached
+            && now >= self.binding_heard + p.heartbeat_volatile()
+        {
+            if self.commit(
+                store,
+                &[FsmEvent::InstabilityDetected(Instability::HeartbeatTimeout)],
+                now,
+                None,
+            ) {
+                self.volatile_since = Some(now);
+            }
+        } else if self.state() == State::Volatile
+            && self
+                .volatile_since
+                .is_some_and(|t| now >= t + p.volatile_to_degraded())
+        {
+            self.commit(store, &[FsmEvent::VolatilePersisted], now, None);
+        }
+    }
+
+    /// Ends the session: state, event, table record. The caller removes it afterwards.
+    pub fn terminate(&mut self, store: &dyn SessionStore, cause: TerminationCause, now: Instant) {
+        if !self.commit(store, &[FsmEvent::Terminate(cause)], now, Some(None)) {
+            return;
+        }
+        self.journal.record(
+            now,
+            EventBody::SessionTerminated {
+                reason_code: cause.reason(),
+                session_age_ms: ms(now.saturating_duration_since(self.created_at)),
+                transportless_age_ms: ms(now.saturating_duration_since(self.last_heard)),
+            },
+        );
+    }
+
+    /// Seals a Terminate for the client (sent before an operator termination), into the
+    /// session's buffer; returns where to send it.
+    pub fn seal_terminate(
+        &mut self,
+        reason: ReasonCode,
+        now: Instant,
+    ) -> Option<(Endpoint, &[u8])> {
+        let (endpoint, _) = self.binding?;
+        self.channel
+            .seal(&Control::Terminate { reason }, now, &mut self.out)
+            .ok()?;
+        Some((endpoint, &self.out))
+    }
+
+    /// Seals an IP packet from the tunnel device for the client; returns where to send.
+    pub fn seal_data(&mut self, packet: &[u8], now: Instant) -> Result<(Endpoint, &[u8]), Drop> {
+        let (endpoint, _) = self.binding.ok_or(Drop::UnboundTransport)?;
+        self.channel
+            .seal(&Control::Data(packet), now, &mut self.out)
+            .map_err(|_| Drop::KeysExpired)?;
+        Ok((endpoint, &self.out))
+    }
+
+    /// Handles one session packet that arrived from `from`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_packet(
+        &mut self,
+        store: &dyn SessionStore,
+        local: &Keypair,
+        clock: &WallClock,
+        from: Endpoint,
+        header: &SessionHeader,
+        aad: &[u8; wire::HEADER_LEN],
+        sealed: &[u8],
+        now: Instant,
+    ) -> Received<'_> {
+        if header.ptype == PacketType::ReattachRequest {
+            return self.handle_reattach(store, clock, from, header, aad, sealed, now);
+        }
+        let mut plain = std::mem::take(&mut self.plain);
+        let opened = self.channel.open(header, aad, sealed, now, &mut plain);
+        let result = match opened {
+            Ok(key_event) => {
+                if let KeyEvent::Rotated { epoch } = key_event {
+                    self.journal
+                        .record(now, EventBody::KeyRotated { key_epoch: epoch });
+                }
+                self.last_heard = now;
+                match Control::decode(header.ptype, &plain) {
+                    Ok(control) => self.handle_control(store, local, from, control, now),
+                    Err(_) => Outcome::Drop(Drop::Malformed),
+                }
+            }
+            Err(OpenError::Replay(
+                ReplayError::Duplicate(counter) | ReplayError::TooOld(counter),
+            )) => {
+                self.journal.record(
+                    now,
+                    EventBody::SecurityReplayDetected {
+                        reason_code: ReasonCode::ReplayDetected,
+                        counter,
+                    },
+                );
+                Outcome::Drop(Drop::Replay)
+            }
+            Err(_) => Outcome::Drop(Drop::Unauthenticated),
+        };
+        self.plain = plain;
+        match result {
+            Outcome::Reply => Received::Reply(&self.out),
+            Outcome::Tunnel => Received::ToTunnel(&self.plain),
+            Outcome::Consumed => Received::Consumed,
+            Outcome::Drop(d) => Received::Dropped(d),
+        }
+    }
+
+    fn handle_control(
+        &mut self,
+        store: &dyn SessionStore,
+        local: &Keypair,
+        from: Endpoint,
+        control: Control<'_>,
+        now: Instant,
+    ) -> Outcome {
+        let bound = self.binding.is_some_and(|(e, _)| e == from);
+        match control {
+            Control::Data(packet) => {
+                if !bound {
+                    return Outcome::Drop(Drop::UnboundTransport);
+                }
+                if source_address(packet) != Some(self.tunnel.addr) {
+                    return Outcome::Drop(Drop::SpoofedSource);
+                }
+                self.binding_heard = now;
+                Outcome::Tunnel
+            }
+            Control::Heartbeat { seq } => {
+                if !bound {
+                    return Outcome::Drop(Drop::UnboundTransport);
+                }
+                self.binding_heard = now;
+                let ack = Control::HeartbeatAck {
+                    seq,
+                    binding_version: self.bound_at,
+                };
+                self.reply(&ack, now)
+            }
+            Control::Probe { seq } => self.reply(&Control::ProbeAck { seq }, now),
+            Control::Terminate { .. } => {
+                self.terminate(store, TerminationCause::Peer, now);
+                Outcome::Consumed
+            }
+            Control::RekeyInit(noise) => self.handle_rekey(local, noise, now),
+            Control::ReattachRequest(_)
+            | Control::HeartbeatAck { .. }
+            | Control::ProbeAck { .. }
+            | Control::ReattachAck { .. }
+            | Control::ReattachDeny { .. }
+            | Control::RekeyResp(_) => Outcome::Drop(Drop::Unexpected),
+        }
+    }
+
+    fn handle_rekey(&mut self, local: &Keypair, noise: &[u8], now: Instant) -> Outcome {
+        let prologue = rekey_prologue(self.id);
+        let refused = |this: &mut Self, reason| {
+            this.journal.record(
+                now,
+                EventBody::RekeyDenied {
+                    reason_code: reason,
+                },
+            );
+            Outcome::Drop(Drop::Handshake(reason))
+        };
+        let response = match Response::read(local, &prologue, noise) {
+            Ok(r) if r.client() == self.client => r,
+            Ok(_) => return refused(self, ReasonCode::UnauthorizedClient),
+            Err(_) => return refused(self, ReasonCode::BadProof),
+        };
+        let Ok((msg2, keys)) = response.finish(&[]) else {
+            return refused(self, ReasonCode::BadProof);
+        };
+        // The answer goes out under the current keys; the new ones become current with
+        // the client's first packet under them.
+        let outcome = self.reply(&Control::RekeyResp(&msg2), now);
+        self.channel.install_next(keys, now);
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_reattach(
+        &mut self,
+        store: &dyn SessionStore,
+        clock: &WallClock,
+        from: Endpoint,
+        header: &SessionHeader,
+        aad: &[u8; wire::HEADER_LEN],
+        sealed: &[u8],
+        now: Instant,
+    ) -> Received<'_> {
+        let candidate = TransportRef {
+            id: TransportId(0),
+            protocol: from.protocol,
+        };
+        // 2–4: on the session's own state, before any cryptography.
+        let p = Arc::clone(&self.policy);
+        let early = if !matches!(
+            self.state(),
+            State::Attached | State::Volatile | State::Degraded
+        ) {
+            Some(ReasonCode::InvalidStateForReattach)
+        } else if now >= self.created_at + p.max_lifetime() {
+            Some(ReasonCode::SessionExpired)
+        } else if now >= self.last_heard + p.transport_lost_ttl() {
+            Some(ReasonCode::TransportTtlExceeded)
+        } else {
+            None
+        };
+        // 5–6: proof of possession (the AEAD under the session keys), then freshness.
+        let mut plain = std::mem::take(&mut self.plain);
+        let opened = self.channel.open(header, aad, sealed, now, &mut plain);
+        let request = match (&opened, Control::decode(header.ptype, &plain)) {
+            (Ok(_), Ok(Control::ReattachRequest(r))) => Some(r),
+            _ => None,
+        };
+        self.plain = plain;
+        let verdict = match (early, &opened, request) {
+            (Some(reason), _, _) => Err(reason),
+            (None, Err(OpenError::Replay(_)), _) => Err(ReasonCode::ReplayDetected),
+            (None, Err(_), _) | (None, Ok(_), None) => Err(ReasonCode::BadProof),
+            (None, Ok(_), Some(r)) => self.validate(&r, from, clock, now),
+        };
+        let candidate = request.map_or(candidate, |r| TransportRef {
+            id: r.transport_id,
+            protocol: r.protocol,
+        });
+        match verdict {
+            Ok(()) => {
+                let Some(request) = request else {
+                    return Received::Dropped(Drop::Malformed);
+                };
+                self.accept_reattach(store, from, candidate, &request, header.counter, now)
+            }
+            Err(reason) => {
+                self.deny_reattach(candidate, reason, opened.is_ok(), header.counter, now)
+            }
+        }
+    }
+
+    /// Checks 6 (freshness), 7 (policy), 8 (candidate) and the version half of 9.
+    fn validate(
+        &self,
+        r: &ReattachRequest,
+        from: Endpoint,
+        clock: &WallClock,
+        now: Instant,
+    ) -> Result<(), ReasonCode> {
+        let wall = clock.ts_ms(now);
+        if wall.abs_diff(r.timestamp_ms) > ms(self.policy.reattach_proof_max_age()) {
+            return Err(ReasonCode::StaleRequest);
+        }
+        if !self.policy.allows(from.protocol) || self.limiter.check(now).is_err() {
+            return Err(ReasonCode::PolicyDenied);
+        }
+        if r.protocol != from.protocol
+            || from.addr.ip().is_unspecified()
+            || from.addr.port() == 0
+            || !is_volatility_cause(r.cause)
+        {
+            return Err(ReasonCode::InvalidTransportCandidate);
+        }
+        if r.expected_version != self.bound_at {
+            return Err(ReasonCode::StaleStateVersion);
+        }
+        Ok(())
+    }
+
+    fn accept_reattach(
+        &mut self,
+        store: &dyn SessionStore,
+        from: Endpoint,
+        candidate: TransportRef,
+        request: &ReattachRequest,
+        counter: u64,
+        now: Instant,
+    ) -> Received<'_> {
+        let cause = instability_of(request.cause);
+        let mut steps = Vec::with_capacity(3);
+        if self.state() == State::Attached {
+            steps.push(FsmEvent::InstabilityDetected(cause));
+        }
+        steps.push(FsmEvent::SwitchInitiated(cause.recovery()));
+        steps.push(FsmEvent::ReattachValid);
+        let previous = self.binding.map(|(_, t)| t);
+        // 9: the binding moves only if the table accepts the new record at the version
+        // this session read; the events are recorded only after it did.
+        self.journal.record(
+            now,
+            EventBody::ReattachResult {
+                candidate_transport: candidate,
+                result: ReattachOutcome::Success,
+                reason_code: ReasonCode::ReattachSuccess,
+            },
+        );
+        if !self.commit(store, &steps, now, Some(Some((from, candidate)))) {
+            return self.deny_reattach(
+                candidate,
+                ReasonCode::StaleStateVersion,
+                true,
+                counter,
+                now,
+            );
+        }
+        if previous.map(|t| t.id) != Some(candidate.id)
+            || self.binding.map(|(e, _)| e) != Some(from)
+        {
+            self.journal.record(
+                now,
+                EventBody::TransportSwitch {
+                    previous_transport: previous,
+                    new_transport: candidate,
+                    candidate_count: 1,
+                    loss_ratio: 0.0,
+                    latency_estimate_ms: None,
+                    explicit: true,
+                },
+            );
+        }
+        self.limiter.record(now);
+        self.volatile_since = None;
+        self.last_heard = now;
+        self.binding_heard = now;
+        let ack = Control::ReattachAck {
+            request_counter: counter,
+            binding_version: self.bound_at,
+        };
+        match self.reply(&ack, now) {
+            Outcome::Reply => Received::Reply(&self.out),
+            _ => Received::Dropped(Drop::KeysExpired),
+        }
+    }
+
+    fn deny_reattach(
+        &mut self,
+        candidate: TransportRef,
+        reason: ReasonCode,
+        authentic: bool,
+        counter: u64,
+        now: Instant,
+    ) -> Received<'_> {
+        self.journal.record(
+            now,
+            EventBody::ReattachResult {
+                candidate_transport: candidate,
+                result: ReattachOutcome::Denied,
+                reason_code: reason,
+            },
+        );
+        match reason {
+            ReasonCode::BadProof => self.journal.record(
+                now,
+                EventBody::SecurityValidationFailed {
+                    reason_code: reason,
+                    failure_count: self.security_failures,
+                },
+            ),
+            ReasonCode::ReplayDetected => self.journal.record(
+                now,
+                EventBody::SecurityReplayDetected {
+                    reason_code: reason,
+                    counter,
+                },
+            ),
+            // An authentic, new request that is still invalid comes from the client
+            // itself: that counts towards security_failure.
+            ReasonCode::StaleRequest | ReasonCode::InvalidTransportCandidate if authentic => {
+                self.security_failures = self.security_failures.saturating_add(1);
+                self.journal.record(
+                    now,
+                    EventBody::SecurityValidationFailed {
+                        reason_code: reason,
+                        failure_count: self.security_failures,
+                    },
+                );
+            }
+            _ => {}
+        }
+        // Only an authentic request gets an answer: a forged one learns nothing, and
+        // cannot make the gateway send to an address of its choosing.
+        if !authentic {
+            return Received::Dropped(match reason {
+                ReasonCode::ReplayDetected => Drop::Replay,
+                _ => Drop::Unauthenticated,
+            });
+        }
+        let deny = Control::ReattachDeny {
+            request_counter: counter,
+            reason,
+            binding_version: self.bound_at,
+        };
+        match self.reply(&deny, now) {
+            Outcome::Reply => Received::Reply(&self.out),
+            _ => Received::Dropped(Drop::KeysExpired),
+        }
+    }
+
+    /// Whether security failures reached the policy's limit (the caller terminates).
+    pub fn too_many_security_failures(&self) -> bool {
+        self.security_failures >= self.policy.max_security_failures()
+    }
+
+    /// Applies `steps` as one write: the new record (state, version, binding) is
+    /// compare-and-swapped into the table at the version this session holds, and only if
+    /// that succeeds are the transitions applied and recorded. `binding`: `None` keeps
+    /// it, `Some(None)` clears it, `Some(Some(..))` replaces it. Returns whether it did.
+    fn commit(
+        &mut self,
+        store: &dyn SessionStore,
+        steps: &[FsmEvent],
+        now: Instant,
+        binding: Option<Option<(Endpoint, TransportRef)>>,
+    ) -> bool {
+        let mut state = self.state();
+        for step in steps {
+            match crate::fsm::transition(state, step) {
+                Some(next) => state = next,
+                None => {
+                    // Recorded as a TransitionRejected; nothing changes.
+                    let _ = self.journal.apply(*step, now);
+                    return false;
+                }
+            }
+        }
+        let expected = self.version();
+        let version = StateVersion(expected.0 + steps.len() as u64);
+        let new_binding = binding.unwrap_or(self.binding);
+        let bound_at = match binding {
+            Some(Some(_)) => version,
+            _ => self.bound_at,
+        };
+        let record = self.record(state, version, new_binding, bound_at);
+        if store
+            .compare_and_swap(&self.node, expected, record)
+            .is_err()
+        {
+            return false;
+        }
+        for step in steps {
+            let _ = self.journal.apply(*step, now);
+        }
+        self.binding = new_binding;
+        self.bound_at = bound_at;
+        true
+    }
+
+    fn record(
+        &self,
+        state: State,
+        version: StateVersion,
+        binding: Option<(Endpoint, TransportRef)>,
+        bound_at: StateVersion,
+    ) -> SessionRecord {
+        let p = &self.policy;
+        SessionRecord {
+            session_id: self.id,
+            state,
+            state_version: version,
+            owner: self.node.clone(),
+            active_binding: binding.map(|(_, transport)| Binding {
+                transport,
+                bound_at,
+                node: self.node.clone(),
+            }),
+            candidates: Vec::new(),
+            lifetime_deadline: self.created_at + p.max_lifetime(),
+            transport_lost_deadline: self.last_heard + p.transport_lost_ttl(),
+            recovery_deadline: None,
+        }
+    }
+
+    fn reply(&mut self, control: &Control<'_>, now: Instant) -> Outcome {
+        match self.channel.seal(control, now, &mut self.out) {
+            Ok(_) => Outcome::Reply,
+            Err(_) => Outcome::Drop(Drop::KeysExpired),
+        }
+    }
+}
+
+enum Outcome {
+    Reply,
+    Tunnel,
+    Consumed,
+    Drop(Drop),
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn is_volatility_cause(reason: ReasonCode) -> bool {
+    matches!(
+        reason,
+        ReasonCode::LossThresholdExceeded
+            | ReasonCode::ConsecutiveDropExceeded
+            | ReasonCode::HeartbeatTimeout
+            | ReasonCode::TransportDead
+            | ReasonCode::LatencyThresholdExceeded
+            | ReasonCode::PolicyForcedRecovery
+    )
+}
+
+fn instability_of(reason: ReasonCode) -> Instability {
+    match reason {
+        ReasonCode::LossThresholdExceeded => Instability::LossThreshold,
+        ReasonCode::ConsecutiveDropExceeded => Instability::ConsecutiveDrops,
+        ReasonCode::LatencyThresholdExceeded => Instability::LatencyThreshold,
+        ReasonCode::TransportDead => Instability::TransportDead,
+        _ => Instability::HeartbeatTimeout,
+    }
+}
+
+/// The source address of an IPv4 or IPv6 packet.
+pub fn source_address(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// The destination address of an IPv4 or IPv6 packet.
+pub fn destination_address(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+struct ClientEntry {
+    tunnel: TunnelAddr,
+    last_timestamp: Option<Timestamp>,
+    session: Option<SessionId>,
+}
+
+/// The gateway: handshakes, routing, and every session of this node.
+pub struct Gateway {
+    keypair: Keypair,
+    node: NodeId,
+    policy: Arc<Policy>,
+    limits: KeyLimits,
+    clock: WallClock,
+    store: Arc<dyn SessionStore>,
+    clients: HashMap<PublicKey, ClientEntry>,
+    sessions: HashMap<SessionId, GatewaySession>,
+    by_tunnel: HashMap<IpAddr, SessionId>,
+    drops: HashMap<Drop, u64>,
+    /// Events of sessions already removed, and of handshakes.
+    events: Vec<(SessionId, SessionEvent)>,
+    out: Vec<u8>,
+}
+
+impl Gateway {
+    /// A gateway with `config`, writing session records to `store`, and reading wall
+    /// time (for freshness checks and event stamps) through `clock`.
+    pub fn new(config: GatewayConfig, store: Arc<dyn SessionStore>, clock: WallClock) -> Self {
+        let clients = config
+            .clients
+            .iter()
+            .map(|c| {
+                (
+                    c.public,
+                    ClientEntry {
+                        tunnel: c.tunnel,
+                        last_timestamp: None,
+                        session: None,
+                    },
+                )
+            })
+            .collect();
+        Gateway {
+            limits: KeyLimits::from_policy(&config.policy),
+            keypair: config.keypair,
+            node: config.node_id,
+            policy: config.policy,
+            clock,
+            store,
+            clients,
+            sessions: HashMap::new(),
+            by_tunnel: HashMap::new(),
+            drops: HashMap::new(),
+            events: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// The gateway's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.keypair.public()
+    }
+
+    /// A session, if it exists.
+    pub fn session(&self, id: SessionId) -> Option<&GatewaySession> {
+        self.sessions.get(&id)
+    }
+
+    /// Every live session's id.
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        self.sessions.keys().copied().collect()
+    }
+
+    /// Drops counted so far, by reason.
+    pub fn drops(&self) -> &HashMap<Drop, u64> {
+        &self.drops
+    }
+
+    /// Handles one datagram from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        from: Endpoint,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Received<'_> {
+        let parsed = match wire::parse(datagram) {
+            Ok(p) => p,
+            Err(_) => return self.dropped(Drop::Malformed),
+        };
+        match parsed {
+            Datagram::HandshakeInit {
+                sender_index,
+                noise,
+            } => match self.accept_handshake(from, sender_index, noise, now) {
+                Ok(()) => Received::Reply(&self.out),
+                Err(reason) => self.dropped(Drop::Handshake(reason)),
+            },
+            Datagram::Session {
+                header,
+                aad,
+                sealed,
+            } => {
+                let Some(session) = self.sessions.get_mut(&header.session_id) else {
+                    *self.drops.entry(Drop::UnknownSession).or_default() += 1;
+                    self.out.clear();
+                    self.out
+                        .extend_from_slice(&encode_session_unknown(header.session_id));
+                    return Received::Reply(&self.out);
+                };
+                let received = session.handle_packet(
+                    self.store.as_ref(),
+                    &self.keypair,
+                    &self.clock,
+                    from,
+                    &header,
+                    aad,
+                    sealed,
+                    now,
+                );
+                if let Received::Dropped(d) = received {
+                    *self.drops.entry(d).or_default() += 1;
+                }
+                // The borrow of the session ends with the copy into the gateway's buffer.
+                let (kind, bytes): (u8, &[u8]) = match &received {
+                    Received::Reply(b) => (0, b),
+                    Received::ToTunnel(b) => (1, b),
+                    Received::Consumed => (2, &[]),
+                    Received::Dropped(_) => (3, &[]),
+                };
+                let dropped = if let Received::Dropped(d) = received {
+                    Some(d)
+                } else {
+                    None
+                };
+                self.out.clear();
+                self.out.extend_from_slice(bytes);
+                self.after_session_input(header.session_id, now);
+                match (kind, dropped) {
+                    (0, _) => Received::Reply(&self.out),
+                    (1, _) => Received::ToTunnel(&self.out),
+                    (_, Some(d)) => Received::Dropped(d),
+                    _ => Received::Consumed,
+                }
+            }
+            Datagram::HandshakeResp { .. } | Datagram::SessionUnknown { .. } => {
+                self.dropped(Drop::Unexpected)
+            }
+        }
+    }
+
+    /// Seals an IP packet read from the tunnel device for the session owning its
+    /// destination; returns where to send the result.
+    pub fn handle_tunnel_packet(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(Endpoint, &[u8]), Drop> {
+        let session = destination_address(packet)
+            .and_then(|dst| self.by_tunnel.get(&dst))
+            .and_then(|id| self.sessions.get_mut(id));
+        let Some(session) = session else {
+            *self.drops.entry(Drop::NoRoute).or_default() += 1;
+            return Err(Drop::NoRoute);
+        };
+        match session.seal_data(packet, now) {
+            Ok(r) => Ok(r),
+            Err(d) => {
+                *self.drops.entry(d).or_default() += 1;
+                Err(d)
+            }
+        }
+    }
+
+    /// Ends a session on an operator's command: the client is told (the returned
+    /// datagram), the session terminates with operator_terminated and is removed.
+    pub fn terminate(&mut self, id: SessionId, now: Instant) -> Option<(Endpoint, Vec<u8>)> {
+        let session = self.sessions.get_mut(&id)?;
+        let notice = session
+            .seal_terminate(ReasonCode::OperatorTerminated, now)
+            .map(|(e, b)| (e, b.to_vec()));
+        session.terminate(self.store.as_ref(), TerminationCause::Operator, now);
+        self.after_session_input(id, now);
+        notice
+    }
+
+    /// Fires every session's due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.next_deadline().is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.handle_timeout(self.store.as_ref(), now);
+            }
+            self.after_session_input(id, now);
+        }
+    }
+
+    /// The earliest deadline of any session.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.sessions
+            .values()
+            .filter_map(GatewaySession::next_deadline)
+            .min()
+    }
+
+    /// Every event since the last drain, with its session, oldest first per session.
+    pub fn drain_events(&mut self) -> Vec<(SessionId, SessionEvent)> {
+        let mut all = std::mem::take(&mut self.events);
+        for (id, s) in &mut self.sessions {
+            while let Some(e) = s.poll_event() {
+                all.push((*id, e));
+            }
+        }
+        all
+    }
+
+    /// The gateway's clock.
+    pub fn clock(&self) -> &WallClock {
+        &self.clock
+    }
+
+    fn dropped(&mut self, d: Drop) -> Received<'_> {
+        *self.drops.entry(d).or_default() += 1;
+        Received::Dropped(d)
+    }
+
+    /// After any input to a session: terminate it on too many security failures, and
+    /// remove it (keeping its events) once it has terminated.
+    fn after_session_input(&mut self, id: SessionId, now: Instant) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if session.too_many_security_failures() {
+            session.terminate(self.store.as_ref(), TerminationCause::SecurityFailure, now);
+        }
+        if session.state() != State::Terminated {
+            return;
+        }
+        if let Some(mut session) = self.sessions.remove(&id) {
+            while let Some(e) = session.poll_event() {
+                self.events.push((id, e));
+            }
+            self.by_tunnel.remove(&session.tunnel.addr);
+            if let Some(c) = self.clients.get_mut(&session.client) {
+                if c.session == Some(id) {
+                    c.session = None;
+                }
+            }
+            let _ = self.store.remove(id, session.version());
+        }
+    }
+
+    fn accept_handshake(
+        &mut self,
+        from: Endpoint,
+        sender_index: u32,
+        noise: &[u8],
+        now: Instant,
+    ) -> Result<(), ReasonCode> {
+        let response = Response::read(&self.keypair, HANDSHAKE_PROLOGUE, noise)
+            .map_err(|_| ReasonCode::BadProof)?;
+        let client = response.client();
+        let payload = InitPayload::decode(response.payload()).map_err(|_| ReasonCode::BadProof)?;
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or(ReasonCode::UnauthorizedClient)?;
+        if entry.last_timestamp.is_some_and(|t| payload.timestamp <= t) {
+            return Err(ReasonCode::ReplayDetected);
+        }
+        if !self.policy.allows(payload.protocol) || payload.protocol != from.protocol {
+            return Err(ReasonCode::PolicyDenied);
+        }
+        let tunnel = entry.tunnel;
+        let previous = entry.session;
+        let session_id = fresh_session_id(&self.sessions).ok_or(ReasonCode::AtomicityFailed)?;
+
+        // One session per client: a new handshake replaces the old session explicitly.
+        if let Some(old) = previous {
+            if let Some(s) = self.sessions.get_mut(&old) {
+                s.terminate(self.store.as_ref(), TerminationCause::Peer, now);
+            }
+            self.after_session_input(old, now);
+        }
+        let p = &self.policy;
+        let record = SessionRecord {
+            session_id,
+            state: State::Birth,
+            state_version: StateVersion(0),
+            owner: self.node.clone(),
+            active_binding: None,
+            candidates: Vec::new(),
+            lifetime_deadline: now + p.max_lifetime(),
+            transport_lost_deadline: now + p.transport_lost_ttl(),
+            recovery_deadline: None,
+        };
+        self.store.create(record).map_err(|e| match e {
+            crate::store::StoreError::Full { .. } => ReasonCode::CapacityExceeded,
+            _ => ReasonCode::AtomicityFailed,
+        })?;
+        let resp = RespPayload {
+            session_id,
+            binding_version: StateVersion(1),
+            tunnel,
+        };
+        let (msg2, keys) = match response.finish(&resp.encode()) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = self.store.remove(session_id, StateVersion(0));
+                return Err(ReasonCode::BadProof);
+            }
+        };
+        let transport = TransportRef {
+            id: payload.transport_id,
+            protocol: payload.protocol,
+        };
+        let mut session = GatewaySession {
+            id: session_id,
+            client,
+            tunnel,
+            policy: Arc::clone(&self.policy),
+            node: self.node.clone(),
+            channel: Channel::new(session_id, keys, self.limits, now),
+            journal: Journal::new(),
+            created_at: now,
+            last_heard: now,
+            binding: None,
+            bound_at: StateVersion(0),
+            binding_heard: now,
+            volatile_since: None,
+            limiter: SwitchLimiter::new(&self.policy),
+            security_failures: 0,
+            out: Vec::new(),
+            plain: Vec::new(),
+        };
+        session.journal.record(
+            now,
+            EventBody::TransportAttached {
+                transport,
+                reason_code: ReasonCode::AttachedToTransport,
+            },
+        );
+        if !session.commit(
+            self.store.as_ref(),
+            &[FsmEvent::AttachOk],
+            now,
+            Some(Some((from, transport))),
+        ) {
+            let _ = self.store.remove(session_id, StateVersion(0));
+            return Err(ReasonCode::AtomicityFailed);
+        }
+        if let Some(entry) = self.clients.get_mut(&client) {
+            entry.last_timestamp = Some(payload.timestamp);
+            entry.session = Some(session_id);
+        }
+        self.by_tunnel.insert(tunnel.addr, session_id);
+        self.sessions.insert(session_id, session);
+        encode_handshake(
+            PacketType::HandshakeResp,
+            sender_index,
+            &msg2,
+            &mut self.out,
+        );
+        Ok(())
+    }
+}
+
+/// A random session id not in use (and never 0). Gives up after a few tries rather than
+/// loop: with 64 random bits, a second collision means the random source is broken.
+fn fresh_session_id(existing: &HashMap<SessionId, GatewaySession>) -> Option<SessionId> {
+    for _ in 0..4 {
+        let id = SessionId(getrandom::u64().ok()?);
+        if id.0 != 0 && !existing.contains_key(&id) {
+            return Some(id);
+        }
+    }
+    None
+}
