@@ -708,39 +708,108 @@ mod tests {
         );
     }
 
+    /// One packet of every session type, with plausible contents.
+    fn every_session_control() -> Vec<Control<'static>> {
+        use crate::ids::{Protocol, StateVersion, TransportId};
+        use crate::reason::ReasonCode;
+        use crate::wire::{ReattachRequest, NOISE_REKEY_INIT_LEN, NOISE_REKEY_RESP_LEN};
+        static INIT: [u8; NOISE_REKEY_INIT_LEN] = [3; NOISE_REKEY_INIT_LEN];
+        static RESP: [u8; NOISE_REKEY_RESP_LEN] = [4; NOISE_REKEY_RESP_LEN];
+        vec![
+            Control::Data(b"an ip packet"),
+            Control::Heartbeat { seq: 1 },
+            Control::HeartbeatAck {
+                seq: 1,
+                binding_version: StateVersion(1),
+            },
+            Control::Probe { seq: 2 },
+            Control::ProbeAck { seq: 2 },
+            Control::ReattachRequest(ReattachRequest {
+                timestamp_ms: 1,
+                expected_version: StateVersion(1),
+                transport_id: TransportId(2),
+                protocol: Protocol::Udp,
+                cause: ReasonCode::TransportDead,
+            }),
+            Control::ReattachAck {
+                request_counter: 5,
+                binding_version: StateVersion(4),
+            },
+            Control::ReattachDeny {
+                request_counter: 5,
+                reason: ReasonCode::PolicyDenied,
+                binding_version: StateVersion(1),
+            },
+            Control::Terminate {
+                reason: ReasonCode::OperatorTerminated,
+            },
+            Control::RekeyInit(&INIT),
+            Control::RekeyResp(&RESP),
+        ]
+    }
+
     #[test]
-    fn every_tampered_byte_is_refused_and_changes_nothing() {
+    fn every_tampered_byte_of_every_session_packet_is_refused_and_changes_nothing() {
         let (mut c, mut g) = pair();
         let now = Instant::now();
-        let mut bytes = Vec::new();
-        c.seal(&Control::Data(b"payload"), now, &mut bytes)
-            .expect("seal");
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x01;
-            let mut plain = Vec::new();
-            let result = match parse(&bad) {
-                Ok(Datagram::Session {
-                    header,
-                    aad,
-                    sealed,
-                }) => g.open(&header, aad, sealed, now, &mut plain).map(|_| ()),
-                _ => continue, // refused by the clear-text checks already
+        for control in every_session_control() {
+            let mut bytes = Vec::new();
+            c.seal(&control, now, &mut bytes).expect("seal");
+            for i in 0..bytes.len() {
+                for bit in [0x01, 0x80] {
+                    let mut bad = bytes.clone();
+                    bad[i] ^= bit;
+                    let mut plain = Vec::new();
+                    let result = match parse(&bad) {
+                        Ok(Datagram::Session {
+                            header,
+                            aad,
+                            sealed,
+                        }) => g.open(&header, aad, sealed, now, &mut plain).map(|_| ()),
+                        _ => continue, // refused by the clear-text checks already
+                    };
+                    assert!(result.is_err(), "{control:?}: byte {i} ^ {bit:#x} accepted");
+                }
+            }
+            // The untouched packet still opens: no refusal advanced the replay window.
+            let Ok(Datagram::Session {
+                header,
+                aad,
+                sealed,
+            }) = parse(&bytes)
+            else {
+                panic!()
             };
-            assert!(result.is_err(), "byte {i} flipped and still accepted");
+            let mut plain = Vec::new();
+            g.open(&header, aad, sealed, now, &mut plain)
+                .expect("original opens");
+            assert_eq!(Control::decode(header.ptype, &plain), Ok(control));
         }
-        // The untouched packet still opens: no refusal advanced the replay window.
-        let Ok(Datagram::Session {
-            header,
-            aad,
-            sealed,
-        }) = parse(&bytes)
-        else {
-            panic!()
-        };
-        let mut plain = Vec::new();
-        g.open(&header, aad, sealed, now, &mut plain)
-            .expect("original opens");
+    }
+
+    #[test]
+    fn every_tampered_byte_of_a_handshake_is_refused() {
+        let client = Keypair::generate().expect("keys");
+        let gateway = Keypair::generate().expect("keys");
+        let (_, msg1) = Initiation::start(&client, &gateway.public(), HANDSHAKE_PROLOGUE, b"ts")
+            .expect("start");
+        for i in 0..msg1.len() {
+            let mut bad = msg1.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                Response::read(&gateway, HANDSHAKE_PROLOGUE, &bad).is_err(),
+                "msg1 byte {i}"
+            );
+        }
+        for i in 0..(32 + 7 + TAG_LEN) {
+            let (init, msg1) =
+                Initiation::start(&client, &gateway.public(), HANDSHAKE_PROLOGUE, b"ts")
+                    .expect("start");
+            let resp = Response::read(&gateway, HANDSHAKE_PROLOGUE, &msg1).expect("read");
+            let (mut msg2, _) = resp.finish(b"welcome").expect("finish");
+            msg2[i] ^= 0x01;
+            assert!(init.finish(&msg2).is_err(), "msg2 byte {i}");
+        }
     }
 
     #[test]

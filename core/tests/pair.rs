@@ -428,6 +428,46 @@ fn a_replayed_reattach_from_another_address_never_moves_the_binding() {
         .any(|(_, e)| matches!(e.body, EventBody::SecurityReplayDetected { .. })));
 }
 
+#[test]
+fn replayed_data_and_heartbeats_are_dropped_and_move_nothing() {
+    let mut w = World::connected(Policy::default());
+    let now = w.now;
+    let data = w
+        .client
+        .send_data(&ip_packet(TUNNEL, REMOTE, 1), now)
+        .expect("send")
+        .bytes
+        .to_vec();
+    assert!(matches!(
+        w.gw.handle_datagram(endpoint(1), &data, now),
+        Received::ToTunnel(_)
+    ));
+    assert_eq!(
+        w.gw.handle_datagram(endpoint(1), &data, now),
+        Received::Dropped(Drop::Replay)
+    );
+    // Replayed from another address: still a replay, and the binding stays.
+    assert_eq!(
+        w.gw.handle_datagram(endpoint(2), &data, now),
+        Received::Dropped(Drop::Replay)
+    );
+    w.run_until_ms(600); // a heartbeat goes out and is answered
+    let heartbeat = w
+        .sent
+        .iter()
+        .rev()
+        .find(|(_, b)| b.first() == Some(&(PacketType::Heartbeat as u8)))
+        .map(|(_, b)| b.clone())
+        .expect("a heartbeat was sent");
+    let now = w.now;
+    assert_eq!(
+        w.gw.handle_datagram(endpoint(1), &heartbeat, now),
+        Received::Dropped(Drop::Replay)
+    );
+    assert_eq!(w.gw_binding(), Some(endpoint(1)));
+    assert_eq!(w.gw.drops().get(&Drop::Replay), Some(&3));
+}
+
 /// A client driven by hand: handshake, then any packet sealed with its session keys.
 struct RawClient {
     channel: Channel,
