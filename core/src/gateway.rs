@@ -295,6 +295,32 @@ impl GatewaySession {
         sealed: &[u8],
         now: Instant,
     ) -> Received<'_> {
+        let outcome = self.process_packet(store, local, clock, from, header, aad, sealed, now);
+        self.received(outcome)
+    }
+
+    /// What an outcome means for the caller, with the bytes it refers to.
+    fn received(&self, outcome: Outcome) -> Received<'_> {
+        match outcome {
+            Outcome::Reply => Received::Reply(&self.out),
+            Outcome::Tunnel => Received::ToTunnel(&self.plain),
+            Outcome::Consumed => Received::Consumed,
+            Outcome::Drop(d) => Received::Dropped(d),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn process_packet(
+        &mut self,
+        store: &dyn SessionStore,
+        local: &Keypair,
+        clock: &WallClock,
+        from: Endpoint,
+        header: &SessionHeader,
+        aad: &[u8; wire::HEADER_LEN],
+        sealed: &[u8],
+        now: Instant,
+    ) -> Outcome {
         if header.ptype == PacketType::ReattachRequest {
             return self.handle_reattach(store, clock, from, header, aad, sealed, now);
         }
@@ -327,12 +353,7 @@ impl GatewaySession {
             Err(_) => Outcome::Drop(Drop::Unauthenticated),
         };
         self.plain = plain;
-        match result {
-            Outcome::Reply => Received::Reply(&self.out),
-            Outcome::Tunnel => Received::ToTunnel(&self.plain),
-            Outcome::Consumed => Received::Consumed,
-            Outcome::Drop(d) => Received::Dropped(d),
-        }
+        result
     }
 
     fn handle_control(
@@ -417,7 +438,7 @@ impl GatewaySession {
         aad: &[u8; wire::HEADER_LEN],
         sealed: &[u8],
         now: Instant,
-    ) -> Received<'_> {
+    ) -> Outcome {
         let candidate = TransportRef {
             id: TransportId(0),
             protocol: from.protocol,
@@ -457,7 +478,7 @@ impl GatewaySession {
         match verdict {
             Ok(()) => {
                 let Some(request) = request else {
-                    return Received::Dropped(Drop::Malformed);
+                    return Outcome::Drop(Drop::Malformed);
                 };
                 self.accept_reattach(store, from, candidate, &request, header.counter, now)
             }
@@ -503,7 +524,7 @@ impl GatewaySession {
         request: &ReattachRequest,
         counter: u64,
         now: Instant,
-    ) -> Received<'_> {
+    ) -> Outcome {
         let cause = instability_of(request.cause);
         let mut steps = Vec::with_capacity(3);
         if self.state() == State::Attached {
@@ -554,10 +575,7 @@ impl GatewaySession {
             request_counter: counter,
             binding_version: self.bound_at,
         };
-        match self.reply(&ack, now) {
-            Outcome::Reply => Received::Reply(&self.out),
-            _ => Received::Dropped(Drop::KeysExpired),
-        }
+        self.reply(&ack, now)
     }
 
     fn deny_reattach(
@@ -567,7 +585,7 @@ impl GatewaySession {
         authentic: bool,
         counter: u64,
         now: Instant,
-    ) -> Received<'_> {
+    ) -> Outcome {
         self.journal.record(
             now,
             EventBody::ReattachResult {
@@ -608,7 +626,7 @@ impl GatewaySession {
         // Only an authentic request gets an answer: a forged one learns nothing, and
         // cannot make the gateway send to an address of its choosing.
         if !authentic {
-            return Received::Dropped(match reason {
+            return Outcome::Drop(match reason {
                 ReasonCode::ReplayDetected => Drop::Replay,
                 _ => Drop::Unauthenticated,
             });
@@ -618,10 +636,7 @@ impl GatewaySession {
             reason,
             binding_version: self.bound_at,
         };
-        match self.reply(&deny, now) {
-            Outcome::Reply => Received::Reply(&self.out),
-            _ => Received::Dropped(Drop::KeysExpired),
-        }
+        self.reply(&deny, now)
     }
 
     /// Whether security failures reached the policy's limit (the caller terminates).
@@ -877,7 +892,8 @@ impl Gateway {
                         .extend_from_slice(&encode_session_unknown(header.session_id));
                     return Received::Reply(&self.out);
                 };
-                let received = session.handle_packet(
+                let id = header.session_id;
+                let outcome = session.process_packet(
                     self.store.as_ref(),
                     &self.keypair,
                     &self.clock,
@@ -887,29 +903,30 @@ impl Gateway {
                     sealed,
                     now,
                 );
-                if let Received::Dropped(d) = received {
+                if let Outcome::Drop(d) = outcome {
                     *self.drops.entry(d).or_default() += 1;
                 }
-                // The borrow of the session ends with the copy into the gateway's buffer.
-                let (kind, bytes): (u8, &[u8]) = match &received {
-                    Received::Reply(b) => (0, b),
-                    Received::ToTunnel(b) => (1, b),
-                    Received::Consumed => (2, &[]),
-                    Received::Dropped(_) => (3, &[]),
-                };
-                let dropped = if let Received::Dropped(d) = received {
-                    Some(d)
-                } else {
-                    None
-                };
-                self.out.clear();
-                self.out.extend_from_slice(bytes);
-                self.after_session_input(header.session_id, now);
-                match (kind, dropped) {
-                    (0, _) => Received::Reply(&self.out),
-                    (1, _) => Received::ToTunnel(&self.out),
-                    (_, Some(d)) => Received::Dropped(d),
-                    _ => Received::Consumed,
+                // The packet may have ended the session; its last bytes (a sealed
+                // answer) then come from the removed session.
+                match self.after_session_input(id, now) {
+                    None => match self.sessions.get(&id) {
+                        Some(session) => session.received(outcome),
+                        None => Received::Consumed,
+                    },
+                    Some(ended) => {
+                        self.out.clear();
+                        match outcome {
+                            Outcome::Reply => self.out.extend_from_slice(&ended.out),
+                            Outcome::Tunnel => self.out.extend_from_slice(&ended.plain),
+                            Outcome::Consumed | Outcome::Drop(_) => {}
+                        }
+                        match outcome {
+                            Outcome::Reply => Received::Reply(&self.out),
+                            Outcome::Tunnel => Received::ToTunnel(&self.out),
+                            Outcome::Consumed => Received::Consumed,
+                            Outcome::Drop(d) => Received::Dropped(d),
+                        }
+                    }
                 }
             }
             Datagram::HandshakeResp { .. } | Datagram::SessionUnknown { .. } => {
@@ -999,29 +1016,27 @@ impl Gateway {
     }
 
     /// After any input to a session: terminate it on too many security failures, and
-    /// remove it (keeping its events) once it has terminated.
-    fn after_session_input(&mut self, id: SessionId, now: Instant) {
-        let Some(session) = self.sessions.get_mut(&id) else {
-            return;
-        };
+    /// remove it (keeping its events) once it has terminated; returns it if removed.
+    fn after_session_input(&mut self, id: SessionId, now: Instant) -> Option<GatewaySession> {
+        let session = self.sessions.get_mut(&id)?;
         if session.too_many_security_failures() {
             session.terminate(self.store.as_ref(), TerminationCause::SecurityFailure, now);
         }
         if session.state() != State::Terminated {
-            return;
+            return None;
         }
-        if let Some(mut session) = self.sessions.remove(&id) {
-            while let Some(e) = session.poll_event() {
-                self.events.push((id, e));
-            }
-            self.by_tunnel.remove(&session.tunnel.addr);
-            if let Some(c) = self.clients.get_mut(&session.client) {
-                if c.session == Some(id) {
-                    c.session = None;
-                }
-            }
-            let _ = self.store.remove(id, session.version());
+        let mut session = self.sessions.remove(&id)?;
+        while let Some(e) = session.poll_event() {
+            self.events.push((id, e));
         }
+        self.by_tunnel.remove(&session.tunnel.addr);
+        if let Some(c) = self.clients.get_mut(&session.client) {
+            if c.session == Some(id) {
+                c.session = None;
+            }
+        }
+        let _ = self.store.remove(id, session.version());
+        Some(session)
     }
 
     fn accept_handshake(
