@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::control::{Action, SessionControl};
 use crate::crypto::{
     rekey_prologue, Channel, CryptoError, Initiation, KeyEvent, KeyLimits, Keypair, OpenError,
-    PublicKey, HANDSHAKE_PROLOGUE,
+    PublicKey, Rotation, HANDSHAKE_PROLOGUE,
 };
 use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{State, TerminationCause};
@@ -114,6 +114,10 @@ enum Pending {
         candidate: TransportId,
         attempt: StateVersion,
     },
+    PathResponse {
+        via: TransportId,
+        token: u64,
+    },
     RekeyInit,
 }
 
@@ -138,7 +142,11 @@ struct Established {
 }
 
 enum Phase {
-    Idle,
+    /// No session and no handshake in flight; a handshake may be (re)started at
+    /// `retry_at` (at once if `None`).
+    Idle {
+        retry_at: Option<Instant>,
+    },
     Handshaking {
         initiation: Box<Initiation>,
         sender_index: u32,
@@ -170,7 +178,7 @@ impl Client {
             limits: KeyLimits::from_policy(&config.policy),
             config,
             clock,
-            phase: Phase::Idle,
+            phase: Phase::Idle { retry_at: None },
             last_timestamp: Timestamp::default(),
             ended_events: VecDeque::new(),
             out: Vec::new(),
@@ -278,7 +286,11 @@ impl Client {
 
     /// Whether a handshake started at `started` has waited long enough to be retried.
     pub fn handshake_timed_out(&self, now: Instant) -> bool {
-        matches!(&self.phase, Phase::Handshaking { started, .. } if now >= *started + HANDSHAKE_TIMEOUT)
+        match &self.phase {
+            Phase::Handshaking { started, .. } => now >= *started + HANDSHAKE_TIMEOUT,
+            Phase::Idle { retry_at } => retry_at.is_some_and(|t| now >= t),
+            Phase::Established(_) | Phase::Ended(_) => false,
+        }
     }
 
     /// Seals an IP packet from the tunnel device on the active transport.
@@ -337,9 +349,8 @@ impl Client {
                 }
                 match e.channel.open(&header, aad, sealed, now, &mut self.plain) {
                     Ok(key_event) => {
-                        if let KeyEvent::Rotated { epoch } = key_event {
-                            e.control
-                                .record_event(EventBody::KeyRotated { key_epoch: epoch }, now);
+                        if let KeyEvent::Rotated(r) = key_event {
+                            record_rotation(e, r, now);
                         }
                         let _ = e.control.heard(via, now);
                         match Control::decode(header.ptype, &self.plain) {
@@ -432,6 +443,11 @@ impl Client {
                 Pending::Reattach { candidate, attempt } => {
                     send_reattach(e, &self.clock, candidate, attempt, now, &mut self.out)
                 }
+                Pending::PathResponse { via, token } => e
+                    .channel
+                    .seal(&Control::PathResponse { token }, now, &mut self.out)
+                    .ok()
+                    .map(|_| via),
                 Pending::RekeyInit => send_rekey(
                     e,
                     &self.config.keypair,
@@ -466,7 +482,8 @@ impl Client {
                     .min()
             }
             Phase::Handshaking { started, .. } => Some(*started + HANDSHAKE_TIMEOUT),
-            _ => None,
+            Phase::Idle { retry_at } => *retry_at,
+            Phase::Ended(_) => None,
         }
     }
 
@@ -479,33 +496,38 @@ impl Client {
     }
 
     fn finish_handshake(&mut self, receiver_index: u32, noise: &[u8], now: Instant) -> Handled {
-        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle { retry_at: None });
         let Phase::Handshaking {
             initiation,
             sender_index,
             via,
-            ..
+            started,
         } = phase
         else {
             self.phase = phase;
             return Handled::Drop(ClientDrop::Unexpected);
         };
         if receiver_index != sender_index {
+            // Not the answer to ours: ignored, and the retry stays where it was.
             self.phase = Phase::Handshaking {
                 initiation,
                 sender_index,
                 via,
-                started: now,
+                started,
             };
             return Handled::Drop(ClientDrop::NotOurs);
         }
+        // The initiation is spent whatever the answer; a forged one leaves a retry due
+        // when the genuine one would have been given up.
+        let retry = Phase::Idle {
+            retry_at: Some(started + HANDSHAKE_TIMEOUT),
+        };
         let Ok((payload, keys)) = initiation.finish(noise) else {
-            // The initiation is spent either way; the driver retries with a new one.
-            self.phase = Phase::Idle;
+            self.phase = retry;
             return Handled::Drop(ClientDrop::Unauthenticated);
         };
         let Ok(resp) = RespPayload::decode(&payload) else {
-            self.phase = Phase::Idle;
+            self.phase = retry;
             return Handled::Drop(ClientDrop::Malformed);
         };
         let policy = Arc::clone(&self.config.policy);
@@ -655,10 +677,8 @@ fn handle_control(
         Control::RekeyResp(noise) => match e.rekey.take() {
             Some((initiation, _)) => match initiation.finish(noise) {
                 Ok((_, keys)) => {
-                    let epoch = e.channel.rotate(keys, now);
-                    e.keys_expired_reported = false;
-                    e.control
-                        .record_event(EventBody::KeyRotated { key_epoch: epoch }, now);
+                    let rotation = e.channel.rotate(keys, now);
+                    record_rotation(e, rotation, now);
                     Handled::Consumed
                 }
                 Err(_) => {
@@ -673,13 +693,35 @@ fn handle_control(
             },
             None => Handled::Drop(ClientDrop::Unexpected),
         },
+        Control::PathChallenge { token } => {
+            // Only while a reattach is in flight: the gateway challenges the path the
+            // request arrived on, and the answer must leave on that same transport.
+            if e.reattach.is_none() {
+                return Handled::Drop(ClientDrop::Unexpected);
+            }
+            e.pending
+                .retain(|p| !matches!(p, Pending::PathResponse { .. }));
+            e.pending.push_back(Pending::PathResponse { via, token });
+            Handled::Consumed
+        }
         Control::Heartbeat { .. }
         | Control::Probe { .. }
         | Control::ReattachRequest(_)
+        | Control::PathResponse { .. }
         | Control::RekeyInit(_) => Handled::Drop(ClientDrop::Unexpected),
     };
     collect_actions(e);
     handled
+}
+
+fn record_rotation(e: &mut Established, r: Rotation, now: Instant) {
+    if let Some(epoch) = r.displaced {
+        e.control
+            .record_event(EventBody::KeyExpired { key_epoch: epoch }, now);
+    }
+    e.keys_expired_reported = false;
+    e.control
+        .record_event(EventBody::KeyRotated { key_epoch: r.epoch }, now);
 }
 
 /// Moves the control plane's actions into the send queue.
@@ -688,12 +730,16 @@ fn collect_actions(e: &mut Established) {
         candidate, attempt, ..
     }) = e.control.poll_action()
     {
-        push_pending(&mut e.pending, Pending::Reattach { candidate, attempt });
+        // Only the newest attempt is ever worth sending.
+        e.pending.retain(|p| !matches!(p, Pending::Reattach { .. }));
+        e.pending
+            .push_back(Pending::Reattach { candidate, attempt });
     }
 }
 
-/// Queues `p` unless an equal item is queued already: the queue holds at most one of
-/// each, so it is bounded by the number of transports plus two.
+/// Queues `p` unless an equal item is queued already. With one probe per transport, one
+/// reattach (newer ones replace older), one path response (likewise) and one rekey, the
+/// queue never holds more than the number of transports plus three.
 fn push_pending(queue: &mut VecDeque<Pending>, p: Pending) {
     if !queue.contains(&p) {
         queue.push_back(p);
@@ -729,6 +775,11 @@ fn send_reattach(
     now: Instant,
     out: &mut Vec<u8>,
 ) -> Option<TransportId> {
+    // An attempt that is no longer the one in flight (it failed or was replaced while
+    // queued) is not sent: its answer could not be applied.
+    if e.control.reattach_attempt() != Some((candidate, attempt)) {
+        return None;
+    }
     let transport = e
         .probing
         .iter()

@@ -554,6 +554,11 @@ impl SessionControl {
             .map(|s| s.transport)
     }
 
+    /// The reattach in flight: its candidate and attempt.
+    pub fn reattach_attempt(&self) -> Option<(TransportId, StateVersion)> {
+        self.recovery.map(|r| (r.candidate, r.attempt))
+    }
+
     /// The candidate being reattached to, while RECOVERING.
     pub fn reattach_in_flight(&self) -> Option<TransportId> {
         self.recovery.map(|r| r.candidate)

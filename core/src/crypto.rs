@@ -381,10 +381,16 @@ pub enum KeyEvent {
     None,
     /// The packet was the first under keys installed by [`Channel::install_next`]: they
     /// became current (the peer has them), the old ones moved to the overlap.
-    Rotated {
-        /// The new epoch.
-        epoch: u32,
-    },
+    Rotated(Rotation),
+}
+
+/// A change of current keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The new current epoch.
+    pub epoch: u32,
+    /// An epoch whose overlap was cut short because a newer rotation displaced it.
+    pub displaced: Option<u32>,
 }
 
 /// A session's keys: the current epoch, the previous one (opening only, for the overlap
@@ -453,6 +459,11 @@ impl Channel {
         self.current.created + self.limits.rekey_after
     }
 
+    /// When the current keys may no longer be used, by time.
+    pub fn reject_deadline(&self) -> Instant {
+        self.current.created + self.limits.reject_after
+    }
+
     /// When the previous keys stop opening packets, if they still do.
     pub fn overlap_deadline(&self) -> Option<Instant> {
         self.previous.as_ref().map(|(_, until)| *until)
@@ -506,7 +517,6 @@ impl Channel {
         if header.session_id != self.session_id {
             return Err(OpenError::WrongSession(header.session_id));
         }
-        self.drop_expired(now);
         let limits = self.limits;
         let epoch = header.key_epoch;
         let (keys, which) = if self.current.epoch as u8 == epoch {
@@ -516,7 +526,7 @@ impl Channel {
         } else if let Some((prev, _)) = self
             .previous
             .as_mut()
-            .filter(|(k, _)| k.epoch as u8 == epoch)
+            .filter(|(k, until)| k.epoch as u8 == epoch && now < *until)
         {
             (prev, Which::Previous)
         } else {
@@ -549,12 +559,21 @@ impl Channel {
 
     /// Initiator of a rekey: the new keys become current at once (the responder already
     /// has them); the old ones open late packets for the overlap.
-    pub fn rotate(&mut self, keys: DirectionalKeys, now: Instant) -> u32 {
+    pub fn rotate(&mut self, keys: DirectionalKeys, now: Instant) -> Rotation {
         let epoch = self.current.epoch.wrapping_add(1);
         let new = EpochKeys::new(epoch, keys, &self.limits, now);
+        self.next = None;
+        self.make_current(new, now)
+    }
+
+    fn make_current(&mut self, new: EpochKeys, now: Instant) -> Rotation {
+        let epoch = new.epoch;
         let old = std::mem::replace(&mut self.current, new);
-        self.previous = Some((old, now + self.limits.overlap));
-        epoch
+        let displaced = self
+            .previous
+            .replace((old, now + self.limits.overlap))
+            .map(|(k, _)| k.epoch);
+        Rotation { epoch, displaced }
     }
 
     /// Responder of a rekey: the new keys open packets now and become current with the
@@ -578,13 +597,10 @@ impl Channel {
     }
 
     fn promote_next(&mut self, now: Instant) -> KeyEvent {
-        let Some(next) = self.next.take() else {
-            return KeyEvent::None;
-        };
-        let epoch = next.epoch;
-        let old = std::mem::replace(&mut self.current, next);
-        self.previous = Some((old, now + self.limits.overlap));
-        KeyEvent::Rotated { epoch }
+        match self.next.take() {
+            Some(next) => KeyEvent::Rotated(self.make_current(next, now)),
+            None => KeyEvent::None,
+        }
     }
 }
 
@@ -842,7 +858,7 @@ mod tests {
         let (msg2, g_next) = resp.finish(b"").expect("finish");
         assert_eq!(g.install_next(g_next, now), 1);
         let (_, c_next) = init.finish(&msg2).expect("finish");
-        assert_eq!(c.rotate(c_next, now), 1);
+        assert_eq!(c.rotate(c_next, now).epoch, 1);
 
         // The gateway still seals under epoch 0 until the client's first epoch-1 packet.
         assert_eq!(
@@ -864,7 +880,10 @@ mod tests {
         let mut plain = Vec::new();
         assert_eq!(
             g.open(&header, aad, sealed, now, &mut plain),
-            Ok(KeyEvent::Rotated { epoch: 1 })
+            Ok(KeyEvent::Rotated(Rotation {
+                epoch: 1,
+                displaced: None
+            }))
         );
         assert_eq!(g.epoch(), 1);
         let Ok(Datagram::Session {

@@ -8,7 +8,7 @@
 //! exactly what the caller must do with the packet; events and the session table are
 //! updated as a side effect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +72,11 @@ pub enum Drop {
     KeysExpired,
     /// A packet type that makes no sense at the gateway (e.g. an ack).
     Unexpected,
+    /// A path response from another endpoint than the one challenged.
+    PathMismatch,
+    /// The session ended (its timers fired as the packet arrived, or it ended just
+    /// before).
+    SessionEnded,
 }
 
 impl Drop {
@@ -88,6 +93,8 @@ impl Drop {
             Drop::NoRoute => "no_route",
             Drop::KeysExpired => "keys_expired",
             Drop::Unexpected => "unexpected",
+            Drop::PathMismatch => "path_mismatch",
+            Drop::SessionEnded => "session_ended",
         }
     }
 }
@@ -134,9 +141,55 @@ pub struct GatewaySession {
     binding_heard: Instant,
     volatile_since: Option<Instant>,
     limiter: SwitchLimiter,
+    /// A reattach that passed every check, waiting for its path to answer a challenge.
+    pending_path: Option<PendingPath>,
+    /// The counter of the rekey init that produced the pending next keys: an older init
+    /// (held back and delivered late) must not replace them.
+    last_rekey_init: Option<u64>,
+    keys_expired_reported: bool,
     security_failures: u32,
+    security_events: RateWindow,
     out: Vec<u8>,
     plain: Vec<u8>,
+}
+
+/// A validated reattach whose new path has been challenged.
+#[derive(Debug, Clone, Copy)]
+struct PendingPath {
+    endpoint: Endpoint,
+    candidate: TransportRef,
+    cause: Instability,
+    token: u64,
+    request_counter: u64,
+    deadline: Instant,
+}
+
+/// Security events recorded per second and session, at most: anyone who knows a session
+/// id can make the gateway refuse packets for it, and must not flood the event stream or
+/// push real state changes out of the journal. Refusals past the limit are still counted
+/// (in drops) but not each reported.
+const SECURITY_EVENTS_PER_SECOND: u32 = 10;
+
+#[derive(Debug, Clone, Copy)]
+struct RateWindow {
+    start: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl RateWindow {
+    fn allow(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.start) >= Duration::from_secs(1) {
+            self.start = now;
+            self.count = 0;
+        }
+        if self.count >= SECURITY_EVENTS_PER_SECOND {
+            self.suppressed += 1;
+            return false;
+        }
+        self.count += 1;
+        true
+    }
 }
 
 impl std::fmt::Debug for GatewaySession {
@@ -181,6 +234,11 @@ impl GatewaySession {
         self.bound_at
     }
 
+    /// Security events not reported because of the per-session rate limit.
+    pub fn security_events_suppressed(&self) -> u64 {
+        self.security_events.suppressed
+    }
+
     /// The next event, oldest first.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         self.journal.poll()
@@ -203,14 +261,16 @@ impl GatewaySession {
             }
             _ => {}
         }
-        if let Some(overlap) = self.channel.overlap_deadline() {
-            d = d.min(overlap);
-        }
-        Some(d)
+        let more = [
+            self.channel.overlap_deadline(),
+            self.pending_path.map(|pp| pp.deadline),
+            (!self.keys_expired_reported).then(|| self.channel.reject_deadline()),
+        ];
+        more.into_iter().flatten().fold(d, Instant::min).into()
     }
 
     /// Fires every timer due at `now`: lifetime, transport-lost TTL, the heartbeat on
-    /// the binding, volatility persisting, the end of the key overlap.
+    /// the binding, volatility persisting, a path challenge unanswered, key expiry.
     pub fn handle_timeout(&mut self, store: &dyn SessionStore, now: Instant) {
         if self.state() == State::Terminated {
             return;
@@ -218,6 +278,26 @@ impl GatewaySession {
         if let Some(epoch) = self.channel.drop_expired(now) {
             self.journal
                 .record(now, EventBody::KeyExpired { key_epoch: epoch });
+        }
+        if !self.keys_expired_reported && self.channel.expired(now) {
+            self.keys_expired_reported = true;
+            self.journal.record(
+                now,
+                EventBody::KeyExpired {
+                    key_epoch: self.channel.epoch(),
+                },
+            );
+        }
+        if let Some(pp) = self.pending_path.filter(|pp| now >= pp.deadline) {
+            self.pending_path = None;
+            self.journal.record(
+                now,
+                EventBody::ReattachResult {
+                    candidate_transport: pp.candidate,
+                    result: ReattachOutcome::Denied,
+                    reason_code: ReasonCode::RecoveryWindowExpired,
+                },
+            );
         }
         let p = Arc::clone(&self.policy);
         if now >= self.created_at + p.max_lifetime() {
@@ -227,12 +307,8 @@ impl GatewaySession {
         } else if self.state() == State::Attached
             && now >= self.binding_heard + p.heartbeat_volatile()
         {
-            if self.commit(
-                store,
-                &[FsmEvent::InstabilityDetected(Instability::HeartbeatTimeout)],
-                now,
-                None,
-            ) {
+            let cause = FsmEvent::InstabilityDetected(Instability::HeartbeatTimeout);
+            if self.commit(store, &[cause], &[], None, now) {
                 self.volatile_since = Some(now);
             }
         } else if self.state() == State::Volatile
@@ -240,15 +316,16 @@ impl GatewaySession {
                 .volatile_since
                 .is_some_and(|t| now >= t + p.volatile_to_degraded())
         {
-            self.commit(store, &[FsmEvent::VolatilePersisted], now, None);
+            self.commit(store, &[FsmEvent::VolatilePersisted], &[], None, now);
         }
     }
 
     /// Ends the session: state, event, table record. The caller removes it afterwards.
     pub fn terminate(&mut self, store: &dyn SessionStore, cause: TerminationCause, now: Instant) {
-        if !self.commit(store, &[FsmEvent::Terminate(cause)], now, Some(None)) {
+        if !self.commit(store, &[FsmEvent::Terminate(cause)], &[], Some(None), now) {
             return;
         }
+        self.pending_path = None;
         self.journal.record(
             now,
             EventBody::SessionTerminated {
@@ -274,7 +351,17 @@ impl GatewaySession {
     }
 
     /// Seals an IP packet from the tunnel device for the client; returns where to send.
-    pub fn seal_data(&mut self, packet: &[u8], now: Instant) -> Result<(Endpoint, &[u8]), Drop> {
+    /// Due timers fire first: a session past its lifetime sends nothing.
+    pub fn seal_data(
+        &mut self,
+        store: &dyn SessionStore,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(Endpoint, &[u8]), Drop> {
+        self.handle_timeout(store, now);
+        if self.state() == State::Terminated {
+            return Err(Drop::SessionEnded);
+        }
         let (endpoint, _) = self.binding.ok_or(Drop::UnboundTransport)?;
         self.channel
             .seal(&Control::Data(packet), now, &mut self.out)
@@ -282,7 +369,8 @@ impl GatewaySession {
         Ok((endpoint, &self.out))
     }
 
-    /// Handles one session packet that arrived from `from`.
+    /// Handles one session packet that arrived from `from`. Due timers fire first: a
+    /// packet arriving after the transport-lost TTL does not revive the session.
     #[allow(clippy::too_many_arguments)]
     pub fn handle_packet(
         &mut self,
@@ -321,27 +409,28 @@ impl GatewaySession {
         sealed: &[u8],
         now: Instant,
     ) -> Outcome {
+        self.handle_timeout(store, now);
         if header.ptype == PacketType::ReattachRequest {
-            return self.handle_reattach(store, clock, from, header, aad, sealed, now);
+            return self.handle_reattach(clock, from, header, aad, sealed, now);
+        }
+        if self.state() == State::Terminated {
+            return Outcome::Drop(Drop::SessionEnded);
         }
         let mut plain = std::mem::take(&mut self.plain);
         let opened = self.channel.open(header, aad, sealed, now, &mut plain);
         let result = match opened {
             Ok(key_event) => {
-                if let KeyEvent::Rotated { epoch } = key_event {
-                    self.journal
-                        .record(now, EventBody::KeyRotated { key_epoch: epoch });
-                }
+                self.key_event(key_event, now);
                 self.last_heard = now;
                 match Control::decode(header.ptype, &plain) {
-                    Ok(control) => self.handle_control(store, local, from, control, now),
-                    Err(_) => Outcome::Drop(Drop::Malformed),
+                    Ok(control) => self.handle_control(store, local, from, header, control, now),
+                    Err(_) => self.misbehaving_client(ReasonCode::InvalidTransition, now),
                 }
             }
             Err(OpenError::Replay(
                 ReplayError::Duplicate(counter) | ReplayError::TooOld(counter),
             )) => {
-                self.journal.record(
+                self.security_event(
                     now,
                     EventBody::SecurityReplayDetected {
                         reason_code: ReasonCode::ReplayDetected,
@@ -356,11 +445,25 @@ impl GatewaySession {
         result
     }
 
+    fn key_event(&mut self, event: KeyEvent, now: Instant) {
+        if let KeyEvent::Rotated(r) = event {
+            if let Some(epoch) = r.displaced {
+                self.journal
+                    .record(now, EventBody::KeyExpired { key_epoch: epoch });
+            }
+            self.keys_expired_reported = false;
+            self.last_rekey_init = None;
+            self.journal
+                .record(now, EventBody::KeyRotated { key_epoch: r.epoch });
+        }
+    }
+
     fn handle_control(
         &mut self,
         store: &dyn SessionStore,
         local: &Keypair,
         from: Endpoint,
+        header: &SessionHeader,
         control: Control<'_>,
         now: Instant,
     ) -> Outcome {
@@ -388,22 +491,29 @@ impl GatewaySession {
                 self.reply(&ack, now)
             }
             Control::Probe { seq } => self.reply(&Control::ProbeAck { seq }, now),
+            Control::PathResponse { token } => self.complete_path(store, from, token, now),
             Control::Terminate { .. } => {
                 self.terminate(store, TerminationCause::Peer, now);
                 Outcome::Consumed
             }
-            Control::RekeyInit(noise) => self.handle_rekey(local, noise, now),
+            Control::RekeyInit(noise) => self.handle_rekey(local, header, noise, now),
             Control::ReattachRequest(_)
             | Control::HeartbeatAck { .. }
             | Control::ProbeAck { .. }
             | Control::ReattachAck { .. }
             | Control::ReattachDeny { .. }
-            | Control::RekeyResp(_) => Outcome::Drop(Drop::Unexpected),
+            | Control::RekeyResp(_)
+            | Control::PathChallenge { .. } => Outcome::Drop(Drop::Unexpected),
         }
     }
 
-    fn handle_rekey(&mut self, local: &Keypair, noise: &[u8], now: Instant) -> Outcome {
-        let prologue = rekey_prologue(self.id);
+    fn handle_rekey(
+        &mut self,
+        local: &Keypair,
+        header: &SessionHeader,
+        noise: &[u8],
+        now: Instant,
+    ) -> Outcome {
         let refused = |this: &mut Self, reason| {
             this.journal.record(
                 now,
@@ -413,6 +523,14 @@ impl GatewaySession {
             );
             Outcome::Drop(Drop::Handshake(reason))
         };
+        // Only an init sealed under the current keys, and newer than the one that made
+        // the pending next keys: an old init held back and delivered late would
+        // otherwise replace keys the client already uses.
+        let current = header.key_epoch == self.channel.epoch() as u8;
+        if !current || self.last_rekey_init.is_some_and(|c| header.counter <= c) {
+            return refused(self, ReasonCode::ReplayDetected);
+        }
+        let prologue = rekey_prologue(self.id);
         let response = match Response::read(local, &prologue, noise) {
             Ok(r) if r.client() == self.client => r,
             Ok(_) => return refused(self, ReasonCode::UnauthorizedClient),
@@ -425,13 +543,15 @@ impl GatewaySession {
         // the client's first packet under them.
         let outcome = self.reply(&Control::RekeyResp(&msg2), now);
         self.channel.install_next(keys, now);
+        self.last_rekey_init = Some(header.counter);
         outcome
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The reattach checks, in the contract's order. A request that passes them all does
+    /// not move the binding yet: the new path is challenged first (path validation), so
+    /// that a genuine request relocated by an attacker cannot redirect the session.
     fn handle_reattach(
         &mut self,
-        store: &dyn SessionStore,
         clock: &WallClock,
         from: Endpoint,
         header: &SessionHeader,
@@ -439,10 +559,6 @@ impl GatewaySession {
         sealed: &[u8],
         now: Instant,
     ) -> Outcome {
-        let candidate = TransportRef {
-            id: TransportId(0),
-            protocol: from.protocol,
-        };
         // 2–4: on the session's own state, before any cryptography.
         let p = Arc::clone(&self.policy);
         let early = if !matches!(
@@ -457,38 +573,87 @@ impl GatewaySession {
         } else {
             None
         };
-        // 5–6: proof of possession (the AEAD under the session keys), then freshness.
+        // 5: proof of possession: the AEAD under the session keys; 6a: a new counter.
         let mut plain = std::mem::take(&mut self.plain);
-        let opened = self.channel.open(header, aad, sealed, now, &mut plain);
-        let request = match (&opened, Control::decode(header.ptype, &plain)) {
+        let opened = match early {
+            None => self.channel.open(header, aad, sealed, now, &mut plain),
+            Some(_) => Err(OpenError::Auth),
+        };
+        let decoded = match (&opened, Control::decode(header.ptype, &plain)) {
             (Ok(_), Ok(Control::ReattachRequest(r))) => Some(r),
             _ => None,
         };
         self.plain = plain;
-        let verdict = match (early, &opened, request) {
-            (Some(reason), _, _) => Err(reason),
-            (None, Err(OpenError::Replay(_)), _) => Err(ReasonCode::ReplayDetected),
-            (None, Err(_), _) | (None, Ok(_), None) => Err(ReasonCode::BadProof),
-            (None, Ok(_), Some(r)) => self.validate(&r, from, clock, now),
-        };
-        let candidate = request.map_or(candidate, |r| TransportRef {
-            id: r.transport_id,
-            protocol: r.protocol,
-        });
-        match verdict {
-            Ok(()) => {
-                let Some(request) = request else {
-                    return Outcome::Drop(Drop::Malformed);
-                };
-                self.accept_reattach(store, from, candidate, &request, header.counter, now)
-            }
-            Err(reason) => {
-                self.deny_reattach(candidate, reason, opened.is_ok(), header.counter, now)
-            }
+        if let Ok(key_event) = opened {
+            self.key_event(key_event, now);
         }
+        let unknown = TransportRef {
+            id: TransportId(0),
+            protocol: from.protocol,
+        };
+        let request = match (early, &opened, decoded) {
+            (Some(reason), _, _) => {
+                return self.deny_reattach(unknown, reason, false, header.counter, now)
+            }
+            (None, Err(OpenError::Replay(_)), _) => {
+                return self.deny_reattach(
+                    unknown,
+                    ReasonCode::ReplayDetected,
+                    false,
+                    header.counter,
+                    now,
+                )
+            }
+            (None, Err(_), _) => {
+                return self.deny_reattach(
+                    unknown,
+                    ReasonCode::BadProof,
+                    false,
+                    header.counter,
+                    now,
+                )
+            }
+            (None, Ok(_), Some(r)) => r,
+            (None, Ok(_), _) => {
+                return self.misbehaving_client(ReasonCode::InvalidTransportCandidate, now)
+            }
+        };
+        self.last_heard = now;
+        let candidate = TransportRef {
+            id: request.transport_id,
+            protocol: request.protocol,
+        };
+        if let Err(reason) = self.validate(&request, from, clock, now) {
+            return self.deny_reattach(candidate, reason, true, header.counter, now);
+        }
+        let Ok(token) = getrandom::u64() else {
+            return self.deny_reattach(
+                candidate,
+                ReasonCode::AtomicityFailed,
+                true,
+                header.counter,
+                now,
+            );
+        };
+        self.pending_path = Some(PendingPath {
+            endpoint: from,
+            candidate,
+            cause: instability_of(request.cause),
+            token,
+            request_counter: header.counter,
+            deadline: now + p.recovery_window(),
+        });
+        self.journal.record(
+            now,
+            EventBody::ReattachAttempt {
+                candidate_transport: candidate,
+                recovery_deadline_ms: ms(p.recovery_window()),
+            },
+        );
+        self.reply(&Control::PathChallenge { token }, now)
     }
 
-    /// Checks 6 (freshness), 7 (policy), 8 (candidate) and the version half of 9.
+    /// Checks 6b (timestamp), 7 (policy), 8 (candidate) and the version half of 9.
     fn validate(
         &self,
         r: &ReattachRequest,
@@ -516,63 +681,79 @@ impl GatewaySession {
         Ok(())
     }
 
-    fn accept_reattach(
+    /// The client answered the path challenge from the challenged endpoint: move the
+    /// binding (9: through the session table's compare-and-swap) and acknowledge.
+    fn complete_path(
         &mut self,
         store: &dyn SessionStore,
         from: Endpoint,
-        candidate: TransportRef,
-        request: &ReattachRequest,
-        counter: u64,
+        token: u64,
         now: Instant,
     ) -> Outcome {
-        let cause = instability_of(request.cause);
-        let mut steps = Vec::with_capacity(3);
-        if self.state() == State::Attached {
-            steps.push(FsmEvent::InstabilityDetected(cause));
+        let Some(pp) = self.pending_path.filter(|pp| pp.token == token) else {
+            return Outcome::Drop(Drop::Unexpected);
+        };
+        if pp.endpoint != from {
+            return Outcome::Drop(Drop::PathMismatch);
         }
-        steps.push(FsmEvent::SwitchInitiated(cause.recovery()));
-        steps.push(FsmEvent::ReattachValid);
-        let previous = self.binding.map(|(_, t)| t);
-        // 9: the binding moves only if the table accepts the new record at the version
-        // this session read; the events are recorded only after it did.
-        self.journal.record(
-            now,
-            EventBody::ReattachResult {
-                candidate_transport: candidate,
-                result: ReattachOutcome::Success,
-                reason_code: ReasonCode::ReattachSuccess,
-            },
-        );
-        if !self.commit(store, &steps, now, Some(Some((from, candidate)))) {
+        self.pending_path = None;
+        if self.limiter.check(now).is_err()
+            || !matches!(
+                self.state(),
+                State::Attached | State::Volatile | State::Degraded
+            )
+        {
             return self.deny_reattach(
-                candidate,
-                ReasonCode::StaleStateVersion,
+                pp.candidate,
+                ReasonCode::PolicyDenied,
                 true,
-                counter,
+                pp.request_counter,
                 now,
             );
         }
-        if previous.map(|t| t.id) != Some(candidate.id)
-            || self.binding.map(|(e, _)| e) != Some(from)
-        {
-            self.journal.record(
+        let mut steps = Vec::with_capacity(3);
+        if self.state() == State::Attached {
+            steps.push(FsmEvent::InstabilityDetected(pp.cause));
+        }
+        steps.push(FsmEvent::SwitchInitiated(pp.cause.recovery()));
+        steps.push(FsmEvent::ReattachValid);
+        let previous = self.binding;
+        let mut before = vec![EventBody::ReattachResult {
+            candidate_transport: pp.candidate,
+            result: ReattachOutcome::Success,
+            reason_code: ReasonCode::ReattachSuccess,
+        }];
+        if previous.map(|(e, t)| (e, t.id)) != Some((from, pp.candidate.id)) {
+            before.push(EventBody::TransportSwitch {
+                previous_transport: previous.map(|(_, t)| t),
+                new_transport: pp.candidate,
+                candidate_count: 1,
+                loss_ratio: 0.0,
+                latency_estimate_ms: None,
+                explicit: true,
+            });
+        }
+        self.last_heard = now;
+        self.binding_heard = now;
+        if !self.commit(
+            store,
+            &steps,
+            &before,
+            Some(Some((from, pp.candidate))),
+            now,
+        ) {
+            return self.deny_reattach(
+                pp.candidate,
+                ReasonCode::StaleStateVersion,
+                true,
+                pp.request_counter,
                 now,
-                EventBody::TransportSwitch {
-                    previous_transport: previous,
-                    new_transport: candidate,
-                    candidate_count: 1,
-                    loss_ratio: 0.0,
-                    latency_estimate_ms: None,
-                    explicit: true,
-                },
             );
         }
         self.limiter.record(now);
         self.volatile_since = None;
-        self.last_heard = now;
-        self.binding_heard = now;
         let ack = Control::ReattachAck {
-            request_counter: counter,
+            request_counter: pp.request_counter,
             binding_version: self.bound_at,
         };
         self.reply(&ack, now)
@@ -586,7 +767,7 @@ impl GatewaySession {
         counter: u64,
         now: Instant,
     ) -> Outcome {
-        self.journal.record(
+        self.security_event(
             now,
             EventBody::ReattachResult {
                 candidate_transport: candidate,
@@ -595,32 +776,20 @@ impl GatewaySession {
             },
         );
         match reason {
-            ReasonCode::BadProof => self.journal.record(
+            ReasonCode::BadProof => self.security_event(
                 now,
                 EventBody::SecurityValidationFailed {
                     reason_code: reason,
                     failure_count: self.security_failures,
                 },
             ),
-            ReasonCode::ReplayDetected => self.journal.record(
+            ReasonCode::ReplayDetected => self.security_event(
                 now,
                 EventBody::SecurityReplayDetected {
                     reason_code: reason,
                     counter,
                 },
             ),
-            // An authentic, new request that is still invalid comes from the client
-            // itself: that counts towards security_failure.
-            ReasonCode::StaleRequest | ReasonCode::InvalidTransportCandidate if authentic => {
-                self.security_failures = self.security_failures.saturating_add(1);
-                self.journal.record(
-                    now,
-                    EventBody::SecurityValidationFailed {
-                        reason_code: reason,
-                        failure_count: self.security_failures,
-                    },
-                );
-            }
             _ => {}
         }
         // Only an authentic request gets an answer: a forged one learns nothing, and
@@ -639,6 +808,29 @@ impl GatewaySession {
         self.reply(&deny, now)
     }
 
+    /// An authentic packet whose content its sender chose wrongly (a plaintext that does
+    /// not decode for its type): only the holder of the session keys can send it, so it
+    /// counts towards security_failure. Path properties (timestamp, protocol, address)
+    /// never count: an attacker can relocate or delay a genuine packet.
+    fn misbehaving_client(&mut self, reason: ReasonCode, now: Instant) -> Outcome {
+        self.security_failures = self.security_failures.saturating_add(1);
+        let failure_count = self.security_failures;
+        self.journal.record(
+            now,
+            EventBody::SecurityValidationFailed {
+                reason_code: reason,
+                failure_count,
+            },
+        );
+        Outcome::Drop(Drop::Malformed)
+    }
+
+    fn security_event(&mut self, now: Instant, body: EventBody) {
+        if self.security_events.allow(now) {
+            self.journal.record(now, body);
+        }
+    }
+
     /// Whether security failures reached the policy's limit (the caller terminates).
     pub fn too_many_security_failures(&self) -> bool {
         self.security_failures >= self.policy.max_security_failures()
@@ -646,28 +838,30 @@ impl GatewaySession {
 
     /// Applies `steps` as one write: the new record (state, version, binding) is
     /// compare-and-swapped into the table at the version this session holds, and only if
-    /// that succeeds are the transitions applied and recorded. `binding`: `None` keeps
-    /// it, `Some(None)` clears it, `Some(Some(..))` replaces it. Returns whether it did.
+    /// that succeeds are `before` and then the transitions recorded. `binding`: `None`
+    /// keeps it, `Some(None)` clears it, `Some(Some(..))` replaces it. Returns whether
+    /// it did; if any step is undefined, nothing is written and the first undefined step
+    /// is reported as rejected.
     fn commit(
         &mut self,
         store: &dyn SessionStore,
         steps: &[FsmEvent],
-        now: Instant,
+        before: &[EventBody],
         binding: Option<Option<(Endpoint, TransportRef)>>,
+        now: Instant,
     ) -> bool {
         let mut state = self.state();
         for step in steps {
             match crate::fsm::transition(state, step) {
                 Some(next) => state = next,
                 None => {
-                    // Recorded as a TransitionRejected; nothing changes.
-                    let _ = self.journal.apply(*step, now);
+                    self.journal.reject(*step, now);
                     return false;
                 }
             }
         }
         let expected = self.version();
-        let version = StateVersion(expected.0 + steps.len() as u64);
+        let version = StateVersion(expected.0.saturating_add(steps.len() as u64));
         let new_binding = binding.unwrap_or(self.binding);
         let bound_at = match binding {
             Some(Some(_)) => version,
@@ -679,6 +873,9 @@ impl GatewaySession {
             .is_err()
         {
             return false;
+        }
+        for body in before {
+            self.journal.record(now, body.clone());
         }
         for step in steps {
             let _ = self.journal.apply(*step, now);
@@ -701,15 +898,16 @@ impl GatewaySession {
             state,
             state_version: version,
             owner: self.node.clone(),
-            active_binding: binding.map(|(_, transport)| Binding {
+            active_binding: binding.map(|(endpoint, transport)| Binding {
                 transport,
+                remote: Some(endpoint.addr),
                 bound_at,
                 node: self.node.clone(),
             }),
             candidates: Vec::new(),
             lifetime_deadline: self.created_at + p.max_lifetime(),
             transport_lost_deadline: self.last_heard + p.transport_lost_ttl(),
-            recovery_deadline: None,
+            recovery_deadline: self.pending_path.map(|pp| pp.deadline),
         }
     }
 
@@ -784,6 +982,9 @@ pub fn destination_address(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// How many ended session ids the gateway remembers.
+const ENDED_SESSIONS_KEPT: usize = 1_024;
+
 struct ClientEntry {
     tunnel: TunnelAddr,
     last_timestamp: Option<Timestamp>,
@@ -802,8 +1003,11 @@ pub struct Gateway {
     sessions: HashMap<SessionId, GatewaySession>,
     by_tunnel: HashMap<IpAddr, SessionId>,
     drops: HashMap<Drop, u64>,
-    /// Events of sessions already removed, and of handshakes.
+    /// Events of sessions already removed.
     events: Vec<(SessionId, SessionEvent)>,
+    /// Recently ended sessions (bounded), so that a late reattach for one is denied
+    /// as invalid_state_for_reattach rather than taken for an unknown session.
+    ended: VecDeque<SessionId>,
     out: Vec<u8>,
 }
 
@@ -837,6 +1041,7 @@ impl Gateway {
             by_tunnel: HashMap::new(),
             drops: HashMap::new(),
             events: Vec::new(),
+            ended: VecDeque::with_capacity(ENDED_SESSIONS_KEPT),
             out: Vec::new(),
         }
     }
@@ -886,6 +1091,29 @@ impl Gateway {
                 sealed,
             } => {
                 let Some(session) = self.sessions.get_mut(&header.session_id) else {
+                    if header.ptype == PacketType::ReattachRequest
+                        && self.ended.contains(&header.session_id)
+                    {
+                        self.events.push((
+                            header.session_id,
+                            SessionEvent {
+                                at: now,
+                                body: EventBody::ReattachResult {
+                                    candidate_transport: TransportRef {
+                                        id: TransportId(0),
+                                        protocol: from.protocol,
+                                    },
+                                    result: ReattachOutcome::Denied,
+                                    reason_code: ReasonCode::InvalidStateForReattach,
+                                },
+                            },
+                        ));
+                        *self.drops.entry(Drop::SessionEnded).or_default() += 1;
+                        self.out.clear();
+                        self.out
+                            .extend_from_slice(&encode_session_unknown(header.session_id));
+                        return Received::Reply(&self.out);
+                    }
                     *self.drops.entry(Drop::UnknownSession).or_default() += 1;
                     self.out.clear();
                     self.out
@@ -942,17 +1170,27 @@ impl Gateway {
         packet: &[u8],
         now: Instant,
     ) -> Result<(Endpoint, &[u8]), Drop> {
-        let session = destination_address(packet)
+        let Some(id) = destination_address(packet)
             .and_then(|dst| self.by_tunnel.get(&dst))
-            .and_then(|id| self.sessions.get_mut(id));
-        let Some(session) = session else {
+            .copied()
+        else {
             *self.drops.entry(Drop::NoRoute).or_default() += 1;
             return Err(Drop::NoRoute);
         };
-        match session.seal_data(packet, now) {
-            Ok(r) => Ok(r),
+        let sealed = match self.sessions.get_mut(&id) {
+            Some(session) => session
+                .seal_data(self.store.as_ref(), packet, now)
+                .map(|(e, _)| e),
+            None => Err(Drop::NoRoute),
+        };
+        match sealed {
+            Ok(endpoint) => match self.sessions.get(&id) {
+                Some(session) => Ok((endpoint, &session.out)),
+                None => Err(Drop::NoRoute),
+            },
             Err(d) => {
                 *self.drops.entry(d).or_default() += 1;
+                self.after_session_input(id, now);
                 Err(d)
             }
         }
@@ -1026,6 +1264,10 @@ impl Gateway {
             return None;
         }
         let mut session = self.sessions.remove(&id)?;
+        if self.ended.len() >= ENDED_SESSIONS_KEPT {
+            self.ended.pop_front();
+        }
+        self.ended.push_back(id);
         while let Some(e) = session.poll_event() {
             self.events.push((id, e));
         }
@@ -1063,8 +1305,20 @@ impl Gateway {
         let tunnel = entry.tunnel;
         let previous = entry.session;
         let session_id = fresh_session_id(&self.sessions).ok_or(ReasonCode::AtomicityFailed)?;
+        let resp = RespPayload {
+            session_id,
+            // The version AttachOk produces: the first binding's.
+            binding_version: StateVersion(1),
+            tunnel,
+        };
+        // Everything that can fail on this handshake's own account comes first, so that
+        // a refused handshake leaves the previous session and the table untouched.
+        let (msg2, keys) = response
+            .finish(&resp.encode())
+            .map_err(|_| ReasonCode::BadProof)?;
 
-        // One session per client: a new handshake replaces the old session explicitly.
+        // One session per client: a new handshake replaces the old session explicitly
+        // (its slot in the table is freed for the new one).
         if let Some(old) = previous {
             if let Some(s) = self.sessions.get_mut(&old) {
                 s.terminate(self.store.as_ref(), TerminationCause::Peer, now);
@@ -1087,18 +1341,6 @@ impl Gateway {
             crate::store::StoreError::Full { .. } => ReasonCode::CapacityExceeded,
             _ => ReasonCode::AtomicityFailed,
         })?;
-        let resp = RespPayload {
-            session_id,
-            binding_version: StateVersion(1),
-            tunnel,
-        };
-        let (msg2, keys) = match response.finish(&resp.encode()) {
-            Ok(r) => r,
-            Err(_) => {
-                let _ = self.store.remove(session_id, StateVersion(0));
-                return Err(ReasonCode::BadProof);
-            }
-        };
         let transport = TransportRef {
             id: payload.transport_id,
             protocol: payload.protocol,
@@ -1118,22 +1360,28 @@ impl Gateway {
             binding_heard: now,
             volatile_since: None,
             limiter: SwitchLimiter::new(&self.policy),
+            pending_path: None,
+            last_rekey_init: None,
+            keys_expired_reported: false,
             security_failures: 0,
+            security_events: RateWindow {
+                start: now,
+                count: 0,
+                suppressed: 0,
+            },
             out: Vec::new(),
             plain: Vec::new(),
         };
-        session.journal.record(
-            now,
-            EventBody::TransportAttached {
-                transport,
-                reason_code: ReasonCode::AttachedToTransport,
-            },
-        );
+        let attached = EventBody::TransportAttached {
+            transport,
+            reason_code: ReasonCode::AttachedToTransport,
+        };
         if !session.commit(
             self.store.as_ref(),
             &[FsmEvent::AttachOk],
-            now,
+            &[attached],
             Some(Some((from, transport))),
+            now,
         ) {
             let _ = self.store.remove(session_id, StateVersion(0));
             return Err(ReasonCode::AtomicityFailed);

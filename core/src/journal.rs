@@ -74,6 +74,20 @@ impl Journal {
         }
     }
 
+    /// Reports `event` as refused in the current state without trying it: for a caller
+    /// that found, before mutating anything, that a sequence of events cannot apply.
+    pub fn reject(&mut self, event: FsmEvent, now: Instant) {
+        self.record(
+            now,
+            EventBody::TransitionRejected {
+                state: self.fsm.state(),
+                event: event.name(),
+                reason_code: ReasonCode::InvalidTransition,
+                state_version: self.fsm.version(),
+            },
+        );
+    }
+
     /// Records an event that is not a state change.
     pub fn record(&mut self, at: Instant, body: EventBody) {
         if self.events.len() >= EVENT_QUEUE_LIMIT {

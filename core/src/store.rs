@@ -23,6 +23,8 @@ use crate::reason::ReasonCode;
 pub struct Binding {
     /// The bound transport.
     pub transport: TransportRef,
+    /// The peer's address on it, as the binding node sees it.
+    pub remote: Option<std::net::SocketAddr>,
     /// The record version under which the binding was accepted.
     pub bound_at: StateVersion,
     /// The node that accepted it.
@@ -312,6 +314,7 @@ mod tests {
                 id: TransportId(transport),
                 protocol: Protocol::Udp,
             },
+            remote: None,
             bound_at: r.state_version,
             node: r.owner.clone(),
         });

@@ -72,6 +72,10 @@ pub enum PacketType {
     RekeyResp = 13,
     /// Clear-text hint: the gateway has no such session.
     SessionUnknown = 14,
+    /// The gateway asks the client to prove it is reached on this transport.
+    PathChallenge = 15,
+    /// The client's answer, sent back on the same transport.
+    PathResponse = 16,
 }
 
 impl PacketType {
@@ -93,6 +97,8 @@ impl PacketType {
             12 => P::RekeyInit,
             13 => P::RekeyResp,
             14 => P::SessionUnknown,
+            15 => P::PathChallenge,
+            16 => P::PathResponse,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -115,6 +121,8 @@ impl PacketType {
             P::RekeyInit => "rekey_init",
             P::RekeyResp => "rekey_resp",
             P::SessionUnknown => "session_unknown",
+            P::PathChallenge => "path_challenge",
+            P::PathResponse => "path_response",
         }
     }
 }
@@ -587,6 +595,16 @@ pub enum Control<'a> {
     RekeyInit(&'a [u8]),
     /// Noise IK message 2 for the next key epoch.
     RekeyResp(&'a [u8]),
+    /// Prove that this transport reaches you: echo the token on it.
+    PathChallenge {
+        /// Random, unpredictable.
+        token: u64,
+    },
+    /// The echo of a path challenge, on the transport it came from.
+    PathResponse {
+        /// The challenge's token.
+        token: u64,
+    },
 }
 
 impl<'a> Control<'a> {
@@ -604,6 +622,8 @@ impl<'a> Control<'a> {
             Control::Terminate { .. } => PacketType::Terminate,
             Control::RekeyInit(_) => PacketType::RekeyInit,
             Control::RekeyResp(_) => PacketType::RekeyResp,
+            Control::PathChallenge { .. } => PacketType::PathChallenge,
+            Control::PathResponse { .. } => PacketType::PathResponse,
         }
     }
 
@@ -613,9 +633,11 @@ impl<'a> Control<'a> {
             Control::Data(bytes) | Control::RekeyInit(bytes) | Control::RekeyResp(bytes) => {
                 out.extend_from_slice(bytes)
             }
-            Control::Heartbeat { seq } | Control::Probe { seq } | Control::ProbeAck { seq } => {
-                out.extend_from_slice(&seq.to_be_bytes())
-            }
+            Control::Heartbeat { seq }
+            | Control::Probe { seq }
+            | Control::ProbeAck { seq }
+            | Control::PathChallenge { token: seq }
+            | Control::PathResponse { token: seq } => out.extend_from_slice(&seq.to_be_bytes()),
             Control::HeartbeatAck {
                 seq,
                 binding_version,
@@ -663,6 +685,12 @@ impl<'a> Control<'a> {
             },
             P::ProbeAck => Control::ProbeAck {
                 seq: Reader::exact(bytes, 8, "probe ack")?.u64()?,
+            },
+            P::PathChallenge => Control::PathChallenge {
+                token: Reader::exact(bytes, 8, "path challenge")?.u64()?,
+            },
+            P::PathResponse => Control::PathResponse {
+                token: Reader::exact(bytes, 8, "path response")?.u64()?,
             },
             P::HeartbeatAck => {
                 let mut r = Reader::exact(bytes, 16, "heartbeat ack")?;
@@ -753,6 +781,8 @@ mod tests {
             },
             Control::RekeyInit(&REKEY_INIT),
             Control::RekeyResp(&REKEY_RESP),
+            Control::PathChallenge { token: 0xfeed },
+            Control::PathResponse { token: 0xfeed },
         ]
     }
 
@@ -876,7 +906,7 @@ mod tests {
             if let Ok(Datagram::Session { header, sealed, .. }) = parse(&bytes) {
                 let _ = Control::decode(header.ptype, sealed);
             }
-            for t in 1..=14u8 {
+            for t in 1..=16u8 {
                 if let Ok(ptype) = PacketType::from_byte(t) {
                     let _ = Control::decode(ptype, &bytes);
                 }

@@ -537,6 +537,50 @@ impl RawClient {
     }
 }
 
+/// Delivers a reattach request on `via` and, if the gateway challenges the path,
+/// answers the challenge from `answer_from`; returns the last reattach result and the
+/// binding afterwards.
+fn reattach_with_challenge(
+    w: &mut World,
+    raw: &mut RawClient,
+    request: &[u8],
+    via: u32,
+    answer_from: u32,
+) -> (Option<ReasonCode>, Option<Endpoint>) {
+    let now = w.now;
+    let challenge = match w.gw.handle_datagram(endpoint(via), request, now) {
+        Received::Reply(b) => b.to_vec(),
+        other => panic!("no challenge: {other:?}"),
+    };
+    let Ok(Datagram::Session {
+        header,
+        aad,
+        sealed,
+    }) = parse(&challenge)
+    else {
+        panic!("not a session packet");
+    };
+    let mut plain = Vec::new();
+    raw.channel
+        .open(&header, aad, sealed, now, &mut plain)
+        .expect("open challenge");
+    let Ok(Control::PathChallenge { token }) = Control::decode(header.ptype, &plain) else {
+        panic!("not a path challenge");
+    };
+    let mut response = Vec::new();
+    raw.channel
+        .seal(&Control::PathResponse { token }, now, &mut response)
+        .expect("seal");
+    let _ = w.gw.handle_datagram(endpoint(answer_from), &response, now);
+    w.drain();
+    let binding = w.gw.session(raw.session).and_then(|s| s.binding());
+    let last = reattach_results(&w.gw_events)
+        .last()
+        .copied()
+        .filter(|r| *r != ReasonCode::RecoveryWindowExpired);
+    (last, binding)
+}
+
 fn denial_of(
     w: &mut World,
     raw: &RawClient,
@@ -586,7 +630,7 @@ fn reattach_denials_carry_the_contract_reason_and_change_no_binding() {
     // A valid one moves the binding; the same expected version again is stale.
     let valid = raw.reattach(w.now, wall, raw.binding_version, 2);
     assert_eq!(
-        denial_of(&mut w, &raw, &valid, 2),
+        reattach_with_challenge(&mut w, &mut raw, &valid, 2, 2),
         (Some(ReasonCode::ReattachSuccess), Some(endpoint(2)))
     );
     w.now += ms(2_000); // past the cooldown
@@ -596,7 +640,8 @@ fn reattach_denials_carry_the_contract_reason_and_change_no_binding() {
         (Some(ReasonCode::StaleStateVersion), Some(endpoint(2)))
     );
 
-    // After termination the session is gone: unknown_session, answered in clear text.
+    // A terminated session: invalid_state_for_reattach, and (its keys being gone) the
+    // answer is the clear-text hint.
     let now = w.now;
     w.gw.terminate(raw.session, now).expect("terminate");
     let late = raw.reattach(now, wall + 2_000, raw.binding_version, 1);
@@ -604,7 +649,69 @@ fn reattach_denials_carry_the_contract_reason_and_change_no_binding() {
     assert!(
         matches!(reply, Received::Reply(b) if matches!(parse(b), Ok(Datagram::SessionUnknown { .. })))
     );
+    w.drain();
+    assert_eq!(
+        reattach_results(&w.gw_events).last(),
+        Some(&ReasonCode::InvalidStateForReattach)
+    );
+    assert_eq!(w.gw.drops().get(&Drop::SessionEnded), Some(&1));
+    // A session the gateway never had: unknown_session.
+    let mut forged = late.clone();
+    forged[4..12].copy_from_slice(&0x0bad_u64.to_be_bytes());
+    let _ = w.gw.handle_datagram(endpoint(1), &forged, now);
     assert_eq!(w.gw.drops().get(&Drop::UnknownSession), Some(&1));
+}
+
+#[test]
+fn a_genuine_request_relocated_by_an_attacker_does_not_move_the_binding() {
+    let mut w = World::new(Policy::default());
+    let key = w.client_key.clone();
+    let mut raw = RawClient::connect(&mut w, &key, 1);
+    let request = raw.reattach(w.now, UNIX_T0, raw.binding_version, 2);
+    // The attacker delivers the captured request from its own address (path 2 here
+    // stands for it) and relays the challenge to the client, which answers from where
+    // it really is (path 1): the response comes from another endpoint than challenged.
+    assert_eq!(
+        reattach_with_challenge(&mut w, &mut raw, &request, 2, 1),
+        (None, Some(endpoint(1)))
+    );
+    assert_eq!(w.gw.drops().get(&Drop::PathMismatch), Some(&1));
+    let attempts = w
+        .gw_events
+        .iter()
+        .filter(|(_, e)| matches!(e.body, EventBody::ReattachAttempt { .. }))
+        .count();
+    assert_eq!(attempts, 1, "the challenge is reported as an attempt");
+    // The genuine copy, arriving later from the real address, is a replay: refused.
+    let now = w.now;
+    assert_eq!(
+        w.gw.handle_datagram(endpoint(1), &request, now),
+        Received::Dropped(Drop::Replay)
+    );
+    assert_eq!(
+        w.gw.session(raw.session).and_then(|s| s.binding()),
+        Some(endpoint(1))
+    );
+}
+
+#[test]
+fn an_authentic_request_with_a_stale_timestamp_does_not_count_against_the_session() {
+    let mut w = World::new(Policy::default());
+    let key = w.client_key.clone();
+    let mut raw = RawClient::connect(&mut w, &key, 1);
+    // An attacker holding genuine requests back past their freshness window, many times:
+    // each is refused, none ends the session.
+    for i in 0..10u64 {
+        let stale = raw.reattach(w.now, UNIX_T0 - 60_000 - i, raw.binding_version, 2);
+        assert_eq!(
+            denial_of(&mut w, &raw, &stale, 2).0,
+            Some(ReasonCode::StaleRequest)
+        );
+    }
+    assert_eq!(
+        w.gw.session(raw.session).map(|s| s.state()),
+        Some(State::Attached)
+    );
 }
 
 #[test]
@@ -614,7 +721,7 @@ fn a_reattach_inside_the_cooldown_is_policy_denied() {
     let mut raw = RawClient::connect(&mut w, &key, 1);
     let first = raw.reattach(w.now, UNIX_T0, raw.binding_version, 2);
     assert_eq!(
-        denial_of(&mut w, &raw, &first, 2).0,
+        reattach_with_challenge(&mut w, &mut raw, &first, 2, 2).0,
         Some(ReasonCode::ReattachSuccess)
     );
     let bound = w.gw.session(raw.session).expect("session").bound_at();
