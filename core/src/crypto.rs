@@ -651,19 +651,34 @@ mod tests {
         c: &Control<'_>,
     ) -> Result<Vec<u8>, OpenError> {
         let now = Instant::now();
-        let mut wire_bytes = Vec::new();
-        from.seal(c, now, &mut wire_bytes).expect("seal");
+        let bytes = sealed(from, c, now);
+        open_bytes(to, &bytes, now).map(|(_, plain)| plain)
+    }
+
+    /// Seals `control` under `from`'s current keys.
+    fn sealed(from: &mut Channel, control: &Control<'_>, now: Instant) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        from.seal(control, now, &mut bytes).expect("seal");
+        bytes
+    }
+
+    /// Parses and opens `bytes` with `to`; returns the plaintext.
+    fn open_bytes(
+        to: &mut Channel,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(KeyEvent, Vec<u8>), OpenError> {
         let Ok(Datagram::Session {
             header,
             aad,
             sealed,
-        }) = parse(&wire_bytes)
+        }) = parse(bytes)
         else {
-            panic!("sealed packet does not parse");
+            panic!("not a session packet");
         };
         let mut plain = Vec::new();
-        to.open(&header, aad, sealed, now, &mut plain)?;
-        Ok(plain)
+        let event = to.open(&header, aad, sealed, now, &mut plain)?;
+        Ok((event, plain))
     }
 
     #[test]
@@ -704,23 +719,12 @@ mod tests {
         assert_eq!(deliver(&mut g, &mut c, &data).expect("open"), b"ip packet");
 
         let now = Instant::now();
-        let mut bytes = Vec::new();
-        c.seal(&Control::Heartbeat { seq: 1 }, now, &mut bytes)
-            .expect("seal");
-        let Ok(Datagram::Session {
-            header,
-            aad,
-            sealed,
-        }) = parse(&bytes)
-        else {
-            panic!()
-        };
-        let mut plain = Vec::new();
-        g.open(&header, aad, sealed, now, &mut plain)
-            .expect("first");
+        let bytes = sealed(&mut c, &Control::Heartbeat { seq: 1 }, now);
+        open_bytes(&mut g, &bytes, now).expect("first");
+        let counter = u64::from_be_bytes(bytes[12..20].try_into().expect("8 bytes"));
         assert_eq!(
-            g.open(&header, aad, sealed, now, &mut plain),
-            Err(OpenError::Replay(ReplayError::Duplicate(header.counter)))
+            open_bytes(&mut g, &bytes, now),
+            Err(OpenError::Replay(ReplayError::Duplicate(counter)))
         );
     }
 
@@ -788,18 +792,8 @@ mod tests {
                 }
             }
             // The untouched packet still opens: no refusal advanced the replay window.
-            let Ok(Datagram::Session {
-                header,
-                aad,
-                sealed,
-            }) = parse(&bytes)
-            else {
-                panic!()
-            };
-            let mut plain = Vec::new();
-            g.open(&header, aad, sealed, now, &mut plain)
-                .expect("original opens");
-            assert_eq!(Control::decode(header.ptype, &plain), Ok(control));
+            let (_, plain) = open_bytes(&mut g, &bytes, now).expect("original opens");
+            assert_eq!(Control::decode(control.ptype(), &plain), Ok(control));
         }
     }
 
@@ -847,9 +841,7 @@ mod tests {
         let mut c = Channel::new(SessionId(9), c, limits(), now);
         let mut g = Channel::new(SessionId(9), g, limits(), now);
         // A packet sealed under epoch 0 and delivered late, after the rotation.
-        let mut late = Vec::new();
-        c.seal(&Control::Data(b"late"), now, &mut late)
-            .expect("seal");
+        let late = sealed(&mut c, &Control::Data(b"late"), now);
 
         let prologue = rekey_prologue(SessionId(9));
         let (init, msg1) =
@@ -865,40 +857,21 @@ mod tests {
             deliver(&mut g, &mut c, &Control::Data(b"old")).expect("open"),
             b"old"
         );
-        let mut bytes = Vec::new();
-        c.seal(&Control::Data(b"new"), now, &mut bytes)
-            .expect("seal");
-        let Ok(Datagram::Session {
-            header,
-            aad,
-            sealed,
-        }) = parse(&bytes)
-        else {
-            panic!()
+        let bytes = sealed(&mut c, &Control::Data(b"new"), now);
+        assert_eq!(bytes[1], 1, "sealed under epoch 1");
+        let rotated = Rotation {
+            epoch: 1,
+            displaced: None,
         };
-        assert_eq!(header.key_epoch, 1);
-        let mut plain = Vec::new();
         assert_eq!(
-            g.open(&header, aad, sealed, now, &mut plain),
-            Ok(KeyEvent::Rotated(Rotation {
-                epoch: 1,
-                displaced: None
-            }))
+            open_bytes(&mut g, &bytes, now),
+            Ok((KeyEvent::Rotated(rotated), b"new".to_vec()))
         );
         assert_eq!(g.epoch(), 1);
-        let Ok(Datagram::Session {
-            header,
-            aad,
-            sealed,
-        }) = parse(&late)
-        else {
-            panic!()
-        };
         assert_eq!(
-            g.open(&header, aad, sealed, now, &mut plain),
-            Ok(KeyEvent::None)
+            open_bytes(&mut g, &late, now),
+            Ok((KeyEvent::None, b"late".to_vec()))
         );
-        assert_eq!(plain, b"late");
         // After the overlap the old epoch is gone.
         let after = now + limits().overlap;
         assert_eq!(g.drop_expired(after), Some(0));

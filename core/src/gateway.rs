@@ -954,28 +954,23 @@ fn instability_of(reason: ReasonCode) -> Instability {
 
 /// The source address of an IPv4 or IPv6 packet.
 pub fn source_address(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => {
-            let b: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        6 => {
-            let b: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        _ => None,
-    }
+    ip_address(packet, 12, 8)
 }
 
 /// The destination address of an IPv4 or IPv6 packet.
 pub fn destination_address(packet: &[u8]) -> Option<IpAddr> {
+    ip_address(packet, 16, 24)
+}
+
+/// The address at `v4_offset` of an IPv4 header or `v6_offset` of an IPv6 header.
+fn ip_address(packet: &[u8], v4_offset: usize, v6_offset: usize) -> Option<IpAddr> {
     match packet.first()? >> 4 {
         4 => {
-            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            let b: [u8; 4] = packet.get(v4_offset..v4_offset + 4)?.try_into().ok()?;
             Some(IpAddr::from(b))
         }
         6 => {
-            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            let b: [u8; 16] = packet.get(v6_offset..v6_offset + 16)?.try_into().ok()?;
             Some(IpAddr::from(b))
         }
         _ => None,
