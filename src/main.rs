@@ -7,10 +7,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use std::io::Read;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use jvpn_core::crypto::Keypair;
 use jvpn_core::ids::NodeId;
 use jvpn_core::policy::Policy;
+use zeroize::Zeroizing;
 
 /// Jumping VPN: a session that outlives its network path.
 #[derive(Debug, Parser)]
@@ -39,6 +43,10 @@ enum Command {
         #[arg(long, default_value = "simulator")]
         node_id: String,
     },
+    /// Print a new private key (base64), like `wg genkey`. Keep it secret.
+    Keygen,
+    /// Read a private key on standard input and print its public key, like `wg pubkey`.
+    Pubkey,
     /// Validate a policy file and print the effective policy, or every problem in it.
     CheckPolicy {
         /// The policy file (TOML).
@@ -77,6 +85,23 @@ fn run(cli: Cli) -> Result<()> {
                 &mut stdout.lock(),
             )?;
             eprintln!("final state: {end}");
+            Ok(())
+        }
+        Command::Keygen => {
+            let key = Keypair::generate().context("cannot generate a key")?;
+            println!("{}", key.private_base64().as_str());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut text = Zeroizing::new(String::new());
+            std::io::stdin()
+                .take(1024)
+                .read_to_string(&mut text)
+                .context("cannot read a private key on standard input")?;
+            let key = Keypair::from_base64(&text).context(
+                "standard input is not a private key (44 characters of base64, as `jvpn keygen` prints)",
+            )?;
+            println!("{}", key.public());
             Ok(())
         }
         Command::CheckPolicy { file } => {

@@ -724,8 +724,20 @@ fn record_rotation(e: &mut Established, r: Rotation, now: Instant) {
         .record_event(EventBody::KeyRotated { key_epoch: r.epoch }, now);
 }
 
-/// Moves the control plane's actions into the send queue.
+/// Moves the control plane's actions into the send queue, and keeps the heartbeat
+/// schedule right: a transport that just became active (a jump) is heartbeated within
+/// one heartbeat interval, not on its old, slower standby schedule — which could leave
+/// it silent long enough to time out.
 fn collect_actions(e: &mut Established) {
+    let now = e.control.now();
+    if let Some(active) = e.control.active() {
+        let interval = e.control.policy().heartbeat_interval();
+        for p in &mut e.probing {
+            if p.transport.id == active.id {
+                p.next_at = p.next_at.min(now + interval);
+            }
+        }
+    }
     while let Some(Action::Reattach {
         candidate, attempt, ..
     }) = e.control.poll_action()

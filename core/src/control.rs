@@ -527,6 +527,11 @@ impl SessionControl {
 
     // ---- accessors ----------------------------------------------------------------
 
+    /// The latest instant the session was given.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
     /// The session's id.
     pub fn session_id(&self) -> SessionId {
         self.session_id

@@ -244,9 +244,16 @@ impl Sim {
             }
             self.drain();
         }
-        // Then heartbeats (active) and probes (standby) that are due.
+        // Then heartbeats (active) and probes (standby) that are due. A transport that
+        // just became active is heartbeated within one interval, not on its old, slower
+        // standby schedule.
         let active = self.ctl.active().map(|t| t.id);
         let policy = Arc::clone(self.ctl.policy());
+        for path in &mut self.paths {
+            if Some(path.id) == active {
+                path.next_probe = path.next_probe.min(now + policy.heartbeat_interval());
+            }
+        }
         for index in 0..self.paths.len() {
             if self.paths[index].next_probe > now {
                 continue;

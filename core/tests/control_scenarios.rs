@@ -71,6 +71,11 @@ fn dead_active_path_jumps_to_the_standby_with_the_session_id_unchanged() {
         sim.first_ms(|b| matches!(b, EventBody::TransportSwitch { .. })),
         Some(10_010)
     );
+    // And the new path stays attached: it is heartbeated at once, not left silent on
+    // its standby schedule until it times out.
+    sim.run_until_ms(60_000);
+    assert_eq!(sim.transitions().len(), 4, "{:?}", sim.transitions());
+    assert_eq!(sim.ctl.state(), Attached);
 }
 
 #[test]

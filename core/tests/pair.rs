@@ -355,6 +355,15 @@ fn a_cut_path_makes_the_session_jump_with_its_identity_intact() {
         record.state_version,
         w.gw.session(id).expect("session").version()
     );
+    // It stays there: the new path is heartbeated at once, so no second jump follows.
+    w.run_until_ms(40_000);
+    assert_eq!(
+        w.client_transitions().len(),
+        4,
+        "{:?}",
+        w.client_transitions()
+    );
+    assert_eq!(w.gw_binding(), Some(endpoint(2)));
     // Data now flows on path 2 both ways.
     let now = w.now;
     let (to, bytes) =
@@ -364,6 +373,28 @@ fn a_cut_path_makes_the_session_jump_with_its_identity_intact() {
     let bytes = bytes.to_vec();
     w.gateway_send(2, &bytes);
     assert_eq!(w.to_client_tunnel.last().map(|p| payload_of(p)), Some(7));
+}
+
+#[test]
+fn a_new_path_is_heartbeated_at_once_after_a_jump() {
+    // Standbys are probed only every 5 s, longer than the 2 s heartbeat timeout: a path
+    // that became active and stayed on its standby schedule would time out at once.
+    let policy = {
+        let mut c = PolicyConfig::starter();
+        c.volatility.probe_interval_ms = Some(5_000);
+        c.validate().expect("policy")
+    };
+    let mut w = World::connected(policy);
+    w.run_until_ms(6_000);
+    w.up[0] = false;
+    w.run_until_ms(40_000);
+    assert_eq!(w.gw_binding(), Some(endpoint(2)));
+    assert_eq!(
+        w.client_transitions().len(),
+        4,
+        "a second jump followed: {:?}",
+        w.client_transitions()
+    );
 }
 
 #[test]
