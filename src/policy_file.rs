@@ -1,13 +1,21 @@
 //! Loading a policy from a TOML file, with `JVPN_POLICY__SECTION__KEY` environment
 //! overrides, into a validated [`Policy`]. Every error names the file.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use jvpn_core::policy::{Policy, PolicyConfig};
 
-/// Reads, parses and validates the policy at `path`.
+/// Reads, parses and validates the policy at `path`, with overrides from the process
+/// environment.
 pub fn load(path: &Path) -> Result<Policy> {
+    load_with_env(path, None)
+}
+
+/// As [`load`], with the overrides taken from `env` instead of the process environment
+/// when given (tests must not change the environment other tests read).
+pub fn load_with_env(path: &Path, env: Option<HashMap<String, String>>) -> Result<Policy> {
     let raw = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(
@@ -16,7 +24,8 @@ pub fn load(path: &Path) -> Result<Policy> {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("transport.allowed_protocols")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(env),
         )
         .build()
         .with_context(|| format!("{}: cannot read policy", path.display()))?;
@@ -55,14 +64,18 @@ mod tests {
 
     #[test]
     fn environment_overrides_reach_scalar_and_list_keys() {
-        // The only test that touches these variables, so no other test sees them.
-        std::env::set_var("JVPN_POLICY__SWITCHING__SWITCH_COOLDOWN_MS", "2500");
-        std::env::set_var("JVPN_POLICY__TRANSPORT__ALLOWED_PROTOCOLS", "udp,tcp");
+        let env = HashMap::from([
+            (
+                "JVPN_POLICY__SWITCHING__SWITCH_COOLDOWN_MS".to_owned(),
+                "2500".to_owned(),
+            ),
+            (
+                "JVPN_POLICY__TRANSPORT__ALLOWED_PROTOCOLS".to_owned(),
+                "udp,tcp".to_owned(),
+            ),
+        ]);
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
-        let loaded = load(&path);
-        std::env::remove_var("JVPN_POLICY__SWITCHING__SWITCH_COOLDOWN_MS");
-        std::env::remove_var("JVPN_POLICY__TRANSPORT__ALLOWED_PROTOCOLS");
-        let p = loaded.expect("policy with overrides");
+        let p = load_with_env(&path, Some(env)).expect("policy with overrides");
         assert_eq!(p.switch_cooldown(), std::time::Duration::from_millis(2_500));
         assert_eq!(p.allowed_protocols(), [Protocol::Udp, Protocol::Tcp]);
     }

@@ -8,10 +8,11 @@
 //! fields become slog key-values, serialized by slog-json with no keys of its own.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use jvpn_core::event::EventRecord;
 use serde_json::Value;
@@ -20,6 +21,8 @@ use slog::{Drain, Never, OwnedKVList, Record};
 /// Counters of what happened to emitted events.
 #[derive(Debug, Default)]
 pub struct SinkStats {
+    /// Set by [`EventSink::close`]: senders stop enqueueing, the writer drains and ends.
+    closed: AtomicBool,
     written: AtomicU64,
     dropped: AtomicU64,
     write_failures: AtomicU64,
@@ -58,6 +61,11 @@ impl EventSender {
     /// Hands `record` to the writer without waiting: if the queue is full (or the
     /// writer has stopped) the event is dropped and counted, and the caller goes on.
     pub fn emit(&self, record: EventRecord) {
+        if self.stats.closed.load(Ordering::Acquire) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("jvpn_events_dropped_total").increment(1);
+            return;
+        }
         match self.tx.try_send(record) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -101,9 +109,10 @@ impl EventSink {
     }
 
     /// Stops accepting events, lets the writer drain what is queued, and waits for it.
-    /// Producers still holding a sender see their events counted as dropped.
+    /// Producers still holding a sender see their later events counted as dropped.
     pub fn close(mut self) -> Option<SinkCounts> {
         let stats = self.sender.take().map(|s| s.stats)?;
+        stats.closed.store(true, Ordering::Release);
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
@@ -121,7 +130,7 @@ fn write_events(rx: Receiver<EventRecord>, out: Box<dyn Write + Send>, stats: &S
         stats,
     };
     static RECORD: slog::RecordStatic<'static> = slog::record_static!(slog::Level::Info, "");
-    for event in rx {
+    let write = |event: EventRecord| {
         let fields = EventFields::of(&event);
         drain
             .log(
@@ -129,8 +138,26 @@ fn write_events(rx: Receiver<EventRecord>, out: Box<dyn Write + Send>, stats: &S
                 &OwnedKVList::from(slog::o!()),
             )
             .unwrap_or_else(|never| match never {});
+    };
+    // Wakes at least every CLOSE_POLL to notice a close while producers still hold
+    // senders (the channel then never disconnects).
+    loop {
+        match rx.recv_timeout(CLOSE_POLL) {
+            Ok(event) => write(event),
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) if stats.closed.load(Ordering::Acquire) => {
+                while let Ok(event) = rx.try_recv() {
+                    write(event);
+                }
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
     }
 }
+
+/// How often an idle writer checks whether the sink was closed.
+const CLOSE_POLL: Duration = Duration::from_millis(50);
 
 /// Counts successes and failures of the drain it wraps, and never fails itself: a dead
 /// sink must not stop the writer.
@@ -320,6 +347,22 @@ mod tests {
         // Not a timing assertion on speed: only that emit did not wait on the dead
         // writer for anything like a timeout.
         assert!(emitting < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn close_returns_while_producers_still_hold_senders() {
+        let out = Shared::default();
+        let sink = EventSink::start(Box::new(out.clone()), 16).expect("start");
+        let still_held = sink.sender().expect("sender");
+        still_held.emit(record(1));
+        let counts = sink.close().expect("close returned");
+        assert_eq!(counts.written, 1, "what was queued before close is written");
+        still_held.emit(record(2));
+        assert_eq!(
+            still_held.stats().counts().dropped,
+            1,
+            "after close: dropped, counted"
+        );
     }
 
     #[test]

@@ -765,6 +765,8 @@ mod tests {
             },
             Control::RekeyInit(&INIT),
             Control::RekeyResp(&RESP),
+            Control::PathChallenge { token: 0x1234 },
+            Control::PathResponse { token: 0x1234 },
         ]
     }
 

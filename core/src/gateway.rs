@@ -149,6 +149,8 @@ pub struct GatewaySession {
     keys_expired_reported: bool,
     security_failures: u32,
     security_events: RateWindow,
+    /// Why the session ended, once it has.
+    ended_by: Option<TerminationCause>,
     out: Vec<u8>,
     plain: Vec<u8>,
 }
@@ -170,17 +172,20 @@ struct PendingPath {
 /// (in drops) but not each reported.
 const SECURITY_EVENTS_PER_SECOND: u32 = 10;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct RateWindow {
-    start: Instant,
+    start: Option<Instant>,
     count: u32,
     suppressed: u64,
 }
 
 impl RateWindow {
     fn allow(&mut self, now: Instant) -> bool {
-        if now.saturating_duration_since(self.start) >= Duration::from_secs(1) {
-            self.start = now;
+        if self
+            .start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1))
+        {
+            self.start = Some(now);
             self.count = 0;
         }
         if self.count >= SECURITY_EVENTS_PER_SECOND {
@@ -326,6 +331,7 @@ impl GatewaySession {
             return;
         }
         self.pending_path = None;
+        self.ended_by = Some(cause);
         self.journal.record(
             now,
             EventBody::SessionTerminated {
@@ -409,10 +415,14 @@ impl GatewaySession {
         sealed: &[u8],
         now: Instant,
     ) -> Outcome {
-        self.handle_timeout(store, now);
         if header.ptype == PacketType::ReattachRequest {
-            return self.handle_reattach(clock, from, header, aad, sealed, now);
+            // Judged before the timers end the session, so that a request arriving past
+            // the lifetime or the TTL is refused for exactly that reason (checks 3, 4).
+            let outcome = self.handle_reattach(clock, from, header, aad, sealed, now);
+            self.handle_timeout(store, now);
+            return outcome;
         }
+        self.handle_timeout(store, now);
         if self.state() == State::Terminated {
             return Outcome::Drop(Drop::SessionEnded);
         }
@@ -797,6 +807,9 @@ impl GatewaySession {
         if !authentic {
             return Outcome::Drop(match reason {
                 ReasonCode::ReplayDetected => Drop::Replay,
+                ReasonCode::InvalidStateForReattach
+                | ReasonCode::SessionExpired
+                | ReasonCode::TransportTtlExceeded => Drop::SessionEnded,
                 _ => Drop::Unauthenticated,
             });
         }
@@ -977,6 +990,9 @@ fn ip_address(packet: &[u8], v4_offset: usize, v6_offset: usize) -> Option<IpAdd
     }
 }
 
+/// Events of removed sessions kept until drained; past it they are counted, not kept.
+const GATEWAY_EVENTS_KEPT: usize = 4_096;
+
 /// How many ended session ids the gateway remembers.
 const ENDED_SESSIONS_KEPT: usize = 1_024;
 
@@ -998,11 +1014,15 @@ pub struct Gateway {
     sessions: HashMap<SessionId, GatewaySession>,
     by_tunnel: HashMap<IpAddr, SessionId>,
     drops: HashMap<Drop, u64>,
-    /// Events of sessions already removed.
+    /// Events of sessions already removed (at most GATEWAY_EVENTS_KEPT until drained).
     events: Vec<(SessionId, SessionEvent)>,
+    events_overflowed: u64,
+    /// Denials of reattaches for ended sessions: anyone can provoke them, so they are
+    /// reported at most SECURITY_EVENTS_PER_SECOND per second, gateway-wide.
+    ended_denials: RateWindow,
     /// Recently ended sessions (bounded), so that a late reattach for one is denied
     /// as invalid_state_for_reattach rather than taken for an unknown session.
-    ended: VecDeque<SessionId>,
+    ended: VecDeque<(SessionId, ReasonCode)>,
     out: Vec<u8>,
 }
 
@@ -1036,6 +1056,8 @@ impl Gateway {
             by_tunnel: HashMap::new(),
             drops: HashMap::new(),
             events: Vec::new(),
+            events_overflowed: 0,
+            ended_denials: RateWindow::default(),
             ended: VecDeque::with_capacity(ENDED_SESSIONS_KEPT),
             out: Vec::new(),
         }
@@ -1086,23 +1108,29 @@ impl Gateway {
                 sealed,
             } => {
                 let Some(session) = self.sessions.get_mut(&header.session_id) else {
-                    if header.ptype == PacketType::ReattachRequest
-                        && self.ended.contains(&header.session_id)
-                    {
-                        self.events.push((
-                            header.session_id,
-                            SessionEvent {
-                                at: now,
-                                body: EventBody::ReattachResult {
-                                    candidate_transport: TransportRef {
-                                        id: TransportId(0),
-                                        protocol: from.protocol,
-                                    },
-                                    result: ReattachOutcome::Denied,
-                                    reason_code: ReasonCode::InvalidStateForReattach,
+                    let ended = self
+                        .ended
+                        .iter()
+                        .find(|(id, _)| *id == header.session_id)
+                        .map(|(_, reason)| *reason);
+                    if let (PacketType::ReattachRequest, Some(reason)) = (header.ptype, ended) {
+                        if self.ended_denials.allow(now) {
+                            let denied = EventBody::ReattachResult {
+                                candidate_transport: TransportRef {
+                                    id: TransportId(0),
+                                    protocol: from.protocol,
                                 },
-                            },
-                        ));
+                                result: ReattachOutcome::Denied,
+                                reason_code: reason,
+                            };
+                            self.push_event(
+                                header.session_id,
+                                SessionEvent {
+                                    at: now,
+                                    body: denied,
+                                },
+                            );
+                        }
                         *self.drops.entry(Drop::SessionEnded).or_default() += 1;
                         self.out.clear();
                         self.out
@@ -1243,6 +1271,19 @@ impl Gateway {
         &self.clock
     }
 
+    /// Events of removed sessions not kept because nobody drained them.
+    pub fn events_overflowed(&self) -> u64 {
+        self.events_overflowed
+    }
+
+    fn push_event(&mut self, id: SessionId, event: SessionEvent) {
+        if self.events.len() >= GATEWAY_EVENTS_KEPT {
+            self.events_overflowed += 1;
+            return;
+        }
+        self.events.push((id, event));
+    }
+
     fn dropped(&mut self, d: Drop) -> Received<'_> {
         *self.drops.entry(d).or_default() += 1;
         Received::Dropped(d)
@@ -1262,9 +1303,15 @@ impl Gateway {
         if self.ended.len() >= ENDED_SESSIONS_KEPT {
             self.ended.pop_front();
         }
-        self.ended.push_back(id);
+        // A reattach arriving later is refused for the reason the session ended.
+        let reason = match session.ended_by {
+            Some(TerminationCause::LifetimeExceeded) => ReasonCode::SessionExpired,
+            Some(TerminationCause::TransportTtlExceeded) => ReasonCode::TransportTtlExceeded,
+            _ => ReasonCode::InvalidStateForReattach,
+        };
+        self.ended.push_back((id, reason));
         while let Some(e) = session.poll_event() {
-            self.events.push((id, e));
+            self.push_event(id, e);
         }
         self.by_tunnel.remove(&session.tunnel.addr);
         if let Some(c) = self.clients.get_mut(&session.client) {
@@ -1312,14 +1359,6 @@ impl Gateway {
             .finish(&resp.encode())
             .map_err(|_| ReasonCode::BadProof)?;
 
-        // One session per client: a new handshake replaces the old session explicitly
-        // (its slot in the table is freed for the new one).
-        if let Some(old) = previous {
-            if let Some(s) = self.sessions.get_mut(&old) {
-                s.terminate(self.store.as_ref(), TerminationCause::Peer, now);
-            }
-            self.after_session_input(old, now);
-        }
         let p = &self.policy;
         let record = SessionRecord {
             session_id,
@@ -1336,6 +1375,15 @@ impl Gateway {
             crate::store::StoreError::Full { .. } => ReasonCode::CapacityExceeded,
             _ => ReasonCode::AtomicityFailed,
         })?;
+        // One session per client: a new handshake replaces the old session explicitly,
+        // once the new session's record exists (a full or refusing table leaves the old
+        // session untouched).
+        if let Some(old) = previous {
+            if let Some(s) = self.sessions.get_mut(&old) {
+                s.terminate(self.store.as_ref(), TerminationCause::Peer, now);
+            }
+            self.after_session_input(old, now);
+        }
         let transport = TransportRef {
             id: payload.transport_id,
             protocol: payload.protocol,
@@ -1359,11 +1407,8 @@ impl Gateway {
             last_rekey_init: None,
             keys_expired_reported: false,
             security_failures: 0,
-            security_events: RateWindow {
-                start: now,
-                count: 0,
-                suppressed: 0,
-            },
+            security_events: RateWindow::default(),
+            ended_by: None,
             out: Vec::new(),
             plain: Vec::new(),
         };

@@ -107,3 +107,29 @@ impl Journal {
         self.overflowed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventBody;
+
+    #[test]
+    fn an_undrained_journal_keeps_its_bound_and_counts_the_rest() {
+        let mut j = Journal::new();
+        let now = Instant::now();
+        for epoch in 0..300 {
+            j.record(now, EventBody::KeyRotated { key_epoch: epoch });
+        }
+        let kept = std::iter::from_fn(|| j.poll()).count();
+        assert_eq!(
+            (kept, j.overflowed()),
+            (EVENT_QUEUE_LIMIT, 300 - EVENT_QUEUE_LIMIT as u64)
+        );
+        // Oldest first: what was kept is the beginning of the stream.
+        j.record(now, EventBody::KeyRotated { key_epoch: 7 });
+        assert_eq!(
+            j.poll().map(|e| e.body),
+            Some(EventBody::KeyRotated { key_epoch: 7 })
+        );
+    }
+}

@@ -722,6 +722,142 @@ fn an_authentic_request_with_a_stale_timestamp_does_not_count_against_the_sessio
     );
 }
 
+fn policy_with(edit: impl FnOnce(&mut PolicyConfig)) -> Policy {
+    let mut c = PolicyConfig::starter();
+    edit(&mut c);
+    c.validate().expect("policy")
+}
+
+/// A reattach after the session's lifetime (or transport-lost TTL) is refused for that
+/// reason, whether the gateway's timers already ended the session or not.
+fn late_reattach_reason(
+    policy: Policy,
+    after: Duration,
+    timers_first: bool,
+) -> (Option<ReasonCode>, Received<'static>) {
+    let mut w = World::new(policy);
+    let key = w.client_key.clone();
+    let mut raw = RawClient::connect(&mut w, &key, 1);
+    w.now += after;
+    if timers_first {
+        let now = w.now;
+        w.gw.handle_timeout(now);
+        assert!(
+            w.gw.session_ids().is_empty(),
+            "the timers ended the session"
+        );
+    }
+    let request = raw.reattach(
+        w.now,
+        UNIX_T0 + after.as_millis() as u64,
+        raw.binding_version,
+        2,
+    );
+    let now = w.now;
+    let received = match w.gw.handle_datagram(endpoint(2), &request, now) {
+        Received::Dropped(d) => Received::Dropped(d),
+        Received::Reply(_) => Received::Reply(&[]),
+        Received::ToTunnel(_) => Received::ToTunnel(&[]),
+        Received::Consumed => Received::Consumed,
+    };
+    w.drain();
+    (reattach_results(&w.gw_events).last().copied(), received)
+}
+
+#[test]
+fn a_reattach_past_the_lifetime_or_the_ttl_is_refused_for_that_reason() {
+    let short_life = policy_with(|c| {
+        c.session.max_lifetime_ms = Some(10_000);
+        c.session.transport_lost_ttl_ms = Some(10_000);
+    });
+    let short_ttl = policy_with(|c| c.session.transport_lost_ttl_ms = Some(5_000));
+    for timers_first in [false, true] {
+        let (reason, received) = late_reattach_reason(short_life.clone(), ms(10_000), timers_first);
+        assert_eq!(
+            reason,
+            Some(ReasonCode::SessionExpired),
+            "timers first: {timers_first}"
+        );
+        if !timers_first {
+            assert_eq!(received, Received::Dropped(Drop::SessionEnded));
+        }
+        let (reason, _) = late_reattach_reason(short_ttl.clone(), ms(6_000), timers_first);
+        assert_eq!(
+            reason,
+            Some(ReasonCode::TransportTtlExceeded),
+            "timers first: {timers_first}"
+        );
+    }
+}
+
+#[test]
+fn refusals_anyone_can_provoke_are_reported_at_a_bounded_rate() {
+    let mut w = World::new(Policy::default());
+    let key = w.client_key.clone();
+    let raw = RawClient::connect(&mut w, &key, 1);
+    let mut other = World::new(Policy::default());
+    let other_key = other.client_key.clone();
+    let mut forger = RawClient::connect(&mut other, &other_key, 1);
+    let mut forged = forger.reattach(w.now, UNIX_T0, raw.binding_version, 2);
+    forged[4..12].copy_from_slice(&raw.session.0.to_be_bytes());
+    let now = w.now;
+    let _ = w.gw.drain_events(); // the handshake's own events
+                                 // A live session: 1 000 forged requests in one instant.
+    for _ in 0..1_000 {
+        let _ = w.gw.handle_datagram(endpoint(2), &forged, now);
+    }
+    let events = w.gw.drain_events();
+    assert!(
+        events.len() <= 10,
+        "{} events for one second of forgeries",
+        events.len()
+    );
+    assert_eq!(w.gw.drops().get(&Drop::Unauthenticated), Some(&1_000));
+    // One second later the budget is there again.
+    let later = now + ms(1_000);
+    let _ = w.gw.handle_datagram(endpoint(2), &forged, later);
+    assert!(!w.gw.drain_events().is_empty());
+    // An ended session: its id is still known, and 100 000 requests do not grow memory.
+    w.gw.terminate(raw.session, later).expect("terminate");
+    let _ = w.gw.drain_events();
+    for _ in 0..100_000 {
+        let _ = w.gw.handle_datagram(endpoint(2), &forged, later);
+    }
+    assert!(w.gw.drain_events().len() <= 10);
+    assert_eq!(w.gw.drops().get(&Drop::SessionEnded), Some(&100_000));
+}
+
+#[test]
+fn a_tampered_clear_prefix_of_an_initiation_never_yields_a_session() {
+    for byte in 0..8 {
+        let mut w = World::new(Policy::default());
+        let now = w.now;
+        let mut init = w
+            .client
+            .connect(TransportId(1), now)
+            .expect("connect")
+            .bytes
+            .to_vec();
+        init[byte] ^= 0x01;
+        match w.gw.handle_datagram(endpoint(1), &init, now) {
+            // Type and reserved bytes: refused outright.
+            Received::Dropped(_) => assert!(byte < 4, "byte {byte}"),
+            // The index is not authenticated (as in WireGuard): the gateway answers, but
+            // to an index the client never sent, and the client ignores the answer.
+            Received::Reply(resp) => {
+                assert!(byte >= 4, "byte {byte} accepted");
+                let resp = resp.to_vec();
+                assert!(matches!(
+                    w.client.handle_datagram(TransportId(1), &resp, now),
+                    ClientReceived::Dropped(_)
+                ));
+                assert_eq!(w.client.state(), State::Birth);
+            }
+            other => panic!("byte {byte}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_reattach_inside_the_cooldown_is_policy_denied() {
     let mut w = World::new(Policy::default());
@@ -785,26 +921,38 @@ fn unauthorized_clients_and_replayed_initiations_are_refused() {
 }
 
 #[test]
-fn rekey_under_traffic_loses_and_duplicates_nothing() {
-    let policy = {
-        let mut c = PolicyConfig::starter();
-        c.security.rekey_after_packets = Some(64);
-        c.validate().expect("policy")
-    };
+fn rekey_under_reordered_traffic_loses_and_duplicates_nothing() {
+    let policy = policy_with(|c| c.security.rekey_after_packets = Some(64));
     let mut w = World::connected(policy);
+    // Data in both directions is delivered in blocks of four, each block reversed, so
+    // packets sealed under old keys keep arriving after the new keys took over.
+    let mut to_gw: Vec<Vec<u8>> = Vec::new();
+    let mut to_client: Vec<Vec<u8>> = Vec::new();
     for n in 0..2_000u32 {
         let now = w.now;
         let t = w
             .client
             .send_data(&ip_packet(TUNNEL, REMOTE, n), now)
             .expect("send");
-        let bytes = t.bytes.to_vec();
-        w.client_send(1, &bytes);
+        to_gw.push(t.bytes.to_vec());
         let (_, bytes) =
             w.gw.handle_tunnel_packet(&ip_packet(REMOTE, TUNNEL, n), now)
                 .expect("route");
-        let bytes = bytes.to_vec();
-        w.gateway_send(1, &bytes);
+        to_client.push(bytes.to_vec());
+        if to_gw.len() == 4 {
+            for b in to_gw.drain(..).rev() {
+                if let Received::ToTunnel(p) = w.gw.handle_datagram(endpoint(1), &b, now) {
+                    w.to_gw_tunnel.push(p.to_vec());
+                }
+            }
+            for b in to_client.drain(..).rev() {
+                if let ClientReceived::ToTunnel(p) =
+                    w.client.handle_datagram(TransportId(1), &b, now)
+                {
+                    w.to_client_tunnel.push(p.to_vec());
+                }
+            }
+        }
         if n % 10 == 0 {
             w.now += ms(1);
             let now = w.now;
@@ -813,10 +961,21 @@ fn rekey_under_traffic_loses_and_duplicates_nothing() {
             w.pump();
         }
     }
-    let to_gw: Vec<u32> = w.to_gw_tunnel.iter().map(|p| payload_of(p)).collect();
-    let to_client: Vec<u32> = w.to_client_tunnel.iter().map(|p| payload_of(p)).collect();
-    assert_eq!(to_gw, (0..2_000).collect::<Vec<_>>());
-    assert_eq!(to_client, (0..2_000).collect::<Vec<_>>());
+    w.drain();
+    let mut to_gw: Vec<u32> = w.to_gw_tunnel.iter().map(|p| payload_of(p)).collect();
+    let mut to_client: Vec<u32> = w.to_client_tunnel.iter().map(|p| payload_of(p)).collect();
+    to_gw.sort_unstable();
+    to_client.sort_unstable();
+    assert_eq!(
+        to_gw,
+        (0..2_000).collect::<Vec<_>>(),
+        "lost or duplicated towards the gateway"
+    );
+    assert_eq!(
+        to_client,
+        (0..2_000).collect::<Vec<_>>(),
+        "lost or duplicated towards the client"
+    );
     let rotations = w
         .gw_events
         .iter()
