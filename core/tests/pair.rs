@@ -828,6 +828,51 @@ fn refusals_anyone_can_provoke_are_reported_at_a_bounded_rate() {
 }
 
 #[test]
+fn a_forged_handshake_answer_leaves_a_retry_due_and_junk_does_not_postpone_it() {
+    use jvpn_core::client::HANDSHAKE_TIMEOUT;
+    let mut w = World::new(Policy::default());
+    let t0 = w.now;
+    let init = w
+        .client
+        .connect(TransportId(1), t0)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    let index: [u8; 4] = init[4..8].try_into().expect("index");
+    // Junk with another index, at t0 + 1 s: ignored, the retry stays where it was.
+    let mut junk = vec![PacketType::HandshakeResp as u8, 0, 0, 0, 9, 9, 9, 9];
+    junk.resize(90, 0x55);
+    let later = t0 + ms(1_000);
+    assert!(matches!(
+        w.client.handle_datagram(TransportId(1), &junk, later),
+        ClientReceived::Dropped(_)
+    ));
+    assert_eq!(w.client.next_deadline(), Some(t0 + HANDSHAKE_TIMEOUT));
+    // A forged answer with the right (clear-text) index: refused, and a retry is due
+    // when the genuine answer would have been given up — not never.
+    junk[4..8].copy_from_slice(&index);
+    assert!(matches!(
+        w.client.handle_datagram(TransportId(1), &junk, later),
+        ClientReceived::Dropped(_)
+    ));
+    assert_eq!(w.client.state(), State::Birth);
+    assert_eq!(w.client.next_deadline(), Some(t0 + HANDSHAKE_TIMEOUT));
+    assert!(!w.client.handshake_timed_out(t0 + HANDSHAKE_TIMEOUT - ms(1)));
+    assert!(w.client.handshake_timed_out(t0 + HANDSHAKE_TIMEOUT));
+    // The retry then succeeds.
+    w.now = t0 + HANDSHAKE_TIMEOUT;
+    let now = w.now;
+    let retry = w
+        .client
+        .connect(TransportId(1), now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    w.client_send(1, &retry);
+    assert_eq!(w.client.state(), State::Attached);
+}
+
+#[test]
 fn a_tampered_clear_prefix_of_an_initiation_never_yields_a_session() {
     for byte in 0..8 {
         let mut w = World::new(Policy::default());
