@@ -1,135 +1,33 @@
-//! The gateway's side of the protocol, sans-IO.
-//!
-//! [`Gateway`] accepts handshakes from authorized clients, routes every datagram to its
-//! session by the header's session id, and routes every packet read from the tunnel
-//! device to the session owning its destination address. Each [`GatewaySession`] holds
-//! one session's keys, state machine, binding and timers, and validates reattach
-//! requests in the contract's order. The receive path returns a [`Received`] saying
+//! One session at the gateway: keys, state machine, binding, timers, and the reattach
+//! checks in the contract's order. The receive path returns a [`Received`] saying
 //! exactly what the caller must do with the packet; events and the session table are
-//! updated as a side effect.
+//! updated as a side effect. A session is self-contained, so a runtime can drive each
+//! one on its own (one actor per session) with nothing shared but the table.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::{source_address, Drop, Endpoint, Received};
 use crate::crypto::{
-    rekey_prologue, Channel, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey, Response,
-    HANDSHAKE_PROLOGUE,
+    rekey_prologue, Channel, DirectionalKeys, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey,
+    Response,
 };
 use crate::event::{EventBody, ReattachOutcome, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{FsmEvent, Instability, State, TerminationCause};
-use crate::ids::{NodeId, Protocol, SessionId, StateVersion, TransportId};
+use crate::ids::{NodeId, SessionId, StateVersion, TransportId};
 use crate::journal::Journal;
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::replay::ReplayError;
 use crate::select::SwitchLimiter;
 use crate::store::{Binding, SessionRecord, SessionStore};
-use crate::wire::{
-    self, encode_handshake, encode_session_unknown, Control, Datagram, InitPayload, PacketType,
-    ReattachRequest, RespPayload, SessionHeader, Timestamp, TunnelAddr,
-};
-
-/// Where a datagram came from, or goes to: one transport as the gateway sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Endpoint {
-    /// The transport kind it arrived on.
-    pub protocol: Protocol,
-    /// The peer's address on it.
-    pub addr: SocketAddr,
-}
-
-/// A client the gateway accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuthorizedClient {
-    /// Its static public key.
-    pub public: PublicKey,
-    /// The tunnel address it is given.
-    pub tunnel: TunnelAddr,
-}
-
-/// Why a packet was dropped; every drop is counted by its reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Drop {
-    /// Not a valid packet.
-    Malformed,
-    /// A handshake that failed (with the reason code of its event).
-    Handshake(ReasonCode),
-    /// No session with that id.
-    UnknownSession,
-    /// Did not authenticate under the session's keys.
-    Unauthenticated,
-    /// An authentic packet seen before.
-    Replay,
-    /// A data or heartbeat packet on a transport that is not the session's binding.
-    UnboundTransport,
-    /// A tunnelled packet whose source is not the session's tunnel address.
-    SpoofedSource,
-    /// A packet from the tunnel device for an address no session owns.
-    NoRoute,
-    /// The session's keys are expired.
-    KeysExpired,
-    /// A packet type that makes no sense at the gateway (e.g. an ack).
-    Unexpected,
-    /// A path response from another endpoint than the one challenged.
-    PathMismatch,
-    /// The session ended (its timers fired as the packet arrived, or it ended just
-    /// before).
-    SessionEnded,
-}
-
-impl Drop {
-    /// The stable label used in metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Drop::Malformed => "malformed",
-            Drop::Handshake(_) => "handshake",
-            Drop::UnknownSession => "unknown_session",
-            Drop::Unauthenticated => "unauthenticated",
-            Drop::Replay => "replay",
-            Drop::UnboundTransport => "unbound_transport",
-            Drop::SpoofedSource => "spoofed_source",
-            Drop::NoRoute => "no_route",
-            Drop::KeysExpired => "keys_expired",
-            Drop::Unexpected => "unexpected",
-            Drop::PathMismatch => "path_mismatch",
-            Drop::SessionEnded => "session_ended",
-        }
-    }
-}
-
-/// What the caller must do with a received datagram.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Received<'o> {
-    /// Send these bytes back to the endpoint the datagram came from.
-    Reply(&'o [u8]),
-    /// Write this IP packet to the tunnel device.
-    ToTunnel(&'o [u8]),
-    /// Nothing to send; the packet was consumed.
-    Consumed,
-    /// The packet was dropped (and counted).
-    Dropped(Drop),
-}
-
-/// The gateway's configuration.
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// The gateway's static key pair (clients pin its public half).
-    pub keypair: Keypair,
-    /// This node's id, in events and session records.
-    pub node_id: NodeId,
-    /// The policy every session runs under.
-    pub policy: Arc<Policy>,
-    /// The clients allowed to connect.
-    pub clients: Vec<AuthorizedClient>,
-}
+use crate::wire::{self, Control, PacketType, ReattachRequest, SessionHeader, TunnelAddr};
 
 /// One session at the gateway.
 pub struct GatewaySession {
     id: SessionId,
-    client: PublicKey,
-    tunnel: TunnelAddr,
+    pub(super) client: PublicKey,
+    pub(super) tunnel: TunnelAddr,
     policy: Arc<Policy>,
     node: NodeId,
     channel: Channel,
@@ -151,8 +49,8 @@ pub struct GatewaySession {
     security_events: RateWindow,
     /// Why the session ended, once it has.
     ended_by: Option<TerminationCause>,
-    out: Vec<u8>,
-    plain: Vec<u8>,
+    pub(super) out: Vec<u8>,
+    pub(super) plain: Vec<u8>,
 }
 
 /// A validated reattach whose new path has been challenged.
@@ -170,17 +68,18 @@ struct PendingPath {
 /// id can make the gateway refuse packets for it, and must not flood the event stream or
 /// push real state changes out of the journal. Refusals past the limit are still counted
 /// (in drops) but not each reported.
-const SECURITY_EVENTS_PER_SECOND: u32 = 10;
+pub(super) const SECURITY_EVENTS_PER_SECOND: u32 = 10;
 
+/// Counts events in one-second windows and refuses those past the limit.
 #[derive(Debug, Clone, Copy, Default)]
-struct RateWindow {
+pub(super) struct RateWindow {
     start: Option<Instant>,
     count: u32,
     suppressed: u64,
 }
 
 impl RateWindow {
-    fn allow(&mut self, now: Instant) -> bool {
+    pub(super) fn allow(&mut self, now: Instant) -> bool {
         if self
             .start
             .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1))
@@ -209,6 +108,67 @@ impl std::fmt::Debug for GatewaySession {
 }
 
 impl GatewaySession {
+    /// A new session in BIRTH, bound to nothing yet; [`GatewaySession::attach`] binds
+    /// its first transport.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        id: SessionId,
+        client: PublicKey,
+        tunnel: TunnelAddr,
+        policy: Arc<Policy>,
+        node: NodeId,
+        keys: DirectionalKeys,
+        limits: KeyLimits,
+        now: Instant,
+    ) -> Self {
+        GatewaySession {
+            id,
+            client,
+            tunnel,
+            limiter: SwitchLimiter::new(&policy),
+            policy,
+            node,
+            channel: Channel::new(id, keys, limits, now),
+            journal: Journal::new(),
+            created_at: now,
+            last_heard: now,
+            binding: None,
+            bound_at: StateVersion(0),
+            binding_heard: now,
+            volatile_since: None,
+            pending_path: None,
+            last_rekey_init: None,
+            keys_expired_reported: false,
+            security_failures: 0,
+            security_events: RateWindow::default(),
+            ended_by: None,
+            out: Vec::new(),
+            plain: Vec::new(),
+        }
+    }
+
+    /// Binds the handshake's transport: BIRTH → ATTACHED, written to the table.
+    /// Returns whether it did (the table refused otherwise).
+    pub(super) fn attach(
+        &mut self,
+        store: &dyn SessionStore,
+        from: Endpoint,
+        transport: TransportRef,
+        now: Instant,
+    ) -> bool {
+        let attached = EventBody::TransportAttached {
+            transport,
+            reason_code: ReasonCode::AttachedToTransport,
+        };
+        self.commit(
+            store,
+            &[FsmEvent::AttachOk],
+            &[attached],
+            Some(Some((from, transport))),
+            now,
+        )
+    }
+
     /// The session's id.
     pub fn id(&self) -> SessionId {
         self.id
@@ -227,6 +187,16 @@ impl GatewaySession {
     /// The client's tunnel address.
     pub fn tunnel(&self) -> TunnelAddr {
         self.tunnel
+    }
+
+    /// The client's static public key.
+    pub fn client(&self) -> PublicKey {
+        self.client
+    }
+
+    /// Why the session ended, once it has.
+    pub fn ended_by(&self) -> Option<TerminationCause> {
+        self.ended_by
     }
 
     /// The active binding: where the client is reached.
@@ -394,7 +364,7 @@ impl GatewaySession {
     }
 
     /// What an outcome means for the caller, with the bytes it refers to.
-    fn received(&self, outcome: Outcome) -> Received<'_> {
+    pub(super) fn received(&self, outcome: Outcome) -> Received<'_> {
         match outcome {
             Outcome::Reply => Received::Reply(&self.out),
             Outcome::Tunnel => Received::ToTunnel(&self.plain),
@@ -403,8 +373,29 @@ impl GatewaySession {
         }
     }
 
+    /// Handles one packet; a session whose security failures reach the policy's limit
+    /// is terminated (security_failure) before this returns.
     #[allow(clippy::too_many_arguments)]
-    fn process_packet(
+    pub(super) fn process_packet(
+        &mut self,
+        store: &dyn SessionStore,
+        local: &Keypair,
+        clock: &WallClock,
+        from: Endpoint,
+        header: &SessionHeader,
+        aad: &[u8; wire::HEADER_LEN],
+        sealed: &[u8],
+        now: Instant,
+    ) -> Outcome {
+        let outcome = self.judge_packet(store, local, clock, from, header, aad, sealed, now);
+        if self.security_failures >= self.policy.max_security_failures() {
+            self.terminate(store, TerminationCause::SecurityFailure, now);
+        }
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn judge_packet(
         &mut self,
         store: &dyn SessionStore,
         local: &Keypair,
@@ -844,11 +835,6 @@ impl GatewaySession {
         }
     }
 
-    /// Whether security failures reached the policy's limit (the caller terminates).
-    pub fn too_many_security_failures(&self) -> bool {
-        self.security_failures >= self.policy.max_security_failures()
-    }
-
     /// Applies `steps` as one write: the new record (state, version, binding) is
     /// compare-and-swapped into the table at the version this session holds, and only if
     /// that succeeds are `before` and then the transitions recorded. `binding`: `None`
@@ -932,14 +918,16 @@ impl GatewaySession {
     }
 }
 
-enum Outcome {
+/// What became of one packet; [`GatewaySession::received`] turns it into a [`Received`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Outcome {
     Reply,
     Tunnel,
     Consumed,
     Drop(Drop),
 }
 
-fn ms(d: Duration) -> u64 {
+pub(super) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -963,493 +951,4 @@ fn instability_of(reason: ReasonCode) -> Instability {
         ReasonCode::TransportDead => Instability::TransportDead,
         _ => Instability::HeartbeatTimeout,
     }
-}
-
-/// The source address of an IPv4 or IPv6 packet.
-pub fn source_address(packet: &[u8]) -> Option<IpAddr> {
-    ip_address(packet, 12, 8)
-}
-
-/// The destination address of an IPv4 or IPv6 packet.
-pub fn destination_address(packet: &[u8]) -> Option<IpAddr> {
-    ip_address(packet, 16, 24)
-}
-
-/// The address at `v4_offset` of an IPv4 header or `v6_offset` of an IPv6 header.
-fn ip_address(packet: &[u8], v4_offset: usize, v6_offset: usize) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => {
-            let b: [u8; 4] = packet.get(v4_offset..v4_offset + 4)?.try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        6 => {
-            let b: [u8; 16] = packet.get(v6_offset..v6_offset + 16)?.try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        _ => None,
-    }
-}
-
-/// Events of removed sessions kept until drained; past it they are counted, not kept.
-const GATEWAY_EVENTS_KEPT: usize = 4_096;
-
-/// How many ended session ids the gateway remembers.
-const ENDED_SESSIONS_KEPT: usize = 1_024;
-
-struct ClientEntry {
-    tunnel: TunnelAddr,
-    last_timestamp: Option<Timestamp>,
-    session: Option<SessionId>,
-}
-
-/// The gateway: handshakes, routing, and every session of this node.
-pub struct Gateway {
-    keypair: Keypair,
-    node: NodeId,
-    policy: Arc<Policy>,
-    limits: KeyLimits,
-    clock: WallClock,
-    store: Arc<dyn SessionStore>,
-    clients: HashMap<PublicKey, ClientEntry>,
-    sessions: HashMap<SessionId, GatewaySession>,
-    by_tunnel: HashMap<IpAddr, SessionId>,
-    drops: HashMap<Drop, u64>,
-    /// Events of sessions already removed (at most GATEWAY_EVENTS_KEPT until drained).
-    events: Vec<(SessionId, SessionEvent)>,
-    events_overflowed: u64,
-    /// Denials of reattaches for ended sessions: anyone can provoke them, so they are
-    /// reported at most SECURITY_EVENTS_PER_SECOND per second, gateway-wide.
-    ended_denials: RateWindow,
-    /// Recently ended sessions (bounded), so that a late reattach for one is denied
-    /// as invalid_state_for_reattach rather than taken for an unknown session.
-    ended: VecDeque<(SessionId, ReasonCode)>,
-    out: Vec<u8>,
-}
-
-impl Gateway {
-    /// A gateway with `config`, writing session records to `store`, and reading wall
-    /// time (for freshness checks and event stamps) through `clock`.
-    pub fn new(config: GatewayConfig, store: Arc<dyn SessionStore>, clock: WallClock) -> Self {
-        let clients = config
-            .clients
-            .iter()
-            .map(|c| {
-                (
-                    c.public,
-                    ClientEntry {
-                        tunnel: c.tunnel,
-                        last_timestamp: None,
-                        session: None,
-                    },
-                )
-            })
-            .collect();
-        Gateway {
-            limits: KeyLimits::from_policy(&config.policy),
-            keypair: config.keypair,
-            node: config.node_id,
-            policy: config.policy,
-            clock,
-            store,
-            clients,
-            sessions: HashMap::new(),
-            by_tunnel: HashMap::new(),
-            drops: HashMap::new(),
-            events: Vec::new(),
-            events_overflowed: 0,
-            ended_denials: RateWindow::default(),
-            ended: VecDeque::with_capacity(ENDED_SESSIONS_KEPT),
-            out: Vec::new(),
-        }
-    }
-
-    /// The gateway's public key.
-    pub fn public_key(&self) -> PublicKey {
-        self.keypair.public()
-    }
-
-    /// A session, if it exists.
-    pub fn session(&self, id: SessionId) -> Option<&GatewaySession> {
-        self.sessions.get(&id)
-    }
-
-    /// Every live session's id.
-    pub fn session_ids(&self) -> Vec<SessionId> {
-        self.sessions.keys().copied().collect()
-    }
-
-    /// Drops counted so far, by reason.
-    pub fn drops(&self) -> &HashMap<Drop, u64> {
-        &self.drops
-    }
-
-    /// Handles one datagram from `from`.
-    pub fn handle_datagram(
-        &mut self,
-        from: Endpoint,
-        datagram: &[u8],
-        now: Instant,
-    ) -> Received<'_> {
-        let parsed = match wire::parse(datagram) {
-            Ok(p) => p,
-            Err(_) => return self.dropped(Drop::Malformed),
-        };
-        match parsed {
-            Datagram::HandshakeInit {
-                sender_index,
-                noise,
-            } => match self.accept_handshake(from, sender_index, noise, now) {
-                Ok(()) => Received::Reply(&self.out),
-                Err(reason) => self.dropped(Drop::Handshake(reason)),
-            },
-            Datagram::Session {
-                header,
-                aad,
-                sealed,
-            } => {
-                let Some(session) = self.sessions.get_mut(&header.session_id) else {
-                    let ended = self
-                        .ended
-                        .iter()
-                        .find(|(id, _)| *id == header.session_id)
-                        .map(|(_, reason)| *reason);
-                    if let (PacketType::ReattachRequest, Some(reason)) = (header.ptype, ended) {
-                        if self.ended_denials.allow(now) {
-                            let denied = EventBody::ReattachResult {
-                                candidate_transport: TransportRef {
-                                    id: TransportId(0),
-                                    protocol: from.protocol,
-                                },
-                                result: ReattachOutcome::Denied,
-                                reason_code: reason,
-                            };
-                            self.push_event(
-                                header.session_id,
-                                SessionEvent {
-                                    at: now,
-                                    body: denied,
-                                },
-                            );
-                        }
-                        *self.drops.entry(Drop::SessionEnded).or_default() += 1;
-                        self.out.clear();
-                        self.out
-                            .extend_from_slice(&encode_session_unknown(header.session_id));
-                        return Received::Reply(&self.out);
-                    }
-                    *self.drops.entry(Drop::UnknownSession).or_default() += 1;
-                    self.out.clear();
-                    self.out
-                        .extend_from_slice(&encode_session_unknown(header.session_id));
-                    return Received::Reply(&self.out);
-                };
-                let id = header.session_id;
-                let outcome = session.process_packet(
-                    self.store.as_ref(),
-                    &self.keypair,
-                    &self.clock,
-                    from,
-                    &header,
-                    aad,
-                    sealed,
-                    now,
-                );
-                if let Outcome::Drop(d) = outcome {
-                    *self.drops.entry(d).or_default() += 1;
-                }
-                // The packet may have ended the session; its last bytes (a sealed
-                // answer) then come from the removed session.
-                match self.after_session_input(id, now) {
-                    None => match self.sessions.get(&id) {
-                        Some(session) => session.received(outcome),
-                        None => Received::Consumed,
-                    },
-                    Some(ended) => {
-                        self.out.clear();
-                        match outcome {
-                            Outcome::Reply => self.out.extend_from_slice(&ended.out),
-                            Outcome::Tunnel => self.out.extend_from_slice(&ended.plain),
-                            Outcome::Consumed | Outcome::Drop(_) => {}
-                        }
-                        match outcome {
-                            Outcome::Reply => Received::Reply(&self.out),
-                            Outcome::Tunnel => Received::ToTunnel(&self.out),
-                            Outcome::Consumed => Received::Consumed,
-                            Outcome::Drop(d) => Received::Dropped(d),
-                        }
-                    }
-                }
-            }
-            Datagram::HandshakeResp { .. } | Datagram::SessionUnknown { .. } => {
-                self.dropped(Drop::Unexpected)
-            }
-        }
-    }
-
-    /// Seals an IP packet read from the tunnel device for the session owning its
-    /// destination; returns where to send the result.
-    pub fn handle_tunnel_packet(
-        &mut self,
-        packet: &[u8],
-        now: Instant,
-    ) -> Result<(Endpoint, &[u8]), Drop> {
-        let Some(id) = destination_address(packet)
-            .and_then(|dst| self.by_tunnel.get(&dst))
-            .copied()
-        else {
-            *self.drops.entry(Drop::NoRoute).or_default() += 1;
-            return Err(Drop::NoRoute);
-        };
-        let sealed = match self.sessions.get_mut(&id) {
-            Some(session) => session
-                .seal_data(self.store.as_ref(), packet, now)
-                .map(|(e, _)| e),
-            None => Err(Drop::NoRoute),
-        };
-        match sealed {
-            Ok(endpoint) => match self.sessions.get(&id) {
-                Some(session) => Ok((endpoint, &session.out)),
-                None => Err(Drop::NoRoute),
-            },
-            Err(d) => {
-                *self.drops.entry(d).or_default() += 1;
-                self.after_session_input(id, now);
-                Err(d)
-            }
-        }
-    }
-
-    /// Ends a session on an operator's command: the client is told (the returned
-    /// datagram), the session terminates with operator_terminated and is removed.
-    pub fn terminate(&mut self, id: SessionId, now: Instant) -> Option<(Endpoint, Vec<u8>)> {
-        let session = self.sessions.get_mut(&id)?;
-        let notice = session
-            .seal_terminate(ReasonCode::OperatorTerminated, now)
-            .map(|(e, b)| (e, b.to_vec()));
-        session.terminate(self.store.as_ref(), TerminationCause::Operator, now);
-        self.after_session_input(id, now);
-        notice
-    }
-
-    /// Fires every session's due timers.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.next_deadline().is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            if let Some(s) = self.sessions.get_mut(&id) {
-                s.handle_timeout(self.store.as_ref(), now);
-            }
-            self.after_session_input(id, now);
-        }
-    }
-
-    /// The earliest deadline of any session.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.sessions
-            .values()
-            .filter_map(GatewaySession::next_deadline)
-            .min()
-    }
-
-    /// Every event since the last drain, with its session, oldest first per session.
-    pub fn drain_events(&mut self) -> Vec<(SessionId, SessionEvent)> {
-        let mut all = std::mem::take(&mut self.events);
-        for (id, s) in &mut self.sessions {
-            while let Some(e) = s.poll_event() {
-                all.push((*id, e));
-            }
-        }
-        all
-    }
-
-    /// The gateway's clock.
-    pub fn clock(&self) -> &WallClock {
-        &self.clock
-    }
-
-    /// Events of removed sessions not kept because nobody drained them.
-    pub fn events_overflowed(&self) -> u64 {
-        self.events_overflowed
-    }
-
-    fn push_event(&mut self, id: SessionId, event: SessionEvent) {
-        if self.events.len() >= GATEWAY_EVENTS_KEPT {
-            self.events_overflowed += 1;
-            return;
-        }
-        self.events.push((id, event));
-    }
-
-    fn dropped(&mut self, d: Drop) -> Received<'_> {
-        *self.drops.entry(d).or_default() += 1;
-        Received::Dropped(d)
-    }
-
-    /// After any input to a session: terminate it on too many security failures, and
-    /// remove it (keeping its events) once it has terminated; returns it if removed.
-    fn after_session_input(&mut self, id: SessionId, now: Instant) -> Option<GatewaySession> {
-        let session = self.sessions.get_mut(&id)?;
-        if session.too_many_security_failures() {
-            session.terminate(self.store.as_ref(), TerminationCause::SecurityFailure, now);
-        }
-        if session.state() != State::Terminated {
-            return None;
-        }
-        let mut session = self.sessions.remove(&id)?;
-        if self.ended.len() >= ENDED_SESSIONS_KEPT {
-            self.ended.pop_front();
-        }
-        // A reattach arriving later is refused for the reason the session ended.
-        let reason = match session.ended_by {
-            Some(TerminationCause::LifetimeExceeded) => ReasonCode::SessionExpired,
-            Some(TerminationCause::TransportTtlExceeded) => ReasonCode::TransportTtlExceeded,
-            _ => ReasonCode::InvalidStateForReattach,
-        };
-        self.ended.push_back((id, reason));
-        while let Some(e) = session.poll_event() {
-            self.push_event(id, e);
-        }
-        self.by_tunnel.remove(&session.tunnel.addr);
-        if let Some(c) = self.clients.get_mut(&session.client) {
-            if c.session == Some(id) {
-                c.session = None;
-            }
-        }
-        let _ = self.store.remove(id, session.version());
-        Some(session)
-    }
-
-    fn accept_handshake(
-        &mut self,
-        from: Endpoint,
-        sender_index: u32,
-        noise: &[u8],
-        now: Instant,
-    ) -> Result<(), ReasonCode> {
-        let response = Response::read(&self.keypair, HANDSHAKE_PROLOGUE, noise)
-            .map_err(|_| ReasonCode::BadProof)?;
-        let client = response.client();
-        let payload = InitPayload::decode(response.payload()).map_err(|_| ReasonCode::BadProof)?;
-        let entry = self
-            .clients
-            .get(&client)
-            .ok_or(ReasonCode::UnauthorizedClient)?;
-        if entry.last_timestamp.is_some_and(|t| payload.timestamp <= t) {
-            return Err(ReasonCode::ReplayDetected);
-        }
-        if !self.policy.allows(payload.protocol) || payload.protocol != from.protocol {
-            return Err(ReasonCode::PolicyDenied);
-        }
-        let tunnel = entry.tunnel;
-        let previous = entry.session;
-        let session_id = fresh_session_id(&self.sessions).ok_or(ReasonCode::AtomicityFailed)?;
-        let resp = RespPayload {
-            session_id,
-            // The version AttachOk produces: the first binding's.
-            binding_version: StateVersion(1),
-            tunnel,
-        };
-        // Everything that can fail on this handshake's own account comes first, so that
-        // a refused handshake leaves the previous session and the table untouched.
-        let (msg2, keys) = response
-            .finish(&resp.encode())
-            .map_err(|_| ReasonCode::BadProof)?;
-
-        let p = &self.policy;
-        let record = SessionRecord {
-            session_id,
-            state: State::Birth,
-            state_version: StateVersion(0),
-            owner: self.node.clone(),
-            active_binding: None,
-            candidates: Vec::new(),
-            lifetime_deadline: now + p.max_lifetime(),
-            transport_lost_deadline: now + p.transport_lost_ttl(),
-            recovery_deadline: None,
-        };
-        self.store.create(record).map_err(|e| match e {
-            crate::store::StoreError::Full { .. } => ReasonCode::CapacityExceeded,
-            _ => ReasonCode::AtomicityFailed,
-        })?;
-        // One session per client: a new handshake replaces the old session explicitly,
-        // once the new session's record exists (a full or refusing table leaves the old
-        // session untouched).
-        if let Some(old) = previous {
-            if let Some(s) = self.sessions.get_mut(&old) {
-                s.terminate(self.store.as_ref(), TerminationCause::Peer, now);
-            }
-            self.after_session_input(old, now);
-        }
-        let transport = TransportRef {
-            id: payload.transport_id,
-            protocol: payload.protocol,
-        };
-        let mut session = GatewaySession {
-            id: session_id,
-            client,
-            tunnel,
-            policy: Arc::clone(&self.policy),
-            node: self.node.clone(),
-            channel: Channel::new(session_id, keys, self.limits, now),
-            journal: Journal::new(),
-            created_at: now,
-            last_heard: now,
-            binding: None,
-            bound_at: StateVersion(0),
-            binding_heard: now,
-            volatile_since: None,
-            limiter: SwitchLimiter::new(&self.policy),
-            pending_path: None,
-            last_rekey_init: None,
-            keys_expired_reported: false,
-            security_failures: 0,
-            security_events: RateWindow::default(),
-            ended_by: None,
-            out: Vec::new(),
-            plain: Vec::new(),
-        };
-        let attached = EventBody::TransportAttached {
-            transport,
-            reason_code: ReasonCode::AttachedToTransport,
-        };
-        if !session.commit(
-            self.store.as_ref(),
-            &[FsmEvent::AttachOk],
-            &[attached],
-            Some(Some((from, transport))),
-            now,
-        ) {
-            let _ = self.store.remove(session_id, StateVersion(0));
-            return Err(ReasonCode::AtomicityFailed);
-        }
-        if let Some(entry) = self.clients.get_mut(&client) {
-            entry.last_timestamp = Some(payload.timestamp);
-            entry.session = Some(session_id);
-        }
-        self.by_tunnel.insert(tunnel.addr, session_id);
-        self.sessions.insert(session_id, session);
-        encode_handshake(
-            PacketType::HandshakeResp,
-            sender_index,
-            &msg2,
-            &mut self.out,
-        );
-        Ok(())
-    }
-}
-
-/// A random session id not in use (and never 0). Gives up after a few tries rather than
-/// loop: with 64 random bits, a second collision means the random source is broken.
-fn fresh_session_id(existing: &HashMap<SessionId, GatewaySession>) -> Option<SessionId> {
-    for _ in 0..4 {
-        let id = SessionId(getrandom::u64().ok()?);
-        if id.0 != 0 && !existing.contains_key(&id) {
-            return Some(id);
-        }
-    }
-    None
 }

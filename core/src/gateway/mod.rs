@@ -1,0 +1,428 @@
+//! The gateway's side of the protocol, sans-IO.
+//!
+//! Three parts a runtime can drive separately: the [`Responder`] answers handshakes and
+//! creates sessions; each [`GatewaySession`] holds one session (keys, state machine,
+//! binding, timers, reattach checks); [`EndedSessions`] remembers why recent sessions
+//! ended. [`Gateway`] composes them in one value for single-threaded drivers, tests,
+//! benchmarks and fuzzing: it routes every datagram to its session by the header's
+//! session id and every packet from the tunnel device to the session owning its
+//! destination address.
+
+mod ended;
+mod responder;
+mod session;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::crypto::Keypair;
+use crate::crypto::PublicKey;
+use crate::event::{SessionEvent, WallClock};
+use crate::fsm::{State, TerminationCause};
+use crate::ids::{NodeId, Protocol, SessionId};
+use crate::policy::Policy;
+use crate::reason::ReasonCode;
+use crate::store::SessionStore;
+use crate::wire::{self, encode_session_unknown, Datagram, TunnelAddr};
+
+pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
+pub use responder::{Accepted, Responder};
+pub use session::GatewaySession;
+use session::Outcome;
+
+/// Where a datagram came from, or goes to: one transport as the gateway sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The transport kind it arrived on.
+    pub protocol: Protocol,
+    /// The peer's address on it.
+    pub addr: SocketAddr,
+}
+
+/// A client the gateway accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthorizedClient {
+    /// Its static public key.
+    pub public: PublicKey,
+    /// The tunnel address it is given.
+    pub tunnel: TunnelAddr,
+}
+
+/// Why a packet was dropped; every drop is counted by its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Drop {
+    /// Not a valid packet.
+    Malformed,
+    /// A handshake that failed (with the reason code of its event).
+    Handshake(ReasonCode),
+    /// No session with that id.
+    UnknownSession,
+    /// Did not authenticate under the session's keys.
+    Unauthenticated,
+    /// An authentic packet seen before.
+    Replay,
+    /// A data or heartbeat packet on a transport that is not the session's binding.
+    UnboundTransport,
+    /// A tunnelled packet whose source is not the session's tunnel address.
+    SpoofedSource,
+    /// A packet from the tunnel device for an address no session owns.
+    NoRoute,
+    /// The session's keys are expired.
+    KeysExpired,
+    /// A packet type that makes no sense at the gateway (e.g. an ack).
+    Unexpected,
+    /// A path response from another endpoint than the one challenged.
+    PathMismatch,
+    /// The session ended (its timers fired as the packet arrived, or it ended just
+    /// before).
+    SessionEnded,
+}
+
+impl Drop {
+    /// The stable label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::Malformed => "malformed",
+            Drop::Handshake(_) => "handshake",
+            Drop::UnknownSession => "unknown_session",
+            Drop::Unauthenticated => "unauthenticated",
+            Drop::Replay => "replay",
+            Drop::UnboundTransport => "unbound_transport",
+            Drop::SpoofedSource => "spoofed_source",
+            Drop::NoRoute => "no_route",
+            Drop::KeysExpired => "keys_expired",
+            Drop::Unexpected => "unexpected",
+            Drop::PathMismatch => "path_mismatch",
+            Drop::SessionEnded => "session_ended",
+        }
+    }
+}
+
+/// What the caller must do with a received datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'o> {
+    /// Send these bytes back to the endpoint the datagram came from.
+    Reply(&'o [u8]),
+    /// Write this IP packet to the tunnel device.
+    ToTunnel(&'o [u8]),
+    /// Nothing to send; the packet was consumed.
+    Consumed,
+    /// The packet was dropped (and counted).
+    Dropped(Drop),
+}
+
+/// The gateway's configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The gateway's static key pair (clients pin its public half).
+    pub keypair: Keypair,
+    /// This node's id, in events and session records.
+    pub node_id: NodeId,
+    /// The policy every session runs under.
+    pub policy: Arc<Policy>,
+    /// The clients allowed to connect.
+    pub clients: Vec<AuthorizedClient>,
+}
+
+/// The source address of an IPv4 or IPv6 packet.
+pub fn source_address(packet: &[u8]) -> Option<IpAddr> {
+    ip_address(packet, 12, 8)
+}
+
+/// The destination address of an IPv4 or IPv6 packet.
+pub fn destination_address(packet: &[u8]) -> Option<IpAddr> {
+    ip_address(packet, 16, 24)
+}
+
+/// The address at `v4_offset` of an IPv4 header or `v6_offset` of an IPv6 header.
+fn ip_address(packet: &[u8], v4_offset: usize, v6_offset: usize) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(v4_offset..v4_offset + 4)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(v6_offset..v6_offset + 16)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// Events of removed sessions kept until drained; past it they are counted, not kept.
+const GATEWAY_EVENTS_KEPT: usize = 4_096;
+
+/// The gateway: handshakes, routing, and every session of this node.
+pub struct Gateway {
+    responder: Responder,
+    clock: WallClock,
+    sessions: HashMap<SessionId, GatewaySession>,
+    by_tunnel: HashMap<IpAddr, SessionId>,
+    drops: HashMap<Drop, u64>,
+    /// Events of sessions already removed (at most GATEWAY_EVENTS_KEPT until drained).
+    events: Vec<(SessionId, SessionEvent)>,
+    events_overflowed: u64,
+    ended: EndedSessions,
+    out: Vec<u8>,
+}
+
+impl Gateway {
+    /// A gateway with `config`, writing session records to `store`, and reading wall
+    /// time (for freshness checks and event stamps) through `clock`.
+    pub fn new(config: GatewayConfig, store: Arc<dyn SessionStore>, clock: WallClock) -> Self {
+        Gateway {
+            responder: Responder::new(config, store),
+            clock,
+            sessions: HashMap::new(),
+            by_tunnel: HashMap::new(),
+            drops: HashMap::new(),
+            events: Vec::new(),
+            events_overflowed: 0,
+            ended: EndedSessions::default(),
+            out: Vec::new(),
+        }
+    }
+
+    /// The gateway's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.responder.public_key()
+    }
+
+    /// A session, if it exists.
+    pub fn session(&self, id: SessionId) -> Option<&GatewaySession> {
+        self.sessions.get(&id)
+    }
+
+    /// Every live session's id.
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        self.sessions.keys().copied().collect()
+    }
+
+    /// Drops counted so far, by reason.
+    pub fn drops(&self) -> &HashMap<Drop, u64> {
+        &self.drops
+    }
+
+    /// Handles one datagram from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        from: Endpoint,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Received<'_> {
+        let parsed = match wire::parse(datagram) {
+            Ok(p) => p,
+            Err(_) => return self.dropped(Drop::Malformed),
+        };
+        match parsed {
+            Datagram::HandshakeInit {
+                sender_index,
+                noise,
+            } => match self.responder.accept(from, sender_index, noise, now) {
+                Ok((accepted, reply)) => {
+                    self.out.clear();
+                    self.out.extend_from_slice(reply);
+                    let session = accepted.session;
+                    // One session per client: the new one replaces the old explicitly.
+                    if let Some(old) = accepted.replaces {
+                        if let Some(s) = self.sessions.get_mut(&old) {
+                            s.terminate(
+                                self.responder.store().as_ref(),
+                                TerminationCause::Peer,
+                                now,
+                            );
+                        }
+                        self.after_session_input(old);
+                    }
+                    self.by_tunnel.insert(session.tunnel().addr, session.id());
+                    self.sessions.insert(session.id(), session);
+                    Received::Reply(&self.out)
+                }
+                Err(reason) => self.dropped(Drop::Handshake(reason)),
+            },
+            Datagram::Session {
+                header,
+                aad,
+                sealed,
+            } => {
+                let Some(session) = self.sessions.get_mut(&header.session_id) else {
+                    let (drop, event) = self.ended.judge(&header, from, now);
+                    if let Some(event) = event {
+                        self.push_event(header.session_id, event);
+                    }
+                    *self.drops.entry(drop).or_default() += 1;
+                    self.out.clear();
+                    self.out
+                        .extend_from_slice(&encode_session_unknown(header.session_id));
+                    return Received::Reply(&self.out);
+                };
+                let id = header.session_id;
+                let outcome = session.process_packet(
+                    self.responder.store().as_ref(),
+                    self.responder.keypair(),
+                    &self.clock,
+                    from,
+                    &header,
+                    aad,
+                    sealed,
+                    now,
+                );
+                if let Outcome::Drop(d) = outcome {
+                    *self.drops.entry(d).or_default() += 1;
+                }
+                // The packet may have ended the session; its last bytes (a sealed
+                // answer) then come from the removed session.
+                match self.after_session_input(id) {
+                    None => match self.sessions.get(&id) {
+                        Some(session) => session.received(outcome),
+                        None => Received::Consumed,
+                    },
+                    Some(ended) => {
+                        self.out.clear();
+                        match ended.received(outcome) {
+                            Received::Reply(b) => {
+                                self.out.extend_from_slice(b);
+                                Received::Reply(&self.out)
+                            }
+                            Received::ToTunnel(b) => {
+                                self.out.extend_from_slice(b);
+                                Received::ToTunnel(&self.out)
+                            }
+                            Received::Consumed => Received::Consumed,
+                            Received::Dropped(d) => Received::Dropped(d),
+                        }
+                    }
+                }
+            }
+            Datagram::HandshakeResp { .. } | Datagram::SessionUnknown { .. } => {
+                self.dropped(Drop::Unexpected)
+            }
+        }
+    }
+
+    /// Seals an IP packet read from the tunnel device for the session owning its
+    /// destination; returns where to send the result.
+    pub fn handle_tunnel_packet(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(Endpoint, &[u8]), Drop> {
+        let Some(id) = destination_address(packet)
+            .and_then(|dst| self.by_tunnel.get(&dst))
+            .copied()
+        else {
+            *self.drops.entry(Drop::NoRoute).or_default() += 1;
+            return Err(Drop::NoRoute);
+        };
+        let sealed = match self.sessions.get_mut(&id) {
+            Some(session) => session
+                .seal_data(self.responder.store().as_ref(), packet, now)
+                .map(|(e, _)| e),
+            None => Err(Drop::NoRoute),
+        };
+        match sealed {
+            Ok(endpoint) => match self.sessions.get(&id) {
+                Some(session) => Ok((endpoint, &session.out)),
+                None => Err(Drop::NoRoute),
+            },
+            Err(d) => {
+                *self.drops.entry(d).or_default() += 1;
+                self.after_session_input(id);
+                Err(d)
+            }
+        }
+    }
+
+    /// Ends a session on an operator's command: the client is told (the returned
+    /// datagram), the session terminates with operator_terminated and is removed.
+    pub fn terminate(&mut self, id: SessionId, now: Instant) -> Option<(Endpoint, Vec<u8>)> {
+        let session = self.sessions.get_mut(&id)?;
+        let notice = session
+            .seal_terminate(ReasonCode::OperatorTerminated, now)
+            .map(|(e, b)| (e, b.to_vec()));
+        session.terminate(
+            self.responder.store().as_ref(),
+            TerminationCause::Operator,
+            now,
+        );
+        self.after_session_input(id);
+        notice
+    }
+
+    /// Fires every session's due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.next_deadline().is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.handle_timeout(self.responder.store().as_ref(), now);
+            }
+            self.after_session_input(id);
+        }
+    }
+
+    /// The earliest deadline of any session.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.sessions
+            .values()
+            .filter_map(GatewaySession::next_deadline)
+            .min()
+    }
+
+    /// Every event since the last drain, with its session, oldest first per session.
+    pub fn drain_events(&mut self) -> Vec<(SessionId, SessionEvent)> {
+        let mut all = std::mem::take(&mut self.events);
+        for (id, s) in &mut self.sessions {
+            while let Some(e) = s.poll_event() {
+                all.push((*id, e));
+            }
+        }
+        all
+    }
+
+    /// The gateway's clock.
+    pub fn clock(&self) -> &WallClock {
+        &self.clock
+    }
+
+    /// Events of removed sessions not kept because nobody drained them.
+    pub fn events_overflowed(&self) -> u64 {
+        self.events_overflowed
+    }
+
+    fn push_event(&mut self, id: SessionId, event: SessionEvent) {
+        if self.events.len() >= GATEWAY_EVENTS_KEPT {
+            self.events_overflowed += 1;
+            return;
+        }
+        self.events.push((id, event));
+    }
+
+    fn dropped(&mut self, d: Drop) -> Received<'_> {
+        *self.drops.entry(d).or_default() += 1;
+        Received::Dropped(d)
+    }
+
+    /// After any input to a session: remove it (keeping its events) once it has
+    /// terminated; returns it if removed.
+    fn after_session_input(&mut self, id: SessionId) -> Option<GatewaySession> {
+        if self.sessions.get(&id)?.state() != State::Terminated {
+            return None;
+        }
+        let mut session = self.sessions.remove(&id)?;
+        self.ended.remember(id, session.ended_by());
+        while let Some(e) = session.poll_event() {
+            self.push_event(id, e);
+        }
+        self.by_tunnel.remove(&session.tunnel().addr);
+        self.responder.session_ended(&session.client(), id);
+        let _ = self.responder.store().remove(id, session.version());
+        Some(session)
+    }
+}

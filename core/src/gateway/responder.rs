@@ -1,0 +1,207 @@
+//! The handshake responder: authorizes clients by static key and creates sessions.
+//!
+//! It owns the client table (who may connect, with which tunnel address, the newest
+//! handshake timestamp seen from each, and each client's live session), and nothing of
+//! any session once created: a created [`GatewaySession`] is handed to the caller, who
+//! drives it on its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::crypto::{KeyLimits, Keypair, PublicKey, Response, HANDSHAKE_PROLOGUE};
+use crate::event::TransportRef;
+use crate::fsm::State;
+use crate::ids::{NodeId, SessionId, StateVersion};
+use crate::policy::Policy;
+use crate::reason::ReasonCode;
+use crate::store::{SessionRecord, SessionStore, StoreError};
+use crate::wire::{encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddr};
+
+use super::session::GatewaySession;
+use super::{Endpoint, GatewayConfig};
+
+struct ClientEntry {
+    tunnel: TunnelAddr,
+    last_timestamp: Option<Timestamp>,
+    session: Option<SessionId>,
+}
+
+/// A session created by a handshake.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The new session, ATTACHED to the transport the handshake came on, its record in
+    /// the table.
+    pub session: GatewaySession,
+    /// The client's previous session, which the caller must end (peer_terminated): one
+    /// session per client.
+    pub replaces: Option<SessionId>,
+}
+
+/// Answers handshakes.
+pub struct Responder {
+    keypair: Keypair,
+    node: NodeId,
+    policy: Arc<Policy>,
+    limits: KeyLimits,
+    store: Arc<dyn SessionStore>,
+    clients: HashMap<PublicKey, ClientEntry>,
+    out: Vec<u8>,
+}
+
+impl Responder {
+    /// A responder for `config`'s clients, creating session records in `store`.
+    pub fn new(config: GatewayConfig, store: Arc<dyn SessionStore>) -> Self {
+        let clients = config
+            .clients
+            .iter()
+            .map(|c| {
+                (
+                    c.public,
+                    ClientEntry {
+                        tunnel: c.tunnel,
+                        last_timestamp: None,
+                        session: None,
+                    },
+                )
+            })
+            .collect();
+        Responder {
+            limits: KeyLimits::from_policy(&config.policy),
+            keypair: config.keypair,
+            node: config.node_id,
+            policy: config.policy,
+            store,
+            clients,
+            out: Vec::new(),
+        }
+    }
+
+    /// The gateway's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.keypair.public()
+    }
+
+    /// The gateway's key pair (sessions answer rekeys with it).
+    pub fn keypair(&self) -> &Keypair {
+        &self.keypair
+    }
+
+    /// The table sessions are written to.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    /// Answers a handshake initiation from `from`: on success, the new session and the
+    /// handshake response to send back. A refused handshake changes nothing (no record,
+    /// no session, the client's previous session untouched) and says why.
+    pub fn accept(
+        &mut self,
+        from: Endpoint,
+        sender_index: u32,
+        noise: &[u8],
+        now: Instant,
+    ) -> Result<(Accepted, &[u8]), ReasonCode> {
+        let response = Response::read(&self.keypair, HANDSHAKE_PROLOGUE, noise)
+            .map_err(|_| ReasonCode::BadProof)?;
+        let client = response.client();
+        let payload = InitPayload::decode(response.payload()).map_err(|_| ReasonCode::BadProof)?;
+        let entry = self
+            .clients
+            .get(&client)
+            .ok_or(ReasonCode::UnauthorizedClient)?;
+        if entry.last_timestamp.is_some_and(|t| payload.timestamp <= t) {
+            return Err(ReasonCode::ReplayDetected);
+        }
+        if !self.policy.allows(payload.protocol) || payload.protocol != from.protocol {
+            return Err(ReasonCode::PolicyDenied);
+        }
+        let tunnel = entry.tunnel;
+        let previous = entry.session;
+        let session_id = self.fresh_session_id().ok_or(ReasonCode::AtomicityFailed)?;
+        let resp = RespPayload {
+            session_id,
+            // The version AttachOk produces: the first binding's.
+            binding_version: StateVersion(1),
+            tunnel,
+        };
+        // Everything that can fail on this handshake's own account comes first, so that
+        // a refused handshake leaves the table untouched.
+        let (msg2, keys) = response
+            .finish(&resp.encode())
+            .map_err(|_| ReasonCode::BadProof)?;
+
+        let p = &self.policy;
+        let record = SessionRecord {
+            session_id,
+            state: State::Birth,
+            state_version: StateVersion(0),
+            owner: self.node.clone(),
+            active_binding: None,
+            candidates: Vec::new(),
+            lifetime_deadline: now + p.max_lifetime(),
+            transport_lost_deadline: now + p.transport_lost_ttl(),
+            recovery_deadline: None,
+        };
+        self.store.create(record).map_err(|e| match e {
+            StoreError::Full { .. } => ReasonCode::CapacityExceeded,
+            _ => ReasonCode::AtomicityFailed,
+        })?;
+        let transport = TransportRef {
+            id: payload.transport_id,
+            protocol: payload.protocol,
+        };
+        let mut session = GatewaySession::new(
+            session_id,
+            client,
+            tunnel,
+            Arc::clone(&self.policy),
+            self.node.clone(),
+            keys,
+            self.limits,
+            now,
+        );
+        if !session.attach(self.store.as_ref(), from, transport, now) {
+            let _ = self.store.remove(session_id, StateVersion(0));
+            return Err(ReasonCode::AtomicityFailed);
+        }
+        if let Some(entry) = self.clients.get_mut(&client) {
+            entry.last_timestamp = Some(payload.timestamp);
+            entry.session = Some(session_id);
+        }
+        encode_handshake(
+            PacketType::HandshakeResp,
+            sender_index,
+            &msg2,
+            &mut self.out,
+        );
+        let accepted = Accepted {
+            session,
+            replaces: previous,
+        };
+        Ok((accepted, &self.out))
+    }
+
+    /// A session ended: its client has no live session any more (unless a newer
+    /// handshake already replaced it).
+    pub fn session_ended(&mut self, client: &PublicKey, id: SessionId) {
+        if let Some(c) = self.clients.get_mut(client) {
+            if c.session == Some(id) {
+                c.session = None;
+            }
+        }
+    }
+
+    /// A random session id not in the table (and never 0). Gives up after a few tries
+    /// rather than loop: with 64 random bits, a second collision means the random source
+    /// is broken.
+    fn fresh_session_id(&self) -> Option<SessionId> {
+        for _ in 0..4 {
+            let id = SessionId(getrandom::u64().ok()?);
+            if id.0 != 0 && self.store.get(id).is_none() {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
