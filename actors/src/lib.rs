@@ -1,9 +1,25 @@
-//! jvpn-actors: the runtime that drives the pure core with real sockets, devices and
-//! timers. Today it holds the two reporting paths every actor uses: the non-blocking
-//! event sink ([`events`]) and the Prometheus metrics ([`telemetry`]).
+//! jvpn-actors: the actix runtime that drives the pure core with real sockets, a TUN
+//! device and real timers.
+//!
+//! - [`session::SessionActor`]: one per gateway session; its mailbox serializes every
+//!   mutation of the session.
+//! - [`transport::UdpTransport`]: one per socket; moves datagrams and reports path
+//!   signals, never decides policy.
+//! - [`tun::TunActor`]: reads and writes the TUN device.
+//! - [`supervisor::NodeSupervisor`]: answers handshakes, starts sessions on the per-core
+//!   arbiters, restarts or explicitly ends sessions whose actors stop.
+//! - [`agent::ClientAgent`]: the client's session and its candidate transports.
+//! - [`events`] and [`telemetry`]: the non-blocking event sink and the metrics.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod events;
+pub mod node;
+pub mod runtime;
+pub mod session;
+pub mod supervisor;
 pub mod telemetry;
+pub mod transport;
+pub mod tun;

@@ -6,6 +6,7 @@
 //! protocols, drop reasons. Recording a metric never blocks: the facade's recorder only
 //! updates atomics, and the exporter renders on scrape.
 
+use crate::runtime::ActorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -128,6 +129,46 @@ pub fn describe() {
         "jvpn_event_write_failures_total",
         "Events the event sink failed to write."
     );
+    describe_gauge!(
+        "jvpn_actor_mailbox_depth",
+        "Messages waiting in actor mailboxes, by actor kind."
+    );
+    describe_counter!(
+        "jvpn_actor_mailbox_refused_total",
+        "Messages refused by a bounded mailbox (full, or the actor gone), by actor kind."
+    );
+    describe_histogram!(
+        "jvpn_actor_message_seconds",
+        Unit::Seconds,
+        "Time to handle one message, by actor kind."
+    );
+    describe_counter!(
+        "jvpn_actor_restarts_total",
+        "Actors restarted after stopping unexpectedly, by actor kind."
+    );
+}
+
+/// A message entered a mailbox of an actor of `kind`.
+pub fn enqueued(kind: ActorKind) {
+    metrics::gauge!("jvpn_actor_mailbox_depth", "actor" => kind.as_str()).increment(1.0);
+}
+
+/// A mailbox of an actor of `kind` refused a message (`why`: full, closed).
+pub fn refused(kind: ActorKind, why: &'static str) {
+    metrics::counter!("jvpn_actor_mailbox_refused_total", "actor" => kind.as_str(), "why" => why)
+        .increment(1);
+}
+
+/// An actor of `kind` handled a message that came through a counted mailbox.
+pub fn handled(kind: ActorKind, took: Duration) {
+    metrics::gauge!("jvpn_actor_mailbox_depth", "actor" => kind.as_str()).decrement(1.0);
+    metrics::histogram!("jvpn_actor_message_seconds", "actor" => kind.as_str())
+        .record(took.as_secs_f64());
+}
+
+/// An actor of `kind` was restarted.
+pub fn restarted(kind: ActorKind) {
+    metrics::counter!("jvpn_actor_restarts_total", "actor" => kind.as_str()).increment(1);
 }
 
 /// Updates the metrics an event concerns. Call once per event, for events of sessions

@@ -162,6 +162,8 @@ pub enum TerminationCause {
     Operator,
     /// The peer announced the end of the session.
     Peer,
+    /// The runtime driving the session failed and could not be restarted.
+    RuntimeFailure,
 }
 
 impl TerminationCause {
@@ -173,6 +175,7 @@ impl TerminationCause {
             TerminationCause::SecurityFailure => ReasonCode::SecurityFailure,
             TerminationCause::Operator => ReasonCode::OperatorTerminated,
             TerminationCause::Peer => ReasonCode::PeerTerminated,
+            TerminationCause::RuntimeFailure => ReasonCode::RuntimeFailure,
         }
     }
 }
@@ -366,6 +369,7 @@ mod tests {
             TerminationCause::SecurityFailure,
             TerminationCause::Operator,
             TerminationCause::Peer,
+            TerminationCause::RuntimeFailure,
         ] {
             events.push(E::Terminate(c));
         }
@@ -421,8 +425,8 @@ mod tests {
                 }
             }
         }
-        // 1 attach + 5 instability + 3 + 2 + 3 + 1 + 4 rows, + 5 causes × 5 live states.
-        assert_eq!(defined, 1 + 5 + 3 + 2 + 3 + 1 + 4 + 25);
+        // 1 attach + 5 instability + 3 + 2 + 3 + 1 + 4 rows, + 6 causes × 5 live states.
+        assert_eq!(defined, 1 + 5 + 3 + 2 + 3 + 1 + 4 + 30);
     }
 
     /// Each cause's reason code, written out from the contract rather than derived from
@@ -497,6 +501,10 @@ mod tests {
                 "operator_terminated",
             ),
             (E::Terminate(TerminationCause::Peer), "peer_terminated"),
+            (
+                E::Terminate(TerminationCause::RuntimeFailure),
+                "runtime_failure",
+            ),
         ];
         assert_eq!(
             expected.len(),

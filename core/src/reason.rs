@@ -119,6 +119,10 @@ reason_codes! {
     CapacityExceeded = 35 => "capacity_exceeded",
     /// RekeyDenied: the peer did not answer a rekey in time; it will be retried.
     RekeyTimeout = 36 => "rekey_timeout",
+    /// Termination: the runtime driving the session failed (its actor stopped
+    /// unexpectedly more often than it may be restarted), so the session is ended
+    /// explicitly rather than left half-bound.
+    RuntimeFailure = 37 => "runtime_failure",
 }
 
 impl fmt::Display for ReasonCode {

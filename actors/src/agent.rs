@@ -1,0 +1,430 @@
+//! The client agent: the client's session (the core [`Client`]) in one actor, with one
+//! transport actor per configured candidate.
+//!
+//! The core decides everything — heartbeats on the active transport, slower probes on
+//! the standby candidates, the jump (VOLATILE → RECOVERING → reattach on the best
+//! candidate → ATTACHED) within policy; the agent carries datagrams, path signals,
+//! tunnel packets and its one deadline timer to it, and publishes what it is doing on a
+//! [`watch`] channel ([`AgentStatus`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use jvpn_core::client::{Client, ClientReceived};
+use jvpn_core::event::SessionEvent;
+use jvpn_core::fsm::State;
+use jvpn_core::ids::{SessionId, TransportId};
+use jvpn_core::reason::ReasonCode;
+use jvpn_core::wire::TunnelAddr;
+use tokio::sync::watch;
+
+use crate::runtime::{offer, offer_to, ActorKind, Crash, Handling, Reporter};
+use crate::session::FromTunnel;
+use crate::telemetry;
+use crate::transport::{Deliver, Signal, TransportHandle, UdpTransport};
+use crate::tun::{TunActor, TunDevice, TunRoute, TunWrite};
+
+/// What the agent does when its session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSessionEnd {
+    /// Stop: the session's end is final (the caller reports it and exits).
+    Stop,
+    /// Start a new session with a new handshake (a new session id, reported in events).
+    Reconnect,
+}
+
+/// What the agent is doing, published after every message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// The session's state (BIRTH while handshaking).
+    pub state: State,
+    /// The current session, once established.
+    pub session_id: Option<SessionId>,
+    /// Its tunnel address.
+    pub tunnel: Option<TunnelAddr>,
+    /// The transport in use.
+    pub active: Option<TransportId>,
+    /// Sessions established so far (a reconnect makes it 2, ...).
+    pub sessions: u32,
+    /// Why the last session ended, if one did.
+    pub last_end: Option<ReasonCode>,
+    /// Whether the agent has stopped.
+    pub stopped: bool,
+}
+
+/// Datagrams from one candidate transport.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct AgentInbound {
+    via: TransportId,
+    datagrams: Vec<(SocketAddr, Bytes)>,
+}
+
+/// A path signal from one candidate transport.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct AgentSignal {
+    via: TransportId,
+    signal: Signal,
+}
+
+/// Ends the session on the user's command (operator_terminated, the gateway told) and
+/// stops the agent.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// A candidate transport: its id in the client's numbering, its socket (connected to
+/// the gateway address it reaches) and that address.
+pub struct Candidate {
+    /// The id (as in the client configuration's transport list).
+    pub id: TransportId,
+    /// A UDP socket connected to `gateway`.
+    pub socket: std::net::UdpSocket,
+    /// The gateway address this candidate reaches.
+    pub gateway: SocketAddr,
+}
+
+/// The client agent.
+pub struct ClientAgent {
+    client: Client,
+    on_end: OnSessionEnd,
+    transports: Vec<(TransportId, SocketAddr, Addr<UdpTransport>, TransportHandle)>,
+    tun: Option<Recipient<TunWrite>>,
+    reporter: Reporter,
+    status: watch::Sender<AgentStatus>,
+    timer: Option<(Instant, SpawnHandle)>,
+    /// Index (into `transports`) of the candidate the next handshake goes out on.
+    next_connect: usize,
+    reported_session: Option<SessionId>,
+    sessions: u32,
+    last_end: Option<ReasonCode>,
+    stopping: bool,
+}
+
+struct ToAgent {
+    agent: Addr<ClientAgent>,
+    id: TransportId,
+}
+
+impl Deliver for ToAgent {
+    fn datagrams(&self, _via: &TransportHandle, datagrams: Vec<(SocketAddr, Bytes)>) {
+        let msg = AgentInbound {
+            via: self.id,
+            datagrams,
+        };
+        if !offer(&self.agent, ActorKind::Session, msg) {
+            telemetry::dropped("session_busy");
+        }
+    }
+
+    fn signal(&self, _via: &TransportHandle, signal: Signal) {
+        // Signals are rare and must not be lost to a full mailbox.
+        self.agent.do_send(AgentSignal {
+            via: self.id,
+            signal,
+        });
+    }
+}
+
+impl TunRoute for Addr<ClientAgent> {
+    fn packets(&self, batch: Vec<Bytes>) {
+        if !offer(self, ActorKind::Session, FromTunnel(batch)) {
+            telemetry::dropped("session_busy");
+        }
+    }
+}
+
+/// What the agent was started with.
+pub struct AgentHandles {
+    /// The agent.
+    pub agent: Addr<ClientAgent>,
+    /// Its status, updated after every message.
+    pub status: watch::Receiver<AgentStatus>,
+    /// The candidate transports' actors, by id (for fault injection and shutdown).
+    pub transports: Vec<(TransportId, Addr<UdpTransport>)>,
+}
+
+impl ClientAgent {
+    /// Starts the agent, its transports (one supervised actor per candidate) and, given a
+    /// device, its TUN actor. Must run inside an actix system.
+    pub fn start(
+        client: Client,
+        candidates: Vec<Candidate>,
+        device: Option<Arc<dyn TunDevice>>,
+        reporter: Reporter,
+        on_end: OnSessionEnd,
+        mailbox: usize,
+    ) -> std::io::Result<AgentHandles> {
+        let sockets = candidates;
+        let (status_tx, status) = watch::channel(AgentStatus {
+            state: State::Birth,
+            session_id: None,
+            tunnel: None,
+            active: None,
+            sessions: 0,
+            last_end: None,
+            stopped: false,
+        });
+        let mut actors = Vec::new();
+        let mut failed = None;
+        let agent = ClientAgent::create(|ctx| {
+            ctx.set_mailbox_capacity(mailbox);
+            let me = ctx.address();
+            let mut transports = Vec::new();
+            for Candidate {
+                id,
+                socket,
+                gateway,
+            } in sockets
+            {
+                let deliver: Arc<dyn Deliver> = Arc::new(ToAgent {
+                    agent: me.clone(),
+                    id,
+                });
+                let made = socket
+                    .local_addr()
+                    .and_then(|local| Ok((local, UdpTransport::new(socket, true, deliver)?)));
+                let (local, transport) = match made {
+                    Ok(m) => m,
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                };
+                let addr = actix::Supervisor::start(move |_| transport);
+                let handle = TransportHandle::new(
+                    jvpn_core::ids::Protocol::Udp,
+                    local,
+                    addr.clone().recipient(),
+                );
+                actors.push((id, addr.clone()));
+                transports.push((id, gateway, addr, handle));
+            }
+            let tun = device.map(|d| {
+                let route: Arc<dyn TunRoute> = Arc::new(me.clone());
+                actix::Supervisor::start(move |_| TunActor::new(d, route)).recipient()
+            });
+            ClientAgent {
+                client,
+                on_end,
+                transports,
+                tun,
+                reporter,
+                status: status_tx,
+                timer: None,
+                next_connect: 0,
+                reported_session: None,
+                sessions: 0,
+                last_end: None,
+                stopping: false,
+            }
+        });
+        if let Some(e) = failed {
+            agent.do_send(Crash);
+            return Err(e);
+        }
+        Ok(AgentHandles {
+            agent,
+            status,
+            transports: actors,
+        })
+    }
+
+    fn transport(
+        &self,
+        id: TransportId,
+    ) -> Option<&(TransportId, SocketAddr, Addr<UdpTransport>, TransportHandle)> {
+        self.transports.iter().find(|t| t.0 == id)
+    }
+
+    fn send(&self, via: TransportId, bytes: &[u8]) {
+        match self.transport(via) {
+            Some((_, gateway, _, handle)) => {
+                handle.send(*gateway, Bytes::copy_from_slice(bytes));
+            }
+            None => telemetry::dropped("no_transport"),
+        }
+    }
+
+    /// Sends a handshake on the next candidate in turn.
+    fn connect(&mut self, now: Instant) {
+        if self.transports.is_empty() {
+            return;
+        }
+        let via = self.transports[self.next_connect % self.transports.len()].0;
+        self.next_connect = self.next_connect.wrapping_add(1);
+        let sent = self
+            .client
+            .connect(via, now)
+            .map(|t| (t.via, t.bytes.to_vec()));
+        match sent {
+            Ok((via, bytes)) => self.send(via, &bytes),
+            Err(_) => telemetry::dropped("handshake_not_built"),
+        }
+    }
+
+    fn report(&self, session: SessionId, event: SessionEvent) {
+        self.reporter.report(session, event);
+    }
+
+    /// After every message: send what the core wants sent, report events, handle the
+    /// session's end, publish the status, re-arm the timer.
+    fn settle(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        if self.client.handshake_timed_out(now) && !self.stopping {
+            self.connect(now);
+        }
+        while let Some(t) = self.client.poll_transmit(now) {
+            let (via, bytes) = (t.via, t.bytes.to_vec());
+            self.send(via, &bytes);
+        }
+        if let Some(id) = self.client.session_id() {
+            if self.reported_session != Some(id) {
+                self.reported_session = Some(id);
+                self.sessions += 1;
+            }
+        }
+        let session = self.reported_session.unwrap_or(SessionId(0));
+        while let Some(event) = self.client.poll_event() {
+            self.report(session, event);
+        }
+        if let Some(reason) = self.client.ended() {
+            self.last_end = Some(reason);
+            if self.on_end == OnSessionEnd::Reconnect && !self.stopping {
+                self.connect(now);
+            } else {
+                self.stopping = true;
+            }
+        }
+        let control = self.client.control();
+        let _ = self.status.send(AgentStatus {
+            state: self.client.state(),
+            session_id: self.client.session_id(),
+            tunnel: self.client.tunnel(),
+            active: control.and_then(|c| c.active()).map(|t| t.id),
+            sessions: self.sessions,
+            last_end: self.last_end,
+            stopped: self.stopping,
+        });
+        if self.stopping {
+            ctx.stop();
+            return;
+        }
+        let next = self.client.next_deadline();
+        if self.timer.as_ref().map(|(at, _)| *at) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = next {
+            let wait = at.saturating_duration_since(now);
+            let handle = ctx.run_later(wait, |act, ctx| {
+                act.timer = None;
+                act.client.handle_timeout(Instant::now());
+                act.settle(ctx);
+            });
+            self.timer = Some((at, handle));
+        }
+    }
+}
+
+impl Actor for ClientAgent {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.connect(Instant::now());
+        self.settle(ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        let _ = self.status.send_modify(|s| s.stopped = true);
+        // The transports stop once their last address (held here) is gone.
+        self.transports.clear();
+    }
+}
+
+impl Handler<AgentInbound> for ClientAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentInbound, ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Session);
+        let mut to_tunnel = Vec::new();
+        for (_, datagram) in msg.datagrams {
+            match self
+                .client
+                .handle_datagram(msg.via, &datagram, Instant::now())
+            {
+                ClientReceived::ToTunnel(p) => to_tunnel.push(Bytes::copy_from_slice(p)),
+                ClientReceived::Consumed => {}
+                // Unauthenticated: anyone could send it, so it ends nothing by itself.
+                // A gateway that really lost the session stops answering, and the
+                // session ends at its transport-lost TTL, explicitly.
+                ClientReceived::SessionUnknown => telemetry::dropped("session_unknown"),
+                ClientReceived::Dropped(_) => telemetry::dropped("client_drop"),
+            }
+        }
+        if let (Some(tun), false) = (&self.tun, to_tunnel.is_empty()) {
+            offer_to(tun, ActorKind::Tun, TunWrite(to_tunnel));
+        }
+        self.settle(ctx);
+    }
+}
+
+impl Handler<AgentSignal> for ClientAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentSignal, ctx: &mut Context<Self>) {
+        let up = msg.signal == Signal::Recovered;
+        self.client.transport_status(msg.via, up, Instant::now());
+        self.settle(ctx);
+    }
+}
+
+impl Handler<FromTunnel> for ClientAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Session);
+        let now = Instant::now();
+        for packet in msg.0 {
+            let sent = self
+                .client
+                .send_data(&packet, now)
+                .map(|t| (t.via, t.bytes.to_vec()));
+            match sent {
+                Ok((via, bytes)) => self.send(via, &bytes),
+                Err(_) => telemetry::dropped("no_session"),
+            }
+        }
+        self.settle(ctx);
+    }
+}
+
+impl Handler<Shutdown> for ClientAgent {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        self.stopping = true;
+        let notice = self
+            .client
+            .terminate(Instant::now())
+            .map(|t| (t.via, t.bytes.to_vec()));
+        if let Some((via, bytes)) = notice {
+            self.send(via, &bytes);
+        }
+        self.settle(ctx);
+    }
+}
+
+impl Handler<Crash> for ClientAgent {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

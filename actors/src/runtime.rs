@@ -1,0 +1,158 @@
+//! What every actor shares: how events are reported, and how messages cross a mailbox
+//! with a bound (refusals counted, depth and handling time measured).
+
+use std::time::Instant;
+
+use actix::dev::ToEnvelope;
+use actix::prelude::*;
+use jvpn_core::event::{EventRecord, SessionEvent, WallClock};
+use jvpn_core::ids::{NodeId, SessionId};
+
+use crate::events::EventSender;
+use crate::telemetry;
+
+/// The kinds of actor, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActorKind {
+    /// One session (gateway) or the client agent's session.
+    Session,
+    /// A transport (socket or connection).
+    Transport,
+    /// The TUN device.
+    Tun,
+    /// The node supervisor.
+    Supervisor,
+}
+
+impl ActorKind {
+    /// The stable label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::Session => "session",
+            ActorKind::Transport => "transport",
+            ActorKind::Tun => "tun",
+            ActorKind::Supervisor => "supervisor",
+        }
+    }
+}
+
+/// Stops an actor as a failure would: fault injection for tests and chaos drills. What
+/// happens next is the supervision under test (a transport is restarted on the same
+/// socket; a session is restarted with its state, or ended explicitly).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+/// Where a node's events go: each one becomes a JSON line with the node's id and policy
+/// version, and updates the metrics it concerns. Cheap to clone; never blocks.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    clock: WallClock,
+    node: NodeId,
+    policy_version: String,
+    sink: Option<EventSender>,
+}
+
+impl Reporter {
+    /// A reporter stamping events with `clock`, `node` and `policy_version`; `sink`
+    /// `None` reports to metrics only.
+    pub fn new(
+        clock: WallClock,
+        node: NodeId,
+        policy_version: String,
+        sink: Option<EventSender>,
+    ) -> Self {
+        Reporter {
+            clock,
+            node,
+            policy_version,
+            sink,
+        }
+    }
+
+    /// The wall clock events are stamped with.
+    pub fn clock(&self) -> &WallClock {
+        &self.clock
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// Reports one event of `session`.
+    pub fn report(&self, session: SessionId, event: SessionEvent) {
+        telemetry::observe(&event.body);
+        if let Some(sink) = &self.sink {
+            sink.emit(EventRecord::new(
+                &self.clock,
+                session,
+                self.node.clone(),
+                self.policy_version.clone(),
+                event,
+            ));
+        }
+    }
+}
+
+/// Offers `msg` to a bounded mailbox without waiting: returns whether it was taken. A
+/// refusal (full, or the actor gone) is counted by the receiver's kind; an accepted
+/// message raises the receiver's mailbox-depth gauge until [`Handling`] lowers it.
+pub fn offer<A, M>(to: &Addr<A>, kind: ActorKind, msg: M) -> bool
+where
+    A: Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    counted(to.try_send(msg), kind)
+}
+
+/// Like [`offer`], through a [`Recipient`].
+pub fn offer_to<M>(to: &Recipient<M>, kind: ActorKind, msg: M) -> bool
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    counted(to.try_send(msg), kind)
+}
+
+fn counted<M>(sent: Result<(), SendError<M>>, kind: ActorKind) -> bool {
+    match sent {
+        Ok(()) => {
+            telemetry::enqueued(kind);
+            true
+        }
+        Err(SendError::Full(_)) => {
+            telemetry::refused(kind, "full");
+            false
+        }
+        Err(SendError::Closed(_)) => {
+            telemetry::refused(kind, "closed");
+            false
+        }
+    }
+}
+
+/// Measures the handling of one message that came through [`offer`]: on drop, lowers
+/// the mailbox-depth gauge and records the handling time, by actor kind.
+pub struct Handling {
+    kind: ActorKind,
+    started: Instant,
+}
+
+impl Handling {
+    /// Starts measuring a message of an actor of `kind`.
+    pub fn start(kind: ActorKind) -> Self {
+        Handling {
+            kind,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        telemetry::handled(self.kind, self.started.elapsed());
+    }
+}

@@ -1,0 +1,350 @@
+//! The gateway's session actor: one per session, owning the core [`GatewaySession`].
+//!
+//! Its mailbox is the only way to the session's state: packets from transport actors,
+//! packets from the TUN actor, its own deadline timer and operator commands all arrive
+//! as messages and are handled one at a time, so no mutation needs a lock. After each
+//! message the actor reports the session's events, re-arms its single timer at the
+//! core's next deadline, and stops once the session has terminated; the supervisor is
+//! told either way (see [`SessionStopped`]).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use jvpn_core::crypto::Keypair;
+use jvpn_core::fsm::{State, TerminationCause};
+use jvpn_core::gateway::{Endpoint, GatewaySession, Received};
+use jvpn_core::ids::SessionId;
+use jvpn_core::reason::ReasonCode;
+use jvpn_core::store::SessionStore;
+use jvpn_core::wire;
+
+use crate::runtime::{offer_to, ActorKind, Crash, Handling, Reporter};
+use crate::telemetry;
+use crate::transport::TransportHandle;
+use crate::tun::TunWrite;
+
+/// The transports a session remembers having heard its client on (to answer on the
+/// right socket). Bounded: the oldest is forgotten.
+pub const PATHS_KEPT: usize = 8;
+
+/// What every session actor of a node shares.
+pub struct SessionEnv {
+    /// The session table.
+    pub store: Arc<dyn SessionStore>,
+    /// The gateway's static key pair (rekeys are answered with it).
+    pub keypair: Keypair,
+    /// Where events go.
+    pub reporter: Reporter,
+    /// The TUN actor.
+    pub tun: Recipient<TunWrite>,
+    /// The supervisor, told when a session actor stops.
+    pub supervisor: Recipient<SessionStopped>,
+}
+
+/// Datagrams for this session, read in one wakeup of one transport.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Inbound {
+    /// The transport they came on (answers go back on it).
+    pub via: TransportHandle,
+    /// The datagrams with their senders.
+    pub datagrams: Vec<(SocketAddr, Bytes)>,
+}
+
+/// IP packets from the TUN device for this session's client.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FromTunnel(pub Vec<Bytes>);
+
+/// Ends the session with `cause` (an operator's command, or its client replaced it with
+/// a new handshake); the client is told when the cause is an operator's.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct Terminate(pub TerminationCause);
+
+/// A snapshot of a session, for status views.
+#[derive(Debug, Clone)]
+pub struct SessionStatus {
+    /// The session's id.
+    pub id: SessionId,
+    /// Its state.
+    pub state: State,
+    /// Mutations so far.
+    pub state_version: u64,
+    /// The client's tunnel address.
+    pub tunnel: std::net::IpAddr,
+    /// Where the client is reached.
+    pub binding: Option<Endpoint>,
+}
+
+/// Asks a session for its [`SessionStatus`].
+#[derive(Debug, Message)]
+#[rtype(result = "Option<SessionStatus>")]
+pub struct GetStatus;
+
+/// A session actor stopped. `unfinished` holds the session if it had not terminated
+/// (the actor stopped unexpectedly): the supervisor restarts it or ends it explicitly.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionStopped {
+    /// The session's id.
+    pub id: SessionId,
+    /// The session, if it is still live.
+    pub unfinished: Option<Box<GatewaySession>>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// The client's key and tunnel address (to clean the registry and client table).
+    pub client: jvpn_core::crypto::PublicKey,
+    /// Its tunnel address.
+    pub tunnel: std::net::IpAddr,
+    /// Why it ended, when it did.
+    pub ended_by: Option<TerminationCause>,
+    /// The paths it answered on (a restarted actor keeps them).
+    pub paths: VecDeque<(Endpoint, TransportHandle)>,
+}
+
+/// One session.
+pub struct SessionActor {
+    id: SessionId,
+    session: Option<Box<GatewaySession>>,
+    env: Arc<SessionEnv>,
+    paths: VecDeque<(Endpoint, TransportHandle)>,
+    timer: Option<(Instant, SpawnHandle)>,
+    restarts: u32,
+    client: jvpn_core::crypto::PublicKey,
+    tunnel: std::net::IpAddr,
+}
+
+impl SessionActor {
+    /// An actor for `session`, whose client was heard on `paths` (most recent first;
+    /// `restarts`: how often it was restarted before).
+    pub fn new(
+        session: Box<GatewaySession>,
+        env: Arc<SessionEnv>,
+        mut paths: VecDeque<(Endpoint, TransportHandle)>,
+        restarts: u32,
+    ) -> Self {
+        paths.truncate(PATHS_KEPT);
+        SessionActor {
+            id: session.id(),
+            client: session.client(),
+            tunnel: session.tunnel().addr,
+            session: Some(session),
+            env,
+            paths,
+            timer: None,
+            restarts,
+        }
+    }
+
+    /// Remembers that the client was heard on `via` at `from`.
+    fn heard_on(&mut self, from: Endpoint, via: &TransportHandle) {
+        if let Some(i) = self.paths.iter().position(|(e, _)| *e == from) {
+            if let Some(entry) = self.paths.remove(i) {
+                self.paths.push_front(entry);
+            }
+            return;
+        }
+        if self.paths.len() >= PATHS_KEPT {
+            self.paths.pop_back();
+        }
+        self.paths.push_front((from, via.clone()));
+    }
+
+    /// After every message: report events, stop if terminated, re-arm the timer.
+    fn settle(&mut self, ctx: &mut Context<Self>) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        while let Some(event) = session.poll_event() {
+            self.env.reporter.report(self.id, event);
+        }
+        if session.state() == State::Terminated {
+            ctx.stop();
+            return;
+        }
+        let next = session.next_deadline();
+        if self.timer.as_ref().map(|(at, _)| *at) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = next {
+            let wait = at.saturating_duration_since(Instant::now());
+            let handle = ctx.run_later(wait, |act, ctx| {
+                act.timer = None;
+                if let Some(s) = act.session.as_mut() {
+                    s.handle_timeout(act.env.store.as_ref(), Instant::now());
+                }
+                act.settle(ctx);
+            });
+            self.timer = Some((at, handle));
+        }
+    }
+}
+
+/// The transport the client was heard on at `to`.
+fn transport_for(
+    paths: &VecDeque<(Endpoint, TransportHandle)>,
+    to: Endpoint,
+) -> Option<&TransportHandle> {
+    paths.iter().find(|(e, _)| *e == to).map(|(_, t)| t)
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.settle(ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        let session = self.session.take();
+        let ended_by = session.as_ref().and_then(|s| s.ended_by());
+        let unfinished = session.filter(|s| s.state() != State::Terminated);
+        // Unbounded on purpose: one message per session, and sessions are bounded.
+        self.env.supervisor.do_send(SessionStopped {
+            id: self.id,
+            unfinished,
+            restarts: self.restarts,
+            client: self.client,
+            tunnel: self.tunnel,
+            ended_by,
+            paths: std::mem::take(&mut self.paths),
+        });
+    }
+}
+
+impl Handler<Inbound> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Session);
+        let mut to_tunnel = Vec::new();
+        for (addr, datagram) in msg.datagrams {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            let from = Endpoint {
+                protocol: msg.via.protocol(),
+                addr,
+            };
+            let Ok(wire::Datagram::Session {
+                header,
+                aad,
+                sealed,
+            }) = wire::parse(&datagram)
+            else {
+                telemetry::dropped("malformed");
+                continue;
+            };
+            let env = &self.env;
+            let received = session.handle_packet(
+                env.store.as_ref(),
+                &env.keypair,
+                env.reporter.clock(),
+                from,
+                &header,
+                aad,
+                sealed,
+                Instant::now(),
+            );
+            match received {
+                Received::Reply(bytes) => {
+                    msg.via.send(addr, Bytes::copy_from_slice(bytes));
+                }
+                Received::ToTunnel(packet) => to_tunnel.push(Bytes::copy_from_slice(packet)),
+                Received::Consumed => {}
+                Received::Dropped(d) => {
+                    telemetry::dropped(d.as_str());
+                    continue;
+                }
+            }
+            // Only an authentic packet teaches the actor a path to answer on.
+            self.heard_on(from, &msg.via);
+        }
+        if !to_tunnel.is_empty() {
+            offer_to(&self.env.tun, ActorKind::Tun, TunWrite(to_tunnel));
+        }
+        self.settle(ctx);
+    }
+}
+
+impl Handler<FromTunnel> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Session);
+        for packet in msg.0 {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            match session.seal_data(self.env.store.as_ref(), &packet, Instant::now()) {
+                Ok((to, bytes)) => {
+                    let bytes = Bytes::copy_from_slice(bytes);
+                    match transport_for(&self.paths, to) {
+                        Some(t) => {
+                            t.send(to.addr, bytes);
+                        }
+                        None => telemetry::dropped("no_transport"),
+                    }
+                }
+                Err(d) => telemetry::dropped(d.as_str()),
+            }
+        }
+        self.settle(ctx);
+    }
+}
+
+impl Handler<Terminate> for SessionActor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Terminate, ctx: &mut Context<Self>) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return false;
+        };
+        if session.state() == State::Terminated {
+            return false;
+        }
+        let now = Instant::now();
+        if msg.0 == TerminationCause::Operator {
+            if let Some((to, bytes)) = session.seal_terminate(ReasonCode::OperatorTerminated, now) {
+                let bytes = Bytes::copy_from_slice(bytes);
+                if let Some(t) = transport_for(&self.paths, to) {
+                    t.send(to.addr, bytes);
+                }
+            }
+        }
+        session.terminate(self.env.store.as_ref(), msg.0, now);
+        self.settle(ctx);
+        true
+    }
+}
+
+impl Handler<GetStatus> for SessionActor {
+    type Result = Option<SessionStatus>;
+
+    fn handle(&mut self, _: GetStatus, _ctx: &mut Context<Self>) -> Option<SessionStatus> {
+        let s = self.session.as_ref()?;
+        Some(SessionStatus {
+            id: s.id(),
+            state: s.state(),
+            state_version: s.version().0,
+            tunnel: s.tunnel().addr,
+            binding: s.binding(),
+        })
+    }
+}
+
+impl Handler<Crash> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

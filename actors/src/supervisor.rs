@@ -1,0 +1,494 @@
+//! The gateway node's supervisor, its session registry and its routers.
+//!
+//! [`NodeSupervisor`] answers handshakes (the core [`Responder`]), starts each new
+//! session's actor on one of the per-core arbiters, and is told whenever a session actor
+//! stops: a terminated session's registry entries, tunnel address and client slot are
+//! released (its keys went with the actor); a session whose actor stopped unexpectedly is
+//! restarted with its state on a fresh actor, up to [`MAX_SESSION_RESTARTS`] times, and
+//! then ended explicitly (`runtime_failure`). Nothing is left half-bound: the table
+//! record is written by the session itself, through compare-and-swap, before any of this.
+//!
+//! [`Registry`] maps session ids and tunnel addresses to session actors, so the
+//! transport and TUN routers ([`GatewayRouter`]) find a packet's session in O(1).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use jvpn_core::fsm::TerminationCause;
+use jvpn_core::gateway::{
+    destination_address, Drop as CoreDrop, EndedSessions, Endpoint, GatewaySession, Responder,
+};
+use jvpn_core::ids::SessionId;
+use jvpn_core::wire::{self, encode_session_unknown, Datagram};
+
+use crate::runtime::{offer, ActorKind, Handling, Reporter};
+use crate::session::{
+    FromTunnel, GetStatus, Inbound, SessionActor, SessionEnv, SessionStatus, SessionStopped,
+    Terminate,
+};
+use crate::telemetry;
+use crate::transport::{Deliver, Signal, TransportHandle};
+use crate::tun::{TunRoute, TunWrite};
+
+/// How often one session may be restarted after its actor stopped unexpectedly.
+pub const MAX_SESSION_RESTARTS: u32 = 3;
+
+/// The node's sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeLimits {
+    /// Mailbox capacity of each session actor.
+    pub session_mailbox: usize,
+    /// Mailbox capacity of the supervisor (handshakes wait there).
+    pub supervisor_mailbox: usize,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            session_mailbox: 256,
+            supervisor_mailbox: 64,
+        }
+    }
+}
+
+/// Session id → actor and tunnel address → actor, plus the ended sessions.
+#[derive(Default)]
+pub struct Registry {
+    sessions: RwLock<HashMap<SessionId, Addr<SessionActor>>>,
+    tunnels: RwLock<HashMap<IpAddr, (SessionId, Addr<SessionActor>)>>,
+    ended: Mutex<EndedSessions>,
+}
+
+impl Registry {
+    /// The actor of session `id`.
+    pub fn session(&self, id: SessionId) -> Option<Addr<SessionActor>> {
+        self.sessions.read().ok()?.get(&id).cloned()
+    }
+
+    /// The actor of the session owning tunnel address `addr`.
+    pub fn by_tunnel(&self, addr: IpAddr) -> Option<Addr<SessionActor>> {
+        self.tunnels.read().ok()?.get(&addr).map(|(_, a)| a.clone())
+    }
+
+    /// Every registered session.
+    pub fn sessions(&self) -> Vec<(SessionId, Addr<SessionActor>)> {
+        self.sessions
+            .read()
+            .map(|m| m.iter().map(|(id, a)| (*id, a.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many sessions are registered.
+    pub fn len(&self) -> usize {
+        self.sessions.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, id: SessionId, tunnel: IpAddr, addr: Addr<SessionActor>) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.insert(id, addr.clone());
+        }
+        if let Ok(mut m) = self.tunnels.write() {
+            m.insert(tunnel, (id, addr));
+        }
+    }
+
+    fn remove(&self, id: SessionId, tunnel: IpAddr, cause: Option<TerminationCause>) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.remove(&id);
+        }
+        if let Ok(mut m) = self.tunnels.write() {
+            // A newer session of the same client may own the address already.
+            if m.get(&tunnel).is_some_and(|(owner, _)| *owner == id) {
+                m.remove(&tunnel);
+            }
+        }
+        if let Ok(mut e) = self.ended.lock() {
+            e.remember(id, cause);
+        }
+    }
+}
+
+/// A handshake initiation for the supervisor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Handshake {
+    /// The transport it came on.
+    pub via: TransportHandle,
+    /// Its sender.
+    pub from: SocketAddr,
+    /// The datagram.
+    pub datagram: Bytes,
+}
+
+/// Ends a session on an operator's command (operator_terminated, the client told).
+/// Returns whether a live session was found.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct TerminateSession(pub SessionId);
+
+/// Lists live sessions.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<SessionStatus>")]
+pub struct ListSessions;
+
+/// The node supervisor.
+pub struct NodeSupervisor {
+    responder: Responder,
+    registry: Arc<Registry>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: usize,
+    limits: NodeLimits,
+    reporter: Reporter,
+    tun: Recipient<TunWrite>,
+    env: Option<Arc<SessionEnv>>,
+}
+
+impl NodeSupervisor {
+    /// A supervisor answering handshakes with `responder`, starting sessions on
+    /// `arbiters` in turn (the current one if empty).
+    pub fn new(
+        responder: Responder,
+        registry: Arc<Registry>,
+        arbiters: Vec<ArbiterHandle>,
+        limits: NodeLimits,
+        reporter: Reporter,
+        tun: Recipient<TunWrite>,
+    ) -> Self {
+        NodeSupervisor {
+            responder,
+            registry,
+            arbiters,
+            next_arbiter: 0,
+            limits,
+            reporter,
+            tun,
+            env: None,
+        }
+    }
+
+    fn start_session(
+        &mut self,
+        session: Box<GatewaySession>,
+        paths: VecDeque<(Endpoint, TransportHandle)>,
+        restarts: u32,
+    ) {
+        let Some(env) = self.env.clone() else {
+            return;
+        };
+        let id = session.id();
+        let tunnel = session.tunnel().addr;
+        let capacity = self.limits.session_mailbox;
+        let make = move |ctx: &mut Context<SessionActor>| {
+            ctx.set_mailbox_capacity(capacity);
+            SessionActor::new(session, env, paths, restarts)
+        };
+        let addr = if self.arbiters.is_empty() {
+            SessionActor::create(make)
+        } else {
+            let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+            self.next_arbiter = self.next_arbiter.wrapping_add(1);
+            SessionActor::start_in_arbiter(arbiter, make)
+        };
+        self.registry.insert(id, tunnel, addr);
+    }
+}
+
+impl Actor for NodeSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.limits.supervisor_mailbox);
+        self.env = Some(Arc::new(SessionEnv {
+            store: Arc::clone(self.responder.store()),
+            keypair: self.responder.keypair().clone(),
+            reporter: self.reporter.clone(),
+            tun: self.tun.clone(),
+            supervisor: ctx.address().recipient(),
+        }));
+    }
+
+    fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
+        // Sessions end with the node; their actors stop with their arbiters.
+        Running::Stop
+    }
+}
+
+impl Handler<Handshake> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Handshake, _ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Supervisor);
+        let Ok(Datagram::HandshakeInit {
+            sender_index,
+            noise,
+        }) = wire::parse(&msg.datagram)
+        else {
+            telemetry::dropped("malformed");
+            return;
+        };
+        let from = Endpoint {
+            protocol: msg.via.protocol(),
+            addr: msg.from,
+        };
+        match self
+            .responder
+            .accept(from, sender_index, noise, Instant::now())
+        {
+            Ok((accepted, reply)) => {
+                telemetry::handshake(None);
+                msg.via.send(msg.from, Bytes::copy_from_slice(reply));
+                // One session per client: the new one replaces the old explicitly.
+                if let Some(old) = accepted.replaces.and_then(|id| self.registry.session(id)) {
+                    if old.try_send(Terminate(TerminationCause::Peer)).is_err() {
+                        telemetry::refused(ActorKind::Session, "full");
+                    }
+                }
+                let mut paths = VecDeque::new();
+                paths.push_back((from, msg.via));
+                self.start_session(Box::new(accepted.session), paths, 0);
+            }
+            Err(reason) => {
+                telemetry::handshake(Some(reason.as_str()));
+                telemetry::dropped(CoreDrop::Handshake(reason).as_str());
+            }
+        }
+    }
+}
+
+impl Handler<SessionStopped> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionStopped, _ctx: &mut Context<Self>) {
+        match msg.unfinished {
+            Some(session) if msg.restarts < MAX_SESSION_RESTARTS => {
+                telemetry::restarted(ActorKind::Session);
+                self.start_session(session, msg.paths, msg.restarts + 1);
+            }
+            Some(mut session) => {
+                session.terminate(
+                    self.responder.store().as_ref(),
+                    TerminationCause::RuntimeFailure,
+                    Instant::now(),
+                );
+                while let Some(event) = session.poll_event() {
+                    self.reporter.report(msg.id, event);
+                }
+                self.release(msg.id, &msg.client, msg.tunnel, session.ended_by());
+                // The session's keys are zeroized as it drops here.
+            }
+            None => self.release(msg.id, &msg.client, msg.tunnel, msg.ended_by),
+        }
+    }
+}
+
+impl NodeSupervisor {
+    /// Releases everything an ended session held: registry entries, tunnel address,
+    /// the client's slot, its table record.
+    fn release(
+        &mut self,
+        id: SessionId,
+        client: &jvpn_core::crypto::PublicKey,
+        tunnel: IpAddr,
+        cause: Option<TerminationCause>,
+    ) {
+        self.registry.remove(id, tunnel, cause);
+        self.responder.session_ended(client, id);
+        if let Some(record) = self.responder.store().get(id) {
+            let _ = self.responder.store().remove(id, record.state_version);
+        }
+    }
+}
+
+impl Handler<TerminateSession> for NodeSupervisor {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: TerminateSession, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = self.registry.session(msg.0);
+        Box::pin(async move {
+            match addr {
+                Some(a) => a
+                    .send(Terminate(TerminationCause::Operator))
+                    .await
+                    .unwrap_or(false),
+                None => false,
+            }
+        })
+    }
+}
+
+impl Handler<ListSessions> for NodeSupervisor {
+    type Result = ResponseFuture<Vec<SessionStatus>>;
+
+    fn handle(&mut self, _: ListSessions, _ctx: &mut Context<Self>) -> Self::Result {
+        let sessions = self.registry.sessions();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(sessions.len());
+            for (_, addr) in sessions {
+                if let Ok(Some(status)) = addr.send(GetStatus).await {
+                    out.push(status);
+                }
+            }
+            out.sort_by_key(|s| s.id.0);
+            out
+        })
+    }
+}
+
+/// Routes what the gateway's transports and TUN device read: session packets to their
+/// session by the header's id, handshakes to the supervisor, tunnel packets to the
+/// session owning their destination.
+pub struct GatewayRouter {
+    registry: Arc<Registry>,
+    supervisor: Addr<NodeSupervisor>,
+    reporter: Reporter,
+}
+
+impl GatewayRouter {
+    /// A router over `registry`, handing handshakes to `supervisor`.
+    pub fn new(
+        registry: Arc<Registry>,
+        supervisor: Addr<NodeSupervisor>,
+        reporter: Reporter,
+    ) -> Self {
+        GatewayRouter {
+            registry,
+            supervisor,
+            reporter,
+        }
+    }
+
+    /// A session packet whose session is not live: counted, a reattach for an ended
+    /// session reported, and the sender told the session is unknown.
+    fn unknown(&self, via: &TransportHandle, from: SocketAddr, header: &wire::SessionHeader) {
+        let endpoint = Endpoint {
+            protocol: via.protocol(),
+            addr: from,
+        };
+        let judged = self
+            .registry
+            .ended
+            .lock()
+            .map(|mut e| e.judge(header, endpoint, Instant::now()));
+        if let Ok((drop, event)) = judged {
+            telemetry::dropped(drop.as_str());
+            if let Some(event) = event {
+                self.reporter.report(header.session_id, event);
+            }
+        }
+        via.send(
+            from,
+            Bytes::copy_from_slice(&encode_session_unknown(header.session_id)),
+        );
+    }
+}
+
+/// Consecutive datagrams of one session, gathered into one mailbox message.
+struct Run {
+    id: SessionId,
+    actor: Addr<SessionActor>,
+    datagrams: Vec<(SocketAddr, Bytes)>,
+}
+
+fn flush(run: Option<Run>, via: &TransportHandle) {
+    if let Some(run) = run {
+        let inbound = Inbound {
+            via: via.clone(),
+            datagrams: run.datagrams,
+        };
+        if !offer(&run.actor, ActorKind::Session, inbound) {
+            telemetry::dropped("session_busy");
+        }
+    }
+}
+
+impl Deliver for GatewayRouter {
+    fn datagrams(&self, via: &TransportHandle, batch: Vec<(SocketAddr, Bytes)>) {
+        let mut run: Option<Run> = None;
+        for (from, datagram) in batch {
+            let session = match wire::parse(&datagram) {
+                Ok(Datagram::Session { header, .. }) => Some(header),
+                Ok(Datagram::HandshakeInit { .. }) => {
+                    let handshake = Handshake {
+                        via: via.clone(),
+                        from,
+                        datagram: datagram.clone(),
+                    };
+                    if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
+                        telemetry::dropped("handshake_busy");
+                    }
+                    None
+                }
+                Ok(_) => {
+                    telemetry::dropped(CoreDrop::Unexpected.as_str());
+                    None
+                }
+                Err(_) => {
+                    telemetry::dropped(CoreDrop::Malformed.as_str());
+                    None
+                }
+            };
+            let Some(header) = session else { continue };
+            if let Some(r) = run.as_mut().filter(|r| r.id == header.session_id) {
+                r.datagrams.push((from, datagram));
+                continue;
+            }
+            flush(run.take(), via);
+            match self.registry.session(header.session_id) {
+                Some(actor) => {
+                    run = Some(Run {
+                        id: header.session_id,
+                        actor,
+                        datagrams: vec![(from, datagram)],
+                    })
+                }
+                None => self.unknown(via, from, &header),
+            }
+        }
+        flush(run, via);
+    }
+
+    fn signal(&self, _via: &TransportHandle, _signal: Signal) {
+        // A gateway socket serves every client: a send error concerns one peer, whose
+        // session notices through its own heartbeat timeout; nothing to route.
+        telemetry::dropped("send_failed_gateway");
+    }
+}
+
+impl TunRoute for GatewayRouter {
+    fn packets(&self, batch: Vec<Bytes>) {
+        let mut run: Option<(IpAddr, Addr<SessionActor>, Vec<Bytes>)> = None;
+        for packet in batch {
+            let Some(dst) = destination_address(&packet) else {
+                telemetry::dropped(CoreDrop::Malformed.as_str());
+                continue;
+            };
+            if let Some(r) = run.as_mut().filter(|r| r.0 == dst) {
+                r.2.push(packet);
+                continue;
+            }
+            if let Some((_, actor, packets)) = run.take() {
+                if !offer(&actor, ActorKind::Session, FromTunnel(packets)) {
+                    telemetry::dropped("session_busy");
+                }
+            }
+            match self.registry.by_tunnel(dst) {
+                Some(actor) => run = Some((dst, actor, vec![packet])),
+                None => telemetry::dropped(CoreDrop::NoRoute.as_str()),
+            }
+        }
+        if let Some((_, actor, packets)) = run {
+            if !offer(&actor, ActorKind::Session, FromTunnel(packets)) {
+                telemetry::dropped("session_busy");
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The actor runtime end to end in one process: a gateway node and a client agent over
+//! loopback UDP (each path through a relay the test can cut), with channel-backed TUN
+//! devices, real timers and the real event sink. Time is real here, so every wait is a
+//! bounded poll for a condition, never a fixed sleep standing in for one.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use jvpn_actors::agent::{AgentHandles, Candidate, ClientAgent, OnSessionEnd, Shutdown};
+use jvpn_actors::events::EventSink;
+use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
+use jvpn_actors::runtime::{Crash, Reporter};
+use jvpn_actors::supervisor::{ListSessions, NodeLimits, TerminateSession, MAX_SESSION_RESTARTS};
+use jvpn_actors::tun::{channel_device, ChannelPeer};
+use jvpn_core::client::{Client, ClientConfig};
+use jvpn_core::crypto::Keypair;
+use jvpn_core::event::{TransportRef, WallClock};
+use jvpn_core::fsm::State;
+use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
+use jvpn_core::ids::{NodeId, Protocol, SessionId, TransportId};
+use jvpn_core::policy::{Policy, PolicyConfig};
+use jvpn_core::store::{MemoryStore, SessionStore};
+use jvpn_core::wire::TunnelAddr;
+use serde_json::Value;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+const CLIENT_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const BEHIND_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+/// A writer whose lines the test reads back.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lines").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn events(&self) -> Vec<Value> {
+        let bytes = self.0.lock().expect("lines").clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect()
+    }
+
+    /// (previous_state, new_state, reason_code) of every state change.
+    fn transitions(&self) -> Vec<(String, String, String)> {
+        self.events()
+            .iter()
+            .filter(|e| e["event_type"] == "SessionStateChange")
+            .map(|e| {
+                (
+                    e["previous_state"].as_str().unwrap_or("").to_string(),
+                    e["new_state"].as_str().unwrap_or("").to_string(),
+                    e["reason_code"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn count(&self, event_type: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["event_type"] == event_type)
+            .count()
+    }
+}
+
+/// A writer that always fails: a dead event sink.
+struct DeadWriter;
+
+impl Write for DeadWriter {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("disk gone"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Err(std::io::Error::other("disk gone"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayMode {
+    Forward,
+    /// Reads and discards: a black hole.
+    Drop,
+}
+
+/// A loopback UDP forwarder standing for one network path between the client and one
+/// gateway socket. Bounded: it stops by itself after a minute or a million datagrams.
+struct Relay {
+    addr: SocketAddr,
+    mode: watch::Sender<RelayMode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(gateway: SocketAddr) -> Relay {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("relay socket");
+        let addr = socket.local_addr().expect("relay addr");
+        let (mode, watch_mode) = watch::channel(RelayMode::Forward);
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = vec![0u8; 65_535];
+            for _ in 0..1_000_000 {
+                let left = Duration::from_secs(60).saturating_sub(started.elapsed());
+                let Ok(Ok((n, from))) =
+                    tokio::time::timeout(left, socket.recv_from(&mut buf)).await
+                else {
+                    return;
+                };
+                if *watch_mode.borrow() == RelayMode::Drop {
+                    continue;
+                }
+                let to = if from == gateway {
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    gateway
+                };
+                let _ = socket.send_to(&buf[..n], to).await;
+            }
+        });
+        Relay { addr, mode, task }
+    }
+
+    fn black_hole(&self) {
+        let _ = self.mode.send(RelayMode::Drop);
+    }
+
+    /// Closes the relay's socket: the client's datagrams now meet ICMP port unreachable.
+    async fn close(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+fn fast_policy(edit: impl FnOnce(&mut PolicyConfig)) -> Policy {
+    let mut c = PolicyConfig::starter();
+    c.volatility.heartbeat_interval_ms = Some(50);
+    c.volatility.heartbeat_volatile_ms = Some(300);
+    c.volatility.probe_interval_ms = Some(100);
+    c.volatility.loss_window_ms = Some(1_000);
+    c.switching.switch_cooldown_ms = Some(200);
+    c.session.transport_lost_ttl_ms = Some(2_000);
+    edit(&mut c);
+    c.validate().expect("test policy")
+}
+
+fn wall_clock() -> WallClock {
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    WallClock::new(Instant::now(), unix_ms)
+}
+
+fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, n: u32) -> Bytes {
+    let mut p = vec![0u8; 24];
+    p[0] = 0x45;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..24].copy_from_slice(&n.to_be_bytes());
+    Bytes::from(p)
+}
+
+/// Polls `cond` every 10 ms for at most `limit`; returns whether it held.
+async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// Like [`wait_for`], for a condition that must be awaited.
+async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond().await
+}
+
+/// The process's metrics, rendered as Prometheus text (installed once per test binary).
+fn metrics_text() -> String {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = jvpn_actors::telemetry::builder().build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .render()
+}
+
+/// The value of one counter or gauge line (labels given exactly as rendered), 0 if absent.
+fn metric(name_and_labels: &str) -> f64 {
+    metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct Net {
+    gw: GatewayNode,
+    gw_tun: ChannelPeer,
+    client: AgentHandles,
+    client_tun: ChannelPeer,
+    relays: Vec<Relay>,
+    store: Arc<MemoryStore>,
+    gw_events: Lines,
+    client_events: Lines,
+    _sinks: Vec<EventSink>,
+}
+
+struct Options {
+    policy: Policy,
+    gw_sink: Option<Box<dyn Write + Send>>,
+    on_end: OnSessionEnd,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            policy: fast_policy(|_| {}),
+            gw_sink: None,
+            on_end: OnSessionEnd::Stop,
+        }
+    }
+}
+
+async fn start(options: Options) -> Net {
+    metrics_text();
+    let policy = Arc::new(options.policy);
+    let gw_key = Keypair::generate().expect("keys");
+    let client_key = Keypair::generate().expect("keys");
+    let store = Arc::new(MemoryStore::new(16, 3));
+    let gw_events = Lines::default();
+    let client_events = Lines::default();
+    let gw_writer: Box<dyn Write + Send> = options
+        .gw_sink
+        .unwrap_or_else(|| Box::new(gw_events.clone()));
+    let gw_sink = EventSink::start(gw_writer, 1_024).expect("sink");
+    let client_sink = EventSink::start(Box::new(client_events.clone()), 1_024).expect("sink");
+
+    let listen: Vec<std::net::UdpSocket> = (0..2)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("gateway socket"))
+        .collect();
+    let gw_addrs: Vec<SocketAddr> = listen
+        .iter()
+        .map(|s| s.local_addr().expect("addr"))
+        .collect();
+    let (gw_device, gw_tun) = channel_device(256, 1_400);
+    let gw = GatewayNode::start(GatewayNodeConfig {
+        gateway: GatewayConfig {
+            keypair: gw_key.clone(),
+            node_id: NodeId("gw-test".into()),
+            policy: Arc::clone(&policy),
+            clients: vec![AuthorizedClient {
+                public: client_key.public(),
+                tunnel: TunnelAddr {
+                    addr: IpAddr::V4(CLIENT_TUNNEL),
+                    prefix: 24,
+                },
+            }],
+        },
+        store: store.clone(),
+        listen,
+        device: Arc::new(gw_device),
+        reporter: Reporter::new(
+            wall_clock(),
+            NodeId("gw-test".into()),
+            policy.version().to_string(),
+            gw_sink.sender(),
+        ),
+        limits: NodeLimits::default(),
+        arbiters: 2,
+    })
+    .expect("gateway node");
+
+    let mut relays = Vec::new();
+    let mut candidates = Vec::new();
+    for (i, gw_addr) in gw_addrs.iter().enumerate() {
+        let relay = Relay::start(*gw_addr).await;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        socket.connect(relay.addr).expect("connect");
+        candidates.push(Candidate {
+            id: TransportId(i as u32 + 1),
+            socket,
+            gateway: relay.addr,
+        });
+        relays.push(relay);
+    }
+    let (client_device, client_tun) = channel_device(256, 1_400);
+    let client = Client::new(
+        ClientConfig {
+            keypair: client_key,
+            gateway: gw_key.public(),
+            policy: Arc::clone(&policy),
+            transports: (1..=2)
+                .map(|i| TransportRef {
+                    id: TransportId(i),
+                    protocol: Protocol::Udp,
+                })
+                .collect(),
+        },
+        wall_clock(),
+    );
+    let client = ClientAgent::start(
+        client,
+        candidates,
+        Some(Arc::new(client_device)),
+        Reporter::new(
+            wall_clock(),
+            NodeId("client-test".into()),
+            policy.version().to_string(),
+            client_sink.sender(),
+        ),
+        options.on_end,
+        256,
+    )
+    .expect("client agent");
+    Net {
+        gw,
+        gw_tun,
+        client,
+        client_tun,
+        relays,
+        store,
+        gw_events,
+        client_events,
+        _sinks: vec![gw_sink, client_sink],
+    }
+}
+
+impl Net {
+    fn status(&self) -> jvpn_actors::agent::AgentStatus {
+        self.client.status.borrow().clone()
+    }
+
+    async fn attached(&self) -> SessionId {
+        let ok = wait_for(Duration::from_secs(5), || {
+            self.status().state == State::Attached
+        })
+        .await;
+        assert!(ok, "no session: {:?}\n{}", self.status(), metrics_text());
+        self.status().session_id.expect("session id")
+    }
+
+    /// Sends `n` packets each way through the tunnel and checks every one arrives,
+    /// in order, unchanged.
+    async fn traffic_both_ways(&mut self, n: u32, base: u32) {
+        for i in 0..n {
+            let up = ip_packet(CLIENT_TUNNEL, BEHIND_GATEWAY, base + i);
+            self.client_tun
+                .to_device
+                .send(up.clone())
+                .await
+                .expect("client tun");
+            let got = tokio::time::timeout(Duration::from_secs(2), self.gw_tun.from_device.recv())
+                .await
+                .expect("packet reached the gateway's tunnel")
+                .expect("gateway tun open");
+            assert_eq!(got, up, "client → gateway packet {i}");
+            let down = ip_packet(BEHIND_GATEWAY, CLIENT_TUNNEL, base + i);
+            self.gw_tun
+                .to_device
+                .send(down.clone())
+                .await
+                .expect("gw tun");
+            let got =
+                tokio::time::timeout(Duration::from_secs(2), self.client_tun.from_device.recv())
+                    .await
+                    .expect("packet reached the client's tunnel")
+                    .expect("client tun open");
+            assert_eq!(got, down, "gateway → client packet {i}");
+        }
+    }
+
+    async fn gateway_binding_port(&self) -> Option<u16> {
+        let sessions = self.gw.supervisor.send(ListSessions).await.expect("list");
+        sessions
+            .first()
+            .and_then(|s| s.binding)
+            .map(|b| b.addr.port())
+    }
+}
+
+fn t(from: &str, to: &str, reason: &str) -> (String, String, String) {
+    (from.into(), to.into(), reason.into())
+}
+
+#[actix_rt::test]
+async fn handshake_and_data_both_ways() {
+    let mut net = start(Options::default()).await;
+    let id = net.attached().await;
+    net.traffic_both_ways(200, 0).await;
+    let record = net.store.get(id).expect("the session's record");
+    assert_eq!(record.state, State::Attached);
+    assert_eq!(net.gw.registry.len(), 1);
+    // A packet for an address no session owns goes nowhere.
+    net.gw_tun
+        .to_device
+        .send(ip_packet(BEHIND_GATEWAY, Ipv4Addr::new(10, 77, 0, 9), 1))
+        .await
+        .expect("gw tun");
+    net.traffic_both_ways(1, 1_000).await;
+    // Both event streams carry node id and policy version on every line.
+    for e in net.gw_events.events() {
+        assert_eq!(e["node_id"], "gw-test");
+        assert_eq!(e["policy_version"], "1.0");
+        assert_eq!(e["session_id"], id.to_string());
+    }
+    assert_eq!(
+        net.client_events.transitions(),
+        [t("BIRTH", "ATTACHED", "attached_to_transport")]
+    );
+    net.gw.stop();
+}
+
+#[actix_rt::test]
+async fn a_dead_path_makes_the_session_jump_with_its_id_and_events_as_specified() {
+    let mut net = start(Options::default()).await;
+    let id = net.attached().await;
+    net.traffic_both_ways(20, 0).await;
+    assert_eq!(net.status().active, Some(TransportId(1)));
+    let path2_port = net.relays[1].addr.port();
+
+    // Path 1's far end disappears: the client's socket gets ICMP port unreachable.
+    net.relays[0].close().await;
+    let jumped = wait_for(Duration::from_secs(5), || {
+        let s = net.status();
+        s.active == Some(TransportId(2)) && s.state == State::Attached
+    })
+    .await;
+    assert!(jumped, "no jump: {:?}", net.status());
+    assert_eq!(net.status().session_id, Some(id), "the session id changed");
+    let n = &net;
+    let bound = eventually(Duration::from_secs(2), || async move {
+        n.gateway_binding_port().await == Some(path2_port)
+    })
+    .await;
+    assert!(bound, "the gateway's binding did not move to path 2");
+    net.traffic_both_ways(20, 100).await;
+
+    let expected = [
+        t("BIRTH", "ATTACHED", "attached_to_transport"),
+        t("ATTACHED", "VOLATILE", "transport_dead"),
+        t("VOLATILE", "RECOVERING", "dead_transport_recovery"),
+        t("RECOVERING", "ATTACHED", "reattach_success"),
+    ];
+    assert_eq!(net.client_events.transitions(), expected);
+    // The gateway learns the cause from the authenticated request: same transitions.
+    let gw_ok = wait_for(Duration::from_secs(2), || {
+        net.gw_events.transitions() == expected
+    })
+    .await;
+    assert!(
+        gw_ok,
+        "gateway transitions: {:?}",
+        net.gw_events.transitions()
+    );
+    assert_eq!(net.client_events.count("TransportSwitch"), 1);
+    assert_eq!(net.gw_events.count("TransportSwitch"), 1);
+    let record = net.store.get(id).expect("record");
+    assert_eq!(record.state, State::Attached);
+    assert_eq!(
+        record
+            .active_binding
+            .and_then(|b| b.remote)
+            .map(|a| a.port()),
+        Some(path2_port)
+    );
+    net.gw.stop();
+}
