@@ -342,7 +342,7 @@ impl Actor for ClientAgent {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        let _ = self.status.send_modify(|s| s.stopped = true);
+        self.status.send_modify(|s| s.stopped = true);
         // The transports stop once their last address (held here) is gone.
         self.transports.clear();
     }

@@ -500,3 +500,225 @@ async fn a_dead_path_makes_the_session_jump_with_its_id_and_events_as_specified(
     );
     net.gw.stop();
 }
+
+#[actix_rt::test]
+async fn a_dead_event_sink_blocks_no_transition() {
+    let options = Options {
+        gw_sink: Some(Box::new(DeadWriter)),
+        ..Options::default()
+    };
+    let mut net = start(options).await;
+    let failures_before = metric("jvpn_event_write_failures_total");
+    let id = net.attached().await;
+    net.relays[0].close().await;
+    let jumped = wait_for(Duration::from_secs(5), || {
+        net.status().active == Some(TransportId(2)) && net.status().state == State::Attached
+    })
+    .await;
+    assert!(jumped, "no jump: {:?}", net.status());
+    // The gateway's session went through the jump with every event write failing.
+    net.traffic_both_ways(20, 0).await;
+    let record = net.store.get(id).expect("record");
+    assert_eq!(record.state, State::Attached);
+    assert!(record.state_version.0 >= 4, "the gateway recorded the jump");
+    let counted = wait_for(Duration::from_secs(2), || {
+        metric("jvpn_event_write_failures_total") >= failures_before + 4.0
+    })
+    .await;
+    assert!(counted, "write failures not counted");
+    net.gw.stop();
+}
+
+#[actix_rt::test]
+async fn a_killed_transport_actor_is_restarted_and_traffic_goes_on() {
+    let mut net = start(Options::default()).await;
+    let id = net.attached().await;
+    let restarts = metric("jvpn_actor_restarts_total{actor=\"transport\"}");
+    for (_, transport) in &net.gw.transports {
+        transport.do_send(Crash);
+    }
+    for (_, transport) in &net.client.transports {
+        transport.do_send(Crash);
+    }
+    let restarted = wait_for(Duration::from_secs(2), || {
+        metric("jvpn_actor_restarts_total{actor=\"transport\"}") >= restarts + 4.0
+    })
+    .await;
+    assert!(restarted, "{}", metrics_text());
+    net.traffic_both_ways(50, 0).await;
+    assert_eq!(net.status().session_id, Some(id));
+    assert_eq!(net.status().state, State::Attached);
+    net.gw.stop();
+}
+
+#[actix_rt::test]
+async fn a_killed_session_actor_is_restarted_with_its_state_then_ended_explicitly() {
+    let mut net = start(Options::default()).await;
+    let id = net.attached().await;
+    net.traffic_both_ways(10, 0).await;
+    let version = net.store.get(id).expect("record").state_version;
+
+    // Each crash loses only the actor: the session, its keys and binding live on in a
+    // new actor, and traffic flows again.
+    for round in 1..=MAX_SESSION_RESTARTS {
+        let actor = net.gw.registry.session(id).expect("registered");
+        actor.do_send(Crash);
+        let replaced = wait_for(Duration::from_secs(2), || {
+            net.gw.registry.session(id).is_some_and(|a| a != actor)
+        })
+        .await;
+        assert!(replaced, "round {round}: not restarted");
+        net.traffic_both_ways(10, round * 100).await;
+        assert_eq!(net.store.get(id).expect("record").state_version, version);
+    }
+
+    // Past the limit, the session is ended explicitly, and everything it held released.
+    let actor = net.gw.registry.session(id).expect("registered");
+    actor.do_send(Crash);
+    let released = wait_for(Duration::from_secs(2), || {
+        net.gw.registry.is_empty() && net.store.get(id).is_none()
+    })
+    .await;
+    assert!(released, "session not released");
+    assert!(net
+        .gw
+        .registry
+        .by_tunnel(IpAddr::V4(CLIENT_TUNNEL))
+        .is_none());
+    assert_eq!(
+        net.gw_events.transitions().last(),
+        Some(&t("ATTACHED", "TERMINATED", "runtime_failure"))
+    );
+    let ended = net
+        .gw_events
+        .events()
+        .into_iter()
+        .filter(|e| e["event_type"] == "SessionTerminated")
+        .map(|e| e["reason_code"].clone())
+        .collect::<Vec<_>>();
+    assert_eq!(ended, ["runtime_failure"]);
+    net.gw.stop();
+}
+
+#[actix_rt::test]
+async fn all_paths_lost_end_the_session_at_its_ttl_on_both_sides() {
+    let mut net = start(Options::default()).await;
+    let id = net.attached().await;
+    let cut = Instant::now();
+    for relay in &net.relays {
+        relay.black_hole();
+    }
+    let ended = wait_for(Duration::from_secs(6), || net.status().stopped).await;
+    assert!(ended, "client did not end: {:?}", net.status());
+    let waited = cut.elapsed();
+    assert_eq!(
+        net.status().last_end.map(|r| r.as_str()),
+        Some("transport_ttl_exceeded")
+    );
+    // The policy's TTL is 2 s from the last packet heard, which came before the cut.
+    assert!(
+        waited >= Duration::from_millis(1_700),
+        "ended early: {waited:?}"
+    );
+    let gw_ended = wait_for(Duration::from_secs(2), || {
+        net.gw.registry.is_empty() && net.store.get(id).is_none()
+    })
+    .await;
+    assert!(gw_ended, "gateway session not ended");
+    for lines in [&net.gw_events, &net.client_events] {
+        let last = lines.transitions().last().cloned().expect("transitions");
+        assert_eq!(last.1, "TERMINATED");
+        assert_eq!(last.2, "transport_ttl_exceeded");
+    }
+    let _ = net.relays.pop();
+    net.gw.stop();
+}
+
+#[actix_rt::test]
+async fn an_operator_terminates_a_session_on_both_sides() {
+    let net = start(Options::default()).await;
+    let id = net.attached().await;
+    let found = net
+        .gw
+        .supervisor
+        .send(TerminateSession(id))
+        .await
+        .expect("supervisor");
+    assert!(found);
+    let ended = wait_for(Duration::from_secs(2), || net.status().stopped).await;
+    assert!(ended, "client did not end: {:?}", net.status());
+    assert_eq!(
+        net.status().last_end.map(|r| r.as_str()),
+        Some("peer_terminated")
+    );
+    assert_eq!(
+        net.gw_events.transitions().last(),
+        Some(&t("ATTACHED", "TERMINATED", "operator_terminated"))
+    );
+    let gone = wait_for(Duration::from_secs(2), || net.gw.registry.is_empty()).await;
+    assert!(gone);
+    assert!(!net
+        .gw
+        .supervisor
+        .send(TerminateSession(id))
+        .await
+        .expect("supervisor"));
+    net.gw.stop();
+}
+
+#[actix_rt::test]
+async fn a_client_shutdown_tells_the_gateway_and_a_reconnecting_client_starts_a_new_session() {
+    let options = Options {
+        on_end: OnSessionEnd::Reconnect,
+        ..Options::default()
+    };
+    let net = start(options).await;
+    let first = net.attached().await;
+    // The gateway ends the session; the client, set to reconnect, starts a new one
+    // explicitly: a new handshake, a new session id, reported in events.
+    net.gw
+        .supervisor
+        .send(TerminateSession(first))
+        .await
+        .expect("supervisor");
+    let again = wait_for(Duration::from_secs(5), || {
+        let s = net.status();
+        s.sessions == 2 && s.state == State::Attached
+    })
+    .await;
+    assert!(again, "no new session: {:?}", net.status());
+    let second = net.status().session_id.expect("id");
+    assert_ne!(second, first);
+    assert_eq!(
+        net.status().last_end.map(|r| r.as_str()),
+        Some("peer_terminated")
+    );
+    // Shutdown ends it for good, telling the gateway.
+    net.client.agent.do_send(Shutdown);
+    let gone = wait_for(Duration::from_secs(2), || {
+        net.status().stopped && net.gw.registry.is_empty()
+    })
+    .await;
+    assert!(gone, "{:?}", net.status());
+    let client_ends: Vec<_> = net
+        .client_events
+        .events()
+        .into_iter()
+        .filter(|e| e["event_type"] == "SessionTerminated")
+        .map(|e| (e["session_id"].clone(), e["reason_code"].clone()))
+        .collect();
+    assert_eq!(
+        client_ends,
+        [
+            (
+                Value::from(first.to_string()),
+                Value::from("peer_terminated")
+            ),
+            (
+                Value::from(second.to_string()),
+                Value::from("operator_terminated")
+            ),
+        ]
+    );
+    net.gw.stop();
+}
