@@ -14,7 +14,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use bytes::Bytes;
 use jvpn_core::client::{Client, ClientReceived};
-use jvpn_core::event::SessionEvent;
+use jvpn_core::event::{EventBody, SessionEvent};
 use jvpn_core::fsm::State;
 use jvpn_core::ids::{SessionId, TransportId};
 use jvpn_core::reason::ReasonCode;
@@ -103,6 +103,7 @@ pub struct ClientAgent {
     sessions: u32,
     last_end: Option<ReasonCode>,
     stopping: bool,
+    recovering_since: Option<Instant>,
 }
 
 struct ToAgent {
@@ -150,7 +151,8 @@ pub struct AgentHandles {
 
 impl ClientAgent {
     /// Starts the agent, its transports (one supervised actor per candidate) and, given a
-    /// device, its TUN actor. Must run inside an actix system.
+    /// device, its TUN actor. Must run inside an actix system. Refuses more candidates
+    /// than the policy's `transport.max_candidate_count`, and none at all.
     pub fn start(
         client: Client,
         candidates: Vec<Candidate>,
@@ -159,6 +161,16 @@ impl ClientAgent {
         on_end: OnSessionEnd,
         mailbox: usize,
     ) -> std::io::Result<AgentHandles> {
+        let allowed = client.policy().max_candidate_count();
+        if candidates.is_empty() || candidates.len() > allowed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} candidate transports configured; transport.max_candidate_count allows 1 to {allowed}",
+                    candidates.len()
+                ),
+            ));
+        }
         let sockets = candidates;
         let (status_tx, status) = watch::channel(AgentStatus {
             state: State::Birth,
@@ -221,6 +233,7 @@ impl ClientAgent {
                 sessions: 0,
                 last_end: None,
                 stopping: false,
+                recovering_since: None,
             }
         });
         if let Some(e) = failed {
@@ -271,6 +284,27 @@ impl ClientAgent {
         self.reporter.report(session, event);
     }
 
+    /// Reattach latency: from entering RECOVERING to leaving it attached.
+    fn time_recovery(&mut self, event: &SessionEvent) {
+        if let EventBody::SessionStateChange {
+            previous_state,
+            new_state,
+            ..
+        } = &event.body
+        {
+            match (previous_state, new_state) {
+                (_, State::Recovering) => self.recovering_since = Some(event.at),
+                (State::Recovering, State::Attached) => {
+                    if let Some(since) = self.recovering_since.take() {
+                        telemetry::reattach_latency(event.at.saturating_duration_since(since));
+                    }
+                }
+                (State::Recovering, _) => self.recovering_since = None,
+                _ => {}
+            }
+        }
+    }
+
     /// After every message: send what the core wants sent, report events, handle the
     /// session's end, publish the status, re-arm the timer.
     fn settle(&mut self, ctx: &mut Context<Self>) {
@@ -290,6 +324,7 @@ impl ClientAgent {
         }
         let session = self.reported_session.unwrap_or(SessionId(0));
         while let Some(event) = self.client.poll_event() {
+            self.time_recovery(&event);
             self.report(session, event);
         }
         if let Some(reason) = self.client.ended() {

@@ -156,3 +156,74 @@ impl Drop for Handling {
         telemetry::handled(self.kind, self.started.elapsed());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Parked;
+
+    impl Actor for Parked {
+        type Context = Context<Self>;
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Ping;
+
+    impl Handler<Ping> for Parked {
+        type Result = ();
+        fn handle(&mut self, _: Ping, _: &mut Context<Self>) {
+            let _measure = Handling::start(ActorKind::Session);
+        }
+    }
+
+    /// Not offered, not measured: only waits for the mailbox ahead of it to drain.
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Flush;
+
+    impl Handler<Flush> for Parked {
+        type Result = ();
+        fn handle(&mut self, _: Flush, _: &mut Context<Self>) {}
+    }
+
+    #[test]
+    fn a_full_mailbox_refuses_and_counts_and_the_gauge_follows_handling() {
+        let recorder = crate::telemetry::builder().build_recorder();
+        let handle = recorder.handle();
+        let (accepted, text_before) = metrics::with_local_recorder(&recorder, || {
+            actix::System::new().block_on(async {
+                let addr = Parked::create(|ctx| {
+                    ctx.set_mailbox_capacity(4);
+                    Parked
+                });
+                // Nothing runs the actor until this task yields: the mailbox fills.
+                let accepted = (0..20)
+                    .filter(|_| offer(&addr, ActorKind::Session, Ping))
+                    .count();
+                let before = handle.render();
+                // Let the actor drain its mailbox.
+                let _ = addr.send(Flush).await;
+                (accepted, before)
+            })
+        });
+        assert!((4..20).contains(&accepted), "accepted {accepted}");
+        let refused = 20 - accepted;
+        assert!(text_before.contains(&format!(
+            "jvpn_actor_mailbox_refused_total{{actor=\"session\",why=\"full\"}} {refused}"
+        )));
+        assert!(text_before.contains(&format!(
+            "jvpn_actor_mailbox_depth{{actor=\"session\"}} {accepted}"
+        )));
+        // Every accepted message handled: the depth is back to 0.
+        let after = handle.render();
+        assert!(
+            after.contains("jvpn_actor_mailbox_depth{actor=\"session\"} 0"),
+            "{after}"
+        );
+        assert!(after.contains(&format!(
+            "jvpn_actor_message_seconds_count{{actor=\"session\"}} {accepted}"
+        )));
+    }
+}

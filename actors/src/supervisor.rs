@@ -457,9 +457,9 @@ impl Deliver for GatewayRouter {
     }
 
     fn signal(&self, _via: &TransportHandle, _signal: Signal) {
-        // A gateway socket serves every client: a send error concerns one peer, whose
-        // session notices through its own heartbeat timeout; nothing to route.
-        telemetry::dropped("send_failed_gateway");
+        // A gateway socket serves every client: a send error concerns one peer (the
+        // transport counted it), whose session notices through its own heartbeat
+        // timeout; the gateway never decides a client's path.
     }
 }
 

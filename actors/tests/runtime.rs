@@ -488,6 +488,7 @@ async fn a_dead_path_makes_the_session_jump_with_its_id_and_events_as_specified(
         net.gw_events.transitions()
     );
     assert_eq!(net.client_events.count("TransportSwitch"), 1);
+    assert!(metric("jvpn_reattach_latency_seconds_count") >= 1.0);
     assert_eq!(net.gw_events.count("TransportSwitch"), 1);
     let record = net.store.get(id).expect("record");
     assert_eq!(record.state, State::Attached);

@@ -252,6 +252,11 @@ impl Client {
         }
     }
 
+    /// The policy the client runs under.
+    pub fn policy(&self) -> &Policy {
+        &self.config.policy
+    }
+
     /// The session's id, once established.
     pub fn session_id(&self) -> Option<SessionId> {
         self.established().map(|e| e.session_id)
