@@ -21,7 +21,7 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::TunnelAddr;
 use tokio::sync::watch;
 
-use crate::runtime::{offer, offer_to, ActorKind, Crash, Handling, Reporter};
+use crate::runtime::{offer, offer_to, ActorKind, Crash, DeadlineTimer, Handling, Reporter};
 use crate::session::FromTunnel;
 use crate::telemetry;
 use crate::transport::{Deliver, Signal, TransportHandle, UdpTransport};
@@ -96,7 +96,7 @@ pub struct ClientAgent {
     tun: Option<Recipient<TunWrite>>,
     reporter: Reporter,
     status: watch::Sender<AgentStatus>,
-    timer: Option<(Instant, SpawnHandle)>,
+    timer: DeadlineTimer,
     /// Index (into `transports`) of the candidate the next handshake goes out on.
     next_connect: usize,
     reported_session: Option<SessionId>,
@@ -227,7 +227,7 @@ impl ClientAgent {
                 tun,
                 reporter,
                 status: status_tx,
-                timer: None,
+                timer: DeadlineTimer::default(),
                 next_connect: 0,
                 reported_session: None,
                 sessions: 0,
@@ -350,21 +350,11 @@ impl ClientAgent {
             return;
         }
         let next = self.client.next_deadline();
-        if self.timer.as_ref().map(|(at, _)| *at) == next {
-            return;
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        if let Some(at) = next {
-            let wait = at.saturating_duration_since(now);
-            let handle = ctx.run_later(wait, |act, ctx| {
-                act.timer = None;
-                act.client.handle_timeout(Instant::now());
-                act.settle(ctx);
-            });
-            self.timer = Some((at, handle));
-        }
+        self.timer.arm(ctx, next, |act, ctx| {
+            act.timer.fired();
+            act.client.handle_timeout(Instant::now());
+            act.settle(ctx);
+        });
     }
 }
 

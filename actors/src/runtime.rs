@@ -134,6 +134,43 @@ fn counted<M>(sent: Result<(), SendError<M>>, kind: ActorKind) -> bool {
     }
 }
 
+/// An actor's one deadline timer, on the monotonic clock. Re-arming it at the instant it
+/// is already armed for keeps the running timer; any other instant replaces it.
+#[derive(Debug, Default)]
+pub struct DeadlineTimer {
+    armed: Option<(Instant, SpawnHandle)>,
+}
+
+impl DeadlineTimer {
+    /// Arms the timer for `at` (disarms it for `None`); when it fires, `fire` runs on the
+    /// actor, which must call [`DeadlineTimer::fired`] first.
+    pub fn arm<A>(
+        &mut self,
+        ctx: &mut Context<A>,
+        at: Option<Instant>,
+        fire: fn(&mut A, &mut Context<A>),
+    ) where
+        A: Actor<Context = Context<A>>,
+    {
+        if self.armed.as_ref().map(|(t, _)| *t) == at {
+            return;
+        }
+        if let Some((_, handle)) = self.armed.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = at {
+            let wait = at.saturating_duration_since(Instant::now());
+            let handle = ctx.run_later(wait, fire);
+            self.armed = Some((at, handle));
+        }
+    }
+
+    /// The timer has fired: nothing is armed any more.
+    pub fn fired(&mut self) {
+        self.armed = None;
+    }
+}
+
 /// Measures the handling of one message that came through [`offer`]: on drop, lowers
 /// the mailbox-depth gauge and records the handling time, by actor kind.
 pub struct Handling {

@@ -22,7 +22,7 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::SessionStore;
 use jvpn_core::wire;
 
-use crate::runtime::{offer_to, ActorKind, Crash, Handling, Reporter};
+use crate::runtime::{offer_to, ActorKind, Crash, DeadlineTimer, Handling, Reporter};
 use crate::telemetry;
 use crate::transport::TransportHandle;
 use crate::tun::TunWrite;
@@ -113,7 +113,7 @@ pub struct SessionActor {
     session: Option<Box<GatewaySession>>,
     env: Arc<SessionEnv>,
     paths: VecDeque<(Endpoint, TransportHandle)>,
-    timer: Option<(Instant, SpawnHandle)>,
+    timer: DeadlineTimer,
     restarts: u32,
     client: jvpn_core::crypto::PublicKey,
     tunnel: std::net::IpAddr,
@@ -136,7 +136,7 @@ impl SessionActor {
             session: Some(session),
             env,
             paths,
-            timer: None,
+            timer: DeadlineTimer::default(),
             restarts,
         }
     }
@@ -168,23 +168,13 @@ impl SessionActor {
             return;
         }
         let next = session.next_deadline();
-        if self.timer.as_ref().map(|(at, _)| *at) == next {
-            return;
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        if let Some(at) = next {
-            let wait = at.saturating_duration_since(Instant::now());
-            let handle = ctx.run_later(wait, |act, ctx| {
-                act.timer = None;
-                if let Some(s) = act.session.as_mut() {
-                    s.handle_timeout(act.env.store.as_ref(), Instant::now());
-                }
-                act.settle(ctx);
-            });
-            self.timer = Some((at, handle));
-        }
+        self.timer.arm(ctx, next, |act, ctx| {
+            act.timer.fired();
+            if let Some(s) = act.session.as_mut() {
+                s.handle_timeout(act.env.store.as_ref(), Instant::now());
+            }
+            act.settle(ctx);
+        });
     }
 }
 
