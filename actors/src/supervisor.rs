@@ -74,6 +74,31 @@ impl Registry {
         self.tunnels.read().ok()?.get(&addr).map(|(_, a)| a.clone())
     }
 
+    /// Offers `msg` to session `id`'s actor through the registry's own address (actix
+    /// bounds a mailbox per sender: a fresh clone per message would bypass the bound).
+    /// `None`: no such session.
+    pub fn offer_session<M>(&self, id: SessionId, msg: M) -> Option<bool>
+    where
+        SessionActor: Handler<M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        let map = self.sessions.read().ok()?;
+        map.get(&id).map(|a| offer(a, ActorKind::Session, msg))
+    }
+
+    /// Like [`Registry::offer_session`], to the session owning tunnel address `addr`.
+    pub fn offer_tunnel<M>(&self, addr: IpAddr, msg: M) -> Option<bool>
+    where
+        SessionActor: Handler<M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        let map = self.tunnels.read().ok()?;
+        map.get(&addr)
+            .map(|(_, a)| offer(a, ActorKind::Session, msg))
+    }
+
     /// Every registered session.
     pub fn sessions(&self) -> Vec<(SessionId, Addr<SessionActor>)> {
         self.sessions
@@ -394,17 +419,16 @@ impl GatewayRouter {
 /// Consecutive datagrams of one session, gathered into one mailbox message.
 struct Run {
     id: SessionId,
-    actor: Addr<SessionActor>,
     datagrams: Vec<(SocketAddr, Bytes)>,
 }
 
-fn flush(run: Option<Run>, via: &TransportHandle) {
+fn flush(registry: &Registry, run: Option<Run>, via: &TransportHandle) {
     if let Some(run) = run {
         let inbound = Inbound {
             via: via.clone(),
             datagrams: run.datagrams,
         };
-        if !offer(&run.actor, ActorKind::Session, inbound) {
+        if registry.offer_session(run.id, inbound) != Some(true) {
             telemetry::dropped("session_busy");
         }
     }
@@ -441,19 +465,17 @@ impl Deliver for GatewayRouter {
                 r.datagrams.push((from, datagram));
                 continue;
             }
-            flush(run.take(), via);
-            match self.registry.session(header.session_id) {
-                Some(actor) => {
-                    run = Some(Run {
-                        id: header.session_id,
-                        actor,
-                        datagrams: vec![(from, datagram)],
-                    })
-                }
-                None => self.unknown(via, from, &header),
+            flush(&self.registry, run.take(), via);
+            if self.registry.session(header.session_id).is_some() {
+                run = Some(Run {
+                    id: header.session_id,
+                    datagrams: vec![(from, datagram)],
+                });
+            } else {
+                self.unknown(via, from, &header);
             }
         }
-        flush(run, via);
+        flush(&self.registry, run, via);
     }
 
     fn signal(&self, _via: &TransportHandle, _signal: Signal) {
@@ -463,32 +485,35 @@ impl Deliver for GatewayRouter {
     }
 }
 
+impl GatewayRouter {
+    fn to_session(&self, dst: IpAddr, packets: Vec<Bytes>) {
+        match self.registry.offer_tunnel(dst, FromTunnel(packets)) {
+            Some(true) => {}
+            Some(false) => telemetry::dropped("session_busy"),
+            None => telemetry::dropped(CoreDrop::NoRoute.as_str()),
+        }
+    }
+}
+
 impl TunRoute for GatewayRouter {
     fn packets(&self, batch: Vec<Bytes>) {
-        let mut run: Option<(IpAddr, Addr<SessionActor>, Vec<Bytes>)> = None;
+        let mut run: Option<(IpAddr, Vec<Bytes>)> = None;
         for packet in batch {
             let Some(dst) = destination_address(&packet) else {
                 telemetry::dropped(CoreDrop::Malformed.as_str());
                 continue;
             };
             if let Some(r) = run.as_mut().filter(|r| r.0 == dst) {
-                r.2.push(packet);
+                r.1.push(packet);
                 continue;
             }
-            if let Some((_, actor, packets)) = run.take() {
-                if !offer(&actor, ActorKind::Session, FromTunnel(packets)) {
-                    telemetry::dropped("session_busy");
-                }
+            if let Some((to, packets)) = run.take() {
+                self.to_session(to, packets);
             }
-            match self.registry.by_tunnel(dst) {
-                Some(actor) => run = Some((dst, actor, vec![packet])),
-                None => telemetry::dropped(CoreDrop::NoRoute.as_str()),
-            }
+            run = Some((dst, vec![packet]));
         }
-        if let Some((_, actor, packets)) = run {
-            if !offer(&actor, ActorKind::Session, FromTunnel(packets)) {
-                telemetry::dropped("session_busy");
-            }
+        if let Some((to, packets)) = run {
+            self.to_session(to, packets);
         }
     }
 }

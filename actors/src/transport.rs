@@ -213,8 +213,11 @@ impl StreamHandler<Read> for UdpTransport {
             // receive error; anything else is transient on UDP and only counted.
             match e.kind() {
                 io::ErrorKind::ConnectionRefused | io::ErrorKind::HostUnreachable => {
-                    self.failing = true;
-                    self.deliver.signal(&handle, Signal::Unreachable);
+                    // Once per change of state: repeated ICMP errors add no messages.
+                    if !self.failing {
+                        self.failing = true;
+                        self.deliver.signal(&handle, Signal::Unreachable);
+                    }
                 }
                 _ => telemetry::dropped("receive_error"),
             }

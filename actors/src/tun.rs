@@ -84,9 +84,13 @@ impl Actor for TunActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let device = Arc::clone(&self.device);
         let buf = vec![0u8; self.device.mtu().max(1_500) + 64];
-        let reads = futures_util::stream::unfold((device, buf), |(device, mut buf)| async move {
+        // The stream ends after the device reports end-of-file, so a closed device is
+        // not read again (the actor stays up; restarting it would spin on the EOF).
+        let reads = futures_util::stream::unfold(Some((device, buf)), |state| async move {
+            let (device, mut buf) = state?;
             let read = read_batch(device.as_ref(), &mut buf).await;
-            Some((read, (device, buf)))
+            let eof = matches!(&read.0, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof);
+            Some((read, (!eof).then_some((device, buf))))
         });
         ctx.add_stream(reads);
     }
@@ -99,11 +103,11 @@ impl Supervised for TunActor {
 }
 
 impl StreamHandler<Read> for TunActor {
-    fn handle(&mut self, read: Read, ctx: &mut Context<Self>) {
+    fn handle(&mut self, read: Read, _ctx: &mut Context<Self>) {
         match read.0 {
             Ok(batch) => self.route.packets(batch),
             // The device is gone (closed by its owner): nothing more will come.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => ctx.stop(),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
             Err(_) => telemetry::dropped("tun_read_error"),
         }
     }
