@@ -71,9 +71,14 @@ impl TransportHandle {
     }
 
     /// Hands `bytes` to the transport for `to` without waiting; returns whether its
-    /// mailbox took them (a refusal is counted).
+    /// mailbox took them (a refusal is counted, as a mailbox refusal and as a dropped
+    /// packet, `transport_busy`).
     pub fn send(&self, to: SocketAddr, bytes: Bytes) -> bool {
-        offer_to(&self.tx, ActorKind::Transport, Transmit { to, bytes })
+        let taken = offer_to(&self.tx, ActorKind::Transport, Transmit { to, bytes });
+        if !taken {
+            telemetry::dropped("transport_busy");
+        }
+        taken
     }
 }
 
