@@ -21,7 +21,7 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::TunnelAddr;
 use tokio::sync::watch;
 
-use crate::runtime::{offer, offer_to, ActorKind, Crash, DeadlineTimer, Handling, Reporter};
+use crate::runtime::{offer, ActorKind, Close, Crash, DeadlineTimer, Handling, Reporter};
 use crate::session::FromTunnel;
 use crate::telemetry;
 use crate::transport::{Deliver, Signal, TransportHandle, UdpTransport};
@@ -51,6 +51,8 @@ pub struct AgentStatus {
     pub sessions: u32,
     /// Why the last session ended, if one did.
     pub last_end: Option<ReasonCode>,
+    /// How long the last reattach took (entering RECOVERING to ATTACHED again).
+    pub last_reattach: Option<std::time::Duration>,
     /// Whether the agent has stopped.
     pub stopped: bool,
 }
@@ -93,7 +95,7 @@ pub struct ClientAgent {
     client: Client,
     on_end: OnSessionEnd,
     transports: Vec<(TransportId, SocketAddr, Addr<UdpTransport>, TransportHandle)>,
-    tun: Option<Recipient<TunWrite>>,
+    tun: Option<Addr<TunActor>>,
     reporter: Reporter,
     status: watch::Sender<AgentStatus>,
     timer: DeadlineTimer,
@@ -104,6 +106,7 @@ pub struct ClientAgent {
     last_end: Option<ReasonCode>,
     stopping: bool,
     recovering_since: Option<Instant>,
+    last_reattach: Option<std::time::Duration>,
 }
 
 struct ToAgent {
@@ -171,7 +174,6 @@ impl ClientAgent {
                 ),
             ));
         }
-        let sockets = candidates;
         let (status_tx, status) = watch::channel(AgentStatus {
             state: State::Birth,
             session_id: None,
@@ -179,67 +181,66 @@ impl ClientAgent {
             active: None,
             sessions: 0,
             last_end: None,
+            last_reattach: None,
             stopped: false,
         });
-        let mut actors = Vec::new();
-        let mut failed = None;
-        let agent = ClientAgent::create(|ctx| {
-            ctx.set_mailbox_capacity(mailbox);
-            let me = ctx.address();
-            let mut transports = Vec::new();
-            for Candidate {
+        // The agent's address exists before the agent runs, so every fallible step (each
+        // socket's preparation) is done before any actor starts: a failure leaves nothing
+        // running.
+        let mut ctx = Context::<ClientAgent>::new();
+        ctx.set_mailbox_capacity(mailbox);
+        let me = ctx.address();
+        let mut prepared = Vec::with_capacity(candidates.len());
+        for Candidate {
+            id,
+            socket,
+            gateway,
+        } in candidates
+        {
+            let deliver: Arc<dyn Deliver> = Arc::new(ToAgent {
+                agent: me.clone(),
                 id,
-                socket,
-                gateway,
-            } in sockets
-            {
-                let deliver: Arc<dyn Deliver> = Arc::new(ToAgent {
-                    agent: me.clone(),
-                    id,
-                });
-                let made = socket
-                    .local_addr()
-                    .and_then(|local| Ok((local, UdpTransport::new(socket, true, deliver)?)));
-                let (local, transport) = match made {
-                    Ok(m) => m,
-                    Err(e) => {
-                        failed = Some(e);
-                        continue;
-                    }
-                };
-                let addr = actix::Supervisor::start(move |_| transport);
-                let handle = TransportHandle::new(
-                    jvpn_core::ids::Protocol::Udp,
-                    local,
-                    addr.clone().recipient(),
-                );
-                actors.push((id, addr.clone()));
-                transports.push((id, gateway, addr, handle));
-            }
-            let tun = device.map(|d| {
-                let route: Arc<dyn TunRoute> = Arc::new(me.clone());
-                actix::Supervisor::start(move |_| TunActor::new(d, route)).recipient()
             });
-            ClientAgent {
-                client,
-                on_end,
-                transports,
-                tun,
-                reporter,
-                status: status_tx,
-                timer: DeadlineTimer::default(),
-                next_connect: 0,
-                reported_session: None,
-                sessions: 0,
-                last_end: None,
-                stopping: false,
-                recovering_since: None,
-            }
-        });
-        if let Some(e) = failed {
-            agent.do_send(Crash);
-            return Err(e);
+            let local = socket.local_addr()?;
+            prepared.push((
+                id,
+                gateway,
+                local,
+                UdpTransport::new(socket, true, deliver)?,
+            ));
         }
+        let mut transports = Vec::with_capacity(prepared.len());
+        let mut actors = Vec::with_capacity(prepared.len());
+        for (id, gateway, local, transport) in prepared {
+            let addr = transport.start_supervised();
+            let handle = TransportHandle::new(
+                jvpn_core::ids::Protocol::Udp,
+                local,
+                addr.clone().recipient(),
+            );
+            actors.push((id, addr.clone()));
+            transports.push((id, gateway, addr, handle));
+        }
+        let tun = device.map(|d| {
+            let route: Arc<dyn TunRoute> = Arc::new(me.clone());
+            TunActor::new(d, route).start_supervised()
+        });
+        let agent = ctx.run(ClientAgent {
+            client,
+            on_end,
+            transports,
+            tun,
+            reporter,
+            status: status_tx,
+            timer: DeadlineTimer::default(),
+            next_connect: 0,
+            reported_session: None,
+            sessions: 0,
+            last_end: None,
+            stopping: false,
+            recovering_since: None,
+            last_reattach: None,
+        });
         Ok(AgentHandles {
             agent,
             status,
@@ -296,7 +297,9 @@ impl ClientAgent {
                 (_, State::Recovering) => self.recovering_since = Some(event.at),
                 (State::Recovering, State::Attached) => {
                     if let Some(since) = self.recovering_since.take() {
-                        telemetry::reattach_latency(event.at.saturating_duration_since(since));
+                        let took = event.at.saturating_duration_since(since);
+                        telemetry::reattach_latency(took);
+                        self.last_reattach = Some(took);
                     }
                 }
                 (State::Recovering, _) => self.recovering_since = None,
@@ -343,6 +346,7 @@ impl ClientAgent {
             active: control.and_then(|c| c.active()).map(|t| t.id),
             sessions: self.sessions,
             last_end: self.last_end,
+            last_reattach: self.last_reattach,
             stopped: self.stopping,
         });
         if self.stopping {
@@ -368,8 +372,15 @@ impl Actor for ClientAgent {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.status.send_modify(|s| s.stopped = true);
-        // The transports stop once their last address (held here) is gone.
-        self.transports.clear();
+        // Close the transports and the TUN: they stop reading and end once their last
+        // address (held here and by the caller's handles) is gone. Unbounded sends on
+        // purpose: one lifecycle message per actor, and their number is bounded.
+        for (_, _, addr, _) in self.transports.drain(..) {
+            addr.do_send(Close);
+        }
+        if let Some(tun) = self.tun.take() {
+            tun.do_send(Close);
+        }
     }
 }
 
@@ -394,7 +405,7 @@ impl Handler<AgentInbound> for ClientAgent {
             }
         }
         if let (Some(tun), false) = (&self.tun, to_tunnel.is_empty()) {
-            offer_to(tun, ActorKind::Tun, TunWrite(to_tunnel));
+            offer(tun, ActorKind::Tun, TunWrite(to_tunnel));
         }
         self.settle(ctx);
     }

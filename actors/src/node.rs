@@ -3,13 +3,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use jvpn_core::gateway::{GatewayConfig, Responder};
 use jvpn_core::store::SessionStore;
 
-use crate::runtime::Reporter;
-use crate::supervisor::{GatewayRouter, NodeLimits, NodeSupervisor, Registry};
+use crate::runtime::{Close, Reporter};
+use crate::supervisor::{GatewayRouter, NodeLimits, NodeSupervisor, Registry, StopSessions};
 use crate::transport::{Deliver, UdpTransport};
 use crate::tun::{TunActor, TunDevice, TunRoute};
 
@@ -45,48 +46,39 @@ pub struct GatewayNode {
 }
 
 impl GatewayNode {
-    /// Starts the node. Must run inside an actix system.
+    /// Starts the node. Must run inside an actix system. Every fallible step (each
+    /// socket's preparation) comes before any actor starts: a failure leaves nothing
+    /// running.
     pub fn start(config: GatewayNodeConfig) -> std::io::Result<GatewayNode> {
-        let arbiters: Vec<Arbiter> = (0..config.arbiters).map(|_| Arbiter::new()).collect();
-        let handles = arbiters.iter().map(Arbiter::handle).collect();
         let registry = Arc::new(Registry::default());
-        let sockets = config.listen;
-        let responder = Responder::new(config.gateway, config.store);
-        let mut transports = Vec::new();
-        let mut tun = None;
-        let reporter = config.reporter;
-        let device = config.device;
-        let limits = config.limits;
-        let reg = Arc::clone(&registry);
-        let mut failed = None;
-        let supervisor = NodeSupervisor::create(|ctx| {
-            let router = Arc::new(GatewayRouter::new(
-                Arc::clone(&reg),
-                ctx.address(),
-                reporter.clone(),
-            ));
-            for socket in sockets {
-                let deliver: Arc<dyn Deliver> = router.clone();
-                let made = socket
-                    .local_addr()
-                    .and_then(|local| Ok((local, UdpTransport::new(socket, false, deliver)?)));
-                match made {
-                    Ok((local, transport)) => {
-                        transports.push((local, actix::Supervisor::start(move |_| transport)));
-                    }
-                    Err(e) => failed = Some(e),
-                }
-            }
-            let route: Arc<dyn TunRoute> = router;
-            let tun_addr = actix::Supervisor::start(move |_| TunActor::new(device, route));
-            let tun_recipient = tun_addr.clone().recipient();
-            tun = Some(tun_addr);
-            NodeSupervisor::new(responder, reg, handles, limits, reporter, tun_recipient)
-        });
-        if let Some(e) = failed {
-            return Err(e);
+        let ctx = Context::<NodeSupervisor>::new();
+        let router = Arc::new(GatewayRouter::new(
+            Arc::clone(&registry),
+            ctx.address(),
+            config.reporter.clone(),
+        ));
+        let mut prepared = Vec::with_capacity(config.listen.len());
+        for socket in config.listen {
+            let local = socket.local_addr()?;
+            let deliver: Arc<dyn Deliver> = router.clone();
+            prepared.push((local, UdpTransport::new(socket, false, deliver)?));
         }
-        let tun = tun.ok_or_else(|| std::io::Error::other("the TUN actor did not start"))?;
+        let arbiters: Vec<Arbiter> = (0..config.arbiters).map(|_| Arbiter::new()).collect();
+        let transports = prepared
+            .into_iter()
+            .map(|(local, t)| (local, t.start_supervised()))
+            .collect();
+        let device = config.device;
+        let route: Arc<dyn TunRoute> = router;
+        let tun = TunActor::new(device, route).start_supervised();
+        let supervisor = ctx.run(NodeSupervisor::new(
+            Responder::new(config.gateway, config.store),
+            Arc::clone(&registry),
+            arbiters.iter().map(Arbiter::handle).collect(),
+            config.limits,
+            config.reporter,
+            tun.clone().recipient(),
+        ));
         Ok(GatewayNode {
             supervisor,
             registry,
@@ -96,10 +88,25 @@ impl GatewayNode {
         })
     }
 
-    /// Stops the session arbiters (their sessions end with them).
-    pub fn stop(self) {
+    /// Stops the node: every session ends explicitly (operator_terminated, its client
+    /// told, its record released), waiting at most `grace` for their actors; then the
+    /// transports and the TUN stop reading and the session arbiters stop. Returns how
+    /// many sessions were still registered when the grace ran out (0 on a clean stop).
+    pub async fn stop(self, grace: Duration) -> usize {
+        let _ = self.supervisor.send(StopSessions).await;
+        let deadline = Instant::now() + grace;
+        while !self.registry.is_empty() && Instant::now() < deadline {
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.registry.len();
+        // Unbounded sends on purpose: one lifecycle message per actor.
+        for (_, transport) in &self.transports {
+            transport.do_send(Close);
+        }
+        self.tun.do_send(Close);
         for a in self.arbiters {
             a.stop();
         }
+        left
     }
 }

@@ -1,7 +1,7 @@
 //! What every actor shares: how events are reported, and how messages cross a mailbox
 //! with a bound (refusals counted, depth and handling time measured).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
@@ -42,6 +42,13 @@ impl ActorKind {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Crash;
+
+/// Closes an actor that reads from a device or socket: it stops reading and drops its
+/// own handle, so it ends once the last holder of its address lets go (a supervised
+/// actor that merely stopped would be restarted while anyone still holds its address).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Close;
 
 /// Where a node's events go: each one becomes a JSON line with the node's id and policy
 /// version, and updates the metrics it concerns. Cheap to clone; never blocks.
@@ -139,11 +146,19 @@ fn counted<M>(sent: Result<(), SendError<M>>, kind: ActorKind) -> bool {
 #[derive(Debug, Default)]
 pub struct DeadlineTimer {
     armed: Option<(Instant, SpawnHandle)>,
+    /// The instant the timer last fired for.
+    fired_for: Option<Instant>,
 }
+
+/// When a firing made no progress (the deadline it served is still due, e.g. because the
+/// session table refused the write the timer asked for), the next try waits this long
+/// instead of spinning.
+pub const NO_PROGRESS_RETRY: Duration = Duration::from_millis(100);
 
 impl DeadlineTimer {
     /// Arms the timer for `at` (disarms it for `None`); when it fires, `fire` runs on the
-    /// actor, which must call [`DeadlineTimer::fired`] first.
+    /// actor, which must call [`DeadlineTimer::fired`] first. A deadline no later than the
+    /// one that just fired is retried [`NO_PROGRESS_RETRY`] after now, not at once.
     pub fn arm<A>(
         &mut self,
         ctx: &mut Context<A>,
@@ -152,6 +167,10 @@ impl DeadlineTimer {
     ) where
         A: Actor<Context = Context<A>>,
     {
+        let at = match (at, self.fired_for.take()) {
+            (Some(at), Some(last)) if at <= last => Some(Instant::now() + NO_PROGRESS_RETRY),
+            (at, _) => at,
+        };
         if self.armed.as_ref().map(|(t, _)| *t) == at {
             return;
         }
@@ -167,7 +186,7 @@ impl DeadlineTimer {
 
     /// The timer has fired: nothing is armed any more.
     pub fn fired(&mut self) {
-        self.armed = None;
+        self.fired_for = self.armed.take().map(|(at, _)| at);
     }
 }
 

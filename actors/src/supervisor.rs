@@ -117,12 +117,18 @@ impl Registry {
         self.len() == 0
     }
 
-    fn insert(&self, id: SessionId, tunnel: IpAddr, addr: Addr<SessionActor>) {
+    /// Registers session `id`'s actor as the owner of `tunnel`. A new session takes the
+    /// address (from the session it replaces); a restarted one only if no other session
+    /// holds it, so it never takes the address from a newer session.
+    fn insert(&self, id: SessionId, tunnel: IpAddr, addr: Addr<SessionActor>, restarted: bool) {
         if let Ok(mut m) = self.sessions.write() {
             m.insert(id, addr.clone());
         }
         if let Ok(mut m) = self.tunnels.write() {
-            m.insert(tunnel, (id, addr));
+            let held_by_other = m.get(&tunnel).is_some_and(|(owner, _)| *owner != id);
+            if !(restarted && held_by_other) {
+                m.insert(tunnel, (id, addr));
+            }
         }
     }
 
@@ -160,6 +166,13 @@ pub struct Handshake {
 #[rtype(result = "bool")]
 pub struct TerminateSession(pub SessionId);
 
+/// Stops the node's sessions: every live session ends explicitly (operator_terminated,
+/// its client told), none is restarted, and no handshake is answered any more. Returns
+/// how many sessions were told to end; each is released as its actor stops.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct StopSessions;
+
 /// Lists live sessions.
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<SessionStatus>")]
@@ -175,6 +188,12 @@ pub struct NodeSupervisor {
     reporter: Reporter,
     tun: Recipient<TunWrite>,
     env: Option<Arc<SessionEnv>>,
+    /// Sessions told to end, with why: if the actor stops before it handled the command
+    /// (a crash with the command still queued), the session is ended with this cause
+    /// instead of restarted. At most one entry per registered session.
+    ending: HashMap<SessionId, TerminationCause>,
+    /// Set by [`StopSessions`].
+    stopping: bool,
 }
 
 impl NodeSupervisor {
@@ -197,6 +216,8 @@ impl NodeSupervisor {
             reporter,
             tun,
             env: None,
+            ending: HashMap::new(),
+            stopping: false,
         }
     }
 
@@ -223,7 +244,7 @@ impl NodeSupervisor {
             self.next_arbiter = self.next_arbiter.wrapping_add(1);
             SessionActor::start_in_arbiter(arbiter, make)
         };
-        self.registry.insert(id, tunnel, addr);
+        self.registry.insert(id, tunnel, addr, restarts > 0);
     }
 }
 
@@ -252,6 +273,10 @@ impl Handler<Handshake> for NodeSupervisor {
 
     fn handle(&mut self, msg: Handshake, _ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Supervisor);
+        if self.stopping {
+            telemetry::dropped("node_stopping");
+            return;
+        }
         let Ok(Datagram::HandshakeInit {
             sender_index,
             noise,
@@ -272,10 +297,8 @@ impl Handler<Handshake> for NodeSupervisor {
                 telemetry::handshake(None);
                 msg.via.send(msg.from, Bytes::copy_from_slice(reply));
                 // One session per client: the new one replaces the old explicitly.
-                if let Some(old) = accepted.replaces.and_then(|id| self.registry.session(id)) {
-                    if old.try_send(Terminate(TerminationCause::Peer)).is_err() {
-                        telemetry::refused(ActorKind::Session, "full");
-                    }
+                if let Some(old) = accepted.replaces {
+                    self.end_session(old, TerminationCause::Peer);
                 }
                 let mut paths = VecDeque::new();
                 paths.push_back((from, msg.via));
@@ -293,31 +316,76 @@ impl Handler<SessionStopped> for NodeSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: SessionStopped, _ctx: &mut Context<Self>) {
-        match msg.unfinished {
-            Some(session) if msg.restarts < MAX_SESSION_RESTARTS => {
+        let told = self.ending.remove(&msg.id);
+        let Some(session) = msg.unfinished else {
+            self.release(msg.id, &msg.client, msg.tunnel, msg.ended_by);
+            return;
+        };
+        // The actor stopped unexpectedly. It is restarted unless the session was being
+        // ended, the node is stopping, a newer handshake of its client replaced it, or
+        // it has used up its restarts: then it is ended explicitly, here.
+        let replaced = self.responder.current_session(&msg.client) != Some(msg.id);
+        let cause = told
+            .or(self.stopping.then_some(TerminationCause::Operator))
+            .or(replaced.then_some(TerminationCause::Peer))
+            .or((msg.restarts >= MAX_SESSION_RESTARTS).then_some(TerminationCause::RuntimeFailure));
+        match cause {
+            None => {
                 telemetry::restarted(ActorKind::Session);
                 self.start_session(session, msg.paths, msg.restarts + 1);
             }
-            Some(mut session) => {
-                session.terminate(
-                    self.responder.store().as_ref(),
-                    TerminationCause::RuntimeFailure,
-                    Instant::now(),
-                );
-                while let Some(event) = session.poll_event() {
-                    self.reporter.report(msg.id, event);
-                }
-                self.release(msg.id, &msg.client, msg.tunnel, session.ended_by());
-                // The session's keys are zeroized as it drops here.
+            Some(cause) => {
+                let ended_by = self.end_here(session, cause, &msg.paths);
+                self.release(msg.id, &msg.client, msg.tunnel, ended_by);
             }
-            None => self.release(msg.id, &msg.client, msg.tunnel, msg.ended_by),
         }
     }
 }
 
 impl NodeSupervisor {
+    /// Tells session `id` to end with `cause`, remembering the cause in case its actor
+    /// stops before handling the command.
+    fn end_session(&mut self, id: SessionId, cause: TerminationCause) {
+        if self.registry.session(id).is_none() {
+            return;
+        }
+        self.ending.insert(id, cause);
+        if self.registry.offer_session(id, Terminate(cause)) != Some(true) {
+            // A full mailbox: the command waits in `ending` and the session is ended
+            // when its actor stops; until then its own timers still run.
+            telemetry::dropped("session_busy");
+        }
+    }
+
+    /// Ends a session whose actor is gone, as its actor would have: the client told when
+    /// an operator ended it, the events reported. Returns the cause recorded.
+    fn end_here(
+        &mut self,
+        mut session: Box<GatewaySession>,
+        cause: TerminationCause,
+        paths: &VecDeque<(Endpoint, TransportHandle)>,
+    ) -> Option<TerminationCause> {
+        let now = Instant::now();
+        if cause == TerminationCause::Operator {
+            if let Some((to, bytes)) =
+                session.seal_terminate(jvpn_core::reason::ReasonCode::OperatorTerminated, now)
+            {
+                if let Some((_, t)) = paths.iter().find(|(e, _)| *e == to) {
+                    t.send(to.addr, Bytes::copy_from_slice(bytes));
+                }
+            }
+        }
+        session.terminate(self.responder.store().as_ref(), cause, now);
+        let id = session.id();
+        while let Some(event) = session.poll_event() {
+            self.reporter.report(id, event);
+        }
+        session.ended_by()
+        // The session's keys are zeroized as it drops here.
+    }
+
     /// Releases everything an ended session held: registry entries, tunnel address,
-    /// the client's slot, its table record.
+    /// the client's slot, its table record (when this node owns it).
     fn release(
         &mut self,
         id: SessionId,
@@ -327,9 +395,23 @@ impl NodeSupervisor {
     ) {
         self.registry.remove(id, tunnel, cause);
         self.responder.session_ended(client, id);
-        if let Some(record) = self.responder.store().get(id) {
-            let _ = self.responder.store().remove(id, record.state_version);
+        let store = self.responder.store();
+        if let Some(record) = store.get(id).filter(|r| &r.owner == self.reporter.node()) {
+            let _ = store.remove(id, record.state_version);
         }
+    }
+}
+
+impl Handler<StopSessions> for NodeSupervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: StopSessions, _ctx: &mut Context<Self>) -> usize {
+        self.stopping = true;
+        let sessions = self.registry.sessions();
+        for (id, _) in &sessions {
+            self.end_session(*id, TerminationCause::Operator);
+        }
+        sessions.len()
     }
 }
 
@@ -337,15 +419,18 @@ impl Handler<TerminateSession> for NodeSupervisor {
     type Result = ResponseFuture<bool>;
 
     fn handle(&mut self, msg: TerminateSession, _ctx: &mut Context<Self>) -> Self::Result {
-        let addr = self.registry.session(msg.0);
+        let Some(addr) = self.registry.session(msg.0) else {
+            return Box::pin(async { false });
+        };
+        // Remembered first: if the actor stops before handling the command, the session
+        // is ended with it when the supervisor hears of the stop.
+        self.ending.insert(msg.0, TerminationCause::Operator);
         Box::pin(async move {
-            match addr {
-                Some(a) => a
-                    .send(Terminate(TerminationCause::Operator))
-                    .await
-                    .unwrap_or(false),
-                None => false,
-            }
+            // A closed mailbox means the actor stopped with the command unhandled; the
+            // supervisor ends the session on hearing of it.
+            addr.send(Terminate(TerminationCause::Operator))
+                .await
+                .unwrap_or(true)
         })
     }
 }

@@ -15,12 +15,16 @@ use bytes::Bytes;
 use jvpn_core::ids::Protocol;
 use tokio::net::UdpSocket;
 
-use crate::runtime::{offer_to, ActorKind, Crash, Handling};
+use crate::runtime::{offer_to, ActorKind, Close, Crash, Handling};
 use crate::telemetry::{self, Direction};
 
 /// The most datagrams one wakeup reads before handing them on: one mailbox message
 /// carries them all, and the bound keeps one busy socket from starving the others.
 pub const READ_BATCH: usize = 64;
+
+/// Mailbox capacity of a transport actor: a gateway socket carries every session's
+/// bursts (each up to a read batch of sealed packets), so it holds many batches.
+pub const TRANSPORT_MAILBOX: usize = 16 * READ_BATCH;
 
 /// The largest datagram read (anything longer is truncated by the kernel and then
 /// refused as malformed).
@@ -115,6 +119,8 @@ pub struct UdpTransport {
     handle: Option<TransportHandle>,
     deliver: Arc<dyn Deliver>,
     failing: bool,
+    reading: Option<SpawnHandle>,
+    closed: bool,
 }
 
 impl UdpTransport {
@@ -134,6 +140,17 @@ impl UdpTransport {
             handle: None,
             deliver,
             failing: false,
+            reading: None,
+            closed: false,
+        })
+    }
+
+    /// Starts the actor, supervised (restarted on the same socket if it stops), with a
+    /// mailbox of [`TRANSPORT_MAILBOX`] from its first message on.
+    pub fn start_supervised(self) -> Addr<Self> {
+        actix::Supervisor::start(move |ctx: &mut Context<Self>| {
+            ctx.set_mailbox_capacity(TRANSPORT_MAILBOX);
+            self
         })
     }
 
@@ -150,6 +167,9 @@ impl UdpTransport {
     }
 
     fn report(&mut self, signal: Signal, ctx: &mut Context<Self>) {
+        if self.closed {
+            return;
+        }
         let handle = self.handle(ctx);
         self.deliver.signal(&handle, signal);
     }
@@ -182,6 +202,9 @@ impl Actor for UdpTransport {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.closed {
+            return;
+        }
         self.handle(ctx);
         let socket = Arc::clone(&self.socket);
         let reads = futures_util::stream::unfold(
@@ -191,7 +214,7 @@ impl Actor for UdpTransport {
                 Some((read, (socket, buf)))
             },
         );
-        ctx.add_stream(reads);
+        self.reading = Some(ctx.add_stream(reads));
     }
 }
 
@@ -235,6 +258,19 @@ impl StreamHandler<Read> for UdpTransport {
     }
 }
 
+impl Handler<Close> for UdpTransport {
+    type Result = ();
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        self.closed = true;
+        if let Some(reading) = self.reading.take() {
+            ctx.cancel_future(reading);
+        }
+        // Its own handle held its address: without it the actor ends with its last user.
+        self.handle = None;
+    }
+}
+
 impl Handler<Transmit> for UdpTransport {
     type Result = ();
 
@@ -270,5 +306,44 @@ impl Handler<Crash> for UdpTransport {
 
     fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    struct Nowhere;
+
+    impl Deliver for Nowhere {
+        fn datagrams(&self, _: &TransportHandle, _: Vec<(SocketAddr, Bytes)>) {}
+        fn signal(&self, _: &TransportHandle, _: Signal) {}
+    }
+
+    /// A session hands a transport up to a read batch of packets in one go: the mailbox
+    /// takes them all, and all of them are sent.
+    #[actix_rt::test]
+    async fn a_transport_takes_a_whole_read_batch_at_once() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+        let local = socket.local_addr().expect("addr");
+        let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
+        let to = peer.local_addr().expect("addr");
+        let transport = UdpTransport::new(socket, false, Arc::new(Nowhere))
+            .expect("transport")
+            .start_supervised();
+        let handle = TransportHandle::new(Protocol::Udp, local, transport.recipient());
+        let taken = (0..READ_BATCH)
+            .filter(|i| handle.send(to, Bytes::from(vec![*i as u8; 32])))
+            .count();
+        assert_eq!(taken, READ_BATCH);
+        let mut buf = [0u8; 64];
+        for i in 0..READ_BATCH {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+                .await
+                .expect("datagram in time")
+                .expect("datagram");
+            assert_eq!((n, from, buf[0]), (32, local, i as u8));
+        }
     }
 }

@@ -15,11 +15,15 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::runtime::{ActorKind, Handling};
+use crate::runtime::{ActorKind, Close, Handling};
 use crate::telemetry;
 
 /// The most packets one wakeup reads before handing them on.
 pub const READ_BATCH: usize = 64;
+
+/// Mailbox capacity of the TUN actor: every session of a gateway writes through it, each
+/// message a batch of up to a read batch of packets.
+pub const TUN_MAILBOX: usize = 16 * READ_BATCH;
 
 /// A packet device: the kernel's TUN or a stand-in.
 pub trait TunDevice: Send + Sync + 'static {
@@ -50,12 +54,27 @@ pub struct TunWrite(pub Vec<Bytes>);
 pub struct TunActor {
     device: Arc<dyn TunDevice>,
     route: Arc<dyn TunRoute>,
+    reading: Option<SpawnHandle>,
+    closed: bool,
 }
 
 impl TunActor {
     /// An actor over `device`, handing what it reads to `route`.
     pub fn new(device: Arc<dyn TunDevice>, route: Arc<dyn TunRoute>) -> Self {
-        TunActor { device, route }
+        TunActor {
+            device,
+            route,
+            reading: None,
+            closed: false,
+        }
+    }
+
+    /// Starts the actor, supervised, with a mailbox of [`TUN_MAILBOX`].
+    pub fn start_supervised(self) -> Addr<Self> {
+        actix::Supervisor::start(move |ctx: &mut Context<Self>| {
+            ctx.set_mailbox_capacity(TUN_MAILBOX);
+            self
+        })
     }
 }
 
@@ -82,6 +101,9 @@ impl Actor for TunActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.closed {
+            return;
+        }
         let device = Arc::clone(&self.device);
         let buf = vec![0u8; self.device.mtu().max(1_500) + 64];
         // The stream ends after the device reports end-of-file, so a closed device is
@@ -92,7 +114,7 @@ impl Actor for TunActor {
             let eof = matches!(&read.0, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof);
             Some((read, (!eof).then_some((device, buf))))
         });
-        ctx.add_stream(reads);
+        self.reading = Some(ctx.add_stream(reads));
     }
 }
 
@@ -124,6 +146,19 @@ impl Handler<TunWrite> for TunActor {
             if self.device.write(&packet).is_err() {
                 telemetry::dropped("tun_write_failed");
             }
+        }
+    }
+}
+
+impl Handler<Close> for TunActor {
+    type Result = ();
+
+    /// Stops reading; the device closes when the last holder of the actor's address
+    /// lets go and the actor (and with it the device) is dropped.
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        self.closed = true;
+        if let Some(reading) = self.reading.take() {
+            ctx.cancel_future(reading);
         }
     }
 }

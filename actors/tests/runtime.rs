@@ -152,7 +152,9 @@ impl Relay {
 fn fast_policy(edit: impl FnOnce(&mut PolicyConfig)) -> Policy {
     let mut c = PolicyConfig::starter();
     c.volatility.heartbeat_interval_ms = Some(50);
-    c.volatility.heartbeat_volatile_ms = Some(300);
+    // Wide enough that a loaded 2-core CI machine does not see heartbeat timeouts where
+    // a test expects a transport_dead signal first.
+    c.volatility.heartbeat_volatile_ms = Some(800);
     c.volatility.probe_interval_ms = Some(100);
     c.volatility.loss_window_ms = Some(1_000);
     c.switching.switch_cooldown_ms = Some(200);
@@ -237,6 +239,11 @@ struct Net {
     store: Arc<MemoryStore>,
     gw_events: Lines,
     client_events: Lines,
+    /// What a second agent of the same client needs.
+    client_key: Keypair,
+    gw_public: jvpn_core::crypto::PublicKey,
+    policy: Arc<Policy>,
+    gw_addrs: Vec<SocketAddr>,
     _sinks: Vec<EventSink>,
 }
 
@@ -321,7 +328,7 @@ async fn start(options: Options) -> Net {
     let (client_device, client_tun) = channel_device(256, 1_400);
     let client = Client::new(
         ClientConfig {
-            keypair: client_key,
+            keypair: client_key.clone(),
             gateway: gw_key.public(),
             policy: Arc::clone(&policy),
             transports: (1..=2)
@@ -356,6 +363,10 @@ async fn start(options: Options) -> Net {
         store,
         gw_events,
         client_events,
+        client_key,
+        gw_public: gw_key.public(),
+        policy,
+        gw_addrs,
         _sinks: vec![gw_sink, client_sink],
     }
 }
@@ -404,6 +415,45 @@ impl Net {
         }
     }
 
+    /// A second agent with the same client key, straight to the gateway's first socket
+    /// (no relay), with its own TUN and no event sink.
+    fn same_client_again(&self) -> (AgentHandles, ChannelPeer) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        socket.connect(self.gw_addrs[0]).expect("connect");
+        let client = Client::new(
+            ClientConfig {
+                keypair: self.client_key.clone(),
+                gateway: self.gw_public,
+                policy: Arc::clone(&self.policy),
+                transports: vec![TransportRef {
+                    id: TransportId(1),
+                    protocol: Protocol::Udp,
+                }],
+            },
+            wall_clock(),
+        );
+        let (device, peer) = channel_device(256, 1_400);
+        let agent = ClientAgent::start(
+            client,
+            vec![Candidate {
+                id: TransportId(1),
+                socket,
+                gateway: self.gw_addrs[0],
+            }],
+            Some(Arc::new(device)),
+            Reporter::new(
+                wall_clock(),
+                NodeId("client-again".into()),
+                self.policy.version().to_string(),
+                None,
+            ),
+            OnSessionEnd::Stop,
+            256,
+        )
+        .expect("second agent");
+        (agent, peer)
+    }
+
     async fn gateway_binding_port(&self) -> Option<u16> {
         let sessions = self.gw.supervisor.send(ListSessions).await.expect("list");
         sessions
@@ -442,7 +492,7 @@ async fn handshake_and_data_both_ways() {
         net.client_events.transitions(),
         [t("BIRTH", "ATTACHED", "attached_to_transport")]
     );
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -488,7 +538,7 @@ async fn a_dead_path_makes_the_session_jump_with_its_id_and_events_as_specified(
         net.gw_events.transitions()
     );
     assert_eq!(net.client_events.count("TransportSwitch"), 1);
-    assert!(metric("jvpn_reattach_latency_seconds_count") >= 1.0);
+    assert!(net.status().last_reattach.is_some(), "no reattach timed");
     // Reported, not asserted (timing belongs in benchmarks): from the path's death being
     // noticed to the session attached on path 2, by the client's event stamps.
     let stamps: Vec<u64> = net
@@ -514,7 +564,7 @@ async fn a_dead_path_makes_the_session_jump_with_its_id_and_events_as_specified(
             .map(|a| a.port()),
         Some(path2_port)
     );
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -542,7 +592,7 @@ async fn a_dead_event_sink_blocks_no_transition() {
     })
     .await;
     assert!(counted, "write failures not counted");
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -564,7 +614,7 @@ async fn a_killed_transport_actor_is_restarted_and_traffic_goes_on() {
     net.traffic_both_ways(50, 0).await;
     assert_eq!(net.status().session_id, Some(id));
     assert_eq!(net.status().state, State::Attached);
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -613,7 +663,7 @@ async fn a_killed_session_actor_is_restarted_with_its_state_then_ended_explicitl
         .map(|e| e["reason_code"].clone())
         .collect::<Vec<_>>();
     assert_eq!(ended, ["runtime_failure"]);
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -647,7 +697,7 @@ async fn all_paths_lost_end_the_session_at_its_ttl_on_both_sides() {
         assert_eq!(last.2, "transport_ttl_exceeded");
     }
     let _ = net.relays.pop();
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -679,7 +729,7 @@ async fn an_operator_terminates_a_session_on_both_sides() {
         .send(TerminateSession(id))
         .await
         .expect("supervisor"));
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
@@ -736,5 +786,105 @@ async fn a_client_shutdown_tells_the_gateway_and_a_reconnecting_client_starts_a_
             ),
         ]
     );
-    net.gw.stop();
+    net.gw.stop(Duration::from_secs(2)).await;
+}
+
+#[actix_rt::test]
+async fn a_new_handshake_of_the_same_client_replaces_its_session_explicitly() {
+    let net = start(Options::default()).await;
+    let old = net.attached().await;
+    let (again, mut again_tun) = net.same_client_again();
+    let attached = wait_for(Duration::from_secs(5), || {
+        again.status.borrow().state == State::Attached
+    })
+    .await;
+    assert!(attached, "second agent: {:?}", again.status.borrow());
+    let new = again.status.borrow().session_id.expect("new session");
+    assert_ne!(new, old);
+    // The old session ends with peer_terminated and everything it held is released.
+    let replaced = wait_for(Duration::from_secs(2), || {
+        net.gw.registry.session(old).is_none() && net.store.get(old).is_none()
+    })
+    .await;
+    assert!(replaced, "the old session is still registered");
+    assert!(net.gw_events.events().iter().any(|e| {
+        e["session_id"] == old.to_string()
+            && e["event_type"] == "SessionTerminated"
+            && e["reason_code"] == "peer_terminated"
+    }));
+    assert_eq!(net.gw.registry.len(), 1);
+    assert!(net.store.get(new).is_some());
+    // The client's tunnel address now leads to the new session's agent.
+    let down = ip_packet(BEHIND_GATEWAY, CLIENT_TUNNEL, 7);
+    net.gw_tun
+        .to_device
+        .send(down.clone())
+        .await
+        .expect("gw tun");
+    let got = tokio::time::timeout(Duration::from_secs(2), again_tun.from_device.recv())
+        .await
+        .expect("packet reached the new agent")
+        .expect("tun open");
+    assert_eq!(got, down);
+    net.gw.stop(Duration::from_secs(2)).await;
+}
+
+#[actix_rt::test]
+async fn stopping_the_node_ends_every_session_explicitly_and_releases_it() {
+    let net = start(Options::default()).await;
+    let id = net.attached().await;
+    let left = net.gw.stop(Duration::from_secs(2)).await;
+    assert_eq!(left, 0, "sessions outlived the node's stop");
+    assert!(net.store.get(id).is_none(), "the table kept the session");
+    assert_eq!(
+        net.gw_events.transitions().last(),
+        Some(&t("ATTACHED", "TERMINATED", "operator_terminated"))
+    );
+    // The client was told: its session ends at once, not at its TTL.
+    let ended = wait_for(Duration::from_secs(1), || {
+        net.client.status.borrow().clone().stopped
+    })
+    .await;
+    assert!(
+        ended,
+        "client not told: {:?}",
+        net.client.status.borrow().clone()
+    );
+    assert_eq!(
+        net.client
+            .status
+            .borrow()
+            .clone()
+            .last_end
+            .map(|r| r.as_str()),
+        Some("peer_terminated")
+    );
+}
+
+#[actix_rt::test]
+async fn a_stopped_agent_closes_its_sockets() {
+    let net = start(Options::default()).await;
+    net.attached().await;
+    net.attached().await;
+    net.client.agent.do_send(Shutdown);
+    let stopped = wait_for(Duration::from_secs(2), || net.status().stopped).await;
+    assert!(stopped);
+    let Net {
+        client, gw, relays, ..
+    } = net;
+    let transports: Vec<_> = client
+        .transports
+        .iter()
+        .map(|(_, a)| a.downgrade())
+        .collect();
+    assert_eq!(transports.len(), 2);
+    drop(client);
+    // Once nobody holds them, the closed transports end (their sockets with them).
+    let gone = wait_for(Duration::from_secs(2), || {
+        transports.iter().all(|a| a.upgrade().is_none())
+    })
+    .await;
+    drop(relays);
+    assert!(gone, "a transport actor outlived its agent");
+    gw.stop(Duration::from_secs(2)).await;
 }

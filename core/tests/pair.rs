@@ -1056,3 +1056,24 @@ fn all_paths_cut_ends_the_session_at_the_ttl_on_both_sides() {
         ))
     );
 }
+
+#[test]
+fn a_session_whose_table_record_is_gone_still_ends_at_its_ttl() {
+    let mut w = World::connected(Policy::default());
+    w.run_until_ms(2_000);
+    let id = w.session();
+    let record = w.store.get(id).expect("record");
+    // Another party removed the record: every write of this session is refused now.
+    w.store.remove(id, record.state_version).expect("removed");
+    w.up = [false, false];
+    w.run_until_ms(30_000);
+    assert!(
+        w.gw.session_ids().is_empty(),
+        "a session that cannot write its end lived on"
+    );
+    assert_eq!(
+        w.gw_transitions().last().map(|t| (t.1, t.2)),
+        Some((State::Terminated, ReasonCode::TransportTtlExceeded))
+    );
+    assert!(w.store.is_empty());
+}

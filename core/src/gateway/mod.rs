@@ -420,7 +420,11 @@ impl Gateway {
         while let Some(e) = session.poll_event() {
             self.push_event(id, e);
         }
-        self.by_tunnel.remove(&session.tunnel().addr);
+        // A newer session of the same client may own the address already.
+        let tunnel = session.tunnel().addr;
+        if self.by_tunnel.get(&tunnel) == Some(&id) {
+            self.by_tunnel.remove(&tunnel);
+        }
         self.responder.session_ended(&session.client(), id);
         let _ = self.responder.store().remove(id, session.version());
         Some(session)

@@ -182,6 +182,11 @@ impl Responder {
         Ok((accepted, &self.out))
     }
 
+    /// The client's live session, as far as handshakes go (the newest it established).
+    pub fn current_session(&self, client: &PublicKey) -> Option<SessionId> {
+        self.clients.get(client).and_then(|c| c.session)
+    }
+
     /// A session ended: its client has no live session any more (unless a newer
     /// handshake already replaced it).
     pub fn session_ended(&mut self, client: &PublicKey, id: SessionId) {

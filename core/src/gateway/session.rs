@@ -8,6 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{source_address, Drop, Endpoint, Received};
+
+/// When the session table refuses the write a timer asked for (its record gone, at
+/// another version, or owned by another node), the session stays as it is and its
+/// timers are looked at again this much later, not at once: the deadline that could not
+/// be served is still due, and a driver must not spin on it. The lifetime and the
+/// transport-lost TTL still end the session (at most this much late), whatever the table.
+pub const TABLE_RETRY: Duration = Duration::from_millis(100);
 use crate::crypto::{
     rekey_prologue, Channel, DirectionalKeys, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey,
     Response,
@@ -45,6 +52,8 @@ pub struct GatewaySession {
     /// (held back and delivered late) must not replace them.
     last_rekey_init: Option<u64>,
     keys_expired_reported: bool,
+    /// When the table last refused a timer's write (see [`TABLE_RETRY`]).
+    write_refused_at: Option<Instant>,
     security_failures: u32,
     security_events: RateWindow,
     /// Why the session ended, once it has.
@@ -139,6 +148,7 @@ impl GatewaySession {
             pending_path: None,
             last_rekey_init: None,
             keys_expired_reported: false,
+            write_refused_at: None,
             security_failures: 0,
             security_events: RateWindow::default(),
             ended_by: None,
@@ -241,7 +251,11 @@ impl GatewaySession {
             self.pending_path.map(|pp| pp.deadline),
             (!self.keys_expired_reported).then(|| self.channel.reject_deadline()),
         ];
-        more.into_iter().flatten().fold(d, Instant::min).into()
+        let d = more.into_iter().flatten().fold(d, Instant::min);
+        Some(match self.write_refused_at {
+            Some(at) => d.max(at + TABLE_RETRY),
+            None => d,
+        })
     }
 
     /// Fires every timer due at `now`: lifetime, transport-lost TTL, the heartbeat on
@@ -285,20 +299,36 @@ impl GatewaySession {
             let cause = FsmEvent::InstabilityDetected(Instability::HeartbeatTimeout);
             if self.commit(store, &[cause], &[], None, now) {
                 self.volatile_since = Some(now);
+            } else {
+                self.write_refused_at = Some(now);
             }
         } else if self.state() == State::Volatile
             && self
                 .volatile_since
                 .is_some_and(|t| now >= t + p.volatile_to_degraded())
+            && !self.commit(store, &[FsmEvent::VolatilePersisted], &[], None, now)
         {
-            self.commit(store, &[FsmEvent::VolatilePersisted], &[], None, now);
+            self.write_refused_at = Some(now);
         }
     }
 
     /// Ends the session: state, event, table record. The caller removes it afterwards.
+    ///
+    /// A session that cannot record its end still ends: when the table refuses the write
+    /// (the record is gone, at another version or owned by another node, so this node has
+    /// lost its authority over it) the session terminates locally all the same, with the
+    /// same event, and leaves the record to its owner. Ending is the safe direction:
+    /// consistency over availability.
     pub fn terminate(&mut self, store: &dyn SessionStore, cause: TerminationCause, now: Instant) {
-        if !self.commit(store, &[FsmEvent::Terminate(cause)], &[], Some(None), now) {
+        if self.state() == State::Terminated {
             return;
+        }
+        let step = FsmEvent::Terminate(cause);
+        if !self.commit(store, &[step], &[], Some(None), now) {
+            if self.journal.apply(step, now).is_err() {
+                return;
+            }
+            self.binding = None;
         }
         self.pending_path = None;
         self.ended_by = Some(cause);
@@ -873,6 +903,7 @@ impl GatewaySession {
         {
             return false;
         }
+        self.write_refused_at = None;
         for body in before {
             self.journal.record(now, body.clone());
         }
