@@ -1,16 +1,15 @@
 //! `jvpn`: the Jumping VPN command line.
 
-mod policy_file;
-mod simulate;
-
-use std::path::PathBuf;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use std::io::Read;
-
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use jvpn::admin::{self, Request};
+use jvpn::{config, lab, policy_file, simulate, views};
 use jvpn_core::crypto::Keypair;
 use jvpn_core::ids::NodeId;
 use jvpn_core::policy::Policy;
@@ -52,11 +51,82 @@ enum Command {
         /// The policy file (TOML).
         file: PathBuf,
     },
+    /// Run a gateway: listen on the configured UDP addresses, create the TUN device,
+    /// authorize clients by key, serve the admin socket; until Ctrl-C / SIGTERM, which
+    /// end every session explicitly (operator_terminated).
+    Gateway {
+        /// The configuration file (TOML; see config/gateway.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a client: connect through the candidate paths, create the TUN device with
+    /// the address the gateway assigns, install the routes; until Ctrl-C / SIGTERM (or
+    /// the session's end, when `on_session_end = "exit"`). Undoes every change on exit.
+    Client {
+        /// The configuration file (TOML; see config/client.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Give up (exit non-zero) without a session after this many seconds.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        connect_timeout: u64,
+    },
+    /// Show a running gateway's sessions or a running client's session, like `wg show`.
+    Status {
+        /// The admin socket (default: the gateway's, else the client's).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the JSON answer instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a running gateway's sessions, one per line: id, state, version, tunnel
+    /// address, transport.
+    Sessions {
+        /// The admin socket.
+        #[arg(long, default_value = "/run/jvpn/gateway.sock")]
+        socket: PathBuf,
+    },
+    /// End a live session on a running gateway (operator_terminated; the client is told).
+    Terminate {
+        /// The session id (16 hex digits, as `jvpn sessions` prints).
+        session_id: String,
+        /// The admin socket.
+        #[arg(long, default_value = "/run/jvpn/gateway.sock")]
+        socket: PathBuf,
+    },
+    /// Tools for the network lab of the demo and the end-to-end tests.
+    #[command(hide = true, subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Receive and check a TCP byte stream.
+    TcpSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Send a TCP byte stream.
+    TcpSource {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Spread the transfer over this many milliseconds.
+        #[arg(long)]
+        pace_ms: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("jvpn: {e:#}");
             ExitCode::FAILURE
@@ -64,8 +134,108 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn ask(socket: &Path, request: &Request) -> Result<serde_json::Value> {
+    let answer = actix_rt::System::new().block_on(admin::ask(socket, request))?;
+    Ok(answer)
+}
+
+fn default_socket() -> PathBuf {
+    let gateway = PathBuf::from("/run/jvpn/gateway.sock");
+    let client = PathBuf::from("/run/jvpn/client.sock");
+    if !gateway.exists() && client.exists() {
+        client
+    } else {
+        gateway
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Gateway { config } => {
+            let setup = config::load_gateway(&config, None)?;
+            jvpn::gateway::run(setup)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Client {
+            config,
+            connect_timeout,
+        } => {
+            let setup = config::load_client(&config, None)?;
+            jvpn::client::run(setup, Duration::from_secs(connect_timeout))
+        }
+        Command::Status { socket, json } => {
+            let answer = ask(&socket.unwrap_or_else(default_socket), &Request::Status)?;
+            if json {
+                println!("{answer}");
+            } else {
+                print!("{}", views::render(&answer));
+            }
+            Ok(ok_of(&answer))
+        }
+        Command::Sessions { socket } => {
+            let answer = ask(&socket, &Request::Status)?;
+            match answer["sessions"].as_array() {
+                Some(sessions) => {
+                    for s in sessions {
+                        println!(
+                            "{} {} {} {} {}",
+                            s["session_id"].as_str().unwrap_or("-"),
+                            s["state"].as_str().unwrap_or("-"),
+                            s["state_version"],
+                            s["tunnel_address"].as_str().unwrap_or("-"),
+                            s["active_transport"].as_str().unwrap_or("-"),
+                        );
+                    }
+                }
+                None => print!("{}", views::render(&answer)),
+            }
+            Ok(ok_of(&answer))
+        }
+        Command::Terminate { session_id, socket } => {
+            let answer = ask(&socket, &Request::Terminate { session_id })?;
+            match answer["ok"].as_bool() {
+                Some(true) => println!("terminated {}", answer["session_id"].as_str().unwrap_or("")),
+                _ => eprintln!("jvpn: {}", answer["error"].as_str().unwrap_or("refused")),
+            }
+            Ok(ok_of(&answer))
+        }
+        Command::Lab(LabCommand::TcpSink {
+            listen,
+            bytes,
+            timeout,
+        }) => {
+            lab::tcp_sink(listen, bytes, Duration::from_secs(timeout))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::TcpSource {
+            to,
+            bytes,
+            timeout,
+            pace_ms,
+        }) => {
+            lab::tcp_source(
+                to,
+                bytes,
+                Duration::from_secs(timeout),
+                pace_ms.map(Duration::from_millis),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        command => run_offline(command).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn ok_of(answer: &serde_json::Value) -> ExitCode {
+    if answer["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The commands that need no network.
+fn run_offline(command: Command) -> Result<()> {
+    match command {
         Command::Simulate {
             scenario,
             policy,
@@ -109,5 +279,6 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: valid\n{policy:#?}", file.display());
             Ok(())
         }
+        other => anyhow::bail!("{other:?} is not an offline command"),
     }
 }

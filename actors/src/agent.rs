@@ -21,7 +21,10 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::TunnelAddr;
 use tokio::sync::watch;
 
-use crate::runtime::{offer, ActorKind, Close, Crash, DeadlineTimer, Handling, Reporter};
+use crate::runtime::{
+    offer, ActorKind, Close, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter,
+    TransitionNote,
+};
 use crate::session::FromTunnel;
 use crate::telemetry;
 use crate::transport::{Deliver, Signal, TransportHandle, UdpTransport};
@@ -79,6 +82,47 @@ struct AgentSignal {
 #[rtype(result = "()")]
 pub struct Shutdown;
 
+/// Gives the agent its tunnel device (the client creates it once the gateway has
+/// assigned the tunnel address): tunnel packets flow from then on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UseDevice(pub Arc<dyn TunDevice>);
+
+/// Asks the agent for a full view of what it is doing ([`AgentView`]).
+#[derive(Debug, Message)]
+#[rtype(result = "AgentView")]
+pub struct Describe;
+
+/// One candidate transport, as status views show it.
+#[derive(Debug, Clone)]
+pub struct CandidateView {
+    /// Its id.
+    pub id: TransportId,
+    /// The gateway address it reaches.
+    pub gateway: SocketAddr,
+    /// Whether the session is bound to it.
+    pub active: bool,
+    /// Its health as the core measures it (`None` before the session exists).
+    pub health: Option<jvpn_core::health::HealthSnapshot>,
+}
+
+/// Everything `jvpn status` shows of a client.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    /// The published status.
+    pub status: AgentStatus,
+    /// The session's state version.
+    pub state_version: u64,
+    /// The candidates, in configuration order.
+    pub candidates: Vec<CandidateView>,
+    /// The latest state changes, oldest first.
+    pub recent: Vec<TransitionNote>,
+    /// Datagram bytes received and sent on all candidates.
+    pub rx_bytes: u64,
+    /// See `rx_bytes`.
+    pub tx_bytes: u64,
+}
+
 /// A candidate transport: its id in the client's numbering, its socket (connected to
 /// the gateway address it reaches) and that address.
 pub struct Candidate {
@@ -107,6 +151,9 @@ pub struct ClientAgent {
     stopping: bool,
     recovering_since: Option<Instant>,
     last_reattach: Option<std::time::Duration>,
+    recent: RecentTransitions,
+    rx_bytes: u64,
+    tx_bytes: u64,
 }
 
 struct ToAgent {
@@ -240,6 +287,9 @@ impl ClientAgent {
             stopping: false,
             recovering_since: None,
             last_reattach: None,
+            recent: RecentTransitions::default(),
+            rx_bytes: 0,
+            tx_bytes: 0,
         });
         Ok(AgentHandles {
             agent,
@@ -255,10 +305,12 @@ impl ClientAgent {
         self.transports.iter().find(|t| t.0 == id)
     }
 
-    fn send(&self, via: TransportId, bytes: &[u8]) {
+    fn send(&mut self, via: TransportId, bytes: &[u8]) {
         match self.transport(via) {
             Some((_, gateway, _, handle)) => {
-                handle.send(*gateway, Bytes::copy_from_slice(bytes));
+                if handle.send(*gateway, Bytes::copy_from_slice(bytes)) {
+                    self.tx_bytes += bytes.len() as u64;
+                }
             }
             None => telemetry::dropped("no_transport"),
         }
@@ -283,6 +335,20 @@ impl ClientAgent {
 
     fn report(&self, session: SessionId, event: SessionEvent) {
         self.reporter.report(session, event);
+    }
+
+    fn status(&self) -> AgentStatus {
+        let control = self.client.control();
+        AgentStatus {
+            state: self.client.state(),
+            session_id: self.client.session_id(),
+            tunnel: self.client.tunnel(),
+            active: control.and_then(|c| c.active()).map(|t| t.id),
+            sessions: self.sessions,
+            last_end: self.last_end,
+            last_reattach: self.last_reattach,
+            stopped: self.stopping,
+        }
     }
 
     /// Reattach latency: from entering RECOVERING to leaving it attached.
@@ -328,6 +394,7 @@ impl ClientAgent {
         let session = self.reported_session.unwrap_or(SessionId(0));
         while let Some(event) = self.client.poll_event() {
             self.time_recovery(&event);
+            self.recent.note(self.reporter.clock(), &event);
             self.report(session, event);
         }
         if let Some(reason) = self.client.ended() {
@@ -338,17 +405,7 @@ impl ClientAgent {
                 self.stopping = true;
             }
         }
-        let control = self.client.control();
-        let _ = self.status.send(AgentStatus {
-            state: self.client.state(),
-            session_id: self.client.session_id(),
-            tunnel: self.client.tunnel(),
-            active: control.and_then(|c| c.active()).map(|t| t.id),
-            sessions: self.sessions,
-            last_end: self.last_end,
-            last_reattach: self.last_reattach,
-            stopped: self.stopping,
-        });
+        let _ = self.status.send(self.status());
         if self.stopping {
             ctx.stop();
             return;
@@ -391,6 +448,7 @@ impl Handler<AgentInbound> for ClientAgent {
         let _measure = Handling::start(ActorKind::Session);
         let mut to_tunnel = Vec::new();
         for (_, datagram) in msg.datagrams {
+            self.rx_bytes += datagram.len() as u64;
             match self
                 .client
                 .handle_datagram(msg.via, &datagram, Instant::now())
@@ -454,6 +512,47 @@ impl Handler<Shutdown> for ClientAgent {
             self.send(via, &bytes);
         }
         self.settle(ctx);
+    }
+}
+
+impl Handler<UseDevice> for ClientAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: UseDevice, ctx: &mut Context<Self>) {
+        if let Some(old) = self.tun.take() {
+            old.do_send(Close);
+        }
+        let route: Arc<dyn TunRoute> = Arc::new(ctx.address());
+        self.tun = Some(TunActor::new(msg.0, route).start_supervised());
+    }
+}
+
+impl Handler<Describe> for ClientAgent {
+    type Result = MessageResult<Describe>;
+
+    fn handle(&mut self, _: Describe, _ctx: &mut Context<Self>) -> MessageResult<Describe> {
+        let now = Instant::now();
+        let control = self.client.control();
+        let health = control.map(|c| c.transports(now)).unwrap_or_default();
+        let active = control.and_then(|c| c.active()).map(|t| t.id);
+        let candidates = self
+            .transports
+            .iter()
+            .map(|(id, gateway, _, _)| CandidateView {
+                id: *id,
+                gateway: *gateway,
+                active: active == Some(*id),
+                health: health.iter().find(|(t, _)| t.id == *id).map(|(_, h)| *h),
+            })
+            .collect();
+        MessageResult(AgentView {
+            status: self.status(),
+            state_version: control.map(|c| c.version().0).unwrap_or(0),
+            candidates,
+            recent: self.recent.to_vec(),
+            rx_bytes: self.rx_bytes,
+            tx_bytes: self.tx_bytes,
+        })
     }
 }
 

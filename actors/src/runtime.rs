@@ -5,7 +5,11 @@ use std::time::{Duration, Instant};
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
-use jvpn_core::event::{EventRecord, SessionEvent, WallClock};
+use std::collections::VecDeque;
+
+use jvpn_core::event::{EventBody, EventRecord, SessionEvent, WallClock};
+use jvpn_core::fsm::State;
+use jvpn_core::reason::ReasonCode;
 use jvpn_core::ids::{NodeId, SessionId};
 
 use crate::events::EventSender;
@@ -99,6 +103,54 @@ impl Reporter {
                 event,
             ));
         }
+    }
+}
+
+/// One state change, as status views show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransitionNote {
+    /// When (Unix milliseconds, from the node's wall clock).
+    pub ts_ms: u64,
+    /// The state left.
+    pub from: State,
+    /// The state entered.
+    pub to: State,
+    /// Why.
+    pub reason: ReasonCode,
+}
+
+/// The last [`RECENT_TRANSITIONS`] state changes of a session, for status views.
+#[derive(Debug, Clone, Default)]
+pub struct RecentTransitions(VecDeque<TransitionNote>);
+
+/// How many state changes a status view keeps per session.
+pub const RECENT_TRANSITIONS: usize = 8;
+
+impl RecentTransitions {
+    /// Notes `event` if it is a state change.
+    pub fn note(&mut self, clock: &WallClock, event: &SessionEvent) {
+        if let EventBody::SessionStateChange {
+            previous_state,
+            new_state,
+            reason_code,
+            ..
+        } = &event.body
+        {
+            if self.0.len() == RECENT_TRANSITIONS {
+                self.0.pop_front();
+            }
+            self.0.push_back(TransitionNote {
+                ts_ms: clock.ts_ms(event.at),
+                from: *previous_state,
+                to: *new_state,
+                reason: *reason_code,
+            });
+        }
+    }
+
+    /// Oldest first.
+    pub fn to_vec(&self) -> Vec<TransitionNote> {
+        self.0.iter().copied().collect()
     }
 }
 

@@ -22,7 +22,10 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::SessionStore;
 use jvpn_core::wire;
 
-use crate::runtime::{offer_to, ActorKind, Crash, DeadlineTimer, Handling, Reporter};
+use crate::runtime::{
+    offer_to, ActorKind, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter,
+    TransitionNote,
+};
 use crate::telemetry;
 use crate::transport::TransportHandle;
 use crate::tun::TunWrite;
@@ -79,6 +82,13 @@ pub struct SessionStatus {
     pub tunnel: std::net::IpAddr,
     /// Where the client is reached.
     pub binding: Option<Endpoint>,
+    /// The latest state changes, oldest first.
+    pub recent: Vec<TransitionNote>,
+    /// Datagram bytes received for the session (authentic or not) and sent to its client,
+    /// since its actor started.
+    pub rx_bytes: u64,
+    /// See `rx_bytes`.
+    pub tx_bytes: u64,
 }
 
 /// Asks a session for its [`SessionStatus`].
@@ -117,6 +127,9 @@ pub struct SessionActor {
     restarts: u32,
     client: jvpn_core::crypto::PublicKey,
     tunnel: std::net::IpAddr,
+    recent: RecentTransitions,
+    rx_bytes: u64,
+    tx_bytes: u64,
 }
 
 impl SessionActor {
@@ -138,6 +151,9 @@ impl SessionActor {
             paths,
             timer: DeadlineTimer::default(),
             restarts,
+            recent: RecentTransitions::default(),
+            rx_bytes: 0,
+            tx_bytes: 0,
         }
     }
 
@@ -161,6 +177,7 @@ impl SessionActor {
             return;
         };
         while let Some(event) = session.poll_event() {
+            self.recent.note(self.env.reporter.clock(), &event);
             self.env.reporter.report(self.id, event);
         }
         if session.state() == State::Terminated {
@@ -220,6 +237,7 @@ impl Handler<Inbound> for SessionActor {
             let Some(session) = self.session.as_mut() else {
                 return;
             };
+            self.rx_bytes += datagram.len() as u64;
             let from = Endpoint {
                 protocol: msg.via.protocol(),
                 addr,
@@ -246,6 +264,7 @@ impl Handler<Inbound> for SessionActor {
             );
             match received {
                 Received::Reply(bytes) => {
+                    self.tx_bytes += bytes.len() as u64;
                     msg.via.send(addr, Bytes::copy_from_slice(bytes));
                 }
                 Received::ToTunnel(packet) => to_tunnel.push(Bytes::copy_from_slice(packet)),
@@ -276,6 +295,7 @@ impl Handler<FromTunnel> for SessionActor {
             };
             match session.seal_data(self.env.store.as_ref(), &packet, Instant::now()) {
                 Ok((to, bytes)) => {
+                    self.tx_bytes += bytes.len() as u64;
                     let bytes = Bytes::copy_from_slice(bytes);
                     match transport_for(&self.paths, to) {
                         Some(t) => {
@@ -327,6 +347,9 @@ impl Handler<GetStatus> for SessionActor {
             state_version: s.version().0,
             tunnel: s.tunnel().addr,
             binding: s.binding(),
+            recent: self.recent.to_vec(),
+            rx_bytes: self.rx_bytes,
+            tx_bytes: self.tx_bytes,
         })
     }
 }

@@ -1,0 +1,180 @@
+//! The local admin API: a Unix socket (mode 0600, root's only) answering one JSON
+//! request per connection with one JSON answer, for `jvpn status`, `jvpn sessions` and
+//! `jvpn terminate`. See spec/admin.md.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections are served at once (more wait in
+//! the kernel's backlog), a request is at most [`MAX_REQUEST`] bytes, and a connection
+//! gets [`CONNECTION_TIMEOUT`] in all.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 8;
+/// The longest request line.
+pub const MAX_REQUEST: usize = 4096;
+/// Time for one connection, request and answer.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    /// Everything `jvpn status` shows.
+    Status,
+    /// End a session (`operator_terminated`).
+    Terminate {
+        /// 16 hex digits.
+        session_id: String,
+    },
+}
+
+/// What answers requests (one per node).
+pub type Answer = Rc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Value>>>>;
+
+/// Admin API failures.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    /// The socket cannot be created.
+    #[error("cannot serve the admin socket {path}: {source}")]
+    Bind {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process serves the socket already.
+    #[error("{0} is served by a running process already (is another jvpn running?)")]
+    InUse(PathBuf),
+    /// The node cannot be reached.
+    #[error("cannot reach {path} (is jvpn running, and are you root?): {source}")]
+    Connect {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The exchange failed.
+    #[error("admin request to {path} failed: {problem}")]
+    Exchange {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        problem: String,
+    },
+}
+
+/// The admin socket, removed when dropped.
+pub struct AdminSocket {
+    path: PathBuf,
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves requests on `path` with `answer`, as a task of the current (actix) runtime.
+pub async fn serve(path: &Path, answer: Answer) -> Result<AdminSocket, AdminError> {
+    let bind_err = |source| AdminError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(AdminError::InUse(path.to_path_buf()));
+        }
+        // A stale socket of a process that is gone.
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    actix_rt::spawn(async move {
+        loop {
+            let Ok(permit) = std::sync::Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = Rc::clone(&answer);
+            actix_rt::spawn(async move {
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, exchange(stream, answer)).await;
+                drop(permit);
+            });
+        }
+    });
+    Ok(AdminSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+async fn exchange(stream: UnixStream, answer: Answer) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut limited = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64));
+    limited.read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(request) => answer(request).await,
+        Err(e) => error_reply(format!(
+            "bad request ({e}); expected one line of JSON, e.g. {{\"command\":\"status\"}}"
+        )),
+    };
+    let mut text = reply.to_string();
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.shutdown().await
+}
+
+/// An answer saying what went wrong.
+pub fn error_reply(problem: String) -> Value {
+    serde_json::json!({ "ok": false, "error": problem })
+}
+
+/// Sends `request` to the node at `path` and returns its answer.
+pub async fn ask(path: &Path, request: &Request) -> Result<Value, AdminError> {
+    let exchange_err = |problem: String| AdminError::Exchange {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| AdminError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let talk = async {
+        let (read, mut write) = stream.into_split();
+        let mut text = serde_json::to_string(request).map_err(|e| e.to_string())?;
+        text.push('\n');
+        write
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(tokio::io::AsyncReadExt::take(read, 1 << 20))
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str::<Value>(&line).map_err(|e| format!("bad answer: {e}"))
+    };
+    match tokio::time::timeout(CONNECTION_TIMEOUT, talk).await {
+        Ok(r) => r.map_err(exchange_err),
+        Err(_) => Err(exchange_err("no answer in time".into())),
+    }
+}

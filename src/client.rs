@@ -1,0 +1,220 @@
+//! `jvpn client`: the client agent over one UDP socket per candidate path, its kernel
+//! TUN device (created once the gateway has assigned the tunnel address), routes, the
+//! admin socket, metrics and events; everything it changed is undone on exit.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use jvpn_actors::agent::{
+    AgentStatus, Candidate, ClientAgent, Describe, OnSessionEnd, Shutdown, UseDevice,
+};
+use jvpn_actors::runtime::Reporter;
+use jvpn_actors::tun::{KernelTun, TunConfig};
+use jvpn_core::client::{Client, ClientConfig};
+use jvpn_core::event::TransportRef;
+use jvpn_core::ids::{NodeId, Protocol, TransportId};
+use jvpn_core::wire::TunnelAddr;
+
+use crate::admin::{self, Answer, Request};
+use crate::config::{CandidateSetup, ClientSetup, OnEnd};
+use crate::netconf::Changes;
+use crate::service;
+use crate::views;
+
+/// The agent's mailbox capacity.
+const AGENT_MAILBOX: usize = 1024;
+/// How long stopping waits for the gateway to be told.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the client until a stop signal or, when so configured, its session's end.
+pub fn run(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode> {
+    actix_rt::System::new().block_on(serve(setup, connect_timeout))
+}
+
+fn socket_for(c: &CandidateSetup, fwmark: Option<u32>) -> Result<UdpSocket> {
+    let bind = c.bind.unwrap_or(match c.endpoint {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    });
+    let socket = UdpSocket::bind(bind)
+        .with_context(|| format!("cannot bind {bind} for the candidate {}", c.endpoint))?;
+    if let Some(mark) = fwmark {
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .with_context(|| format!("cannot mark the socket for {} (fwmark)", c.endpoint))?;
+    }
+    socket
+        .connect(c.endpoint)
+        .with_context(|| format!("cannot reach the candidate {} (no route?)", c.endpoint))?;
+    Ok(socket)
+}
+
+async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode> {
+    service::metrics(setup.metrics)?;
+    let sink = service::event_sink(&setup.events)?;
+    let fwmark = setup.full_tunnel.then_some(setup.fwmark);
+    let mut candidates = Vec::new();
+    for (i, c) in setup.candidates.iter().enumerate() {
+        candidates.push(Candidate {
+            id: TransportId(i as u32 + 1),
+            socket: socket_for(c, fwmark)?,
+            gateway: c.endpoint,
+        });
+    }
+    let policy = Arc::new(setup.policy.clone());
+    let transports = candidates
+        .iter()
+        .map(|c| TransportRef {
+            id: c.id,
+            protocol: Protocol::Udp,
+        })
+        .collect();
+    let client = Client::new(
+        ClientConfig {
+            keypair: setup.keypair.clone(),
+            gateway: setup.gateway,
+            policy: Arc::clone(&policy),
+            transports,
+        },
+        service::wall_clock(),
+    );
+    let reporter = Reporter::new(
+        service::wall_clock(),
+        NodeId("client".into()),
+        policy.version().to_string(),
+        sink.sender(),
+    );
+    let on_end = match setup.on_end {
+        OnEnd::Exit => OnSessionEnd::Stop,
+        OnEnd::Reconnect => OnSessionEnd::Reconnect,
+    };
+    let handles = ClientAgent::start(client, candidates, None, reporter, on_end, AGENT_MAILBOX)
+        .context("cannot start the client")?;
+    let agent = handles.agent.clone();
+    let answer: Answer = Rc::new(move |request| {
+        let agent = agent.clone();
+        Box::pin(async move {
+            match request {
+                Request::Status => match agent.send(Describe).await {
+                    Ok(view) => views::client(&view),
+                    Err(e) => admin::error_reply(format!("the client does not answer: {e}")),
+                },
+                Request::Terminate { .. } => match agent.send(Shutdown).await {
+                    Ok(()) => serde_json::json!({ "ok": true }),
+                    Err(e) => admin::error_reply(format!("the client does not answer: {e}")),
+                },
+            }
+        })
+    });
+    let admin_socket = admin::serve(&setup.admin_socket, answer).await?;
+
+    let mut status = handles.status;
+    let mut changes = Changes::default();
+    let mut tunnel: Option<TunnelAddr> = None;
+    let started = Instant::now();
+    let signal = service::stop_signal();
+    tokio::pin!(signal);
+    let outcome: Result<ExitCode> = loop {
+        let now: AgentStatus = status.borrow_and_update().clone();
+        if let Some(assigned) = now.tunnel {
+            if tunnel.is_none() {
+                if let Err(e) = bring_up(&setup.tunnel, assigned, &setup, &mut changes, &handles.agent) {
+                    handles.agent.do_send(Shutdown);
+                    break Err(e);
+                }
+                tunnel = Some(assigned);
+                eprintln!(
+                    "jvpn client: session {} attached, tunnel {} {}/{}",
+                    now.session_id.map(|s| s.to_string()).unwrap_or_default(),
+                    setup.tunnel.name,
+                    assigned.addr,
+                    assigned.prefix
+                );
+            }
+        }
+        if now.stopped {
+            let reason = now.last_end.map(|r| r.as_str()).unwrap_or("stopped");
+            eprintln!("jvpn client: session ended: {reason}");
+            break Ok(ExitCode::FAILURE);
+        }
+        let waiting = (now.sessions == 0).then(|| connect_timeout.saturating_sub(started.elapsed()));
+        if waiting == Some(Duration::ZERO) {
+            handles.agent.do_send(Shutdown);
+            break Err(anyhow::anyhow!(
+                "no session with the gateway at {} within {:?}: check that the gateway runs and is reachable, and that gateway_public_key is its key (a wrong key gets no answer)",
+                setup
+                    .candidates
+                    .iter()
+                    .map(|c| c.endpoint.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                connect_timeout
+            ));
+        }
+        let tick = waiting.unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break Ok(ExitCode::FAILURE);
+                }
+            }
+            _ = tokio::time::sleep(tick) => {}
+            s = &mut signal => {
+                let name = s.unwrap_or("signal");
+                eprintln!("jvpn client: {name}: ending the session (the gateway is told)");
+                handles.agent.do_send(Shutdown);
+                let deadline = Instant::now() + STOP_GRACE;
+                while !status.borrow().stopped && Instant::now() < deadline {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
+                }
+                break Ok(ExitCode::SUCCESS);
+            }
+        }
+    };
+    drop(admin_socket);
+    changes.undo_all();
+    if let Some(counts) = sink.close() {
+        if counts.dropped > 0 || counts.write_failures > 0 {
+            eprintln!(
+                "jvpn client: events dropped: {}, event write failures: {}",
+                counts.dropped, counts.write_failures
+            );
+        }
+    }
+    outcome
+}
+
+/// Creates the TUN device with the assigned address, hands it to the agent and installs
+/// the routes.
+fn bring_up(
+    tunnel: &crate::config::TunnelSetup,
+    assigned: TunnelAddr,
+    setup: &ClientSetup,
+    changes: &mut Changes,
+    agent: &actix::Addr<ClientAgent>,
+) -> Result<()> {
+    let device = KernelTun::create(&TunConfig {
+        name: tunnel.name.clone(),
+        address: assigned.addr,
+        prefix: assigned.prefix,
+        mtu: tunnel.mtu,
+    })
+    .with_context(|| {
+        format!(
+            "cannot create the TUN device {} (root or CAP_NET_ADMIN and /dev/net/tun are needed)",
+            tunnel.name
+        )
+    })?;
+    agent.do_send(UseDevice(Arc::new(device)));
+    for (net, prefix) in &setup.networks {
+        changes.route(*net, *prefix, &tunnel.name)?;
+    }
+    if setup.full_tunnel {
+        changes.full_tunnel(&tunnel.name, setup.fwmark, matches!(assigned.addr, IpAddr::V6(_)))?;
+    }
+    Ok(())
+}

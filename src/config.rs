@@ -1,0 +1,782 @@
+//! The gateway's and the client's configuration files (TOML, examples with every key in
+//! config/), with `JVPN_` environment overrides, checked into what the commands run.
+//!
+//! Every error names the file, the key and what is allowed; nothing starts on a bad file.
+//! Environment overrides: `JVPN_<KEY>` for a top-level key and `JVPN_<SECTION>__<KEY>`
+//! inside a section, e.g. `JVPN_TUNNEL__MTU=1300` or
+//! `JVPN_POLICY__VOLATILITY__HEARTBEAT_INTERVAL_MS=100`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use jvpn_core::crypto::{Keypair, PublicKey};
+use jvpn_core::gateway::AuthorizedClient;
+use jvpn_core::policy::{Policy, PolicyConfig};
+use jvpn_core::wire::TunnelAddr;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read or parsed, or a value has the wrong type.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// What the parser said (it names the key).
+        source: config::ConfigError,
+    },
+    /// A value is of the right type but not allowed.
+    #[error("{file}: `{key}`: {problem}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The key, dotted.
+        key: String,
+        /// What is wrong and what is allowed.
+        problem: String,
+    },
+}
+
+fn invalid(file: &Path, key: &str, problem: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Where events go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventsOut {
+    /// JSON lines on standard output.
+    Stdout,
+    /// JSON lines appended to a file.
+    File(PathBuf),
+}
+
+/// The TUN device section, shared by both files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    /// Interface name, 1 to 15 characters.
+    pub name: String,
+    /// Gateway only: its own tunnel address with prefix, e.g. "10.77.0.1/24".
+    pub address: Option<String>,
+    /// The MTU, 576 to 65535.
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EventsSection {
+    output: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardingSection {
+    enable: bool,
+    masquerade_out: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ClientEntry {
+    name: String,
+    public_key: String,
+    tunnel_address: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFile {
+    node_id: String,
+    private_key: Option<String>,
+    private_key_file: Option<PathBuf>,
+    listen: Vec<String>,
+    session_capacity: usize,
+    tunnel: TunnelSection,
+    forwarding: ForwardingSection,
+    admin: AdminSection,
+    metrics: MetricsSection,
+    events: EventsSection,
+    #[serde(default)]
+    clients: Vec<ClientEntry>,
+    policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct CandidateEntry {
+    endpoint: String,
+    bind: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesSection {
+    networks: Vec<String>,
+    full_tunnel: bool,
+    fwmark: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    private_key: Option<String>,
+    private_key_file: Option<PathBuf>,
+    gateway_public_key: String,
+    on_session_end: String,
+    #[serde(default)]
+    candidates: Vec<CandidateEntry>,
+    tunnel: TunnelSection,
+    routes: RoutesSection,
+    admin: AdminSection,
+    metrics: MetricsSection,
+    events: EventsSection,
+    policy: PolicyConfig,
+}
+
+/// What `jvpn gateway` runs.
+pub struct GatewaySetup {
+    /// This node's id, in every event.
+    pub node_id: String,
+    /// The static key pair.
+    pub keypair: Keypair,
+    /// UDP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Most sessions at once.
+    pub session_capacity: usize,
+    /// The TUN device.
+    pub tunnel: TunnelSetup,
+    /// Turn on IPv4 forwarding while running.
+    pub forward: bool,
+    /// Masquerade tunnel traffic leaving through this interface.
+    pub masquerade_out: Option<String>,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// Where /metrics is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Where events go.
+    pub events: EventsOut,
+    /// Who may connect, with their tunnel addresses.
+    pub clients: Vec<(String, AuthorizedClient)>,
+    /// The policy.
+    pub policy: Policy,
+}
+
+/// A TUN device to create.
+#[derive(Debug, Clone)]
+pub struct TunnelSetup {
+    /// Interface name.
+    pub name: String,
+    /// Its address and prefix (the client's comes from the gateway).
+    pub address: Option<(IpAddr, u8)>,
+    /// MTU.
+    pub mtu: u16,
+}
+
+/// What the client does when its session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnEnd {
+    /// Exit (non-zero), reporting the reason.
+    Exit,
+    /// Start a new session (a new handshake, a new session id).
+    Reconnect,
+}
+
+/// One candidate path to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateSetup {
+    /// The gateway's address on this path.
+    pub endpoint: SocketAddr,
+    /// The local address to send from (a path is chosen by it), if set.
+    pub bind: Option<SocketAddr>,
+}
+
+/// What `jvpn client` runs.
+pub struct ClientSetup {
+    /// The static key pair.
+    pub keypair: Keypair,
+    /// The gateway's pinned public key.
+    pub gateway: PublicKey,
+    /// On session end.
+    pub on_end: OnEnd,
+    /// The candidate paths, in preference order.
+    pub candidates: Vec<CandidateSetup>,
+    /// The TUN device (its address is assigned by the gateway).
+    pub tunnel: TunnelSetup,
+    /// Networks routed into the tunnel.
+    pub networks: Vec<(IpAddr, u8)>,
+    /// Route everything into the tunnel (the transports' own packets excepted).
+    pub full_tunnel: bool,
+    /// The firewall mark on the transports' packets (full tunnel).
+    pub fwmark: u32,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// Where /metrics is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Where events go.
+    pub events: EventsOut,
+    /// The policy.
+    pub policy: Policy,
+}
+
+/// Defaults for every key that has one; the file and the environment override them.
+fn defaults(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+    pairs: &[(&str, config::Value)],
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
+    let mut b = builder.add_source(config::Config::try_from(&PolicyDefaults {
+        policy: PolicyConfig::starter(),
+    })?);
+    for (key, value) in pairs {
+        b = b.set_default(*key, value.clone())?;
+    }
+    Ok(b)
+}
+
+#[derive(Serialize)]
+struct PolicyDefaults {
+    policy: PolicyConfig,
+}
+
+fn read<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    pairs: &[(&str, config::Value)],
+    lists: &[&str],
+    env: Option<HashMap<String, String>>,
+) -> Result<T, ConfigError> {
+    let wrap = |source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    };
+    let mut environment = config::Environment::with_prefix("JVPN")
+        .prefix_separator("_")
+        .separator("__")
+        .list_separator(",")
+        .try_parsing(true)
+        .source(env);
+    for key in lists {
+        environment = environment.with_list_parse_key(key);
+    }
+    defaults(config::Config::builder(), pairs)
+        .map_err(wrap)?
+        .add_source(config::File::from(file).format(config::FileFormat::Toml))
+        .add_source(environment)
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(wrap)
+}
+
+fn common_defaults(admin: &str) -> Vec<(&'static str, config::Value)> {
+    vec![
+        ("tunnel.mtu", 1380.into()),
+        ("admin.socket", admin.into()),
+        ("metrics.listen", "".into()),
+        ("events.output", "stdout".into()),
+    ]
+}
+
+/// Loads the gateway configuration at `file`; `env` replaces the process environment
+/// for overrides when given (tests).
+pub fn load_gateway(
+    file: &Path,
+    env: Option<HashMap<String, String>>,
+) -> Result<GatewaySetup, ConfigError> {
+    let mut pairs = common_defaults("/run/jvpn/gateway.sock");
+    pairs.extend([
+        ("session_capacity", 1024.into()),
+        ("forwarding.enable", false.into()),
+        ("forwarding.masquerade_out", "".into()),
+    ]);
+    let raw: GatewayFile = read(file, &pairs, &["listen"], env)?;
+    let bad = |key: &str, problem: String| invalid(file, key, problem);
+    if raw.node_id.is_empty() || raw.node_id.len() > 64 {
+        return Err(bad("node_id", "must be 1 to 64 characters".into()));
+    }
+    let keypair = private_key(file, raw.private_key, raw.private_key_file)?;
+    if raw.listen.is_empty() || raw.listen.len() > 16 {
+        return Err(bad(
+            "listen",
+            format!(
+                "{} addresses given; 1 to 16 allowed (\"IP:PORT\")",
+                raw.listen.len()
+            ),
+        ));
+    }
+    let mut listen = Vec::new();
+    for (i, a) in raw.listen.iter().enumerate() {
+        let addr: SocketAddr = a.parse().map_err(|_| {
+            bad(
+                &format!("listen[{i}]"),
+                format!("{a:?} is not an address (\"IP:PORT\", e.g. \"0.0.0.0:51820\")"),
+            )
+        })?;
+        if listen.contains(&addr) {
+            return Err(bad(&format!("listen[{i}]"), format!("{addr} is listed twice")));
+        }
+        listen.push(addr);
+    }
+    if !(1..=1_000_000).contains(&raw.session_capacity) {
+        return Err(bad(
+            "session_capacity",
+            format!("{} is outside 1 to 1000000", raw.session_capacity),
+        ));
+    }
+    let tunnel = tunnel(file, &raw.tunnel, true)?;
+    let Some((gw_addr, prefix)) = tunnel.address else {
+        return Err(bad("tunnel.address", "required on a gateway".into()));
+    };
+    if raw.clients.len() > raw.session_capacity {
+        return Err(bad(
+            "clients",
+            format!(
+                "{} clients exceed session_capacity {}",
+                raw.clients.len(),
+                raw.session_capacity
+            ),
+        ));
+    }
+    let mut clients = Vec::new();
+    let mut keys = HashSet::new();
+    let mut addrs = HashSet::from([gw_addr]);
+    for (i, c) in raw.clients.iter().enumerate() {
+        let key = |k: &str| format!("clients[{i}].{k}");
+        let public: PublicKey = c.public_key.trim().parse().map_err(|_| {
+            bad(
+                &key("public_key"),
+                "not a public key (44 characters of base64, as `jvpn pubkey` prints)".into(),
+            )
+        })?;
+        if !keys.insert(public) {
+            return Err(bad(&key("public_key"), "listed for two clients".into()));
+        }
+        let addr: IpAddr = c.tunnel_address.parse().map_err(|_| {
+            bad(
+                &key("tunnel_address"),
+                format!("{:?} is not an IP address", c.tunnel_address),
+            )
+        })?;
+        if !same_network(addr, gw_addr, prefix) {
+            return Err(bad(
+                &key("tunnel_address"),
+                format!(
+                    "{addr} is outside the gateway's tunnel network {gw_addr}/{prefix}"
+                ),
+            ));
+        }
+        if !addrs.insert(addr) {
+            return Err(bad(
+                &key("tunnel_address"),
+                format!("{addr} is already taken"),
+            ));
+        }
+        clients.push((
+            c.name.clone(),
+            AuthorizedClient {
+                public,
+                tunnel: TunnelAddr { addr, prefix },
+            },
+        ));
+    }
+    Ok(GatewaySetup {
+        node_id: raw.node_id,
+        keypair,
+        listen,
+        session_capacity: raw.session_capacity,
+        tunnel,
+        forward: raw.forwarding.enable,
+        masquerade_out: non_empty(raw.forwarding.masquerade_out),
+        admin_socket: raw.admin.socket,
+        metrics: metrics(file, &raw.metrics.listen)?,
+        events: events(&raw.events.output),
+        clients,
+        policy: policy(file, raw.policy)?,
+    })
+}
+
+/// Loads the client configuration at `file` (see [`load_gateway`]).
+pub fn load_client(
+    file: &Path,
+    env: Option<HashMap<String, String>>,
+) -> Result<ClientSetup, ConfigError> {
+    let mut pairs = common_defaults("/run/jvpn/client.sock");
+    pairs.extend([
+        ("on_session_end", "exit".into()),
+        ("tunnel.name", "jv1".into()),
+        ("routes.networks", config::Value::from(Vec::<String>::new())),
+        ("routes.full_tunnel", false.into()),
+        ("routes.fwmark", 51820.into()),
+    ]);
+    let raw: ClientFile = read(file, &pairs, &["routes.networks"], env)?;
+    let bad = |key: &str, problem: String| invalid(file, key, problem);
+    let keypair = private_key(file, raw.private_key, raw.private_key_file)?;
+    let gateway: PublicKey = raw.gateway_public_key.trim().parse().map_err(|_| {
+        bad(
+            "gateway_public_key",
+            "not a public key (44 characters of base64, as `jvpn pubkey` prints)".into(),
+        )
+    })?;
+    let on_end = match raw.on_session_end.as_str() {
+        "exit" => OnEnd::Exit,
+        "reconnect" => OnEnd::Reconnect,
+        other => {
+            return Err(bad(
+                "on_session_end",
+                format!("{other:?}: allowed are \"exit\" and \"reconnect\""),
+            ))
+        }
+    };
+    let policy = policy(file, raw.policy)?;
+    let most = policy.max_candidate_count();
+    if raw.candidates.is_empty() || raw.candidates.len() > most {
+        return Err(bad(
+            "candidates",
+            format!(
+                "{} given; 1 to {most} allowed (policy transport.max_candidate_count)",
+                raw.candidates.len()
+            ),
+        ));
+    }
+    let mut candidates = Vec::new();
+    for (i, c) in raw.candidates.iter().enumerate() {
+        let endpoint: SocketAddr = c.endpoint.parse().map_err(|_| {
+            bad(
+                &format!("candidates[{i}].endpoint"),
+                format!("{:?} is not an address (\"IP:PORT\")", c.endpoint),
+            )
+        })?;
+        let bind = match &c.bind {
+            None => None,
+            Some(b) => Some(b.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    &format!("candidates[{i}].bind"),
+                    format!("{b:?} is not an address (\"IP:PORT\", port 0 for any)"),
+                )
+            })?),
+        };
+        let candidate = CandidateSetup { endpoint, bind };
+        if candidates.contains(&candidate) {
+            return Err(bad(
+                &format!("candidates[{i}]"),
+                "the same path is listed twice".into(),
+            ));
+        }
+        candidates.push(candidate);
+    }
+    let tunnel = tunnel(file, &raw.tunnel, false)?;
+    let mut networks = Vec::new();
+    for (i, n) in raw.routes.networks.iter().enumerate() {
+        networks.push(
+            prefix(n).map_err(|p| bad(&format!("routes.networks[{i}]"), p))?,
+        );
+    }
+    if raw.routes.fwmark == 0 {
+        return Err(bad("routes.fwmark", "must not be 0".into()));
+    }
+    Ok(ClientSetup {
+        keypair,
+        gateway,
+        on_end,
+        candidates,
+        tunnel,
+        networks,
+        full_tunnel: raw.routes.full_tunnel,
+        fwmark: raw.routes.fwmark,
+        admin_socket: raw.admin.socket,
+        metrics: metrics(file, &raw.metrics.listen)?,
+        events: events(&raw.events.output),
+        policy,
+    })
+}
+
+fn private_key(
+    file: &Path,
+    inline: Option<String>,
+    path: Option<PathBuf>,
+) -> Result<Keypair, ConfigError> {
+    // An empty value (e.g. an environment override clearing the file's key) is absent.
+    let inline = inline.filter(|k| !k.is_empty());
+    let path = path.filter(|p| !p.as_os_str().is_empty());
+    let text = match (inline, path) {
+        (Some(k), None) => Zeroizing::new(k),
+        (None, Some(p)) => {
+            let p = if p.is_relative() {
+                file.parent().unwrap_or(Path::new(".")).join(p)
+            } else {
+                p
+            };
+            Zeroizing::new(std::fs::read_to_string(&p).map_err(|e| {
+                invalid(
+                    file,
+                    "private_key_file",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?)
+        }
+        _ => {
+            return Err(invalid(
+                file,
+                "private_key",
+                "give exactly one of `private_key` and `private_key_file`",
+            ))
+        }
+    };
+    Keypair::from_base64(text.trim()).map_err(|_| {
+        invalid(
+            file,
+            "private_key",
+            "not a private key (44 characters of base64, as `jvpn keygen` prints)",
+        )
+    })
+}
+
+fn tunnel(file: &Path, t: &TunnelSection, gateway: bool) -> Result<TunnelSetup, ConfigError> {
+    let valid_name = !t.name.is_empty()
+        && t.name.len() <= 15
+        && t
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !valid_name {
+        return Err(invalid(
+            file,
+            "tunnel.name",
+            format!(
+                "{:?}: 1 to 15 characters of letters, digits, '-', '_', '.'",
+                t.name
+            ),
+        ));
+    }
+    if t.mtu < 576 {
+        return Err(invalid(
+            file,
+            "tunnel.mtu",
+            format!("{} is below 576", t.mtu),
+        ));
+    }
+    let address = match (&t.address, gateway) {
+        (Some(a), true) => Some(prefix(a).map_err(|p| invalid(file, "tunnel.address", p))?),
+        (None, _) => None,
+        (Some(_), false) => {
+            return Err(invalid(
+                file,
+                "tunnel.address",
+                "not set on a client: the gateway assigns it",
+            ))
+        }
+    };
+    Ok(TunnelSetup {
+        name: t.name.clone(),
+        address,
+        mtu: t.mtu,
+    })
+}
+
+/// Parses "ADDR/PREFIX".
+fn prefix(text: &str) -> Result<(IpAddr, u8), String> {
+    let problem = || format!("{text:?} is not an address with a prefix, e.g. \"10.77.0.1/24\"");
+    let (addr, len) = text.split_once('/').ok_or_else(problem)?;
+    let addr: IpAddr = addr.parse().map_err(|_| problem())?;
+    let len: u8 = len.parse().map_err(|_| problem())?;
+    let most = if addr.is_ipv4() { 32 } else { 128 };
+    if len > most {
+        return Err(format!("prefix /{len} is longer than {most}"));
+    }
+    Ok((addr, len))
+}
+
+/// Whether `a` is in `net`/`prefix`.
+pub fn same_network(a: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (a, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+fn metrics(file: &Path, listen: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    listen.parse().map(Some).map_err(|_| {
+        invalid(
+            file,
+            "metrics.listen",
+            format!("{listen:?} is not an address (\"IP:PORT\", or \"\" for none)"),
+        )
+    })
+}
+
+fn events(output: &str) -> EventsOut {
+    match output {
+        "stdout" | "" | "-" => EventsOut::Stdout,
+        path => EventsOut::File(PathBuf::from(path)),
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn policy(file: &Path, raw: PolicyConfig) -> Result<Policy, ConfigError> {
+    raw.validate()
+        .map_err(|e| invalid(file, "policy", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        f
+    }
+
+    fn key() -> String {
+        Keypair::generate()
+            .expect("key")
+            .private_base64()
+            .as_str()
+            .to_string()
+    }
+
+    fn public() -> String {
+        Keypair::generate().expect("key").public().to_string()
+    }
+
+    fn gateway_text(extra: &str) -> String {
+        format!(
+            "node_id = \"gw\"\nprivate_key = \"{}\"\nlisten = [\"127.0.0.1:51820\"]\n\
+             [tunnel]\nname = \"jv0\"\naddress = \"10.77.0.1/24\"\n{extra}\n\
+             [[clients]]\nname = \"a\"\npublic_key = \"{}\"\ntunnel_address = \"10.77.0.2\"\n",
+            key(),
+            public()
+        )
+    }
+
+    fn no_env() -> Option<HashMap<String, String>> {
+        Some(HashMap::new())
+    }
+
+    #[test]
+    fn the_example_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let env = Some(HashMap::from([
+            ("JVPN_PRIVATE_KEY".to_string(), key()),
+            ("JVPN_PRIVATE_KEY_FILE".to_string(), String::new()),
+        ]));
+        let gw = load_gateway(&dir.join("gateway.toml"), env.clone());
+        assert!(gw.is_ok(), "{:?}", gw.err());
+        let client = load_client(&dir.join("client.toml"), env);
+        assert!(client.is_ok(), "{:?}", client.err());
+    }
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out_and_the_environment_overrides() {
+        let f = file(&gateway_text(""));
+        let env = Some(HashMap::from([
+            ("JVPN_TUNNEL__MTU".to_string(), "1300".to_string()),
+            (
+                "JVPN_POLICY__VOLATILITY__HEARTBEAT_INTERVAL_MS".to_string(),
+                "100".to_string(),
+            ),
+        ]));
+        let gw = load_gateway(f.path(), env).expect("loads");
+        assert_eq!(gw.tunnel.mtu, 1300);
+        assert_eq!(gw.policy.heartbeat_interval(), std::time::Duration::from_millis(100));
+        assert_eq!(gw.admin_socket, PathBuf::from("/run/jvpn/gateway.sock"));
+        assert_eq!(gw.clients.len(), 1);
+        assert_eq!(gw.events, EventsOut::Stdout);
+    }
+
+    fn error_of(text: &str) -> String {
+        let f = file(text);
+        match load_gateway(f.path(), no_env()) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with(&f.path().display().to_string()),
+                    "the error does not name the file: {msg}"
+                );
+                msg
+            }
+        }
+    }
+
+    #[test]
+    fn every_bad_value_is_named_with_its_key() {
+        let cases = [
+            ("\n[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
+            ("\n[policy.volatility]\nheartbeat_interval_ms = 1", "policy"),
+            ("\n[policy.volatility]\nheartbeat_interval_ms = \"x\"", "heartbeat_interval_ms"),
+            ("\nsurprise = 1", "surprise"),
+        ];
+        for (extra, key) in cases {
+            // Keys after a table header belong to it: put them at the end.
+            let text = format!("{}{extra}\n", gateway_text(""));
+            let msg = error_of(&text);
+            assert!(msg.contains(key), "{key}: {msg}");
+        }
+        let msg = error_of(&gateway_text("").replace("10.77.0.2", "10.78.0.2"));
+        assert!(msg.contains("clients[0].tunnel_address"), "{msg}");
+        let msg = error_of(&gateway_text("").replace("127.0.0.1:51820", "localhost"));
+        assert!(msg.contains("listen[0]"), "{msg}");
+        let msg = error_of(&gateway_text("").replace("jv0", "a-name-far-too-long"));
+        assert!(msg.contains("tunnel.name"), "{msg}");
+    }
+
+    #[test]
+    fn a_client_needs_candidates_and_a_valid_gateway_key() {
+        let base = format!(
+            "private_key = \"{}\"\ngateway_public_key = \"{}\"\n",
+            key(),
+            public()
+        );
+        let f = file(&base);
+        let e = load_client(f.path(), no_env()).err().expect("refused");
+        assert!(e.to_string().contains("candidates"), "{e}");
+        let f = file(&format!(
+            "{}\n[[candidates]]\nendpoint = \"10.1.0.1:51820\"\n",
+            base.replace("gateway_public_key = \"", "gateway_public_key = \"x")
+        ));
+        let e = load_client(f.path(), no_env()).err().expect("refused");
+        assert!(e.to_string().contains("gateway_public_key"), "{e}");
+        let f = file(&format!(
+            "{base}\n[[candidates]]\nendpoint = \"10.1.0.1:51820\"\n[routes]\nnetworks = [\"10.99.0.0/24\"]\n"
+        ));
+        let c = load_client(f.path(), no_env()).expect("loads");
+        assert_eq!(c.networks, vec![(IpAddr::from([10, 99, 0, 0]), 24)]);
+        assert_eq!(c.on_end, OnEnd::Exit);
+    }
+}

@@ -1,0 +1,153 @@
+//! `jvpn gateway`: the gateway node over a kernel TUN device and UDP sockets, with its
+//! admin socket, metrics and events, until Ctrl-C / SIGTERM.
+
+use std::net::UdpSocket;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
+use jvpn_actors::runtime::Reporter;
+use jvpn_actors::supervisor::{ListSessions, NodeLimits, TerminateSession};
+use jvpn_actors::tun::{KernelTun, TunConfig};
+use jvpn_core::gateway::GatewayConfig;
+use jvpn_core::ids::{NodeId, SessionId};
+use jvpn_core::store::MemoryStore;
+
+use crate::admin::{self, Answer, Request};
+use crate::config::GatewaySetup;
+use crate::netconf::Changes;
+use crate::service;
+use crate::views;
+
+/// How long stopping waits for sessions to end and be released.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the gateway until a stop signal.
+pub fn run(setup: GatewaySetup) -> Result<()> {
+    actix_rt::System::new().block_on(serve(setup))
+}
+
+async fn serve(setup: GatewaySetup) -> Result<()> {
+    service::metrics(setup.metrics)?;
+    let sink = service::event_sink(&setup.events)?;
+    let mut listen = Vec::new();
+    for addr in &setup.listen {
+        listen.push(
+            UdpSocket::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (config key `listen`)"))?,
+        );
+    }
+    let Some((address, prefix)) = setup.tunnel.address else {
+        anyhow::bail!("the gateway's tunnel address is missing (config key `tunnel.address`)");
+    };
+    let device = KernelTun::create(&TunConfig {
+        name: setup.tunnel.name.clone(),
+        address,
+        prefix,
+        mtu: setup.tunnel.mtu,
+    })
+    .with_context(|| {
+        format!(
+            "cannot create the TUN device {} (root or CAP_NET_ADMIN and /dev/net/tun are needed)",
+            setup.tunnel.name
+        )
+    })?;
+    let mut changes = Changes::default();
+    if setup.forward {
+        let path = if address.is_ipv4() {
+            "/proc/sys/net/ipv4/ip_forward"
+        } else {
+            "/proc/sys/net/ipv6/conf/all/forwarding"
+        };
+        changes.sysctl(path, "1")?;
+    }
+    if let Some(out) = &setup.masquerade_out {
+        changes.masquerade(address, prefix, out)?;
+    }
+    let node_id = NodeId(setup.node_id.clone());
+    let policy = Arc::new(setup.policy);
+    let public = setup.keypair.public();
+    let store = Arc::new(MemoryStore::new(
+        setup.session_capacity,
+        policy.max_candidate_count(),
+    ));
+    let reporter = Reporter::new(
+        service::wall_clock(),
+        node_id.clone(),
+        policy.version().to_string(),
+        sink.sender(),
+    );
+    let node = GatewayNode::start(GatewayNodeConfig {
+        gateway: GatewayConfig {
+            keypair: setup.keypair,
+            node_id,
+            policy: Arc::clone(&policy),
+            clients: setup.clients.into_iter().map(|(_, c)| c).collect(),
+        },
+        store,
+        listen,
+        device: Arc::new(device),
+        reporter,
+        limits: NodeLimits::default(),
+        arbiters: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+    .context("cannot start the gateway node")?;
+    let supervisor = node.supervisor.clone();
+    let node_name = setup.node_id.clone();
+    let answer: Answer = Rc::new(move |request| {
+        let supervisor = supervisor.clone();
+        let node_name = node_name.clone();
+        Box::pin(async move {
+            match request {
+                Request::Status => match supervisor.send(ListSessions).await {
+                    Ok(sessions) => views::gateway(&node_name, &sessions),
+                    Err(e) => admin::error_reply(format!("the node does not answer: {e}")),
+                },
+                Request::Terminate { session_id } => {
+                    let Ok(id) = session_id.parse::<SessionId>() else {
+                        return admin::error_reply(format!(
+                            "{session_id:?} is not a session id (16 hex digits)"
+                        ));
+                    };
+                    match supervisor.send(TerminateSession(id)).await {
+                        Ok(true) => serde_json::json!({ "ok": true, "session_id": session_id }),
+                        Ok(false) => admin::error_reply(format!("no live session {session_id}")),
+                        Err(e) => admin::error_reply(format!("the node does not answer: {e}")),
+                    }
+                }
+            }
+        })
+    });
+    let admin_socket = admin::serve(&setup.admin_socket, answer).await?;
+    eprintln!(
+        "jvpn gateway {}: public key {public}, listening on {}, tunnel {} {address}/{prefix}, admin {}",
+        setup.node_id,
+        setup
+            .listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        setup.tunnel.name,
+        setup.admin_socket.display(),
+    );
+    let signal = service::stop_signal().await?;
+    eprintln!("jvpn gateway: {signal}: ending every session (operator_terminated)");
+    let left = node.stop(STOP_GRACE).await;
+    if left > 0 {
+        eprintln!("jvpn gateway: {left} session(s) were not released within {STOP_GRACE:?}");
+    }
+    drop(admin_socket);
+    changes.undo_all();
+    if let Some(counts) = sink.close() {
+        if counts.dropped > 0 || counts.write_failures > 0 {
+            eprintln!(
+                "jvpn gateway: events dropped: {}, event write failures: {}",
+                counts.dropped, counts.write_failures
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Test-lab tools (hidden `jvpn lab ...` commands) used by the demo and the end-to-end
+//! tests inside network namespaces: a TCP transfer of a deterministic byte stream whose
+//! every byte the receiver checks, reporting the throughput.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Byte `i` of the stream: a cheap pseudo-random sequence, so that a lost, duplicated or
+/// reordered segment changes what the receiver sees at that offset.
+fn pattern(i: u64) -> u8 {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> 32) as u8
+}
+
+/// Accepts one connection on `listen`, reads exactly `bytes` bytes and checks each;
+/// prints one JSON line with the result. Gives up after `timeout`.
+pub fn tcp_sink(listen: SocketAddr, bytes: u64, timeout: Duration) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("no connection within {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen: u64 = 0;
+    while seen < bytes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("only {seen} of {bytes} bytes within {timeout:?}");
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut buf).context("read")?;
+        if n == 0 {
+            bail!("the sender closed after {seen} of {bytes} bytes");
+        }
+        for (k, b) in buf[..n].iter().enumerate() {
+            let at = seen + k as u64;
+            if *b != pattern(at) {
+                bail!("byte {at} is wrong: the stream is corrupt");
+            }
+        }
+        seen += n as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": true,
+            "bytes": seen,
+            "seconds": secs,
+            "mbit_per_s": (seen as f64 * 8.0 / 1e6) / secs.max(1e-9),
+        })
+    );
+    Ok(())
+}
+
+/// Connects to `to` (retrying until `timeout`) and sends `bytes` bytes of the stream.
+/// `pace`, if set, spreads the transfer over that long (for transfers across a jump).
+pub fn tcp_source(to: SocketAddr, bytes: u64, timeout: Duration, pace: Option<Duration>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot connect to {to}")),
+        }
+    };
+    stream.set_write_timeout(Some(timeout))?;
+    let started = Instant::now();
+    let chunk = 16 * 1024u64;
+    let mut buf = vec![0u8; chunk as usize];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.min(bytes - sent);
+        for (k, b) in buf[..n as usize].iter_mut().enumerate() {
+            *b = pattern(sent + k as u64);
+        }
+        stream.write_all(&buf[..n as usize]).context("write")?;
+        sent += n;
+        if let Some(pace) = pace {
+            let due = started + pace.mul_f64(sent as f64 / bytes as f64);
+            let wait = due.saturating_duration_since(Instant::now());
+            if Instant::now() + wait > deadline {
+                bail!("the transfer would outlast {timeout:?}");
+            }
+            std::thread::sleep(wait);
+        }
+    }
+    stream.flush()?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    // Wait for the receiver to close: everything was delivered.
+    let _ = stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))));
+    let _ = stream.read(&mut [0u8; 1]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_on_loopback_is_checked_byte_by_byte() {
+        let probe = TcpListener::bind("127.0.0.1:0").expect("port");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        let sink = std::thread::spawn(move || tcp_sink(addr, 1_000_000, Duration::from_secs(10)));
+        tcp_source(addr, 1_000_000, Duration::from_secs(10), None).expect("source");
+        sink.join().expect("sink thread").expect("sink");
+    }
+
+    #[test]
+    fn the_pattern_is_not_constant() {
+        let distinct: std::collections::HashSet<u8> = (0..4096).map(pattern).collect();
+        assert!(distinct.len() > 200);
+    }
+}

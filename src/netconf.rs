@@ -1,0 +1,223 @@
+//! Changes to the host's network configuration (routes, policy rules, forwarding,
+//! masquerade), each recorded with its undo and undone in reverse order on exit, so the
+//! process leaves the host as it found it. Done with iproute2 and nftables, as
+//! wg-quick does.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use thiserror::Error;
+
+/// A change that could not be made.
+#[derive(Debug, Error)]
+pub enum NetconfError {
+    /// The tool could not be run.
+    #[error("cannot run `{command}` (is {tool} installed?): {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The program.
+        tool: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The tool refused.
+    #[error("`{command}` failed: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// A kernel setting could not be written.
+    #[error("cannot set {path}: {source}")]
+    Sysctl {
+        /// The /proc path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+enum Undo {
+    Command(Vec<String>),
+    Sysctl { path: String, value: String },
+}
+
+/// The changes made so far; undone when dropped.
+#[derive(Default)]
+pub struct Changes {
+    undo: Vec<Undo>,
+}
+
+/// Runs `argv`, returning its error output on failure.
+pub fn run(argv: &[&str]) -> Result<(), NetconfError> {
+    run_with_input(argv, None)
+}
+
+fn run_with_input(argv: &[&str], input: Option<&str>) -> Result<(), NetconfError> {
+    use std::io::Write;
+    let command = argv.join(" ");
+    let spawn_err = |source| NetconfError::Spawn {
+        command: command.clone(),
+        tool: argv.first().copied().unwrap_or_default().to_string(),
+        source,
+    };
+    let (program, args) = argv.split_first().ok_or_else(|| NetconfError::Failed {
+        command: String::new(),
+        stderr: "empty command".into(),
+    })?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetconfError::Failed {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+impl Changes {
+    /// Runs `argv`; on success remembers `undo` to run on exit.
+    pub fn apply(&mut self, argv: &[&str], undo: &[&str]) -> Result<(), NetconfError> {
+        run(argv)?;
+        self.undo
+            .push(Undo::Command(undo.iter().map(|s| s.to_string()).collect()));
+        Ok(())
+    }
+
+    /// Loads an nftables script; on success remembers `undo`.
+    pub fn apply_nft(&mut self, script: &str, undo: &[&str]) -> Result<(), NetconfError> {
+        run_with_input(&["nft", "-f", "-"], Some(script))?;
+        self.undo
+            .push(Undo::Command(undo.iter().map(|s| s.to_string()).collect()));
+        Ok(())
+    }
+
+    /// Writes `value` to the kernel setting at `path`, restoring the old value on exit.
+    pub fn sysctl(&mut self, path: &str, value: &str) -> Result<(), NetconfError> {
+        let err = |source| NetconfError::Sysctl {
+            path: path.to_string(),
+            source,
+        };
+        let old = std::fs::read_to_string(path).map_err(err)?;
+        if old.trim() == value {
+            return Ok(());
+        }
+        std::fs::write(path, value).map_err(err)?;
+        self.undo.push(Undo::Sysctl {
+            path: path.to_string(),
+            value: old.trim().to_string(),
+        });
+        Ok(())
+    }
+
+    /// Routes `net/prefix` into the device `dev`.
+    pub fn route(&mut self, net: IpAddr, prefix: u8, dev: &str) -> Result<(), NetconfError> {
+        let dst = format!("{net}/{prefix}");
+        self.apply(
+            &["ip", "route", "replace", &dst, "dev", dev],
+            &["ip", "route", "del", &dst, "dev", dev],
+        )
+    }
+
+    /// Sends everything into `dev` except the packets marked `fwmark` (the transports'
+    /// own), as wg-quick does: a default route in table `fwmark`, used by every unmarked
+    /// packet, while the main table keeps serving its more specific routes.
+    /// Only the tunnel's address family (`v6`) is routed.
+    pub fn full_tunnel(&mut self, dev: &str, fwmark: u32, v6: bool) -> Result<(), NetconfError> {
+        let table = fwmark.to_string();
+        let mark = format!("{fwmark:#x}");
+        let (family, default) = if v6 { ("-6", "::/0") } else { ("-4", "0.0.0.0/0") };
+        {
+            self.apply(
+                &["ip", family, "route", "add", default, "dev", dev, "table", &table],
+                &["ip", family, "route", "del", default, "dev", dev, "table", &table],
+            )?;
+            self.apply(
+                &["ip", family, "rule", "add", "not", "fwmark", &mark, "table", &table],
+                &["ip", family, "rule", "del", "not", "fwmark", &mark, "table", &table],
+            )?;
+            self.apply(
+                &[
+                    "ip",
+                    family,
+                    "rule",
+                    "add",
+                    "table",
+                    "main",
+                    "suppress_prefixlength",
+                    "0",
+                ],
+                &[
+                    "ip",
+                    family,
+                    "rule",
+                    "del",
+                    "table",
+                    "main",
+                    "suppress_prefixlength",
+                    "0",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Masquerades packets from `net/prefix` leaving through `out`.
+    pub fn masquerade(&mut self, net: IpAddr, prefix: u8, out: &str) -> Result<(), NetconfError> {
+        let family = if net.is_ipv4() { "ip" } else { "ip6" };
+        let table = format!("jvpn_nat_{}", out.replace(['-', '.'], "_"));
+        let script = format!(
+            "table {family} {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{out}\" {family} saddr {net}/{prefix} masquerade\n  }}\n}}\n"
+        );
+        self.apply_nft(&script, &["nft", "delete", "table", family, &table])
+    }
+
+    /// Undoes every change, newest first. Failures are reported on standard error (the
+    /// process is exiting; there is nobody else to tell).
+    pub fn undo_all(&mut self) {
+        while let Some(undo) = self.undo.pop() {
+            let result = match &undo {
+                Undo::Command(argv) => {
+                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                    run(&argv)
+                }
+                Undo::Sysctl { path, value } => {
+                    std::fs::write(path, value).map_err(|source| NetconfError::Sysctl {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            };
+            match result {
+                // Gone with its device already (a route on the removed TUN).
+                Err(NetconfError::Failed { stderr, .. })
+                    if stderr.contains("Cannot find device") || stderr.contains("No such process") => {}
+                Err(e) => eprintln!("jvpn: cleanup: {e}"),
+                Ok(()) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        self.undo_all();
+    }
+}

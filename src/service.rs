@@ -1,0 +1,58 @@
+//! What the gateway and the client both set up: the event sink, metrics, the wall
+//! clock events are stamped with, and the wait for Ctrl-C / SIGTERM.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use jvpn_actors::events::EventSink;
+use jvpn_core::event::WallClock;
+
+use crate::config::EventsOut;
+
+/// How many events may wait for the sink before new ones are dropped (and counted).
+pub const EVENT_QUEUE: usize = 4096;
+
+/// Starts the event sink writing JSON lines to `out`.
+pub fn event_sink(out: &EventsOut) -> Result<EventSink> {
+    let writer: Box<dyn Write + Send> = match out {
+        EventsOut::Stdout => Box::new(std::io::stdout()),
+        EventsOut::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the event file {}", path.display()))?,
+        ),
+    };
+    EventSink::start(writer, EVENT_QUEUE).context("cannot start the event writer")
+}
+
+/// Serves metrics on `listen`, if set.
+pub fn metrics(listen: Option<std::net::SocketAddr>) -> Result<()> {
+    if let Some(listen) = listen {
+        jvpn_actors::telemetry::install(listen)?;
+    }
+    Ok(())
+}
+
+/// The wall clock, anchored now.
+pub fn wall_clock() -> WallClock {
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    WallClock::new(Instant::now(), unix_ms)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
