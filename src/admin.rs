@@ -178,3 +178,15 @@ pub async fn ask(path: &Path, request: &Request) -> Result<Value, AdminError> {
         Err(_) => Err(exchange_err("no answer in time".into())),
     }
 }
+
+/// [`ask`], from synchronous code (the commands, the lab): on a runtime of its own.
+pub fn ask_blocking(path: &Path, request: &Request) -> Result<Value, AdminError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AdminError::Exchange {
+            path: path.to_path_buf(),
+            problem: format!("cannot start a runtime: {e}"),
+        })?;
+    runtime.block_on(ask(path, request))
+}

@@ -8,6 +8,7 @@ pub mod config;
 pub mod gateway;
 pub mod lab;
 pub mod netconf;
+pub mod netlab;
 pub mod policy_file;
 pub mod service;
 pub mod simulate;

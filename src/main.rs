@@ -135,8 +135,7 @@ fn main() -> ExitCode {
 }
 
 fn ask(socket: &Path, request: &Request) -> Result<serde_json::Value> {
-    let answer = actix_rt::System::new().block_on(admin::ask(socket, request))?;
-    Ok(answer)
+    Ok(admin::ask_blocking(socket, request)?)
 }
 
 fn default_socket() -> PathBuf {

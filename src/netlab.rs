@@ -1,0 +1,477 @@
+//! A network lab in network namespaces, for `jvpn demo` and the end-to-end tests: a
+//! client namespace and a gateway namespace joined by two veth paths (A and B), and a
+//! server namespace behind the gateway — the network the VPN gives access to.
+//!
+//! ```text
+//!   client ns                 gateway ns                  server ns
+//!   ┌──────────┐  path A  ┌──────────────┐           ┌──────────────┐
+//!   │ 10.201.1.2├─────────┤10.201.1.1    │           │              │
+//!   │ 10.201.2.2├─────────┤10.201.2.1    ├───────────┤ 10.202.0.2   │
+//!   │ jv1 (TUN) │  path B │ jv0 10.77.0.1│10.202.0.1 │              │
+//!   └──────────┘          └──────────────┘           └──────────────┘
+//! ```
+//!
+//! Every name starts with `jv` and every address is in 10.0.0.0/8, inside namespaces the
+//! lab creates; dropping the lab stops its processes and deletes its namespaces (and
+//! with them every interface, route and firewall rule in them).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use jvpn_core::crypto::Keypair;
+
+use crate::netconf;
+
+/// The gateway's addresses on the two paths.
+pub const GATEWAY_A: &str = "10.201.1.1";
+/// See [`GATEWAY_A`].
+pub const GATEWAY_B: &str = "10.201.2.1";
+/// The client's addresses on the two paths.
+pub const CLIENT_A: &str = "10.201.1.2";
+/// See [`CLIENT_A`].
+pub const CLIENT_B: &str = "10.201.2.2";
+/// The server behind the gateway.
+pub const SERVER: &str = "10.202.0.2";
+/// The gateway's address towards the server.
+pub const GATEWAY_INSIDE: &str = "10.202.0.1";
+/// The gateway's tunnel address and the tunnel network.
+pub const GATEWAY_TUNNEL: &str = "10.77.0.1";
+/// The client's tunnel address.
+pub const CLIENT_TUNNEL: &str = "10.77.0.2";
+/// The UDP port the gateway listens on, on both paths.
+pub const PORT: u16 = 51820;
+
+/// One of the two paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path2 {
+    /// 10.201.1.0/24.
+    A,
+    /// 10.201.2.0/24.
+    B,
+}
+
+impl Path2 {
+    fn letter(self) -> &'static str {
+        match self {
+            Path2::A => "a",
+            Path2::B => "b",
+        }
+    }
+
+    /// The gateway's address on this path.
+    pub fn gateway(self) -> &'static str {
+        match self {
+            Path2::A => GATEWAY_A,
+            Path2::B => GATEWAY_B,
+        }
+    }
+}
+
+/// Whether this process can build a lab: root, /dev/net/tun, iproute2. `Err` says why
+/// not.
+pub fn check_prerequisites() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if uid != "0" {
+        bail!("network namespaces and TUN devices need root (effective uid is {uid})");
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun is missing (load the tun module, or give the container the device)");
+    }
+    netconf::run(&["ip", "-V"]).context("iproute2 (`ip`) is needed")?;
+    Ok(())
+}
+
+/// A running lab.
+pub struct Lab {
+    tag: String,
+    dir: PathBuf,
+    jvpn: PathBuf,
+    namespaces: Vec<String>,
+    processes: Vec<(String, Child)>,
+    /// The gateway's key pair.
+    pub gateway_key: Keypair,
+    /// The client's key pair.
+    pub client_key: Keypair,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let mut argv = vec!["ip"];
+    argv.extend_from_slice(args);
+    Ok(netconf::run(&argv)?)
+}
+
+impl Lab {
+    /// Builds the namespaces, links and addresses. `tag` (1 to 6 letters or digits)
+    /// makes the names unique; `jvpn` is the binary to run in them.
+    pub fn new(tag: &str, jvpn: &Path) -> Result<Lab> {
+        check_prerequisites()?;
+        if tag.is_empty() || tag.len() > 6 || !tag.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("lab tag {tag:?}: 1 to 6 letters or digits");
+        }
+        let dir = std::env::temp_dir().join(format!("jvlab-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut lab = Lab {
+            tag: tag.to_string(),
+            dir,
+            jvpn: jvpn.to_path_buf(),
+            namespaces: Vec::new(),
+            processes: Vec::new(),
+            gateway_key: Keypair::generate()?,
+            client_key: Keypair::generate()?,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    /// The namespace of `role` ("c" client, "g" gateway, "s" server).
+    pub fn ns(&self, role: &str) -> String {
+        format!("jv{}{role}", self.tag)
+    }
+
+    /// The lab's scratch directory (configs, event files, admin sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The client-side interface of `path`.
+    pub fn client_link(&self, path: Path2) -> String {
+        format!("jv{}c{}", self.tag, path.letter())
+    }
+
+    fn build(&mut self) -> Result<()> {
+        for role in ["c", "g", "s"] {
+            let ns = self.ns(role);
+            let _ = ip(&["netns", "del", &ns]);
+            ip(&["netns", "add", &ns])?;
+            self.namespaces.push(ns.clone());
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        let (c, g, s) = (self.ns("c"), self.ns("g"), self.ns("s"));
+        let links = [
+            (&c, format!("jv{}ca", self.tag), CLIENT_A, &g, format!("jv{}ga", self.tag), GATEWAY_A),
+            (&c, format!("jv{}cb", self.tag), CLIENT_B, &g, format!("jv{}gb", self.tag), GATEWAY_B),
+            (&g, format!("jv{}gs", self.tag), GATEWAY_INSIDE, &s, format!("jv{}sg", self.tag), SERVER),
+        ];
+        for (ns1, if1, a1, ns2, if2, a2) in &links {
+            ip(&["link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2])?;
+            ip(&["-n", ns1, "addr", "add", &format!("{a1}/24"), "dev", if1])?;
+            ip(&["-n", ns2, "addr", "add", &format!("{a2}/24"), "dev", if2])?;
+            ip(&["-n", ns1, "link", "set", if1, "up"])?;
+            ip(&["-n", ns2, "link", "set", if2, "up"])?;
+        }
+        // The server answers the tunnel network through the gateway (no masquerade).
+        ip(&["-n", &s, "route", "add", "10.77.0.0/24", "via", GATEWAY_INSIDE])?;
+        Ok(())
+    }
+
+    /// Runs `argv` in namespace `ns` and waits for it.
+    pub fn exec(&self, ns: &str, argv: &[&str]) -> Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {argv:?} in {ns}"))
+    }
+
+    /// Runs `argv` in `ns`; fails with its error output unless it succeeds.
+    pub fn exec_ok(&self, ns: &str, argv: &[&str]) -> Result<String> {
+        let out = self.exec(ns, argv)?;
+        if !out.status.success() {
+            bail!(
+                "{argv:?} in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `argv` in `ns` in the background, its output into `<name>.out` and
+    /// `<name>.err` in the lab directory. Stopped when the lab is dropped, if not before.
+    pub fn spawn(&mut self, name: &str, ns: &str, argv: &[&str]) -> Result<()> {
+        let out = File::create(self.dir.join(format!("{name}.out")))?;
+        let err = File::create(self.dir.join(format!("{name}.err")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
+        self.processes.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Starts a `jvpn` subcommand in `ns` (see [`Lab::spawn`]).
+    pub fn spawn_jvpn(&mut self, name: &str, ns: &str, args: &[&str]) -> Result<()> {
+        let bin = self.jvpn.display().to_string();
+        let mut argv = vec![bin.as_str()];
+        argv.extend_from_slice(args);
+        self.spawn(name, ns, &argv)
+    }
+
+    /// What a spawned process wrote to standard output and error so far.
+    pub fn output_of(&self, name: &str) -> (String, String) {
+        let read = |ext: &str| {
+            std::fs::read_to_string(self.dir.join(format!("{name}.{ext}"))).unwrap_or_default()
+        };
+        (read("out"), read("err"))
+    }
+
+    /// Sends SIGTERM to process `name` and waits up to `limit` for it to exit; returns
+    /// its exit code (`None`: killed after the limit, or unknown).
+    pub fn stop(&mut self, name: &str, limit: Duration) -> Option<i32> {
+        let i = self.processes.iter().position(|(n, _)| n == name)?;
+        let (_, mut child) = self.processes.remove(i);
+        terminate(&mut child, limit)
+    }
+
+    /// Waits up to `limit` for process `name` to exit by itself; its exit code.
+    pub fn wait(&mut self, name: &str, limit: Duration) -> Option<i32> {
+        let i = self.processes.iter().position(|(n, _)| n == name)?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.processes[i].1.try_wait() {
+                self.processes.remove(i);
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes a file into the lab directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Drops the VPN's packets on `path` at the gateway (both directions), as a
+    /// middlebox would: the sockets see nothing, only silence.
+    pub fn cut(&self, path: Path2) -> Result<()> {
+        let g = self.ns("g");
+        let table = format!("jvcut{}", path.letter());
+        let script = format!(
+            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} drop\n }}\n chain out {{ type filter hook output priority -10; udp sport {PORT} ip saddr {gw} drop\n }}\n}}\n",
+            gw = path.gateway()
+        );
+        self.nft(&g, &script)
+    }
+
+    /// Drops `percent`% of the VPN's packets arriving at the gateway on `path`, at random.
+    pub fn lossy(&self, path: Path2, percent: u8) -> Result<()> {
+        let g = self.ns("g");
+        let table = format!("jvloss{}", path.letter());
+        let script = format!(
+            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} numgen random mod 100 < {percent} drop\n }}\n}}\n",
+            gw = path.gateway()
+        );
+        self.nft(&g, &script)
+    }
+
+    /// Removes the rules of [`Lab::cut`] and [`Lab::lossy`] on `path`.
+    pub fn heal(&self, path: Path2) -> Result<()> {
+        let g = self.ns("g");
+        for table in [format!("jvcut{}", path.letter()), format!("jvloss{}", path.letter())] {
+            let _ = self.exec(&g, &["nft", "delete", "table", "inet", &table]);
+        }
+        Ok(())
+    }
+
+    fn nft(&self, ns: &str, script: &str) -> Result<()> {
+        let file = self.write("rules.nft", script)?;
+        let file = file.display().to_string();
+        self.exec_ok(ns, &["nft", "-f", &file]).map(|_| ())
+    }
+
+    /// Sets the client's link on `path` down or up.
+    pub fn link(&self, path: Path2, up: bool) -> Result<()> {
+        let c = self.ns("c");
+        let dev = self.client_link(path);
+        ip(&["-n", &c, "link", "set", &dev, if up { "up" } else { "down" }])?;
+        if up {
+            // Its address and connected route come back with the link.
+            let _ = ip(&["-n", &c, "addr", "replace", &format!("{}/24", match path {
+                Path2::A => CLIENT_A,
+                Path2::B => CLIENT_B,
+            }), "dev", &dev]);
+        }
+        Ok(())
+    }
+
+    /// Writes the gateway's configuration (policy overrides as TOML lines of the
+    /// `[policy...]` tables, appended at the end) and returns its path.
+    pub fn gateway_config(&self, policy: &str) -> Result<PathBuf> {
+        let text = format!(
+            "node_id = \"gw-{tag}\"\nprivate_key = \"{key}\"\nlisten = [\"{a}:{PORT}\", \"{b}:{PORT}\"]\n\
+             [tunnel]\nname = \"jv{tag}t\"\naddress = \"{GATEWAY_TUNNEL}/24\"\n\
+             [forwarding]\nenable = true\n\
+             [admin]\nsocket = \"{dir}/gw.sock\"\n\
+             [events]\noutput = \"{dir}/gw-events.jsonl\"\n\
+             [[clients]]\nname = \"lab-client\"\npublic_key = \"{client}\"\ntunnel_address = \"{CLIENT_TUNNEL}\"\n\
+             {policy}\n",
+            tag = self.tag,
+            key = self.gateway_key.private_base64().as_str(),
+            a = GATEWAY_A,
+            b = GATEWAY_B,
+            dir = self.dir.display(),
+            client = self.client_key.public(),
+        );
+        self.write("gateway.toml", &text)
+    }
+
+    /// Writes the client's configuration (`on_end`: "exit" or "reconnect"; policy as for
+    /// the gateway) and returns its path.
+    pub fn client_config(&self, on_end: &str, gateway_key: &str, policy: &str) -> Result<PathBuf> {
+        let text = format!(
+            "private_key = \"{key}\"\ngateway_public_key = \"{gateway_key}\"\non_session_end = \"{on_end}\"\n\
+             [[candidates]]\nendpoint = \"{a}:{PORT}\"\n\
+             [[candidates]]\nendpoint = \"{b}:{PORT}\"\n\
+             [tunnel]\nname = \"jv{tag}t\"\n\
+             [routes]\nnetworks = [\"10.202.0.0/24\"]\n\
+             [admin]\nsocket = \"{dir}/client.sock\"\n\
+             [events]\noutput = \"{dir}/client-events.jsonl\"\n\
+             {policy}\n",
+            tag = self.tag,
+            key = self.client_key.private_base64().as_str(),
+            a = GATEWAY_A,
+            b = GATEWAY_B,
+            dir = self.dir.display(),
+        );
+        self.write("client.toml", &text)
+    }
+
+    /// The JSON event lines a process wrote to `<name>-events.jsonl` so far.
+    pub fn events(&self, name: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join(format!("{name}-events.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The admin socket of "gw" or "client".
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Stops every process and deletes the namespaces and the directory.
+    pub fn teardown(&mut self) {
+        for (_, mut child) in self.processes.drain(..) {
+            terminate(&mut child, Duration::from_secs(3));
+        }
+        for ns in self.namespaces.drain(..) {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Namespaces of this lab that still exist (none after teardown).
+    pub fn leftovers(tag: &str) -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output();
+        let prefix = format!("jv{tag}");
+        out.map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(&prefix))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// SIGTERM, then SIGKILL after `limit`; the exit code if it exited by itself.
+fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
+    // `ip netns exec` execs the program: the child's pid is the program's.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// What a ping run saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PingGap {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// The longest run of lost replies, as time (missing × interval + interval).
+    pub longest_gap: Duration,
+}
+
+/// Reads `ping -n` output (interval `interval`): which sequence numbers came back, and the
+/// longest gap between two that did.
+pub fn ping_gap(output: &str, sent: u32, interval: Duration) -> PingGap {
+    let mut seqs: Vec<u32> = output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut longest = 0u32;
+    let mut previous = 0u32;
+    for s in &seqs {
+        longest = longest.max(s.saturating_sub(previous + 1));
+        previous = *s;
+    }
+    longest = longest.max(sent.saturating_sub(previous));
+    PingGap {
+        sent,
+        received: seqs.len() as u32,
+        longest_gap: interval * (longest + 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ping_gap_is_the_longest_run_of_missing_replies() {
+        let out = "PING 10.202.0.2 56(84) bytes of data.\n\
+            64 bytes from 10.202.0.2: icmp_seq=1 ttl=63 time=0.2 ms\n\
+            64 bytes from 10.202.0.2: icmp_seq=2 ttl=63 time=0.2 ms\n\
+            64 bytes from 10.202.0.2: icmp_seq=7 ttl=63 time=0.2 ms\n\
+            64 bytes from 10.202.0.2: icmp_seq=8 ttl=63 time=0.2 ms\n";
+        let gap = ping_gap(out, 8, Duration::from_millis(50));
+        assert_eq!(gap.received, 4);
+        // 3..=6 missing: four intervals lost, five between the replies around them.
+        assert_eq!(gap.longest_gap, Duration::from_millis(250));
+    }
+}
