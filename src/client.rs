@@ -122,7 +122,13 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
         let now: AgentStatus = status.borrow_and_update().clone();
         if let Some(assigned) = now.tunnel {
             if tunnel.is_none() {
-                if let Err(e) = bring_up(&setup.tunnel, assigned, &setup, &mut changes, &handles.agent) {
+                if let Err(e) = bring_up(
+                    &setup.tunnel,
+                    assigned,
+                    &setup,
+                    &mut changes,
+                    &handles.agent,
+                ) {
                     handles.agent.do_send(Shutdown);
                     break Err(e);
                 }
@@ -141,7 +147,8 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
             eprintln!("jvpn client: session ended: {reason}");
             break Ok(ExitCode::FAILURE);
         }
-        let waiting = (now.sessions == 0).then(|| connect_timeout.saturating_sub(started.elapsed()));
+        let waiting =
+            (now.sessions == 0).then(|| connect_timeout.saturating_sub(started.elapsed()));
         if waiting == Some(Duration::ZERO) {
             handles.agent.do_send(Shutdown);
             break Err(anyhow::anyhow!(
@@ -214,7 +221,11 @@ fn bring_up(
         changes.route(*net, *prefix, &tunnel.name)?;
     }
     if setup.full_tunnel {
-        changes.full_tunnel(&tunnel.name, setup.fwmark, matches!(assigned.addr, IpAddr::V6(_)))?;
+        changes.full_tunnel(
+            &tunnel.name,
+            setup.fwmark,
+            matches!(assigned.addr, IpAddr::V6(_)),
+        )?;
     }
     Ok(())
 }

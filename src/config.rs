@@ -331,7 +331,10 @@ pub fn load_gateway(
             )
         })?;
         if listen.contains(&addr) {
-            return Err(bad(&format!("listen[{i}]"), format!("{addr} is listed twice")));
+            return Err(bad(
+                &format!("listen[{i}]"),
+                format!("{addr} is listed twice"),
+            ));
         }
         listen.push(addr);
     }
@@ -378,9 +381,7 @@ pub fn load_gateway(
         if !same_network(addr, gw_addr, prefix) {
             return Err(bad(
                 &key("tunnel_address"),
-                format!(
-                    "{addr} is outside the gateway's tunnel network {gw_addr}/{prefix}"
-                ),
+                format!("{addr} is outside the gateway's tunnel network {gw_addr}/{prefix}"),
             ));
         }
         if !addrs.insert(addr) {
@@ -485,9 +486,7 @@ pub fn load_client(
     let tunnel = tunnel(file, &raw.tunnel, false)?;
     let mut networks = Vec::new();
     for (i, n) in raw.routes.networks.iter().enumerate() {
-        networks.push(
-            prefix(n).map_err(|p| bad(&format!("routes.networks[{i}]"), p))?,
-        );
+        networks.push(prefix(n).map_err(|p| bad(&format!("routes.networks[{i}]"), p))?);
     }
     if raw.routes.fwmark == 0 {
         return Err(bad("routes.fwmark", "must not be 0".into()));
@@ -552,8 +551,7 @@ fn private_key(
 fn tunnel(file: &Path, t: &TunnelSection, gateway: bool) -> Result<TunnelSetup, ConfigError> {
     let valid_name = !t.name.is_empty()
         && t.name.len() <= 15
-        && t
-            .name
+        && t.name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !valid_name {
@@ -644,8 +642,7 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 fn policy(file: &Path, raw: PolicyConfig) -> Result<Policy, ConfigError> {
-    raw.validate()
-        .map_err(|e| invalid(file, "policy", e))
+    raw.validate().map_err(|e| invalid(file, "policy", e))
 }
 
 #[cfg(test)]
@@ -713,7 +710,10 @@ mod tests {
         ]));
         let gw = load_gateway(f.path(), env).expect("loads");
         assert_eq!(gw.tunnel.mtu, 1300);
-        assert_eq!(gw.policy.heartbeat_interval(), std::time::Duration::from_millis(100));
+        assert_eq!(
+            gw.policy.heartbeat_interval(),
+            std::time::Duration::from_millis(100)
+        );
         assert_eq!(gw.admin_socket, PathBuf::from("/run/jvpn/gateway.sock"));
         assert_eq!(gw.clients.len(), 1);
         assert_eq!(gw.events, EventsOut::Stdout);
@@ -739,7 +739,10 @@ mod tests {
         let cases = [
             ("\n[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
             ("\n[policy.volatility]\nheartbeat_interval_ms = 1", "policy"),
-            ("\n[policy.volatility]\nheartbeat_interval_ms = \"x\"", "heartbeat_interval_ms"),
+            (
+                "\n[policy.volatility]\nheartbeat_interval_ms = \"x\"",
+                "heartbeat_interval_ms",
+            ),
             ("\nsurprise = 1", "surprise"),
         ];
         for (extra, key) in cases {

@@ -20,7 +20,8 @@ fn pattern(i: u64) -> u8 {
 /// Accepts one connection on `listen`, reads exactly `bytes` bytes and checks each;
 /// prints one JSON line with the result. Gives up after `timeout`.
 pub fn tcp_sink(listen: SocketAddr, bytes: u64, timeout: Duration) -> Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + timeout;
     let mut stream = loop {
@@ -72,7 +73,12 @@ pub fn tcp_sink(listen: SocketAddr, bytes: u64, timeout: Duration) -> Result<()>
 
 /// Connects to `to` (retrying until `timeout`) and sends `bytes` bytes of the stream.
 /// `pace`, if set, spreads the transfer over that long (for transfers across a jump).
-pub fn tcp_source(to: SocketAddr, bytes: u64, timeout: Duration, pace: Option<Duration>) -> Result<()> {
+pub fn tcp_source(
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    pace: Option<Duration>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut stream = loop {
         match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
@@ -108,7 +114,11 @@ pub fn tcp_source(to: SocketAddr, bytes: u64, timeout: Duration, pace: Option<Du
     stream.flush()?;
     stream.shutdown(std::net::Shutdown::Write)?;
     // Wait for the receiver to close: everything was delivered.
-    let _ = stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))));
+    let _ = stream.set_read_timeout(Some(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1)),
+    ));
     let _ = stream.read(&mut [0u8; 1]);
     Ok(())
 }

@@ -193,7 +193,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Terminate { session_id, socket } => {
             let answer = ask(&socket, &Request::Terminate { session_id })?;
             match answer["ok"].as_bool() {
-                Some(true) => println!("terminated {}", answer["session_id"].as_str().unwrap_or("")),
+                Some(true) => {
+                    println!("terminated {}", answer["session_id"].as_str().unwrap_or(""))
+                }
                 _ => eprintln!("jvpn: {}", answer["error"].as_str().unwrap_or("refused")),
             }
             Ok(ok_of(&answer))

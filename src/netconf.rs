@@ -143,15 +143,27 @@ impl Changes {
     pub fn full_tunnel(&mut self, dev: &str, fwmark: u32, v6: bool) -> Result<(), NetconfError> {
         let table = fwmark.to_string();
         let mark = format!("{fwmark:#x}");
-        let (family, default) = if v6 { ("-6", "::/0") } else { ("-4", "0.0.0.0/0") };
+        let (family, default) = if v6 {
+            ("-6", "::/0")
+        } else {
+            ("-4", "0.0.0.0/0")
+        };
         {
             self.apply(
-                &["ip", family, "route", "add", default, "dev", dev, "table", &table],
-                &["ip", family, "route", "del", default, "dev", dev, "table", &table],
+                &[
+                    "ip", family, "route", "add", default, "dev", dev, "table", &table,
+                ],
+                &[
+                    "ip", family, "route", "del", default, "dev", dev, "table", &table,
+                ],
             )?;
             self.apply(
-                &["ip", family, "rule", "add", "not", "fwmark", &mark, "table", &table],
-                &["ip", family, "rule", "del", "not", "fwmark", &mark, "table", &table],
+                &[
+                    "ip", family, "rule", "add", "not", "fwmark", &mark, "table", &table,
+                ],
+                &[
+                    "ip", family, "rule", "del", "not", "fwmark", &mark, "table", &table,
+                ],
             )?;
             self.apply(
                 &[
@@ -208,7 +220,8 @@ impl Changes {
             match result {
                 // Gone with its device already (a route on the removed TUN).
                 Err(NetconfError::Failed { stderr, .. })
-                    if stderr.contains("Cannot find device") || stderr.contains("No such process") => {}
+                    if stderr.contains("Cannot find device")
+                        || stderr.contains("No such process") => {}
                 Err(e) => eprintln!("jvpn: cleanup: {e}"),
                 Ok(()) => {}
             }

@@ -118,7 +118,8 @@ impl Lab {
         }
         let dir = std::env::temp_dir().join(format!("jvlab-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut lab = Lab {
             tag: tag.to_string(),
             dir,
@@ -157,19 +158,50 @@ impl Lab {
         }
         let (c, g, s) = (self.ns("c"), self.ns("g"), self.ns("s"));
         let links = [
-            (&c, format!("jv{}ca", self.tag), CLIENT_A, &g, format!("jv{}ga", self.tag), GATEWAY_A),
-            (&c, format!("jv{}cb", self.tag), CLIENT_B, &g, format!("jv{}gb", self.tag), GATEWAY_B),
-            (&g, format!("jv{}gs", self.tag), GATEWAY_INSIDE, &s, format!("jv{}sg", self.tag), SERVER),
+            (
+                &c,
+                format!("jv{}ca", self.tag),
+                CLIENT_A,
+                &g,
+                format!("jv{}ga", self.tag),
+                GATEWAY_A,
+            ),
+            (
+                &c,
+                format!("jv{}cb", self.tag),
+                CLIENT_B,
+                &g,
+                format!("jv{}gb", self.tag),
+                GATEWAY_B,
+            ),
+            (
+                &g,
+                format!("jv{}gs", self.tag),
+                GATEWAY_INSIDE,
+                &s,
+                format!("jv{}sg", self.tag),
+                SERVER,
+            ),
         ];
         for (ns1, if1, a1, ns2, if2, a2) in &links {
-            ip(&["link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2])?;
+            ip(&[
+                "link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2,
+            ])?;
             ip(&["-n", ns1, "addr", "add", &format!("{a1}/24"), "dev", if1])?;
             ip(&["-n", ns2, "addr", "add", &format!("{a2}/24"), "dev", if2])?;
             ip(&["-n", ns1, "link", "set", if1, "up"])?;
             ip(&["-n", ns2, "link", "set", if2, "up"])?;
         }
         // The server answers the tunnel network through the gateway (no masquerade).
-        ip(&["-n", &s, "route", "add", "10.77.0.0/24", "via", GATEWAY_INSIDE])?;
+        ip(&[
+            "-n",
+            &s,
+            "route",
+            "add",
+            "10.77.0.0/24",
+            "via",
+            GATEWAY_INSIDE,
+        ])?;
         Ok(())
     }
 
@@ -285,7 +317,10 @@ impl Lab {
     /// Removes the rules of [`Lab::cut`] and [`Lab::lossy`] on `path`.
     pub fn heal(&self, path: Path2) -> Result<()> {
         let g = self.ns("g");
-        for table in [format!("jvcut{}", path.letter()), format!("jvloss{}", path.letter())] {
+        for table in [
+            format!("jvcut{}", path.letter()),
+            format!("jvloss{}", path.letter()),
+        ] {
             let _ = self.exec(&g, &["nft", "delete", "table", "inet", &table]);
         }
         Ok(())
@@ -301,13 +336,31 @@ impl Lab {
     pub fn link(&self, path: Path2, up: bool) -> Result<()> {
         let c = self.ns("c");
         let dev = self.client_link(path);
-        ip(&["-n", &c, "link", "set", &dev, if up { "up" } else { "down" }])?;
+        ip(&[
+            "-n",
+            &c,
+            "link",
+            "set",
+            &dev,
+            if up { "up" } else { "down" },
+        ])?;
         if up {
             // Its address and connected route come back with the link.
-            let _ = ip(&["-n", &c, "addr", "replace", &format!("{}/24", match path {
-                Path2::A => CLIENT_A,
-                Path2::B => CLIENT_B,
-            }), "dev", &dev]);
+            let _ = ip(&[
+                "-n",
+                &c,
+                "addr",
+                "replace",
+                &format!(
+                    "{}/24",
+                    match path {
+                        Path2::A => CLIENT_A,
+                        Path2::B => CLIENT_B,
+                    }
+                ),
+                "dev",
+                &dev,
+            ]);
         }
         Ok(())
     }

@@ -9,8 +9,8 @@ use std::collections::VecDeque;
 
 use jvpn_core::event::{EventBody, EventRecord, SessionEvent, WallClock};
 use jvpn_core::fsm::State;
-use jvpn_core::reason::ReasonCode;
 use jvpn_core::ids::{NodeId, SessionId};
+use jvpn_core::reason::ReasonCode;
 
 use crate::events::EventSender;
 use crate::telemetry;

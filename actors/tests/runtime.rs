@@ -715,7 +715,7 @@ async fn an_operator_terminates_a_session_on_both_sides() {
     assert!(ended, "client did not end: {:?}", net.status());
     assert_eq!(
         net.status().last_end.map(|r| r.as_str()),
-        Some("peer_terminated")
+        Some("operator_terminated")
     );
     assert_eq!(
         net.gw_events.transitions().last(),
@@ -757,9 +757,10 @@ async fn a_client_shutdown_tells_the_gateway_and_a_reconnecting_client_starts_a_
     assert_ne!(second, first);
     assert_eq!(
         net.status().last_end.map(|r| r.as_str()),
-        Some("peer_terminated")
+        Some("operator_terminated")
     );
-    // Shutdown ends it for good, telling the gateway.
+    // Shutdown ends it for good, telling the gateway (an operator's end at either side
+    // is reported as operator_terminated on both).
     net.client.agent.do_send(Shutdown);
     let gone = wait_for(Duration::from_secs(2), || {
         net.status().stopped && net.gw.registry.is_empty()
@@ -778,7 +779,7 @@ async fn a_client_shutdown_tells_the_gateway_and_a_reconnecting_client_starts_a_
         [
             (
                 Value::from(first.to_string()),
-                Value::from("peer_terminated")
+                Value::from("operator_terminated")
             ),
             (
                 Value::from(second.to_string()),
@@ -857,7 +858,7 @@ async fn stopping_the_node_ends_every_session_explicitly_and_releases_it() {
             .clone()
             .last_end
             .map(|r| r.as_str()),
-        Some("peer_terminated")
+        Some("operator_terminated")
     );
 }
 

@@ -675,8 +675,10 @@ fn handle_control(
             }
             _ => Handled::Drop(ClientDrop::Unexpected),
         },
-        Control::Terminate { .. } => {
-            let _ = e.control.terminate(TerminationCause::Peer, now);
+        Control::Terminate { reason } => {
+            let _ = e
+                .control
+                .terminate(TerminationCause::announced(reason), now);
             Handled::Consumed
         }
         Control::RekeyResp(noise) => match e.rekey.take() {

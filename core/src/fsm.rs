@@ -167,6 +167,16 @@ pub enum TerminationCause {
 }
 
 impl TerminationCause {
+    /// The cause of an end the peer announced with `reason` in an authenticated
+    /// Terminate: an operator's command at the other end (`operator_terminated`) is
+    /// reported as such on both sides; any other announced end is `peer_terminated`.
+    pub fn announced(reason: ReasonCode) -> Self {
+        match reason {
+            ReasonCode::OperatorTerminated => TerminationCause::Operator,
+            _ => TerminationCause::Peer,
+        }
+    }
+
     /// The reason code this cause is reported with.
     pub fn reason(self) -> ReasonCode {
         match self {

@@ -523,8 +523,8 @@ impl GatewaySession {
             }
             Control::Probe { seq } => self.reply(&Control::ProbeAck { seq }, now),
             Control::PathResponse { token } => self.complete_path(store, from, token, now),
-            Control::Terminate { .. } => {
-                self.terminate(store, TerminationCause::Peer, now);
+            Control::Terminate { reason } => {
+                self.terminate(store, TerminationCause::announced(reason), now);
                 Outcome::Consumed
             }
             Control::RekeyInit(noise) => self.handle_rekey(local, header, noise, now),
