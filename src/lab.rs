@@ -123,6 +123,83 @@ pub fn tcp_source(
     Ok(())
 }
 
+/// Waits up to `timeout` for a UDP datagram to `port` whose first payload byte is
+/// `first_byte`, seen on any interface of this network namespace (a packet socket: the
+/// datagram still reaches its socket); prints its payload as hex.
+pub fn capture(port: u16, first_byte: u8, timeout: Duration) -> Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    const ETH_P_IP: u16 = 0x0800;
+    let socket = Socket::new(
+        Domain::PACKET,
+        Type::DGRAM,
+        Some(Protocol::from(i32::from(ETH_P_IP.to_be()))),
+    )
+    .context("cannot open a packet socket (root is needed)")?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no such datagram within {timeout:?}");
+        }
+        socket.set_read_timeout(Some(left))?;
+        let n = match (&socket).read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(payload) = udp_payload(&buf[..n], port) {
+            if payload.first() == Some(&first_byte) {
+                println!("{}", hex(payload));
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The payload of an IPv4 UDP packet to `port`.
+fn udp_payload(packet: &[u8], port: u16) -> Option<&[u8]> {
+    let version_ihl = *packet.first()?;
+    if version_ihl >> 4 != 4 || *packet.get(9)? != 17 {
+        return None;
+    }
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    let udp = packet.get(ihl..)?;
+    let dst = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+    let len = usize::from(u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]));
+    (dst == port).then_some(())?;
+    udp.get(8..len.max(8))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends the datagram given as `hex` from `bind` to `to`.
+pub fn udp_send(bind: SocketAddr, to: SocketAddr, hex_text: &str) -> Result<()> {
+    let text = hex_text.trim();
+    if !text.len().is_multiple_of(2) {
+        bail!("odd number of hex digits");
+    }
+    let bytes = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .context("not hex")?;
+    let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("cannot bind {bind}"))?;
+    socket
+        .send_to(&bytes, to)
+        .with_context(|| format!("cannot send to {to}"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +212,18 @@ mod tests {
         let sink = std::thread::spawn(move || tcp_sink(addr, 1_000_000, Duration::from_secs(10)));
         tcp_source(addr, 1_000_000, Duration::from_secs(10), None).expect("source");
         sink.join().expect("sink thread").expect("sink");
+    }
+
+    #[test]
+    fn a_udp_payload_is_found_by_port() {
+        let mut p = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        p.extend_from_slice(&[0x12, 0x34, 0xca, 0x6c, 0, 11, 0, 0, 8, 1, 2]);
+        assert_eq!(udp_payload(&p, 51820), Some(&[8u8, 1, 2][..]));
+        assert_eq!(udp_payload(&p, 51821), None);
+        assert_eq!(udp_payload(&p[..22], 51820), None);
+        assert_eq!(hex(&[0, 0xab]), "00ab");
     }
 
     #[test]

@@ -122,6 +122,24 @@ enum LabCommand {
         #[arg(long)]
         pace_ms: Option<u64>,
     },
+    /// Print (hex) the first UDP datagram to a port whose payload starts with a byte.
+    Capture {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        first_byte: u8,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Send one UDP datagram (hex) from an address.
+    UdpSend {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        hex: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -220,6 +238,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Duration::from_secs(timeout),
                 pace_ms.map(Duration::from_millis),
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Capture {
+            port,
+            first_byte,
+            timeout,
+        }) => {
+            lab::capture(port, first_byte, Duration::from_secs(timeout))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::UdpSend { bind, to, hex }) => {
+            lab::udp_send(bind, to, &hex)?;
             Ok(ExitCode::SUCCESS)
         }
         command => run_offline(command).map(|()| ExitCode::SUCCESS),

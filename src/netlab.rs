@@ -268,6 +268,15 @@ impl Lab {
         terminate(&mut child, limit)
     }
 
+    /// Kills process `name` at once (SIGKILL): a crash, nothing cleaned up by it.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(i) = self.processes.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.processes.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits up to `limit` for process `name` to exit by itself; its exit code.
     pub fn wait(&mut self, name: &str, limit: Duration) -> Option<i32> {
         let i = self.processes.iter().position(|(n, _)| n == name)?;

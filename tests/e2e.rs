@@ -18,7 +18,7 @@ use serde_json::Value;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The policy the scenarios run under: fast enough that a test takes seconds.
-const FAST_POLICY: &str = "[policy.volatility]\nheartbeat_interval_ms = 100\nheartbeat_volatile_ms = 400\nprobe_interval_ms = 200\nloss_window_ms = 1000\n[policy.switching]\nswitch_cooldown_ms = 1000\n[policy.session]\ntransport_lost_ttl_ms = 4000\n";
+const FAST_POLICY: &str = "[policy.volatility]\nheartbeat_interval_ms = 100\nheartbeat_volatile_ms = 400\nprobe_interval_ms = 200\nloss_window_ms = 1000\nvolatile_to_degraded_ms = 1000\n[policy.switching]\nswitch_cooldown_ms = 1000\n[policy.session]\ntransport_lost_ttl_ms = 4000\n";
 
 /// A lab, or `None` (with the reason printed) when this machine cannot build one and
 /// CI is not set. Under CI=true it panics instead: the tests must run there.
@@ -311,9 +311,8 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
             .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
     });
     assert!(jumped, "no jump to path B\n{}", diagnostics(&lab));
-    assert_eq!(
+    assert!(
         lab.wait("ping", Duration::from_secs(20)).is_some(),
-        true,
         "ping did not end"
     );
     let (ping_out, _) = lab.output_of("ping");
@@ -402,4 +401,443 @@ fn a_firewalled_path_makes_the_session_jump_with_its_identity() {
 #[test]
 fn a_link_down_makes_the_session_jump_with_its_identity() {
     jump(Cut::LinkDown, "e2b");
+}
+
+fn count(events: &[Value], event_type: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["event_type"] == event_type)
+        .count()
+}
+
+#[test]
+fn a_loss_spike_moves_the_session_and_flapping_is_bounded_by_policy() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e3") else { return };
+    // Loss decides here: heartbeat timeouts and consecutive drops are set out of reach.
+    let policy = "[policy.volatility]\nheartbeat_interval_ms = 100\nheartbeat_volatile_ms = 3000\n\
+        probe_interval_ms = 200\nloss_window_ms = 1000\nloss_min_samples = 5\n\
+        max_consecutive_drops = 1000\n\
+        [policy.switching]\nmax_switches_per_min = 2\nswitch_cooldown_ms = 500\n\
+        [policy.session]\ntransport_lost_ttl_ms = 20000\n";
+    let id = connect(&mut lab, policy, "exit");
+    lab.lossy(Path2::A, 40).expect("loss on A");
+    let moved = wait_until(Duration::from_secs(10), || {
+        status(&lab, "client")
+            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
+    });
+    assert!(moved, "no move to path B\n{}", diagnostics(&lab));
+    let seen = transitions(&lab.events("client"));
+    assert_eq!(
+        seen[1..4],
+        [
+            t("ATTACHED", "VOLATILE", "loss_threshold_exceeded"),
+            t("VOLATILE", "RECOVERING", "loss_recovery"),
+            t("RECOVERING", "ATTACHED", "reattach_success"),
+        ],
+        "{seen:?}"
+    );
+    // Flapping: B fails, A is fine again (switch 2); then A fails again: a third switch
+    // within the minute is over max_switches_per_min.
+    lab.heal(Path2::A).expect("heal A");
+    std::thread::sleep(Duration::from_millis(1_500));
+    lab.lossy(Path2::B, 40).expect("loss on B");
+    let back = wait_until(Duration::from_secs(10), || {
+        status(&lab, "client")
+            .is_some_and(|s| s["active_transport"] == 1 && s["state"] == "ATTACHED")
+    });
+    assert!(back, "no move back to path A\n{}", diagnostics(&lab));
+    lab.heal(Path2::B).expect("heal B");
+    std::thread::sleep(Duration::from_millis(1_500));
+    lab.lossy(Path2::A, 40).expect("loss on A again");
+    let denied = wait_until(Duration::from_secs(10), || {
+        count(&lab.events("client"), "TransportSwitchDenied") > 0
+    });
+    assert!(
+        denied,
+        "no switch denied\n{:?}",
+        transitions(&lab.events("client"))
+    );
+    let events = lab.events("client");
+    assert_eq!(
+        count(&events, "TransportSwitch"),
+        2,
+        "{:?}",
+        transitions(&events)
+    );
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event_type"] == "TransportSwitchDenied")
+        .filter_map(|e| e["reason_code"].as_str())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .all(|r| *r == "switch_rate_limited" || *r == "cooldown_active"),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"switch_rate_limited"), "{reasons:?}");
+    assert!(transitions(&events).contains(&t("VOLATILE", "DEGRADED", "switch_rate_limited")));
+    let now = status(&lab, "client").expect("status");
+    assert_eq!(now["session_id"].as_str(), Some(id.as_str()));
+    finish(lab);
+}
+
+#[test]
+fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_new_session() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // First, a client set to exit.
+    {
+        let Some(mut lab) = lab("e4a") else { return };
+        let id = connect(&mut lab, FAST_POLICY, "exit");
+        let cut_at = Instant::now();
+        lab.cut(Path2::A).expect("cut A");
+        lab.cut(Path2::B).expect("cut B");
+        let code = lab.wait("client", Duration::from_secs(10));
+        let lived = cut_at.elapsed();
+        assert_eq!(
+            code,
+            Some(1),
+            "the client did not exit non-zero\n{}",
+            diagnostics(&lab)
+        );
+        assert!(
+            lived >= Duration::from_millis(3_500),
+            "ended after only {lived:?}"
+        );
+        let (_, err) = lab.output_of("client");
+        assert!(
+            err.contains("session ended: transport_ttl_exceeded"),
+            "{err}"
+        );
+        let seen = transitions(&lab.events("client"));
+        let last_two: Vec<_> = seen.iter().rev().take(2).rev().cloned().collect();
+        assert_eq!(
+            last_two,
+            [
+                t("VOLATILE", "DEGRADED", "volatile_persisted"),
+                t("DEGRADED", "TERMINATED", "transport_ttl_exceeded")
+            ],
+            "{seen:?}"
+        );
+        let gw_ended = wait_until(Duration::from_secs(5), || {
+            status(&lab, "gw")
+                .is_some_and(|s| s["sessions"].as_array().is_some_and(|a| a.is_empty()))
+        });
+        assert!(gw_ended, "the gateway kept the session");
+        assert!(lab
+            .events("gw")
+            .iter()
+            .any(|e| e["event_type"] == "SessionTerminated"
+                && e["reason_code"] == "transport_ttl_exceeded"
+                && e["session_id"] == id.as_str()));
+        let c = lab.ns("c");
+        assert!(
+            !link_exists(&lab, &c, &format!("jv{}t", tag_of(&lab))),
+            "TUN left behind"
+        );
+        let g = lab.ns("g");
+        lab.stop("gateway", Duration::from_secs(5));
+        assert!(
+            !link_exists(&lab, &g, &format!("jv{}t", tag_of(&lab))),
+            "gateway TUN left behind"
+        );
+        drop(lab);
+        assert!(Lab::leftovers("e4a").is_empty());
+    }
+    // Then one set to reconnect: a NEW session, explicitly.
+    let Some(mut lab) = lab("e4b") else { return };
+    let first = connect(&mut lab, FAST_POLICY, "reconnect");
+    lab.cut(Path2::A).expect("cut A");
+    lab.cut(Path2::B).expect("cut B");
+    let ended = wait_until(Duration::from_secs(10), || {
+        lab.events("client")
+            .iter()
+            .any(|e| e["event_type"] == "SessionTerminated")
+    });
+    assert!(ended, "the session did not end\n{}", diagnostics(&lab));
+    lab.heal(Path2::A).expect("heal");
+    lab.heal(Path2::B).expect("heal");
+    let again = wait_until(Duration::from_secs(15), || {
+        status(&lab, "client").is_some_and(|s| {
+            s["state"] == "ATTACHED" && s["session_id"].as_str().is_some_and(|i| i != first)
+        })
+    });
+    assert!(again, "no new session\n{}", diagnostics(&lab));
+    let s = status(&lab, "client").expect("status");
+    assert_eq!(s["sessions_established"], 2);
+    assert_eq!(s["last_end"], "transport_ttl_exceeded");
+    let second = s["session_id"].as_str().expect("id").to_string();
+    assert!(lab
+        .events("client")
+        .iter()
+        .any(|e| e["session_id"] == second.as_str()
+            && e["event_type"] == "SessionStateChange"
+            && e["new_state"] == "ATTACHED"
+            && e["reason_code"] == "attached_to_transport"));
+    assert_eq!(ping(&lab, "c", SERVER, 3), 3, "traffic on the new session");
+    finish(lab);
+}
+
+#[test]
+fn an_operator_terminates_a_session_from_the_command_line() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e5") else { return };
+    let id = connect(&mut lab, FAST_POLICY, "exit");
+    let bin = env!("CARGO_BIN_EXE_jvpn");
+    let sock = lab.socket("gw").display().to_string();
+    let listed = std::process::Command::new(bin)
+        .args(["sessions", "--socket", &sock])
+        .output()
+        .expect("jvpn sessions");
+    assert!(String::from_utf8_lossy(&listed.stdout).starts_with(&format!("{id} ATTACHED")));
+    let shown = std::process::Command::new(bin)
+        .args([
+            "status",
+            "--socket",
+            &lab.socket("client").display().to_string(),
+        ])
+        .output()
+        .expect("jvpn status");
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(
+        shown.contains(&format!("session {id}")) && shown.contains("candidates:"),
+        "{shown}"
+    );
+    let out = std::process::Command::new(bin)
+        .args(["terminate", &id, "--socket", &sock])
+        .output()
+        .expect("jvpn terminate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.wait("client", Duration::from_secs(5)), Some(1));
+    let (_, err) = lab.output_of("client");
+    assert!(err.contains("session ended: operator_terminated"), "{err}");
+    let ends = |who: &str| {
+        lab.events(who)
+            .iter()
+            .filter(|e| e["event_type"] == "SessionTerminated")
+            .map(|e| e["reason_code"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ends("client"), ["operator_terminated"]);
+    assert!(wait_until(Duration::from_secs(2), || ends("gw")
+        == ["operator_terminated"]));
+    let again = std::process::Command::new(bin)
+        .args(["terminate", &id, "--socket", &sock])
+        .output()
+        .expect("jvpn terminate");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no live session"));
+    finish(lab);
+}
+
+#[test]
+fn a_replayed_reattach_request_from_another_address_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e6") else { return };
+    connect(&mut lab, FAST_POLICY, "exit");
+    // Capture the reattach request the client sends on path B when path A dies.
+    let g = lab.ns("g");
+    let port = netlab::PORT.to_string();
+    lab.spawn_jvpn(
+        "capture",
+        &g,
+        &[
+            "lab",
+            "capture",
+            "--port",
+            &port,
+            "--first-byte",
+            "8",
+            "--timeout",
+            "20",
+        ],
+    )
+    .expect("capture");
+    std::thread::sleep(Duration::from_millis(300));
+    lab.link(Path2::A, false).expect("link down");
+    let jumped = wait_until(Duration::from_secs(5), || {
+        status(&lab, "client")
+            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
+    });
+    assert!(jumped, "{}", diagnostics(&lab));
+    assert_eq!(
+        lab.wait("capture", Duration::from_secs(5)),
+        Some(0),
+        "{:?}",
+        lab.output_of("capture")
+    );
+    let (captured, _) = lab.output_of("capture");
+    let binding = || status(&lab, "gw").map(|s| s["sessions"][0]["active_transport"].clone());
+    let before = binding();
+    // The same bytes again, from another address (another port on the client's host).
+    let c = lab.ns("c");
+    let bind = format!("{}:40000", netlab::CLIENT_B);
+    let to = format!("{}:{}", netlab::GATEWAY_B, netlab::PORT);
+    let bin = env!("CARGO_BIN_EXE_jvpn");
+    lab.exec_ok(
+        &c,
+        &[
+            bin,
+            "lab",
+            "udp-send",
+            "--bind",
+            &bind,
+            "--to",
+            &to,
+            "--hex",
+            captured.trim(),
+        ],
+    )
+    .expect("replay");
+    let refused = wait_until(Duration::from_secs(3), || {
+        lab.events("gw").iter().any(|e| {
+            e["event_type"] == "SecurityReplayDetected" && e["reason_code"] == "replay_detected"
+        })
+    });
+    assert!(refused, "no replay_detected at the gateway");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(binding(), before, "the binding moved");
+    assert_eq!(count(&lab.events("gw"), "TransportSwitch"), 1);
+    assert_eq!(
+        ping(&lab, "c", SERVER, 3),
+        3,
+        "the session still carries traffic"
+    );
+    finish(lab);
+}
+
+#[test]
+fn a_restarted_gateway_gets_a_new_session_explicitly() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e7") else { return };
+    let first = connect(&mut lab, FAST_POLICY, "reconnect");
+    let gw = lab
+        .gateway_config(FAST_POLICY)
+        .expect("config")
+        .display()
+        .to_string();
+    let g = lab.ns("g");
+    let new_session = |lab: &Lab, not: &str| {
+        wait_until(Duration::from_secs(15), || {
+            status(lab, "client").is_some_and(|s| {
+                s["state"] == "ATTACHED" && s["session_id"].as_str().is_some_and(|i| i != not)
+            })
+        })
+    };
+    // A clean restart: the gateway tells the client (operator_terminated) as it stops.
+    assert!(lab.stop("gateway", Duration::from_secs(5)).is_some());
+    lab.spawn_jvpn("gateway", &g, &["gateway", "--config", &gw])
+        .expect("gateway again");
+    assert!(
+        new_session(&lab, &first),
+        "no new session after a clean restart\n{}",
+        diagnostics(&lab)
+    );
+    let s = status(&lab, "client").expect("status");
+    assert_eq!(s["last_end"], "operator_terminated");
+    let second = s["session_id"].as_str().expect("id").to_string();
+    // A crash: the table is gone and nobody says so; the session ends at its TTL.
+    lab.kill("gateway");
+    lab.spawn_jvpn("gateway", &g, &["gateway", "--config", &gw])
+        .expect("gateway again");
+    assert!(
+        new_session(&lab, &second),
+        "no new session after a crash\n{}",
+        diagnostics(&lab)
+    );
+    let s = status(&lab, "client").expect("status");
+    assert_eq!(s["last_end"], "transport_ttl_exceeded");
+    assert_eq!(s["sessions_established"], 3);
+    assert_eq!(ping(&lab, "c", SERVER, 3), 3);
+    finish(lab);
+}
+
+#[test]
+fn a_wrong_gateway_key_and_a_bad_config_fail_fast_and_clearly() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = env!("CARGO_BIN_EXE_jvpn");
+    // A bad file: refused before anything is created.
+    let dir = std::env::temp_dir().join(format!("jvbad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("gateway.toml");
+    std::fs::write(
+        &bad,
+        "node_id = \"gw\"\nprivate_key = \"x\"\nlisten = [\"127.0.0.1:1\"]\n[tunnel]\nname = \"jvbad0\"\naddress = \"10.77.0.1/24\"\nmtu = 10\n",
+    )
+    .expect("write");
+    let started = Instant::now();
+    let out = std::process::Command::new(bin)
+        .args(["gateway", "--config", &bad.display().to_string()])
+        .output()
+        .expect("jvpn gateway");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&bad.display().to_string()) && err.contains("private_key"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&bad).expect("read").replace(
+            "\"x\"",
+            &format!(
+                "\"{}\"",
+                jvpn_core::crypto::Keypair::generate()
+                    .expect("key")
+                    .private_base64()
+                    .as_str()
+            ),
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin)
+        .args(["gateway", "--config", &bad.display().to_string()])
+        .output()
+        .expect("jvpn gateway");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("tunnel.mtu"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A wrong gateway key: no answer ever comes; the client says so and exits.
+    let Some(mut lab) = lab("e8") else { return };
+    let gw = lab
+        .gateway_config(FAST_POLICY)
+        .expect("config")
+        .display()
+        .to_string();
+    let g = lab.ns("g");
+    lab.spawn_jvpn("gateway", &g, &["gateway", "--config", &gw])
+        .expect("gateway");
+    assert!(wait_until(Duration::from_secs(10), || status(&lab, "gw").is_some()));
+    let wrong = jvpn_core::crypto::Keypair::generate()
+        .expect("key")
+        .public()
+        .to_string();
+    let cl = lab
+        .client_config("exit", &wrong, FAST_POLICY)
+        .expect("config")
+        .display()
+        .to_string();
+    let c = lab.ns("c");
+    let started = Instant::now();
+    lab.spawn_jvpn(
+        "client",
+        &c,
+        &["client", "--config", &cl, "--connect-timeout", "3"],
+    )
+    .expect("client");
+    assert_eq!(lab.wait("client", Duration::from_secs(10)), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let (_, err) = lab.output_of("client");
+    assert!(err.contains("gateway_public_key"), "{err}");
+    assert!(!link_exists(&lab, &c, &format!("jv{}t", tag_of(&lab))));
+    lab.stop("gateway", Duration::from_secs(5));
+    drop(lab);
+    assert!(Lab::leftovers("e8").is_empty());
 }
