@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod lab;
 pub mod netconf;

@@ -94,6 +94,20 @@ enum Command {
         #[arg(long, default_value = "/run/jvpn/gateway.sock")]
         socket: PathBuf,
     },
+    /// As root: build two network namespaces joined by two paths (and a server behind
+    /// the gateway), run a gateway and a client over real TUN devices, ping through the
+    /// tunnel, cut the active path, show the jump (events and ping gap), clean up.
+    Demo {
+        /// The policy the session runs under.
+        #[arg(long, value_enum, default_value = "default")]
+        policy: jvpn::demo::DemoPolicy,
+        /// How path A is cut.
+        #[arg(long, value_enum, default_value = "firewall")]
+        cut: jvpn::demo::DemoCut,
+        /// Repeat this many times and print the median ping gap (1 to 20).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        runs: u32,
+    },
     /// Tools for the network lab of the demo and the end-to-end tests.
     #[command(hide = true, subcommand)]
     Lab(LabCommand),
@@ -217,6 +231,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => eprintln!("jvpn: {}", answer["error"].as_str().unwrap_or("refused")),
             }
             Ok(ok_of(&answer))
+        }
+        Command::Demo { policy, cut, runs } => {
+            jvpn::demo::run(policy, cut, runs)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::TcpSink {
             listen,

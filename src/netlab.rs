@@ -425,6 +425,71 @@ impl Lab {
             .collect()
     }
 
+    /// The status answer of "gw" or "client", if it answers.
+    pub fn status(&self, who: &str) -> Option<serde_json::Value> {
+        crate::admin::ask_blocking(&self.socket(who), &crate::admin::Request::Status).ok()
+    }
+
+    /// The TUN interface name both sides use (each in its own namespace).
+    pub fn tun_name(&self) -> String {
+        format!("jv{}t", self.tag)
+    }
+
+    /// Whether interface `dev` exists in namespace `ns`.
+    pub fn link_exists(&self, ns: &str, dev: &str) -> bool {
+        self.exec(ns, &["ip", "link", "show", dev])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// The last lines of the gateway's and the client's error output, for failures.
+    pub fn diagnostics(&self) -> String {
+        let (_, gw) = self.output_of("gateway");
+        let (_, cl) = self.output_of("client");
+        format!("gateway stderr:\n{gw}\nclient stderr:\n{cl}")
+    }
+
+    /// Starts the gateway (policy overrides as in [`Lab::gateway_config`]) and waits
+    /// until its admin socket answers.
+    pub fn start_gateway(&mut self, policy: &str) -> Result<()> {
+        let config = self.gateway_config(policy)?.display().to_string();
+        let g = self.ns("g");
+        self.spawn_jvpn("gateway", &g, &["gateway", "--config", &config])?;
+        if !wait_until(Duration::from_secs(10), || self.status("gw").is_some()) {
+            bail!("the gateway did not come up\n{}", self.diagnostics());
+        }
+        Ok(())
+    }
+
+    /// Starts the client (see [`Lab::client_config`]) and waits until its session is
+    /// attached and its TUN is up; returns the session id.
+    pub fn start_client(&mut self, on_end: &str, policy: &str) -> Result<String> {
+        let key = self.gateway_key.public().to_string();
+        let config = self
+            .client_config(on_end, &key, policy)?
+            .display()
+            .to_string();
+        let c = self.ns("c");
+        self.spawn_jvpn(
+            "client",
+            &c,
+            &["client", "--config", &config, "--connect-timeout", "10"],
+        )?;
+        let mut id = None;
+        let dev = self.tun_name();
+        let attached = wait_until(Duration::from_secs(10), || {
+            let Some(s) = self.status("client") else {
+                return false;
+            };
+            id = s["session_id"].as_str().map(str::to_string);
+            s["state"] == "ATTACHED" && self.link_exists(&c, &dev)
+        });
+        match (attached, id) {
+            (true, Some(id)) => Ok(id),
+            _ => bail!("the client did not attach\n{}", self.diagnostics()),
+        }
+    }
+
     /// The admin socket of "gw" or "client".
     pub fn socket(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.sock"))
@@ -479,6 +544,34 @@ fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// Polls `cond` every 50 ms for at most `limit`; whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// (previous_state, new_state, reason_code) of the state changes among `events`.
+pub fn transitions(events: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .filter(|e| e["event_type"] == "SessionStateChange")
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or("").to_string();
+            (
+                field("previous_state"),
+                field("new_state"),
+                field("reason_code"),
+            )
+        })
+        .collect()
 }
 
 /// What a ping run saw.

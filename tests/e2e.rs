@@ -11,8 +11,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use jvpn::admin::{ask_blocking, Request};
-use jvpn::netlab::{self, Lab, Path2, CLIENT_TUNNEL, SERVER};
+use jvpn::netlab::{self, transitions, wait_until, Lab, Path2, CLIENT_TUNNEL, SERVER};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -34,69 +33,14 @@ fn lab(tag: &str) -> Option<Lab> {
     Some(Lab::new(tag, bin).expect("the lab"))
 }
 
-fn status(lab: &Lab, who: &str) -> Option<Value> {
-    ask_blocking(&lab.socket(who), &Request::Status).ok()
-}
-
-/// Polls `cond` every 50 ms for at most `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cond()
-}
-
-fn diagnostics(lab: &Lab) -> String {
-    let (_, gw_err) = lab.output_of("gateway");
-    let (_, cl_err) = lab.output_of("client");
-    format!("gateway stderr:\n{gw_err}\nclient stderr:\n{cl_err}")
-}
-
-/// Starts the gateway and the client; returns the session id once attached.
-fn connect(lab: &mut Lab, policy: &str, on_end: &str) -> String {
-    let gw = lab.gateway_config(policy).expect("gateway config");
-    let gw = gw.display().to_string();
-    let g = lab.ns("g");
-    lab.spawn_jvpn("gateway", &g, &["gateway", "--config", &gw])
-        .expect("gateway");
-    let up = wait_until(Duration::from_secs(10), || status(lab, "gw").is_some());
-    assert!(up, "the gateway did not come up\n{}", diagnostics(lab));
-    let key = lab.gateway_key.public().to_string();
-    let cl = lab
-        .client_config(on_end, &key, policy)
-        .expect("client config");
-    let cl = cl.display().to_string();
-    let c = lab.ns("c");
-    lab.spawn_jvpn(
-        "client",
-        &c,
-        &["client", "--config", &cl, "--connect-timeout", "10"],
-    )
-    .expect("client");
-    let mut id = None;
-    let attached = wait_until(Duration::from_secs(10), || {
-        let Some(s) = status(lab, "client") else {
-            return false;
-        };
-        id = s["session_id"].as_str().map(str::to_string);
-        s["state"] == "ATTACHED" && link_exists(lab, &c, &format!("jv{}t", tag_of(lab)))
-    });
-    assert!(attached, "the client did not attach\n{}", diagnostics(lab));
-    id.expect("session id")
-}
-
 fn tag_of(lab: &Lab) -> String {
     lab.ns("").trim_start_matches("jv").to_string()
 }
 
-fn link_exists(lab: &Lab, ns: &str, dev: &str) -> bool {
-    lab.exec(ns, &["ip", "link", "show", dev])
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+/// Starts the gateway and the client; returns the session id once attached.
+fn connect(lab: &mut Lab, policy: &str, on_end: &str) -> String {
+    lab.start_gateway(policy).expect("gateway");
+    lab.start_client(on_end, policy).expect("client")
 }
 
 fn ping(lab: &Lab, from: &str, to: &str, count: u32) -> u32 {
@@ -170,21 +114,6 @@ fn transfer(lab: &mut Lab, bytes: u64, pace_ms: Option<u64>) -> f64 {
     v["mbit_per_s"].as_f64().unwrap_or(0.0)
 }
 
-/// (previous_state, new_state, reason_code) of the state changes in `events`.
-fn transitions(events: &[Value]) -> Vec<(String, String, String)> {
-    events
-        .iter()
-        .filter(|e| e["event_type"] == "SessionStateChange")
-        .map(|e| {
-            (
-                e["previous_state"].as_str().unwrap_or("").to_string(),
-                e["new_state"].as_str().unwrap_or("").to_string(),
-                e["reason_code"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
-}
-
 fn t(a: &str, b: &str, r: &str) -> (String, String, String) {
     (a.into(), b.into(), r.into())
 }
@@ -193,9 +122,9 @@ fn t(a: &str, b: &str, r: &str) -> (String, String, String) {
 /// namespaces.
 fn finish(mut lab: Lab) {
     let c = lab.ns("c");
-    let dev = format!("jv{}t", tag_of(&lab));
+    let dev = lab.tun_name();
     let client_code = lab.stop("client", Duration::from_secs(5));
-    let gone = wait_until(Duration::from_secs(3), || !link_exists(&lab, &c, &dev));
+    let gone = wait_until(Duration::from_secs(3), || !lab.link_exists(&c, &dev));
     assert!(gone, "the client's TUN outlived it");
     let gateway_code = lab.stop("gateway", Duration::from_secs(5));
     assert!(
@@ -217,7 +146,7 @@ fn traffic_flows_both_ways_and_reaches_the_network_behind_the_gateway() {
         ping(&lab, "c", SERVER, 5),
         5,
         "client → server\n{}",
-        diagnostics(&lab)
+        lab.diagnostics()
     );
     assert_eq!(ping(&lab, "s", CLIENT_TUNNEL, 5), 5, "server → client");
     assert_eq!(
@@ -229,7 +158,7 @@ fn traffic_flows_both_ways_and_reaches_the_network_behind_the_gateway() {
     eprintln!(
         "TCP through the tunnel (client → server, 10 MB, every byte checked): {mbps:.0} Mbit/s"
     );
-    let gw = status(&lab, "gw").expect("gateway status");
+    let gw = lab.status("gw").expect("gateway status");
     assert_eq!(gw["sessions"][0]["session_id"].as_str(), Some(id.as_str()));
     assert_eq!(gw["sessions"][0]["tunnel_address"], CLIENT_TUNNEL);
     finish(lab);
@@ -290,7 +219,7 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = lab(tag)?;
     let id = connect(&mut lab, FAST_POLICY, "exit");
-    let before = status(&lab, "client").expect("status");
+    let before = lab.status("client").expect("status");
     assert_eq!(before["active_transport"], 1);
     let tunnel = before["tunnel_address"].clone();
     start_transfer(&mut lab, 4_000_000, 6_000);
@@ -307,10 +236,10 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
         Cut::LinkDown => lab.link(Path2::A, false).expect("link down"),
     }
     let jumped = wait_until(Duration::from_secs(5), || {
-        status(&lab, "client")
+        lab.status("client")
             .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
     });
-    assert!(jumped, "no jump to path B\n{}", diagnostics(&lab));
+    assert!(jumped, "no jump to path B\n{}", lab.diagnostics());
     assert!(
         lab.wait("ping", Duration::from_secs(20)).is_some(),
         "ping did not end"
@@ -336,7 +265,7 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
         "receiver failed: {:?}",
         lab.output_of("sink")
     );
-    let after = status(&lab, "client").expect("status");
+    let after = lab.status("client").expect("status");
     assert_eq!(
         after["session_id"].as_str(),
         Some(id.as_str()),
@@ -346,7 +275,7 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
         after["tunnel_address"], tunnel,
         "the tunnel address changed"
     );
-    let gw = status(&lab, "gw").expect("gateway status");
+    let gw = lab.status("gw").expect("gateway status");
     assert_eq!(gw["sessions"][0]["session_id"].as_str(), Some(id.as_str()));
     assert!(
         gw["sessions"][0]["active_transport"]
@@ -423,10 +352,10 @@ fn a_loss_spike_moves_the_session_and_flapping_is_bounded_by_policy() {
     let id = connect(&mut lab, policy, "exit");
     lab.lossy(Path2::A, 40).expect("loss on A");
     let moved = wait_until(Duration::from_secs(10), || {
-        status(&lab, "client")
+        lab.status("client")
             .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
     });
-    assert!(moved, "no move to path B\n{}", diagnostics(&lab));
+    assert!(moved, "no move to path B\n{}", lab.diagnostics());
     let seen = transitions(&lab.events("client"));
     assert_eq!(
         seen[1..4],
@@ -443,10 +372,10 @@ fn a_loss_spike_moves_the_session_and_flapping_is_bounded_by_policy() {
     std::thread::sleep(Duration::from_millis(1_500));
     lab.lossy(Path2::B, 40).expect("loss on B");
     let back = wait_until(Duration::from_secs(10), || {
-        status(&lab, "client")
+        lab.status("client")
             .is_some_and(|s| s["active_transport"] == 1 && s["state"] == "ATTACHED")
     });
-    assert!(back, "no move back to path A\n{}", diagnostics(&lab));
+    assert!(back, "no move back to path A\n{}", lab.diagnostics());
     lab.heal(Path2::B).expect("heal B");
     std::thread::sleep(Duration::from_millis(1_500));
     lab.lossy(Path2::A, 40).expect("loss on A again");
@@ -478,7 +407,7 @@ fn a_loss_spike_moves_the_session_and_flapping_is_bounded_by_policy() {
     );
     assert!(reasons.contains(&"switch_rate_limited"), "{reasons:?}");
     assert!(transitions(&events).contains(&t("VOLATILE", "DEGRADED", "switch_rate_limited")));
-    let now = status(&lab, "client").expect("status");
+    let now = lab.status("client").expect("status");
     assert_eq!(now["session_id"].as_str(), Some(id.as_str()));
     finish(lab);
 }
@@ -499,7 +428,7 @@ fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_
             code,
             Some(1),
             "the client did not exit non-zero\n{}",
-            diagnostics(&lab)
+            lab.diagnostics()
         );
         assert!(
             lived >= Duration::from_millis(3_500),
@@ -521,7 +450,7 @@ fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_
             "{seen:?}"
         );
         let gw_ended = wait_until(Duration::from_secs(5), || {
-            status(&lab, "gw")
+            lab.status("gw")
                 .is_some_and(|s| s["sessions"].as_array().is_some_and(|a| a.is_empty()))
         });
         assert!(gw_ended, "the gateway kept the session");
@@ -532,14 +461,11 @@ fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_
                 && e["reason_code"] == "transport_ttl_exceeded"
                 && e["session_id"] == id.as_str()));
         let c = lab.ns("c");
-        assert!(
-            !link_exists(&lab, &c, &format!("jv{}t", tag_of(&lab))),
-            "TUN left behind"
-        );
+        assert!(!lab.link_exists(&c, &lab.tun_name()), "TUN left behind");
         let g = lab.ns("g");
         lab.stop("gateway", Duration::from_secs(5));
         assert!(
-            !link_exists(&lab, &g, &format!("jv{}t", tag_of(&lab))),
+            !lab.link_exists(&g, &lab.tun_name()),
             "gateway TUN left behind"
         );
         drop(lab);
@@ -555,16 +481,16 @@ fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_
             .iter()
             .any(|e| e["event_type"] == "SessionTerminated")
     });
-    assert!(ended, "the session did not end\n{}", diagnostics(&lab));
+    assert!(ended, "the session did not end\n{}", lab.diagnostics());
     lab.heal(Path2::A).expect("heal");
     lab.heal(Path2::B).expect("heal");
     let again = wait_until(Duration::from_secs(15), || {
-        status(&lab, "client").is_some_and(|s| {
+        lab.status("client").is_some_and(|s| {
             s["state"] == "ATTACHED" && s["session_id"].as_str().is_some_and(|i| i != first)
         })
     });
-    assert!(again, "no new session\n{}", diagnostics(&lab));
-    let s = status(&lab, "client").expect("status");
+    assert!(again, "no new session\n{}", lab.diagnostics());
+    let s = lab.status("client").expect("status");
     assert_eq!(s["sessions_established"], 2);
     assert_eq!(s["last_end"], "transport_ttl_exceeded");
     let second = s["session_id"].as_str().expect("id").to_string();
@@ -661,10 +587,10 @@ fn a_replayed_reattach_request_from_another_address_is_refused() {
     std::thread::sleep(Duration::from_millis(300));
     lab.link(Path2::A, false).expect("link down");
     let jumped = wait_until(Duration::from_secs(5), || {
-        status(&lab, "client")
+        lab.status("client")
             .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
     });
-    assert!(jumped, "{}", diagnostics(&lab));
+    assert!(jumped, "{}", lab.diagnostics());
     assert_eq!(
         lab.wait("capture", Duration::from_secs(5)),
         Some(0),
@@ -672,7 +598,10 @@ fn a_replayed_reattach_request_from_another_address_is_refused() {
         lab.output_of("capture")
     );
     let (captured, _) = lab.output_of("capture");
-    let binding = || status(&lab, "gw").map(|s| s["sessions"][0]["active_transport"].clone());
+    let binding = || {
+        lab.status("gw")
+            .map(|s| s["sessions"][0]["active_transport"].clone())
+    };
     let before = binding();
     // The same bytes again, from another address (another port on the client's host).
     let c = lab.ns("c");
@@ -724,7 +653,7 @@ fn a_restarted_gateway_gets_a_new_session_explicitly() {
     let g = lab.ns("g");
     let new_session = |lab: &Lab, not: &str| {
         wait_until(Duration::from_secs(15), || {
-            status(lab, "client").is_some_and(|s| {
+            lab.status("client").is_some_and(|s| {
                 s["state"] == "ATTACHED" && s["session_id"].as_str().is_some_and(|i| i != not)
             })
         })
@@ -736,9 +665,9 @@ fn a_restarted_gateway_gets_a_new_session_explicitly() {
     assert!(
         new_session(&lab, &first),
         "no new session after a clean restart\n{}",
-        diagnostics(&lab)
+        lab.diagnostics()
     );
-    let s = status(&lab, "client").expect("status");
+    let s = lab.status("client").expect("status");
     assert_eq!(s["last_end"], "operator_terminated");
     let second = s["session_id"].as_str().expect("id").to_string();
     // A crash: the table is gone and nobody says so; the session ends at its TTL.
@@ -748,9 +677,9 @@ fn a_restarted_gateway_gets_a_new_session_explicitly() {
     assert!(
         new_session(&lab, &second),
         "no new session after a crash\n{}",
-        diagnostics(&lab)
+        lab.diagnostics()
     );
-    let s = status(&lab, "client").expect("status");
+    let s = lab.status("client").expect("status");
     assert_eq!(s["last_end"], "transport_ttl_exceeded");
     assert_eq!(s["sessions_established"], 3);
     assert_eq!(ping(&lab, "c", SERVER, 3), 3);
@@ -814,7 +743,9 @@ fn a_wrong_gateway_key_and_a_bad_config_fail_fast_and_clearly() {
     let g = lab.ns("g");
     lab.spawn_jvpn("gateway", &g, &["gateway", "--config", &gw])
         .expect("gateway");
-    assert!(wait_until(Duration::from_secs(10), || status(&lab, "gw").is_some()));
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .status("gw")
+        .is_some()));
     let wrong = jvpn_core::crypto::Keypair::generate()
         .expect("key")
         .public()
@@ -836,7 +767,7 @@ fn a_wrong_gateway_key_and_a_bad_config_fail_fast_and_clearly() {
     assert!(started.elapsed() < Duration::from_secs(8));
     let (_, err) = lab.output_of("client");
     assert!(err.contains("gateway_public_key"), "{err}");
-    assert!(!link_exists(&lab, &c, &format!("jv{}t", tag_of(&lab))));
+    assert!(!lab.link_exists(&c, &lab.tun_name()));
     lab.stop("gateway", Duration::from_secs(5));
     drop(lab);
     assert!(Lab::leftovers("e8").is_empty());
