@@ -121,6 +121,15 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     let outcome: Result<ExitCode> = loop {
         let now: AgentStatus = status.borrow_and_update().clone();
         if let Some(assigned) = now.tunnel {
+            if tunnel.is_some_and(|t| t != assigned) {
+                handles.agent.do_send(Shutdown);
+                break Err(anyhow::anyhow!(
+                    "the gateway assigned a new tunnel address {}/{} to the new session (was {}): restart the client",
+                    assigned.addr,
+                    assigned.prefix,
+                    tunnel.map(|t| t.addr.to_string()).unwrap_or_default()
+                ));
+            }
             if tunnel.is_none() {
                 if let Err(e) = bring_up(
                     &setup.tunnel,

@@ -185,8 +185,8 @@ fn hex(bytes: &[u8]) -> String {
 /// Sends the datagram given as `hex` from `bind` to `to`.
 pub fn udp_send(bind: SocketAddr, to: SocketAddr, hex_text: &str) -> Result<()> {
     let text = hex_text.trim();
-    if !text.len().is_multiple_of(2) {
-        bail!("odd number of hex digits");
+    if !text.is_ascii() || !text.len().is_multiple_of(2) {
+        bail!("not an even number of hex digits");
     }
     let bytes = (0..text.len())
         .step_by(2)

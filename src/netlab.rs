@@ -100,6 +100,8 @@ pub struct Lab {
     pub gateway_key: Keypair,
     /// The client's key pair.
     pub client_key: Keypair,
+    /// The `[routes]` keys of the client's configuration.
+    pub client_routes: String,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -128,6 +130,7 @@ impl Lab {
             processes: Vec::new(),
             gateway_key: Keypair::generate()?,
             client_key: Keypair::generate()?,
+            client_routes: "networks = [\"10.202.0.0/24\"]\n".into(),
         };
         lab.build()?;
         Ok(lab)
@@ -403,7 +406,7 @@ impl Lab {
              [[candidates]]\nendpoint = \"{a}:{PORT}\"\n\
              [[candidates]]\nendpoint = \"{b}:{PORT}\"\n\
              [tunnel]\nname = \"jv{tag}t\"\n\
-             [routes]\nnetworks = [\"10.202.0.0/24\"]\n\
+             [routes]\n{routes}\
              [admin]\nsocket = \"{dir}/client.sock\"\n\
              [events]\noutput = \"{dir}/client-events.jsonl\"\n\
              {policy}\n",
@@ -412,6 +415,7 @@ impl Lab {
             a = GATEWAY_A,
             b = GATEWAY_B,
             dir = self.dir.display(),
+            routes = self.client_routes,
         );
         self.write("client.toml", &text)
     }
@@ -504,6 +508,23 @@ impl Lab {
             let _ = ip(&["netns", "del", &ns]);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Processes still running with this lab's directory on their command line (none
+    /// after teardown).
+    pub fn leftover_processes(tag: &str) -> Vec<u32> {
+        let marker = format!("jvlab-{tag}/");
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                    .unwrap_or(false)
+            })
+            .collect()
     }
 
     /// Namespaces of this lab that still exist (none after teardown).

@@ -131,10 +131,27 @@ fn finish(mut lab: Lab) {
         gateway_code.is_some(),
         "the gateway did not exit on SIGTERM"
     );
+    let g = lab.ns("g");
+    assert!(
+        !lab.link_exists(&g, &lab.tun_name()),
+        "the gateway's TUN outlived it"
+    );
+    // The client removed the rules it added (only the kernel's three remain).
+    let rules = lab.exec_ok(&c, &["ip", "rule", "show"]).expect("ip rule");
+    assert_eq!(rules.lines().count(), 3, "rules left behind:\n{rules}");
     let _ = client_code;
     let tag = tag_of(&lab);
     drop(lab);
-    assert!(Lab::leftovers(&tag).is_empty(), "namespaces left behind");
+    assert_gone(&tag);
+}
+
+/// No namespace and no process of the lab `tag` is left.
+fn assert_gone(tag: &str) {
+    assert!(Lab::leftovers(tag).is_empty(), "namespaces left behind");
+    assert!(
+        Lab::leftover_processes(tag).is_empty(),
+        "processes left behind"
+    );
 }
 
 #[test]
@@ -469,7 +486,7 @@ fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_
             "gateway TUN left behind"
         );
         drop(lab);
-        assert!(Lab::leftovers("e4a").is_empty());
+        assert_gone("e4a");
     }
     // Then one set to reconnect: a NEW session, explicitly.
     let Some(mut lab) = lab("e4b") else { return };
@@ -770,5 +787,47 @@ fn a_wrong_gateway_key_and_a_bad_config_fail_fast_and_clearly() {
     assert!(!lab.link_exists(&c, &lab.tun_name()));
     lab.stop("gateway", Duration::from_secs(5));
     drop(lab);
-    assert!(Lab::leftovers("e8").is_empty());
+    assert_gone("e8");
+}
+
+#[test]
+fn a_full_tunnel_carries_everything_but_its_own_transports_and_is_undone_on_exit() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e9") else { return };
+    // No route to the server's network but the tunnel's default route (table 51820,
+    // taken by every unmarked packet); the transports' packets carry the mark and stay
+    // on the main table, as with wg-quick.
+    lab.client_routes = "networks = []\nfull_tunnel = true\nfwmark = 51820\n".into();
+    let id = connect(&mut lab, FAST_POLICY, "exit");
+    let c = lab.ns("c");
+    let rules = lab.exec_ok(&c, &["ip", "rule", "show"]).expect("ip rule");
+    assert!(
+        rules.contains("not from all fwmark 0xca6c lookup 51820"),
+        "{rules}"
+    );
+    let table = lab
+        .exec_ok(&c, &["ip", "route", "show", "table", "51820"])
+        .expect("table");
+    assert!(
+        table.contains(&format!("default dev {}", lab.tun_name())),
+        "{table}"
+    );
+    assert_eq!(
+        ping(&lab, "c", SERVER, 3),
+        3,
+        "the server through the default route"
+    );
+    // The jump still works: the transports' own packets are marked out of the tunnel.
+    lab.link(Path2::A, false).expect("link down");
+    let jumped = wait_until(Duration::from_secs(5), || {
+        lab.status("client")
+            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
+    });
+    assert!(jumped, "{}", lab.diagnostics());
+    assert_eq!(
+        lab.status("client").expect("status")["session_id"].as_str(),
+        Some(id.as_str())
+    );
+    assert_eq!(ping(&lab, "c", SERVER, 3), 3);
+    finish(lab);
 }
