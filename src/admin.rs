@@ -23,6 +23,8 @@ use tokio::net::{UnixListener, UnixStream};
 pub const MAX_CONNECTIONS: usize = 8;
 /// The longest request line.
 pub const MAX_REQUEST: usize = 4096;
+/// The longest answer a caller reads (a status of many thousand sessions fits).
+pub const MAX_ANSWER: u64 = 64 << 20;
 /// Time for one connection, request and answer.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,6 +55,9 @@ pub enum AdminError {
         /// Why.
         source: std::io::Error,
     },
+    /// Something other than a socket is in the way.
+    #[error("{0} exists and is not a socket (config key `admin.socket`): refusing to replace it")]
+    NotASocket(PathBuf),
     /// Another process serves the socket already.
     #[error("{0} is served by a running process already (is another jvpn running?)")]
     InUse(PathBuf),
@@ -91,7 +96,11 @@ pub async fn serve(path: &Path, answer: Answer) -> Result<AdminSocket, AdminErro
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(AdminError::NotASocket(path.to_path_buf()));
+        }
         if UnixStream::connect(path).await.is_ok() {
             return Err(AdminError::InUse(path.to_path_buf()));
         }
@@ -110,6 +119,8 @@ pub async fn serve(path: &Path, answer: Answer) -> Result<AdminSocket, AdminErro
                 return;
             };
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: wait rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let answer = Rc::clone(&answer);
@@ -167,7 +178,7 @@ pub async fn ask(path: &Path, request: &Request) -> Result<Value, AdminError> {
             .await
             .map_err(|e| e.to_string())?;
         let mut line = String::new();
-        BufReader::new(tokio::io::AsyncReadExt::take(read, 1 << 20))
+        BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_ANSWER))
             .read_line(&mut line)
             .await
             .map_err(|e| e.to_string())?;

@@ -54,6 +54,7 @@ fn socket_for(c: &CandidateSetup, fwmark: Option<u32>) -> Result<UdpSocket> {
 }
 
 async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode> {
+    let mut stop = service::StopSignal::install()?;
     service::metrics(setup.metrics)?;
     let sink = service::event_sink(&setup.events)?;
     let fwmark = setup.full_tunnel.then_some(setup.fwmark);
@@ -116,13 +117,10 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     let mut changes = Changes::default();
     let mut tunnel: Option<TunnelAddr> = None;
     let started = Instant::now();
-    let signal = service::stop_signal();
-    tokio::pin!(signal);
     let outcome: Result<ExitCode> = loop {
         let now: AgentStatus = status.borrow_and_update().clone();
         if let Some(assigned) = now.tunnel {
             if tunnel.is_some_and(|t| t != assigned) {
-                handles.agent.do_send(Shutdown);
                 break Err(anyhow::anyhow!(
                     "the gateway assigned a new tunnel address {}/{} to the new session (was {}): restart the client",
                     assigned.addr,
@@ -138,7 +136,6 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                     &mut changes,
                     &handles.agent,
                 ) {
-                    handles.agent.do_send(Shutdown);
                     break Err(e);
                 }
                 tunnel = Some(assigned);
@@ -159,7 +156,6 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
         let waiting =
             (now.sessions == 0).then(|| connect_timeout.saturating_sub(started.elapsed()));
         if waiting == Some(Duration::ZERO) {
-            handles.agent.do_send(Shutdown);
             break Err(anyhow::anyhow!(
                 "no session with the gateway at {} within {:?}: check that the gateway runs and is reachable, and that gateway_public_key is its key (a wrong key gets no answer)",
                 setup
@@ -179,18 +175,31 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                 }
             }
             _ = tokio::time::sleep(tick) => {}
-            s = &mut signal => {
-                let name = s.unwrap_or("signal");
+            name = stop.wait() => {
                 eprintln!("jvpn client: {name}: ending the session (the gateway is told)");
-                handles.agent.do_send(Shutdown);
-                let deadline = Instant::now() + STOP_GRACE;
-                while !status.borrow().stopped && Instant::now() < deadline {
-                    let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
-                }
                 break Ok(ExitCode::SUCCESS);
             }
         }
     };
+    // However the loop ended, the session ends explicitly and the gateway is told before
+    // the runtime goes: the agent sends its Terminate, then closes its transports, which
+    // send what they hold before they end.
+    if !status.borrow().stopped {
+        handles.agent.do_send(Shutdown);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while !status.borrow().stopped && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
+    }
+    let transports: Vec<_> = handles
+        .transports
+        .iter()
+        .map(|(_, a)| a.downgrade())
+        .collect();
+    drop(handles.transports);
+    while transports.iter().any(|t| t.upgrade().is_some()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(admin_socket);
     changes.undo_all();
     if let Some(counts) = sink.close() {

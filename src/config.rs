@@ -348,6 +348,19 @@ pub fn load_gateway(
     let Some((gw_addr, prefix)) = tunnel.address else {
         return Err(bad("tunnel.address", "required on a gateway".into()));
     };
+    if prefix == 0 || prefix >= if gw_addr.is_ipv4() { 31 } else { 127 } {
+        return Err(bad(
+            "tunnel.address",
+            format!("prefix /{prefix}: the tunnel network needs room for clients (/1 to /30 for IPv4, /1 to /126 for IPv6)"),
+        ));
+    }
+    let masquerade_out = non_empty(raw.forwarding.masquerade_out);
+    if let Some(out) = masquerade_out.as_deref().filter(|o| !interface_name(o)) {
+        return Err(bad(
+            "forwarding.masquerade_out",
+            format!("{out:?}: an interface name, {INTERFACE_NAME}; or \"\" for none"),
+        ));
+    }
     if raw.clients.len() > raw.session_capacity {
         return Err(bad(
             "clients",
@@ -405,7 +418,7 @@ pub fn load_gateway(
         session_capacity: raw.session_capacity,
         tunnel,
         forward: raw.forwarding.enable,
-        masquerade_out: non_empty(raw.forwarding.masquerade_out),
+        masquerade_out,
         admin_socket: raw.admin.socket,
         metrics: metrics(file, &raw.metrics.listen)?,
         events: events(&raw.events.output),
@@ -488,8 +501,16 @@ pub fn load_client(
     for (i, n) in raw.routes.networks.iter().enumerate() {
         networks.push(prefix(n).map_err(|p| bad(&format!("routes.networks[{i}]"), p))?);
     }
-    if raw.routes.fwmark == 0 {
-        return Err(bad("routes.fwmark", "must not be 0".into()));
+    // The mark doubles as the routing table number: not 0, nor the kernel's own
+    // tables (253 default, 254 main, 255 local).
+    if matches!(raw.routes.fwmark, 0 | 253..=255) {
+        return Err(bad(
+            "routes.fwmark",
+            format!(
+                "{} is reserved (0, and the kernel's tables 253 to 255); 51820 is usual",
+                raw.routes.fwmark
+            ),
+        ));
     }
     Ok(ClientSetup {
         keypair,
@@ -548,20 +569,25 @@ fn private_key(
     })
 }
 
-fn tunnel(file: &Path, t: &TunnelSection, gateway: bool) -> Result<TunnelSetup, ConfigError> {
-    let valid_name = !t.name.is_empty()
-        && t.name.len() <= 15
-        && t.name
+/// Whether `name` is an interface name the kernel takes.
+fn interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !valid_name {
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+const INTERFACE_NAME: &str = "1 to 15 characters of letters, digits, '-', '_', '.'";
+
+fn tunnel(file: &Path, t: &TunnelSection, gateway: bool) -> Result<TunnelSetup, ConfigError> {
+    if !interface_name(&t.name) {
         return Err(invalid(
             file,
             "tunnel.name",
-            format!(
-                "{:?}: 1 to 15 characters of letters, digits, '-', '_', '.'",
-                t.name
-            ),
+            format!("{:?}: {INTERFACE_NAME}", t.name),
         ));
     }
     if t.mtu < 576 {
@@ -757,6 +783,12 @@ mod tests {
         assert!(msg.contains("listen[0]"), "{msg}");
         let msg = error_of(&gateway_text("").replace("jv0", "a-name-far-too-long"));
         assert!(msg.contains("tunnel.name"), "{msg}");
+        let msg = error_of(&gateway_text("").replace("10.77.0.1/24", "10.77.0.1/0"));
+        assert!(msg.contains("tunnel.address"), "{msg}");
+        let msg = error_of(&gateway_text(
+            "\n[forwarding]\nmasquerade_out = \"eth0\\\"; drop\"",
+        ));
+        assert!(msg.contains("forwarding.masquerade_out"), "{msg}");
     }
 
     #[test]
@@ -780,6 +812,12 @@ mod tests {
         ));
         let c = load_client(f.path(), no_env()).expect("loads");
         assert_eq!(c.networks, vec![(IpAddr::from([10, 99, 0, 0]), 24)]);
+        let env = Some(HashMap::from([(
+            "JVPN_ROUTES__FWMARK".to_string(),
+            "254".to_string(),
+        )]));
+        let e = load_client(f.path(), env).err().expect("refused");
+        assert!(e.to_string().contains("routes.fwmark"), "{e}");
         assert_eq!(c.on_end, OnEnd::Exit);
     }
 }

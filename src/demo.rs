@@ -49,19 +49,42 @@ const PINGS: u32 = 240;
 pub fn run(policy: DemoPolicy, cut: DemoCut, runs: u32) -> Result<()> {
     netlab::check_prerequisites().context("the demo builds network namespaces")?;
     let jvpn: PathBuf = std::env::current_exe().context("cannot find the jvpn binary")?;
+    let runs = runs.clamp(1, 20);
+    let tags: Vec<String> = (1..=runs).map(|r| format!("dm{r}")).collect();
+    clean_up_on_signal(tags.clone())?;
     let mut gaps = Vec::new();
-    for run in 1..=runs {
+    for (run, tag) in (1..=runs).zip(&tags) {
         println!("== run {run} of {runs}: policy {policy:?}, cut {cut:?}");
-        let mut lab = Lab::new(&format!("dm{run}"), &jvpn)?;
+        let mut lab = Lab::new(tag, &jvpn)?;
         gaps.push(one(&mut lab, policy, cut)?);
     }
     gaps.sort_unstable();
-    let median = gaps[gaps.len() / 2];
+    let Some(median) = gaps.get(gaps.len() / 2).copied() else {
+        bail!("no run finished");
+    };
     println!(
         "\nping gap over {runs} run(s): median {} ms (all: {:?} ms)",
         median.as_millis(),
         gaps.iter().map(Duration::as_millis).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM in the middle of a run: remove what the labs made, then exit.
+fn clean_up_on_signal(tags: Vec<String>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal watcher")?;
+    let mut stop = runtime.block_on(async { crate::service::StopSignal::install() })?;
+    std::thread::spawn(move || {
+        let name = runtime.block_on(stop.wait());
+        eprintln!("jvpn demo: {name}: cleaning up");
+        for tag in &tags {
+            Lab::purge(tag);
+        }
+        std::process::exit(130);
+    });
     Ok(())
 }
 

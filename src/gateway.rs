@@ -30,6 +30,7 @@ pub fn run(setup: GatewaySetup) -> Result<()> {
 }
 
 async fn serve(setup: GatewaySetup) -> Result<()> {
+    let mut signal = service::StopSignal::install()?;
     service::metrics(setup.metrics)?;
     let sink = service::event_sink(&setup.events)?;
     let mut listen = Vec::new();
@@ -133,7 +134,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         setup.tunnel.name,
         setup.admin_socket.display(),
     );
-    let signal = service::stop_signal().await?;
+    let signal = signal.wait().await;
     eprintln!("jvpn gateway: {signal}: ending every session (operator_terminated)");
     let left = node.stop(STOP_GRACE).await;
     if left > 0 {

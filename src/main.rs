@@ -121,7 +121,7 @@ enum LabCommand {
         listen: SocketAddr,
         #[arg(long)]
         bytes: u64,
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
     /// Send a TCP byte stream.
@@ -130,10 +130,10 @@ enum LabCommand {
         to: SocketAddr,
         #[arg(long)]
         bytes: u64,
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         /// Spread the transfer over this many milliseconds.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         pace_ms: Option<u64>,
     },
     /// Print (hex) the first UDP datagram to a port whose payload starts with a byte.
@@ -142,7 +142,7 @@ enum LabCommand {
         port: u16,
         #[arg(long)]
         first_byte: u8,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
     /// Send one UDP datagram (hex) from an address.

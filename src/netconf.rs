@@ -8,6 +8,24 @@ use std::process::Command;
 
 use thiserror::Error;
 
+/// The network address of `addr/prefix` (host bits cleared).
+pub fn network_of(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::from((u32::from(a) & mask).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::from((u128::from(a) & mask).to_be_bytes())
+        }
+    }
+}
+
 /// A change that could not be made.
 #[derive(Debug, Error)]
 pub enum NetconfError {
@@ -130,8 +148,10 @@ impl Changes {
     /// Routes `net/prefix` into the device `dev`.
     pub fn route(&mut self, net: IpAddr, prefix: u8, dev: &str) -> Result<(), NetconfError> {
         let dst = format!("{net}/{prefix}");
+        // `add`, not `replace`: an existing route is left alone (and the error says so),
+        // never overwritten and then deleted by the undo.
         self.apply(
-            &["ip", "route", "replace", &dst, "dev", dev],
+            &["ip", "route", "add", &dst, "dev", dev],
             &["ip", "route", "del", &dst, "dev", dev],
         )
     }
@@ -191,9 +211,11 @@ impl Changes {
         Ok(())
     }
 
-    /// Masquerades packets from `net/prefix` leaving through `out`.
-    pub fn masquerade(&mut self, net: IpAddr, prefix: u8, out: &str) -> Result<(), NetconfError> {
-        let family = if net.is_ipv4() { "ip" } else { "ip6" };
+    /// Masquerades packets from the network `addr/prefix` leaving through `out` (an
+    /// interface name the configuration checked).
+    pub fn masquerade(&mut self, addr: IpAddr, prefix: u8, out: &str) -> Result<(), NetconfError> {
+        let family = if addr.is_ipv4() { "ip" } else { "ip6" };
+        let net = network_of(addr, prefix);
         let table = format!("jvpn_nat_{}", out.replace(['-', '.'], "_"));
         let script = format!(
             "table {family} {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{out}\" {family} saddr {net}/{prefix} masquerade\n  }}\n}}\n"
@@ -232,5 +254,26 @@ impl Changes {
 impl Drop for Changes {
     fn drop(&mut self) {
         self.undo_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_of_an_address_clears_its_host_bits() {
+        let a: IpAddr = "10.77.0.1".parse().expect("v4");
+        assert_eq!(
+            network_of(a, 24),
+            "10.77.0.0".parse::<IpAddr>().expect("v4")
+        );
+        assert_eq!(network_of(a, 32), a);
+        assert_eq!(network_of(a, 0), "0.0.0.0".parse::<IpAddr>().expect("v4"));
+        let b: IpAddr = "fd00::1:2".parse().expect("v6");
+        assert_eq!(
+            network_of(b, 112),
+            "fd00::1:0".parse::<IpAddr>().expect("v6")
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! with them every interface, route and firewall rule in them).
 
 use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -102,6 +103,12 @@ pub struct Lab {
     pub client_key: Keypair,
     /// The `[routes]` keys of the client's configuration.
     pub client_routes: String,
+    /// The `[forwarding]` keys of the gateway's configuration.
+    pub gateway_forwarding: String,
+}
+
+fn lab_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("jvlab-{tag}"))
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -118,10 +125,12 @@ impl Lab {
         if tag.is_empty() || tag.len() > 6 || !tag.bytes().all(|b| b.is_ascii_alphanumeric()) {
             bail!("lab tag {tag:?}: 1 to 6 letters or digits");
         }
-        let dir = std::env::temp_dir().join(format!("jvlab-{tag}"));
+        let dir = lab_dir(tag);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        // It holds private keys.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let mut lab = Lab {
             tag: tag.to_string(),
             dir,
@@ -131,6 +140,7 @@ impl Lab {
             gateway_key: Keypair::generate()?,
             client_key: Keypair::generate()?,
             client_routes: "networks = [\"10.202.0.0/24\"]\n".into(),
+            gateway_forwarding: "enable = true\n".into(),
         };
         lab.build()?;
         Ok(lab)
@@ -271,6 +281,11 @@ impl Lab {
         terminate(&mut child, limit)
     }
 
+    /// Whether process `name` was started and has not been waited for.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.processes.iter().any(|(n, _)| n == name)
+    }
+
     /// Kills process `name` at once (SIGKILL): a crash, nothing cleaned up by it.
     pub fn kill(&mut self, name: &str) {
         if let Some(i) = self.processes.iter().position(|(n, _)| n == name) {
@@ -383,7 +398,7 @@ impl Lab {
         let text = format!(
             "node_id = \"gw-{tag}\"\nprivate_key = \"{key}\"\nlisten = [\"{a}:{PORT}\", \"{b}:{PORT}\"]\n\
              [tunnel]\nname = \"jv{tag}t\"\naddress = \"{GATEWAY_TUNNEL}/24\"\n\
-             [forwarding]\nenable = true\n\
+             [forwarding]\n{forwarding}\
              [admin]\nsocket = \"{dir}/gw.sock\"\n\
              [events]\noutput = \"{dir}/gw-events.jsonl\"\n\
              [[clients]]\nname = \"lab-client\"\npublic_key = \"{client}\"\ntunnel_address = \"{CLIENT_TUNNEL}\"\n\
@@ -394,6 +409,7 @@ impl Lab {
             b = GATEWAY_B,
             dir = self.dir.display(),
             client = self.client_key.public(),
+            forwarding = self.gateway_forwarding,
         );
         self.write("gateway.toml", &text)
     }
@@ -530,16 +546,33 @@ impl Lab {
     /// Namespaces of this lab that still exist (none after teardown).
     pub fn leftovers(tag: &str) -> Vec<String> {
         let out = Command::new("ip").args(["netns", "list"]).output();
-        let prefix = format!("jv{tag}");
+        let ours: Vec<String> = ["c", "g", "s"]
+            .iter()
+            .map(|r| format!("jv{tag}{r}"))
+            .collect();
         out.map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
                 .filter_map(|l| l.split_whitespace().next())
-                .filter(|n| n.starts_with(&prefix))
+                .filter(|n| ours.iter().any(|o| o == n))
                 .map(str::to_string)
                 .collect()
         })
         .unwrap_or_default()
+    }
+
+    /// Removes whatever a lab `tag` left (processes, namespaces, directory), for a
+    /// process interrupted before it could drop its lab.
+    pub fn purge(tag: &str) {
+        for pid in Lab::leftover_processes(tag) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        for ns in Lab::leftovers(tag) {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(lab_dir(tag));
     }
 }
 

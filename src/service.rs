@@ -46,13 +46,28 @@ pub fn wall_clock() -> WallClock {
     WallClock::new(Instant::now(), unix_ms)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn stop_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// Ctrl-C and SIGTERM, watched from the moment of [`StopSignal::install`]: installed
+/// before the process changes anything on the host, so a signal never skips the undo.
+pub struct StopSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    /// Starts watching. Must run inside the runtime.
+    pub fn install() -> Result<StopSignal> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignal {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+
+    /// Resolves at the first signal; its name.
+    pub async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

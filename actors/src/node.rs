@@ -10,7 +10,9 @@ use jvpn_core::gateway::{GatewayConfig, Responder};
 use jvpn_core::store::SessionStore;
 
 use crate::runtime::{Close, Reporter};
-use crate::supervisor::{GatewayRouter, NodeLimits, NodeSupervisor, Registry, StopSessions};
+use crate::supervisor::{
+    GatewayRouter, NodeLimits, NodeSupervisor, Registry, StopSessions, StopSupervisor,
+};
 use crate::transport::{Deliver, UdpTransport};
 use crate::tun::{TunActor, TunDevice, TunRoute};
 
@@ -104,6 +106,7 @@ impl GatewayNode {
             transport.do_send(Close);
         }
         self.tun.do_send(Close);
+        self.supervisor.do_send(StopSupervisor);
         for a in self.arbiters {
             a.stop();
         }

@@ -173,6 +173,20 @@ pub struct TerminateSession(pub SessionId);
 #[rtype(result = "usize")]
 pub struct StopSessions;
 
+/// Stops the supervisor itself (the last step of a node's stop, after its sessions
+/// ended).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopSupervisor;
+
+impl Handler<StopSupervisor> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopSupervisor, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 /// Lists live sessions.
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<SessionStatus>")]
@@ -262,9 +276,10 @@ impl Actor for NodeSupervisor {
         }));
     }
 
-    fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
-        // Sessions end with the node; their actors stop with their arbiters.
-        Running::Stop
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Let go of the TUN actor and of our own address (held by the sessions' shared
+        // environment), so that the actors closed by the node's stop can end.
+        self.env = None;
     }
 }
 
@@ -350,10 +365,10 @@ impl NodeSupervisor {
             return;
         }
         self.ending.insert(id, cause);
-        if self.registry.offer_session(id, Terminate(cause)) != Some(true) {
-            // A full mailbox: the command waits in `ending` and the session is ended
-            // when its actor stops; until then its own timers still run.
-            telemetry::dropped("session_busy");
+        // Unbounded on purpose: a lifecycle command must reach a busy session too (one
+        // per session, and sessions are bounded by the table).
+        if let Some(addr) = self.registry.session(id) {
+            addr.do_send(Terminate(cause));
         }
     }
 
@@ -441,12 +456,13 @@ impl Handler<ListSessions> for NodeSupervisor {
     fn handle(&mut self, _: ListSessions, _ctx: &mut Context<Self>) -> Self::Result {
         let sessions = self.registry.sessions();
         Box::pin(async move {
-            let mut out = Vec::with_capacity(sessions.len());
-            for (_, addr) in sessions {
-                if let Ok(Some(status)) = addr.send(GetStatus).await {
-                    out.push(status);
-                }
-            }
+            // Asked all at once: sessions answer on their own arbiters.
+            let asked = sessions.into_iter().map(|(_, addr)| addr.send(GetStatus));
+            let mut out: Vec<SessionStatus> = futures_util::future::join_all(asked)
+                .await
+                .into_iter()
+                .filter_map(|r| r.ok().flatten())
+                .collect();
             out.sort_by_key(|s| s.id.0);
             out
         })

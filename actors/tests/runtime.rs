@@ -860,12 +860,18 @@ async fn stopping_the_node_ends_every_session_explicitly_and_releases_it() {
             .map(|r| r.as_str()),
         Some("operator_terminated")
     );
+    // The node let go of its TUN actor: the device is dropped (its channel closes).
+    let mut gw_tun = net.gw_tun;
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        while gw_tun.from_device.recv().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the gateway's TUN device outlived the node");
 }
 
 #[actix_rt::test]
 async fn a_stopped_agent_closes_its_sockets() {
     let net = start(Options::default()).await;
-    net.attached().await;
     net.attached().await;
     net.client.agent.do_send(Shutdown);
     let stopped = wait_for(Duration::from_secs(2), || net.status().stopped).await;
