@@ -200,6 +200,28 @@ pub fn udp_send(bind: SocketAddr, to: SocketAddr, hex_text: &str) -> Result<()> 
     Ok(())
 }
 
+/// GETs `path` from the HTTP server at `addr` and prints the response body (the
+/// metrics page, in the tests). Bounded by `timeout` and 16 MiB.
+pub fn fetch(addr: SocketAddr, path: &str, timeout: Duration) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(16 << 20).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("not an HTTP response");
+    };
+    let status = head.split_whitespace().nth(1);
+    if !head.starts_with("HTTP/1.") || status != Some("200") {
+        bail!("{}", head.lines().next().unwrap_or("no status line"));
+    }
+    print!("{body}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

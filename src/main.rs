@@ -145,6 +145,13 @@ enum LabCommand {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
+    /// Print the body of an HTTP GET (e.g. the metrics page).
+    Fetch {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/metrics")]
+        path: String,
+    },
     /// Send one UDP datagram (hex) from an address.
     UdpSend {
         #[arg(long)]
@@ -264,6 +271,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
         }) => {
             lab::capture(port, first_byte, Duration::from_secs(timeout))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Fetch { addr, path }) => {
+            lab::fetch(addr, &path, Duration::from_secs(5))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::UdpSend { bind, to, hex }) => {

@@ -400,6 +400,7 @@ impl Lab {
              [tunnel]\nname = \"jv{tag}t\"\naddress = \"{GATEWAY_TUNNEL}/24\"\n\
              [forwarding]\n{forwarding}\
              [admin]\nsocket = \"{dir}/gw.sock\"\n\
+             [metrics]\nlisten = \"127.0.0.1:9477\"\n\
              [events]\noutput = \"{dir}/gw-events.jsonl\"\n\
              [[clients]]\nname = \"lab-client\"\npublic_key = \"{client}\"\ntunnel_address = \"{CLIENT_TUNNEL}\"\n\
              {policy}\n",

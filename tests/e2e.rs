@@ -181,6 +181,25 @@ fn traffic_flows_both_ways_and_reaches_the_network_behind_the_gateway() {
     let gw = lab.status("gw").expect("gateway status");
     assert_eq!(gw["sessions"][0]["session_id"].as_str(), Some(id.as_str()));
     assert_eq!(gw["sessions"][0]["tunnel_address"], CLIENT_TUNNEL);
+    // The operator's view: the gateway's metrics page, from inside its namespace.
+    let bin = env!("CARGO_BIN_EXE_jvpn");
+    let g = lab.ns("g");
+    let page = lab
+        .exec_ok(&g, &[bin, "lab", "fetch", "--addr", "127.0.0.1:9477"])
+        .expect("metrics page");
+    // The value of the first series whose rendering starts with `series`.
+    let value = |series: &str| {
+        page.lines()
+            .filter(|l| l.starts_with(series))
+            .find_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(value("jvpn_sessions{state=\"ATTACHED\"}"), 1.0, "{page}");
+    assert!(
+        value("jvpn_handshakes_total{result=\"ok\"") >= 1.0,
+        "{page}"
+    );
+    assert!(page.contains("jvpn_packets_total"), "{page}");
     finish(lab);
 }
 
