@@ -296,6 +296,58 @@ mod tests {
         fn handle(&mut self, _: Flush, _: &mut Context<Self>) {}
     }
 
+    /// An actor whose deadline never moves: the core made no progress on it.
+    struct Stuck {
+        timer: DeadlineTimer,
+        due: Instant,
+        fired: u32,
+    }
+
+    impl Actor for Stuck {
+        type Context = Context<Self>;
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            self.arm(ctx);
+        }
+    }
+
+    impl Stuck {
+        fn arm(&mut self, ctx: &mut Context<Self>) {
+            self.timer.arm(ctx, Some(self.due), |act, ctx| {
+                act.timer.fired();
+                act.fired += 1;
+                act.arm(ctx);
+            });
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "u32")]
+    struct Fired;
+
+    impl Handler<Fired> for Stuck {
+        type Result = u32;
+        fn handle(&mut self, _: Fired, _: &mut Context<Self>) -> u32 {
+            self.fired
+        }
+    }
+
+    #[test]
+    fn a_timer_that_makes_no_progress_is_retried_not_spun() {
+        let fired = actix::System::new().block_on(async {
+            let addr = Stuck {
+                timer: DeadlineTimer::default(),
+                due: Instant::now(),
+                fired: 0,
+            }
+            .start();
+            actix_rt::time::sleep(Duration::from_millis(350)).await;
+            addr.send(Fired).await.unwrap_or(0)
+        });
+        // Once at once, then every NO_PROGRESS_RETRY: about 4 in 350 ms. A spinning
+        // timer fires thousands of times.
+        assert!((2..=6).contains(&fired), "fired {fired} times");
+    }
+
     #[test]
     fn a_full_mailbox_refuses_and_counts_and_the_gauge_follows_handling() {
         let recorder = crate::telemetry::builder().build_recorder();

@@ -895,3 +895,37 @@ async fn a_stopped_agent_closes_its_sockets() {
     assert!(gone, "a transport actor outlived its agent");
     gw.stop(Duration::from_secs(2)).await;
 }
+
+#[actix_rt::test]
+async fn a_crash_with_a_terminate_queued_still_ends_the_session_as_commanded() {
+    let net = start(Options::default()).await;
+    let id = net.attached().await;
+    let actor = net.gw.registry.session(id).expect("session actor");
+    // The crash is queued first; the operator's command lands behind it (or, if the
+    // restart wins the race, reaches the restarted actor): either way the session ends
+    // with operator_terminated, explicitly, and is not left running.
+    actor.do_send(Crash);
+    let found = net
+        .gw
+        .supervisor
+        .send(TerminateSession(id))
+        .await
+        .expect("supervisor");
+    assert!(found);
+    let gone = wait_for(Duration::from_secs(3), || {
+        net.gw.registry.is_empty() && net.store.get(id).is_none()
+    })
+    .await;
+    assert!(gone, "the session outlived the command");
+    assert_eq!(
+        net.gw_events.transitions().last(),
+        Some(&t("ATTACHED", "TERMINATED", "operator_terminated"))
+    );
+    let told = wait_for(Duration::from_secs(2), || net.status().stopped).await;
+    assert!(told, "client not told: {:?}", net.status());
+    assert_eq!(
+        net.status().last_end.map(|r| r.as_str()),
+        Some("operator_terminated")
+    );
+    net.gw.stop(Duration::from_secs(2)).await;
+}
