@@ -202,14 +202,7 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     }
     drop(admin_socket);
     changes.undo_all();
-    if let Some(counts) = sink.close() {
-        if counts.dropped > 0 || counts.write_failures > 0 {
-            eprintln!(
-                "jvpn client: events dropped: {}, event write failures: {}",
-                counts.dropped, counts.write_failures
-            );
-        }
-    }
+    service::close_events(sink, "client");
     outcome
 }
 

@@ -123,10 +123,7 @@ fn one(lab: &mut Lab, policy: DemoPolicy, cut: DemoCut) -> Result<Duration> {
         DemoCut::Link => lab.link(Path2::A, false)?,
     }
     println!("path A cut ({cut:?})");
-    let jumped = netlab::wait_until(Duration::from_secs(10), || {
-        lab.status("client")
-            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
-    });
+    let jumped = netlab::wait_until(Duration::from_secs(10), || lab.attached_on(2));
     if !jumped {
         bail!("the session did not jump to path B\n{}", lab.diagnostics());
     }

@@ -142,13 +142,6 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     }
     drop(admin_socket);
     changes.undo_all();
-    if let Some(counts) = sink.close() {
-        if counts.dropped > 0 || counts.write_failures > 0 {
-            eprintln!(
-                "jvpn gateway: events dropped: {}, event write failures: {}",
-                counts.dropped, counts.write_failures
-            );
-        }
-    }
+    service::close_events(sink, "gateway");
     Ok(())
 }

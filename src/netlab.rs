@@ -451,6 +451,13 @@ impl Lab {
         crate::admin::ask_blocking(&self.socket(who), &crate::admin::Request::Status).ok()
     }
 
+    /// Whether the client's session is attached on candidate `transport` (1: path A,
+    /// 2: path B).
+    pub fn attached_on(&self, transport: u32) -> bool {
+        self.status("client")
+            .is_some_and(|s| s["active_transport"] == transport && s["state"] == "ATTACHED")
+    }
+
     /// The TUN interface name both sides use (each in its own namespace).
     pub fn tun_name(&self) -> String {
         format!("jv{}t", self.tag)

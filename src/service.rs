@@ -29,6 +29,19 @@ pub fn event_sink(out: &EventsOut) -> Result<EventSink> {
     EventSink::start(writer, EVENT_QUEUE).context("cannot start the event writer")
 }
 
+/// Stops the event sink (writing what it holds) and reports on standard error if
+/// events were lost on the way (`who`: "gateway" or "client").
+pub fn close_events(sink: EventSink, who: &str) {
+    if let Some(counts) = sink.close() {
+        if counts.dropped > 0 || counts.write_failures > 0 {
+            eprintln!(
+                "jvpn {who}: events dropped: {}, event write failures: {}",
+                counts.dropped, counts.write_failures
+            );
+        }
+    }
+}
+
 /// Serves metrics on `listen`, if set.
 pub fn metrics(listen: Option<std::net::SocketAddr>) -> Result<()> {
     if let Some(listen) = listen {

@@ -274,10 +274,7 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
         Cut::Firewall => lab.cut(Path2::A).expect("cut"),
         Cut::LinkDown => lab.link(Path2::A, false).expect("link down"),
     }
-    let jumped = wait_until(Duration::from_secs(5), || {
-        lab.status("client")
-            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
-    });
+    let jumped = wait_until(Duration::from_secs(5), || lab.attached_on(2));
     assert!(jumped, "no jump to path B\n{}", lab.diagnostics());
     assert!(
         lab.wait("ping", Duration::from_secs(20)).is_some(),
@@ -390,10 +387,7 @@ fn a_loss_spike_moves_the_session_and_flapping_is_bounded_by_policy() {
         [policy.session]\ntransport_lost_ttl_ms = 20000\n";
     let id = connect(&mut lab, policy, "exit");
     lab.lossy(Path2::A, 40).expect("loss on A");
-    let moved = wait_until(Duration::from_secs(10), || {
-        lab.status("client")
-            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
-    });
+    let moved = wait_until(Duration::from_secs(10), || lab.attached_on(2));
     assert!(moved, "no move to path B\n{}", lab.diagnostics());
     let seen = transitions(&lab.events("client"));
     assert_eq!(
@@ -412,10 +406,7 @@ fn a_loss_spike_moves_the_session_and_flapping_is_bounded_by_policy() {
     lab.heal(Path2::A).expect("heal A");
     std::thread::sleep(Duration::from_millis(1_500));
     lab.lossy(Path2::B, 40).expect("loss on B");
-    let back = wait_until(Duration::from_secs(10), || {
-        lab.status("client")
-            .is_some_and(|s| s["active_transport"] == 1 && s["state"] == "ATTACHED")
-    });
+    let back = wait_until(Duration::from_secs(10), || lab.attached_on(1));
     assert!(back, "no move back to path A\n{}", lab.diagnostics());
     lab.heal(Path2::B).expect("heal B");
     std::thread::sleep(Duration::from_millis(1_500));
@@ -627,10 +618,7 @@ fn a_replayed_reattach_request_from_another_address_is_refused() {
     .expect("capture");
     std::thread::sleep(Duration::from_millis(300));
     lab.link(Path2::A, false).expect("link down");
-    let jumped = wait_until(Duration::from_secs(5), || {
-        lab.status("client")
-            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
-    });
+    let jumped = wait_until(Duration::from_secs(5), || lab.attached_on(2));
     assert!(jumped, "{}", lab.diagnostics());
     assert_eq!(
         lab.wait("capture", Duration::from_secs(5)),
@@ -843,10 +831,7 @@ fn a_full_tunnel_carries_everything_but_its_own_transports_and_is_undone_on_exit
     );
     // The jump still works: the transports' own packets are marked out of the tunnel.
     lab.link(Path2::A, false).expect("link down");
-    let jumped = wait_until(Duration::from_secs(5), || {
-        lab.status("client")
-            .is_some_and(|s| s["active_transport"] == 2 && s["state"] == "ATTACHED")
-    });
+    let jumped = wait_until(Duration::from_secs(5), || lab.attached_on(2));
     assert!(jumped, "{}", lab.diagnostics());
     assert_eq!(
         lab.status("client").expect("status")["session_id"].as_str(),

@@ -69,6 +69,15 @@ impl Lines {
             .collect()
     }
 
+    /// Waits (bounded) until the last state change written is `expected`: the sink
+    /// writes on its own thread, so the lines may trail the state.
+    async fn ends_with(&self, expected: (String, String, String)) -> bool {
+        wait_for(Duration::from_secs(2), || {
+            self.transitions().last() == Some(&expected)
+        })
+        .await
+    }
+
     fn count(&self, event_type: &str) -> usize {
         self.events()
             .iter()
@@ -526,7 +535,15 @@ async fn a_dead_path_makes_the_session_jump_with_its_id_and_events_as_specified(
         t("VOLATILE", "RECOVERING", "dead_transport_recovery"),
         t("RECOVERING", "ATTACHED", "reattach_success"),
     ];
-    assert_eq!(net.client_events.transitions(), expected);
+    let client_ok = wait_for(Duration::from_secs(2), || {
+        net.client_events.transitions() == expected
+    })
+    .await;
+    assert!(
+        client_ok,
+        "client transitions: {:?}",
+        net.client_events.transitions()
+    );
     // The gateway learns the cause from the authenticated request: same transitions.
     let gw_ok = wait_for(Duration::from_secs(2), || {
         net.gw_events.transitions() == expected
@@ -651,9 +668,12 @@ async fn a_killed_session_actor_is_restarted_with_its_state_then_ended_explicitl
         .registry
         .by_tunnel(IpAddr::V4(CLIENT_TUNNEL))
         .is_none());
-    assert_eq!(
-        net.gw_events.transitions().last(),
-        Some(&t("ATTACHED", "TERMINATED", "runtime_failure"))
+    assert!(
+        net.gw_events
+            .ends_with(t("ATTACHED", "TERMINATED", "runtime_failure"))
+            .await,
+        "{:?}",
+        net.gw_events.transitions()
     );
     let ended = net
         .gw_events
@@ -691,10 +711,16 @@ async fn all_paths_lost_end_the_session_at_its_ttl_on_both_sides() {
     })
     .await;
     assert!(gw_ended, "gateway session not ended");
+    // The event sinks write on their own threads: the lines may trail the state.
     for lines in [&net.gw_events, &net.client_events] {
-        let last = lines.transitions().last().cloned().expect("transitions");
-        assert_eq!(last.1, "TERMINATED");
-        assert_eq!(last.2, "transport_ttl_exceeded");
+        let written = wait_for(Duration::from_secs(2), || {
+            lines
+                .transitions()
+                .last()
+                .is_some_and(|last| last.1 == "TERMINATED" && last.2 == "transport_ttl_exceeded")
+        })
+        .await;
+        assert!(written, "{:?}", lines.transitions());
     }
     let _ = net.relays.pop();
     net.gw.stop(Duration::from_secs(2)).await;
@@ -717,9 +743,12 @@ async fn an_operator_terminates_a_session_on_both_sides() {
         net.status().last_end.map(|r| r.as_str()),
         Some("operator_terminated")
     );
-    assert_eq!(
-        net.gw_events.transitions().last(),
-        Some(&t("ATTACHED", "TERMINATED", "operator_terminated"))
+    assert!(
+        net.gw_events
+            .ends_with(t("ATTACHED", "TERMINATED", "operator_terminated"))
+            .await,
+        "{:?}",
+        net.gw_events.transitions()
     );
     let gone = wait_for(Duration::from_secs(2), || net.gw.registry.is_empty()).await;
     assert!(gone);
@@ -837,9 +866,12 @@ async fn stopping_the_node_ends_every_session_explicitly_and_releases_it() {
     let left = net.gw.stop(Duration::from_secs(2)).await;
     assert_eq!(left, 0, "sessions outlived the node's stop");
     assert!(net.store.get(id).is_none(), "the table kept the session");
-    assert_eq!(
-        net.gw_events.transitions().last(),
-        Some(&t("ATTACHED", "TERMINATED", "operator_terminated"))
+    assert!(
+        net.gw_events
+            .ends_with(t("ATTACHED", "TERMINATED", "operator_terminated"))
+            .await,
+        "{:?}",
+        net.gw_events.transitions()
     );
     // The client was told: its session ends at once, not at its TTL.
     let ended = wait_for(Duration::from_secs(1), || {
@@ -917,9 +949,12 @@ async fn a_crash_with_a_terminate_queued_still_ends_the_session_as_commanded() {
     })
     .await;
     assert!(gone, "the session outlived the command");
-    assert_eq!(
-        net.gw_events.transitions().last(),
-        Some(&t("ATTACHED", "TERMINATED", "operator_terminated"))
+    assert!(
+        net.gw_events
+            .ends_with(t("ATTACHED", "TERMINATED", "operator_terminated"))
+            .await,
+        "{:?}",
+        net.gw_events.transitions()
     );
     let told = wait_for(Duration::from_secs(2), || net.status().stopped).await;
     assert!(told, "client not told: {:?}", net.status());
