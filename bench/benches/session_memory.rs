@@ -1,0 +1,138 @@
+//! Memory per gateway session in the actor runtime: a gateway node answers handshakes
+//! from many clients (core clients driven directly over one loopback UDP socket), and
+//! the process's resident memory is read before and after. Each session holds its actor
+//! (context, bounded mailbox), the core session (keys, replay windows, event journal,
+//! health records), its registry entries and its table record.
+//!
+//! Prints figures; asserts nothing about them (they belong in notes, not in tests).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
+use jvpn_actors::runtime::Reporter;
+use jvpn_actors::supervisor::NodeLimits;
+use jvpn_actors::tun::channel_device;
+use jvpn_core::client::{Client, ClientConfig};
+use jvpn_core::crypto::Keypair;
+use jvpn_core::event::{TransportRef, WallClock};
+use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
+use jvpn_core::ids::{NodeId, Protocol, TransportId};
+use jvpn_core::policy::Policy;
+use jvpn_core::store::MemoryStore;
+use jvpn_core::wire::TunnelAddr;
+
+const STEPS: [usize; 3] = [500, 1_000, 2_000];
+
+fn clock() -> WallClock {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    WallClock::new(Instant::now(), ms)
+}
+
+/// Resident set size, bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn tunnel_addr(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 77, (i / 250) as u8, (i % 250 + 2) as u8))
+}
+
+fn main() {
+    let most = STEPS[STEPS.len() - 1];
+    let policy = Arc::new(Policy::default());
+    let gw_key = Keypair::generate().expect("keys");
+    let keys: Vec<Keypair> = (0..most)
+        .map(|_| Keypair::generate().expect("keys"))
+        .collect();
+    let system = actix::System::new();
+    system.block_on(async move {
+        let listen = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+        let gw_addr = listen.local_addr().expect("addr");
+        let (device, _peer) = channel_device(16, 1_500);
+        let node = GatewayNode::start(GatewayNodeConfig {
+            gateway: GatewayConfig {
+                keypair: gw_key.clone(),
+                node_id: NodeId("bench-gw".into()),
+                policy: Arc::clone(&policy),
+                clients: keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| AuthorizedClient {
+                        public: k.public(),
+                        tunnel: TunnelAddr {
+                            addr: tunnel_addr(i),
+                            prefix: 16,
+                        },
+                    })
+                    .collect(),
+            },
+            store: Arc::new(MemoryStore::new(most, 3)),
+            listen: vec![listen],
+            device: Arc::new(device),
+            reporter: Reporter::new(clock(), NodeId("bench-gw".into()), "1.0".into(), None),
+            limits: NodeLimits::default(),
+            arbiters: 1,
+        })
+        .expect("node");
+        let sender = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("socket");
+        let mut buf = vec![0u8; 2_048];
+        let mut next = 0;
+        let base = rss();
+        println!(
+            "sessions  rss_mib  bytes_per_session (from 0 sessions, {} MiB)",
+            base >> 20
+        );
+        for step in STEPS {
+            while next < step {
+                // In chunks the supervisor's mailbox takes, each answered before the next.
+                let chunk_end = (next + 32).min(step);
+                for key in &keys[next..chunk_end] {
+                    let mut client = Client::new(
+                        ClientConfig {
+                            keypair: key.clone(),
+                            gateway: gw_key.public(),
+                            policy: Arc::clone(&policy),
+                            transports: vec![TransportRef {
+                                id: TransportId(1),
+                                protocol: Protocol::Udp,
+                            }],
+                        },
+                        clock(),
+                    );
+                    let init = client
+                        .connect(TransportId(1), Instant::now())
+                        .expect("init")
+                        .bytes
+                        .to_vec();
+                    sender.send_to(&init, gw_addr).await.expect("send");
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while node.registry.len() < chunk_end && Instant::now() < deadline {
+                    // Drain the answers so the socket buffer never fills.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(5), sender.recv_from(&mut buf))
+                            .await;
+                }
+                next = chunk_end;
+            }
+            let now = rss();
+            println!(
+                "{:8}  {:7.1}  {}",
+                node.registry.len(),
+                now as f64 / (1 << 20) as f64,
+                (now.saturating_sub(base)) / node.registry.len().max(1) as u64
+            );
+        }
+        node.stop(Duration::from_secs(5)).await;
+    });
+}
