@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -18,7 +18,7 @@ use jvpn_actors::supervisor::NodeLimits;
 use jvpn_actors::tun::{channel_device, ChannelPeer};
 use jvpn_core::client::{Client, ClientConfig};
 use jvpn_core::crypto::Keypair;
-use jvpn_core::event::{TransportRef, WallClock};
+use jvpn_core::event::TransportRef;
 use jvpn_core::fsm::State;
 use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
@@ -30,14 +30,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const BEHIND: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const BATCH: usize = 64;
 const SIZE: usize = 1_400;
-
-fn clock() -> WallClock {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    WallClock::new(Instant::now(), ms)
-}
 
 fn packet(src: Ipv4Addr, dst: Ipv4Addr) -> Bytes {
     let mut p = vec![0u8; SIZE];
@@ -60,7 +52,14 @@ async fn pair() -> Pair {
     let listen = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
     let gw_addr: SocketAddr = listen.local_addr().expect("addr");
     let (gw_device, gw_tun) = channel_device(1_024, 1_500);
-    let reporter = |node: &str| Reporter::new(clock(), NodeId(node.into()), "1.0".into(), None);
+    let reporter = |node: &str| {
+        Reporter::new(
+            jvpn_bench::wall_clock(),
+            NodeId(node.into()),
+            "1.0".into(),
+            None,
+        )
+    };
     let gw = GatewayNode::start(GatewayNodeConfig {
         gateway: GatewayConfig {
             keypair: gw_key.clone(),
@@ -95,7 +94,7 @@ async fn pair() -> Pair {
                 protocol: Protocol::Udp,
             }],
         },
-        clock(),
+        jvpn_bench::wall_clock(),
     );
     let agent = ClientAgent::start(
         client,

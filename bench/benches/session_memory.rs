@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::Reporter;
@@ -16,7 +16,7 @@ use jvpn_actors::supervisor::NodeLimits;
 use jvpn_actors::tun::channel_device;
 use jvpn_core::client::{Client, ClientConfig};
 use jvpn_core::crypto::Keypair;
-use jvpn_core::event::{TransportRef, WallClock};
+use jvpn_core::event::TransportRef;
 use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
 use jvpn_core::policy::Policy;
@@ -24,14 +24,6 @@ use jvpn_core::store::MemoryStore;
 use jvpn_core::wire::TunnelAddr;
 
 const STEPS: [usize; 3] = [500, 1_000, 2_000];
-
-fn clock() -> WallClock {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    WallClock::new(Instant::now(), ms)
-}
 
 /// Resident set size, bytes.
 fn rss() -> u64 {
@@ -77,7 +69,12 @@ fn main() {
             store: Arc::new(MemoryStore::new(most, 3)),
             listen: vec![listen],
             device: Arc::new(device),
-            reporter: Reporter::new(clock(), NodeId("bench-gw".into()), "1.0".into(), None),
+            reporter: Reporter::new(
+                jvpn_bench::wall_clock(),
+                NodeId("bench-gw".into()),
+                "1.0".into(),
+                None,
+            ),
             limits: NodeLimits::default(),
             arbiters: 1,
         })
@@ -107,7 +104,7 @@ fn main() {
                                 protocol: Protocol::Udp,
                             }],
                         },
-                        clock(),
+                        jvpn_bench::wall_clock(),
                     );
                     let init = client
                         .connect(TransportId(1), Instant::now())

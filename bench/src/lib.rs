@@ -18,6 +18,15 @@ use jvpn_core::wire::{
 /// Wall-clock milliseconds the fixtures' clocks start at.
 pub const UNIX_T0: u64 = 1_800_000_000_000;
 
+/// The real wall clock, anchored now (for the runtime benchmarks, which run on real time).
+pub fn wall_clock() -> jvpn_core::event::WallClock {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    jvpn_core::event::WallClock::new(Instant::now(), ms)
+}
+
 /// The client's endpoint on path `n`.
 pub fn endpoint(n: u8) -> Endpoint {
     Endpoint {
