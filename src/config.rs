@@ -630,17 +630,8 @@ fn prefix(text: &str) -> Result<(IpAddr, u8), String> {
 
 /// Whether `a` is in `net`/`prefix`.
 pub fn same_network(a: IpAddr, net: IpAddr, prefix: u8) -> bool {
-    match (a, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
+    a.is_ipv4() == net.is_ipv4()
+        && crate::netconf::network_of(a, prefix) == crate::netconf::network_of(net, prefix)
 }
 
 fn metrics(file: &Path, listen: &str) -> Result<Option<SocketAddr>, ConfigError> {
