@@ -1,7 +1,6 @@
 //! `jvpn gateway`: the gateway node over a kernel TUN device and UDP sockets, with its
 //! admin socket, metrics and events, until Ctrl-C / SIGTERM.
 
-use std::net::UdpSocket;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +9,7 @@ use anyhow::{Context, Result};
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::Reporter;
 use jvpn_actors::supervisor::{ListSessions, NodeLimits, TerminateSession};
+use jvpn_actors::transport;
 use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::gateway::GatewayConfig;
 use jvpn_core::ids::{NodeId, SessionId};
@@ -33,10 +33,13 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     let mut signal = service::StopSignal::install()?;
     service::metrics(setup.metrics)?;
     let sink = service::event_sink(&setup.events)?;
+    // One socket per core on each address (SO_REUSEPORT): the kernel spreads the
+    // clients over them, and each client's session runs on the core that reads it.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut listen = Vec::new();
     for addr in &setup.listen {
-        listen.push(
-            UdpSocket::bind(addr)
+        listen.extend(
+            transport::bind_shared(*addr, cores)
                 .with_context(|| format!("cannot listen on {addr} (config key `listen`)"))?,
         );
     }
@@ -92,7 +95,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         device: Arc::new(device),
         reporter,
         limits: NodeLimits::default(),
-        arbiters: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        arbiters: cores,
     })
     .context("cannot start the gateway node")?;
     let supervisor = node.supervisor.clone();

@@ -6,6 +6,11 @@
 //! candidate → ATTACHED) within policy; the agent carries datagrams, path signals,
 //! tunnel packets and its one deadline timer to it, and publishes what it is doing on a
 //! [`watch`] channel ([`AgentStatus`]).
+//!
+//! The readers (one per candidate socket, and the TUN device's) may run on an arbiter of
+//! their own, so that reading overlaps with the agent's sealing and opening; the agent
+//! writes itself, with no further hop: sealed batches to the active candidate's socket,
+//! opened packets to the device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +32,10 @@ use crate::runtime::{
 };
 use crate::session::FromTunnel;
 use crate::telemetry;
-use crate::transport::{Deliver, Signal, TransportHandle, UdpTransport};
-use crate::tun::{TunActor, TunDevice, TunRoute, TunWrite};
+use crate::transport::{
+    Batch, Deliver, Incoming, PreparedUdp, Sent, Signal, TransportHandle, UdpTransport,
+};
+use crate::tun::{write_all, TunActor, TunDevice, TunRoute};
 
 /// What the agent does when its session ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +72,7 @@ pub struct AgentStatus {
 #[rtype(result = "()")]
 struct AgentInbound {
     via: TransportId,
-    datagrams: Vec<(SocketAddr, Bytes)>,
+    datagrams: Vec<Incoming>,
 }
 
 /// A path signal from one candidate transport.
@@ -139,7 +146,13 @@ pub struct ClientAgent {
     client: Client,
     on_end: OnSessionEnd,
     transports: Vec<(TransportId, SocketAddr, Addr<UdpTransport>, TransportHandle)>,
+    /// Where the readers run (the agent's own arbiter if `None`).
+    readers: Option<ArbiterHandle>,
     tun: Option<Addr<TunActor>>,
+    device: Option<Arc<dyn TunDevice>>,
+    /// Path signals from the agent's own sends, applied after the message that made them.
+    signals: Vec<(TransportId, Signal)>,
+    batch: Batch,
     reporter: Reporter,
     status: watch::Sender<AgentStatus>,
     timer: DeadlineTimer,
@@ -162,7 +175,7 @@ struct ToAgent {
 }
 
 impl Deliver for ToAgent {
-    fn datagrams(&self, _via: &TransportHandle, datagrams: Vec<(SocketAddr, Bytes)>) {
+    fn datagrams(&self, _via: &TransportHandle, datagrams: Vec<Incoming>) {
         let msg = AgentInbound {
             via: self.id,
             datagrams,
@@ -189,6 +202,21 @@ impl TunRoute for Addr<ClientAgent> {
     }
 }
 
+/// Starts the reader of `device`, handing what it reads to `agent`, on `arbiter` (the
+/// current one if `None`).
+fn start_tun_reader(
+    device: Arc<dyn TunDevice>,
+    agent: Addr<ClientAgent>,
+    arbiter: Option<&ArbiterHandle>,
+) -> Addr<TunActor> {
+    let route: Arc<dyn TunRoute> = Arc::new(agent);
+    let reader = TunActor::new(device, route);
+    match arbiter {
+        Some(arbiter) => reader.start_in(arbiter),
+        None => reader.start_supervised(),
+    }
+}
+
 /// What the agent was started with.
 pub struct AgentHandles {
     /// The agent.
@@ -200,9 +228,10 @@ pub struct AgentHandles {
 }
 
 impl ClientAgent {
-    /// Starts the agent, its transports (one supervised actor per candidate) and, given a
-    /// device, its TUN actor. Must run inside an actix system. Refuses more candidates
-    /// than the policy's `transport.max_candidate_count`, and none at all.
+    /// Starts the agent, its transports (one supervised reader per candidate) and, given
+    /// a device, its TUN reader; the readers run on `readers` (the current arbiter if
+    /// `None`). Must run inside an actix system. Refuses more candidates than the
+    /// policy's `transport.max_candidate_count`, and none at all.
     pub fn start(
         client: Client,
         candidates: Vec<Candidate>,
@@ -210,6 +239,7 @@ impl ClientAgent {
         reporter: Reporter,
         on_end: OnSessionEnd,
         mailbox: usize,
+        readers: Option<ArbiterHandle>,
     ) -> std::io::Result<AgentHandles> {
         let allowed = client.policy().max_candidate_count();
         if candidates.is_empty() || candidates.len() > allowed {
@@ -244,39 +274,35 @@ impl ClientAgent {
             gateway,
         } in candidates
         {
+            prepared.push((id, gateway, PreparedUdp::new(socket, 0)?));
+        }
+        let mut transports = Vec::with_capacity(prepared.len());
+        let mut actors = Vec::with_capacity(prepared.len());
+        for (id, gateway, transport) in prepared {
+            let handle = transport.handle();
             let deliver: Arc<dyn Deliver> = Arc::new(ToAgent {
                 agent: me.clone(),
                 id,
             });
-            let local = socket.local_addr()?;
-            prepared.push((
-                id,
-                gateway,
-                local,
-                UdpTransport::new(socket, true, deliver)?,
-            ));
-        }
-        let mut transports = Vec::with_capacity(prepared.len());
-        let mut actors = Vec::with_capacity(prepared.len());
-        for (id, gateway, local, transport) in prepared {
-            let addr = transport.start_supervised();
-            let handle = TransportHandle::new(
-                jvpn_core::ids::Protocol::Udp,
-                local,
-                addr.clone().recipient(),
-            );
+            let addr = match &readers {
+                Some(arbiter) => transport.start_in(arbiter, deliver),
+                None => transport.start(deliver),
+            };
             actors.push((id, addr.clone()));
             transports.push((id, gateway, addr, handle));
         }
-        let tun = device.map(|d| {
-            let route: Arc<dyn TunRoute> = Arc::new(me.clone());
-            TunActor::new(d, route).start_supervised()
-        });
+        let tun = device
+            .clone()
+            .map(|d| start_tun_reader(d, me.clone(), readers.as_ref()));
         let agent = ctx.run(ClientAgent {
             client,
             on_end,
             transports,
+            readers,
             tun,
+            device,
+            signals: Vec::new(),
+            batch: Batch::default(),
             reporter,
             status: status_tx,
             timer: DeadlineTimer::default(),
@@ -306,13 +332,34 @@ impl ClientAgent {
     }
 
     fn send(&mut self, via: TransportId, bytes: &[u8]) {
-        match self.transport(via) {
-            Some((_, gateway, _, handle)) => {
-                if handle.send(*gateway, Bytes::copy_from_slice(bytes)) {
-                    self.tx_bytes += bytes.len() as u64;
-                }
+        let sent = match self.transport(via) {
+            Some((_, gateway, _, handle)) => handle.send(*gateway, bytes),
+            None => {
+                telemetry::dropped("no_transport");
+                return;
             }
-            None => telemetry::dropped("no_transport"),
+        };
+        self.tx_bytes += bytes.len() as u64;
+        self.sent(via, sent);
+    }
+
+    /// Sends the sealed batch on `via`.
+    fn send_batch(&mut self, via: TransportId) {
+        let sent = match self.transport(via) {
+            Some((_, gateway, _, handle)) => handle.send_batch(*gateway, &self.batch),
+            None => {
+                telemetry::dropped_n("no_transport", self.batch.len());
+                return;
+            }
+        };
+        self.tx_bytes += self.batch.byte_len() as u64;
+        self.sent(via, sent);
+    }
+
+    /// Keeps the path signal a send carried, for after the message being handled.
+    fn sent(&mut self, via: TransportId, sent: Sent) {
+        if let Some(signal) = sent.signal() {
+            self.signals.push((via, signal));
         }
     }
 
@@ -410,6 +457,10 @@ impl ClientAgent {
             ctx.stop();
             return;
         }
+        for (via, signal) in std::mem::take(&mut self.signals) {
+            // Handled next, like a signal a reader reports.
+            ctx.notify(AgentSignal { via, signal });
+        }
         let next = self.client.next_deadline();
         self.timer.arm(ctx, next, |act, ctx| {
             act.timer.fired();
@@ -429,6 +480,7 @@ impl Actor for ClientAgent {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.status.send_modify(|s| s.stopped = true);
+        self.device = None;
         // Close the transports and the TUN: they stop reading and end once their last
         // address (held here and by the caller's handles) is gone. Unbounded sends on
         // purpose: one lifecycle message per actor, and their number is bounded.
@@ -446,14 +498,17 @@ impl Handler<AgentInbound> for ClientAgent {
 
     fn handle(&mut self, msg: AgentInbound, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
-        let mut to_tunnel = Vec::new();
-        for (_, datagram) in msg.datagrams {
+        let now = Instant::now();
+        for (_, mut datagram) in msg.datagrams {
             self.rx_bytes += datagram.len() as u64;
             match self
                 .client
-                .handle_datagram(msg.via, &datagram, Instant::now())
+                .handle_datagram_in_place(msg.via, &mut datagram, now)
             {
-                ClientReceived::ToTunnel(p) => to_tunnel.push(Bytes::copy_from_slice(p)),
+                ClientReceived::ToTunnel(p) => match &self.device {
+                    Some(device) => write_all(device.as_ref(), [p]),
+                    None => telemetry::dropped("no_device"),
+                },
                 ClientReceived::Consumed => {}
                 // Unauthenticated: anyone could send it, so it ends nothing by itself.
                 // A gateway that really lost the session stops answering, and the
@@ -461,9 +516,6 @@ impl Handler<AgentInbound> for ClientAgent {
                 ClientReceived::SessionUnknown => telemetry::dropped("session_unknown"),
                 ClientReceived::Dropped(_) => telemetry::dropped("client_drop"),
             }
-        }
-        if let (Some(tun), false) = (&self.tun, to_tunnel.is_empty()) {
-            offer(tun, ActorKind::Tun, TunWrite(to_tunnel));
         }
         self.settle(ctx);
     }
@@ -485,15 +537,20 @@ impl Handler<FromTunnel> for ClientAgent {
     fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let now = Instant::now();
-        for packet in msg.0 {
-            let sent = self
-                .client
-                .send_data(&packet, now)
-                .map(|t| (t.via, t.bytes.to_vec()));
-            match sent {
-                Ok((via, bytes)) => self.send(via, &bytes),
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        // Every packet goes to the active transport, which cannot change while this
+        // message is handled.
+        let mut via = None;
+        for packet in &msg.0 {
+            match batch.append(|out| self.client.seal_data_append(packet, now, out)) {
+                Ok(v) => via = Some(v),
                 Err(_) => telemetry::dropped("no_session"),
             }
+        }
+        self.batch = batch;
+        if let Some(via) = via {
+            self.send_batch(via);
         }
         self.settle(ctx);
     }
@@ -522,8 +579,12 @@ impl Handler<UseDevice> for ClientAgent {
         if let Some(old) = self.tun.take() {
             old.do_send(Close);
         }
-        let route: Arc<dyn TunRoute> = Arc::new(ctx.address());
-        self.tun = Some(TunActor::new(msg.0, route).start_supervised());
+        self.tun = Some(start_tun_reader(
+            Arc::clone(&msg.0),
+            ctx.address(),
+            self.readers.as_ref(),
+        ));
+        self.device = Some(msg.0);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Assembling a gateway node: the supervisor, the per-core arbiters its sessions run on,
-//! one supervised transport actor per listen socket, and the TUN actor.
+//! one supervised transport reader per listen socket (spread over those arbiters), and
+//! the TUN reader.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::runtime::{Close, Reporter};
 use crate::supervisor::{
     GatewayRouter, NodeLimits, NodeSupervisor, Registry, StopSessions, StopSupervisor,
 };
-use crate::transport::{Deliver, UdpTransport};
+use crate::transport::{Deliver, PreparedUdp, UdpTransport};
 use crate::tun::{TunActor, TunDevice, TunRoute};
 
 /// What a gateway node is made of.
@@ -22,7 +23,10 @@ pub struct GatewayNodeConfig {
     pub gateway: GatewayConfig,
     /// The session table.
     pub store: Arc<dyn SessionStore>,
-    /// Bound UDP sockets to listen on.
+    /// Bound UDP sockets to listen on. Socket `i` is read on session arbiter `i` modulo
+    /// their number, and the sessions whose handshake it reads run there too: bind one
+    /// socket per arbiter to each address ([`crate::transport::bind_shared`], with
+    /// SO_REUSEPORT) to spread the clients over the cores.
     pub listen: Vec<std::net::UdpSocket>,
     /// The tunnel device.
     pub device: Arc<dyn TunDevice>,
@@ -59,27 +63,34 @@ impl GatewayNode {
             ctx.address(),
             config.reporter.clone(),
         ));
+        let cores = config.arbiters.max(1);
         let mut prepared = Vec::with_capacity(config.listen.len());
-        for socket in config.listen {
+        for (i, socket) in config.listen.into_iter().enumerate() {
             let local = socket.local_addr()?;
-            let deliver: Arc<dyn Deliver> = router.clone();
-            prepared.push((local, UdpTransport::new(socket, false, deliver)?));
+            prepared.push((local, PreparedUdp::new(socket, i % cores)?));
         }
         let arbiters: Vec<Arbiter> = (0..config.arbiters).map(|_| Arbiter::new()).collect();
         let transports = prepared
             .into_iter()
-            .map(|(local, t)| (local, t.start_supervised()))
+            .map(|(local, t)| {
+                let deliver: Arc<dyn Deliver> = router.clone();
+                let reader = match arbiters.get(t.handle().core()) {
+                    Some(arbiter) => t.start_in(&arbiter.handle(), deliver),
+                    None => t.start(deliver),
+                };
+                (local, reader)
+            })
             .collect();
         let device = config.device;
         let route: Arc<dyn TunRoute> = router;
-        let tun = TunActor::new(device, route).start_supervised();
+        let tun = TunActor::new(Arc::clone(&device), route).start_supervised();
         let supervisor = ctx.run(NodeSupervisor::new(
             Responder::new(config.gateway, config.store),
             Arc::clone(&registry),
             arbiters.iter().map(Arbiter::handle).collect(),
             config.limits,
             config.reporter,
-            tun.clone().recipient(),
+            device,
         ));
         Ok(GatewayNode {
             supervisor,

@@ -1,11 +1,13 @@
 //! The gateway's session actor: one per session, owning the core [`GatewaySession`].
 //!
-//! Its mailbox is the only way to the session's state: packets from transport actors,
-//! packets from the TUN actor, its own deadline timer and operator commands all arrive
-//! as messages and are handled one at a time, so no mutation needs a lock. After each
-//! message the actor reports the session's events, re-arms its single timer at the
-//! core's next deadline, and stops once the session has terminated; the supervisor is
-//! told either way (see [`SessionStopped`]).
+//! Its mailbox is the only way to the session's state: packets from transport readers,
+//! packets from the TUN reader, its own deadline timer and operator commands all arrive
+//! as messages (a batch per message) and are handled one at a time, so no mutation
+//! needs a lock. The actor writes what a batch produces itself, with no further hop:
+//! opened packets to the TUN device, sealed ones to the socket of the client's binding
+//! as one batch. After each message it reports the session's events, re-arms its single
+//! timer at the core's next deadline, and stops once the session has terminated; the
+//! supervisor is told either way (see [`SessionStopped`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -13,22 +15,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use jvpn_core::crypto::Keypair;
 use jvpn_core::fsm::{State, TerminationCause};
 use jvpn_core::gateway::{Endpoint, GatewaySession, Received};
 use jvpn_core::ids::SessionId;
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::SessionStore;
-use jvpn_core::wire;
+use jvpn_core::wire::SessionHeader;
 
 use crate::runtime::{
-    offer_to, ActorKind, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter,
-    TransitionNote,
+    ActorKind, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter, TransitionNote,
 };
 use crate::telemetry;
-use crate::transport::TransportHandle;
-use crate::tun::TunWrite;
+use crate::transport::{Batch, TransportHandle};
+use crate::tun::{write_all, TunDevice};
 
 /// The transports a session remembers having heard its client on (to answer on the
 /// right socket). Bounded: the oldest is forgotten.
@@ -42,8 +43,8 @@ pub struct SessionEnv {
     pub keypair: Keypair,
     /// Where events go.
     pub reporter: Reporter,
-    /// The TUN actor.
-    pub tun: Recipient<TunWrite>,
+    /// The tunnel device, written by each session directly.
+    pub device: Arc<dyn TunDevice>,
     /// The supervisor, told when a session actor stops.
     pub supervisor: Recipient<SessionStopped>,
 }
@@ -54,8 +55,9 @@ pub struct SessionEnv {
 pub struct Inbound {
     /// The transport they came on (answers go back on it).
     pub via: TransportHandle,
-    /// The datagrams with their senders.
-    pub datagrams: Vec<(SocketAddr, Bytes)>,
+    /// The datagrams with their senders and their clear-text headers, parsed once by the
+    /// router (each is opened in place).
+    pub datagrams: Vec<(SocketAddr, SessionHeader, BytesMut)>,
 }
 
 /// IP packets from the TUN device for this session's client.
@@ -130,6 +132,8 @@ pub struct SessionActor {
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// Sealed packets of the message being handled, sent as one batch.
+    batch: Batch,
 }
 
 impl SessionActor {
@@ -154,6 +158,7 @@ impl SessionActor {
             recent: RecentTransitions::default(),
             rx_bytes: 0,
             tx_bytes: 0,
+            batch: Batch::default(),
         }
     }
 
@@ -232,8 +237,8 @@ impl Handler<Inbound> for SessionActor {
 
     fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
-        let mut to_tunnel = Vec::new();
-        for (addr, datagram) in msg.datagrams {
+        let env = Arc::clone(&self.env);
+        for (addr, header, mut datagram) in msg.datagrams {
             let Some(session) = self.session.as_mut() else {
                 return;
             };
@@ -242,32 +247,21 @@ impl Handler<Inbound> for SessionActor {
                 protocol: msg.via.protocol(),
                 addr,
             };
-            let Ok(wire::Datagram::Session {
-                header,
-                aad,
-                sealed,
-            }) = wire::parse(&datagram)
-            else {
-                telemetry::dropped("malformed");
-                continue;
-            };
-            let env = &self.env;
             let received = session.handle_packet(
                 env.store.as_ref(),
                 &env.keypair,
                 env.reporter.clock(),
                 from,
                 &header,
-                aad,
-                sealed,
+                &mut datagram,
                 Instant::now(),
             );
             match received {
                 Received::Reply(bytes) => {
                     self.tx_bytes += bytes.len() as u64;
-                    msg.via.send(addr, Bytes::copy_from_slice(bytes));
+                    msg.via.send(addr, bytes);
                 }
-                Received::ToTunnel(packet) => to_tunnel.push(Bytes::copy_from_slice(packet)),
+                Received::ToTunnel(packet) => write_all(env.device.as_ref(), [packet]),
                 Received::Consumed => {}
                 Received::Dropped(d) => {
                     telemetry::dropped(d.as_str());
@@ -276,9 +270,6 @@ impl Handler<Inbound> for SessionActor {
             }
             // Only an authentic packet teaches the actor a path to answer on.
             self.heard_on(from, &msg.via);
-        }
-        if !to_tunnel.is_empty() {
-            offer_to(&self.env.tun, ActorKind::Tun, TunWrite(to_tunnel));
         }
         self.settle(ctx);
     }
@@ -289,25 +280,43 @@ impl Handler<FromTunnel> for SessionActor {
 
     fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
-        for packet in msg.0 {
+        let now = Instant::now();
+        let mut to: Option<Endpoint> = None;
+        self.batch.clear();
+        for packet in &msg.0 {
             let Some(session) = self.session.as_mut() else {
-                return;
+                break;
             };
-            match session.seal_data(self.env.store.as_ref(), &packet, Instant::now()) {
-                Ok((to, bytes)) => {
-                    self.tx_bytes += bytes.len() as u64;
-                    let bytes = Bytes::copy_from_slice(bytes);
-                    match transport_for(&self.paths, to) {
-                        Some(t) => {
-                            t.send(to.addr, bytes);
-                        }
-                        None => telemetry::dropped("no_transport"),
-                    }
-                }
+            let store = self.env.store.as_ref();
+            // Every packet goes to the binding, which cannot move while this message is
+            // handled (only an inbound packet moves it).
+            match self
+                .batch
+                .append(|out| session.seal_data_append(store, packet, now, out))
+            {
+                Ok(endpoint) => to = Some(endpoint),
                 Err(d) => telemetry::dropped(d.as_str()),
             }
         }
+        self.flush(to);
         self.settle(ctx);
+    }
+}
+
+impl SessionActor {
+    /// Sends the sealed batch to `to`, on the transport the client was heard on there.
+    fn flush(&mut self, to: Option<Endpoint>) {
+        if self.batch.is_empty() {
+            return;
+        }
+        match to.and_then(|to| transport_for(&self.paths, to).map(|t| (to, t))) {
+            Some((to, t)) => {
+                self.tx_bytes += self.batch.byte_len() as u64;
+                t.send_batch(to.addr, &self.batch);
+            }
+            None => telemetry::dropped_n("no_transport", self.batch.len()),
+        }
+        self.batch.clear();
     }
 }
 
@@ -324,7 +333,6 @@ impl Handler<Terminate> for SessionActor {
         let now = Instant::now();
         if msg.0 == TerminationCause::Operator {
             if let Some((to, bytes)) = session.seal_terminate(ReasonCode::OperatorTerminated, now) {
-                let bytes = Bytes::copy_from_slice(bytes);
                 if let Some(t) = transport_for(&self.paths, to) {
                     t.send(to.addr, bytes);
                 }

@@ -13,17 +13,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use actix::prelude::*;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use jvpn_core::fsm::TerminationCause;
 use jvpn_core::gateway::{
-    destination_address, Drop as CoreDrop, EndedSessions, Endpoint, GatewaySession, Responder,
+    Drop as CoreDrop, Endpoint, GatewaySession, Registration, Responder, Router, Unknown,
 };
 use jvpn_core::ids::SessionId;
-use jvpn_core::wire::{self, encode_session_unknown, Datagram};
+use jvpn_core::wire::{self, Datagram};
 
 use crate::runtime::{offer, ActorKind, Handling, Reporter};
 use crate::session::{
@@ -31,8 +31,8 @@ use crate::session::{
     Terminate,
 };
 use crate::telemetry;
-use crate::transport::{Deliver, Signal, TransportHandle};
-use crate::tun::{TunRoute, TunWrite};
+use crate::transport::{Deliver, Incoming, Signal, TransportHandle};
+use crate::tun::{TunDevice, TunRoute};
 
 /// How often one session may be restarted after its actor stopped unexpectedly.
 pub const MAX_SESSION_RESTARTS: u32 = 3;
@@ -55,61 +55,43 @@ impl Default for NodeLimits {
     }
 }
 
-/// Session id → actor and tunnel address → actor, plus the ended sessions.
+/// The node's router (core [`Router`]: session id → actor, tunnel address → actor, the
+/// ended sessions), shared by the supervisor, which registers and releases sessions,
+/// and the packet readers, which route by it.
 #[derive(Default)]
 pub struct Registry {
-    sessions: RwLock<HashMap<SessionId, Addr<SessionActor>>>,
-    tunnels: RwLock<HashMap<IpAddr, (SessionId, Addr<SessionActor>)>>,
-    ended: Mutex<EndedSessions>,
+    router: RwLock<Router<Addr<SessionActor>>>,
 }
 
 impl Registry {
+    /// Reads the router (a poisoned lock is still read: its maps stay consistent, as
+    /// every writer only inserts or removes whole entries).
+    pub fn read(&self) -> RwLockReadGuard<'_, Router<Addr<SessionActor>>> {
+        self.router.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Router<Addr<SessionActor>>> {
+        self.router.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The actor of session `id`.
     pub fn session(&self, id: SessionId) -> Option<Addr<SessionActor>> {
-        self.sessions.read().ok()?.get(&id).cloned()
+        self.read().get(id).cloned()
     }
 
     /// The actor of the session owning tunnel address `addr`.
     pub fn by_tunnel(&self, addr: IpAddr) -> Option<Addr<SessionActor>> {
-        self.tunnels.read().ok()?.get(&addr).map(|(_, a)| a.clone())
-    }
-
-    /// Offers `msg` to session `id`'s actor through the registry's own address (actix
-    /// bounds a mailbox per sender: a fresh clone per message would bypass the bound).
-    /// `None`: no such session.
-    pub fn offer_session<M>(&self, id: SessionId, msg: M) -> Option<bool>
-    where
-        SessionActor: Handler<M>,
-        M: Message + Send + 'static,
-        M::Result: Send,
-    {
-        let map = self.sessions.read().ok()?;
-        map.get(&id).map(|a| offer(a, ActorKind::Session, msg))
-    }
-
-    /// Like [`Registry::offer_session`], to the session owning tunnel address `addr`.
-    pub fn offer_tunnel<M>(&self, addr: IpAddr, msg: M) -> Option<bool>
-    where
-        SessionActor: Handler<M>,
-        M: Message + Send + 'static,
-        M::Result: Send,
-    {
-        let map = self.tunnels.read().ok()?;
-        map.get(&addr)
-            .map(|(_, a)| offer(a, ActorKind::Session, msg))
+        self.read().by_tunnel(addr).map(|(_, a)| a.clone())
     }
 
     /// Every registered session.
     pub fn sessions(&self) -> Vec<(SessionId, Addr<SessionActor>)> {
-        self.sessions
-            .read()
-            .map(|m| m.iter().map(|(id, a)| (*id, a.clone())).collect())
-            .unwrap_or_default()
+        self.read().iter().map(|(id, a)| (id, a.clone())).collect()
     }
 
     /// How many sessions are registered.
     pub fn len(&self) -> usize {
-        self.sessions.read().map(|m| m.len()).unwrap_or(0)
+        self.read().len()
     }
 
     /// Whether none is.
@@ -117,34 +99,9 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Registers session `id`'s actor as the owner of `tunnel`. A new session takes the
-    /// address (from the session it replaces); a restarted one only if no other session
-    /// holds it, so it never takes the address from a newer session.
-    fn insert(&self, id: SessionId, tunnel: IpAddr, addr: Addr<SessionActor>, restarted: bool) {
-        if let Ok(mut m) = self.sessions.write() {
-            m.insert(id, addr.clone());
-        }
-        if let Ok(mut m) = self.tunnels.write() {
-            let held_by_other = m.get(&tunnel).is_some_and(|(owner, _)| *owner != id);
-            if !(restarted && held_by_other) {
-                m.insert(tunnel, (id, addr));
-            }
-        }
-    }
-
-    fn remove(&self, id: SessionId, tunnel: IpAddr, cause: Option<TerminationCause>) {
-        if let Ok(mut m) = self.sessions.write() {
-            m.remove(&id);
-        }
-        if let Ok(mut m) = self.tunnels.write() {
-            // A newer session of the same client may own the address already.
-            if m.get(&tunnel).is_some_and(|(owner, _)| *owner == id) {
-                m.remove(&tunnel);
-            }
-        }
-        if let Ok(mut e) = self.ended.lock() {
-            e.remember(id, cause);
-        }
+    /// Judges a packet of a session that is not live (see [`Router::unknown`]).
+    pub fn unknown(&self, header: &wire::SessionHeader, from: Endpoint, now: Instant) -> Unknown {
+        self.write().unknown(header, from, now)
     }
 }
 
@@ -197,10 +154,9 @@ pub struct NodeSupervisor {
     responder: Responder,
     registry: Arc<Registry>,
     arbiters: Vec<ArbiterHandle>,
-    next_arbiter: usize,
     limits: NodeLimits,
     reporter: Reporter,
-    tun: Recipient<TunWrite>,
+    device: Arc<dyn TunDevice>,
     env: Option<Arc<SessionEnv>>,
     /// Sessions told to end, with why: if the actor stops before it handled the command
     /// (a crash with the command still queued), the session is ended with this cause
@@ -211,24 +167,24 @@ pub struct NodeSupervisor {
 }
 
 impl NodeSupervisor {
-    /// A supervisor answering handshakes with `responder`, starting sessions on
-    /// `arbiters` in turn (the current one if empty).
+    /// A supervisor answering handshakes with `responder`, starting each session on the
+    /// arbiter of `arbiters` that reads the transport its handshake came on (the current
+    /// one if empty); its sessions write to `device`.
     pub fn new(
         responder: Responder,
         registry: Arc<Registry>,
         arbiters: Vec<ArbiterHandle>,
         limits: NodeLimits,
         reporter: Reporter,
-        tun: Recipient<TunWrite>,
+        device: Arc<dyn TunDevice>,
     ) -> Self {
         NodeSupervisor {
             responder,
             registry,
             arbiters,
-            next_arbiter: 0,
             limits,
             reporter,
-            tun,
+            device,
             env: None,
             ending: HashMap::new(),
             stopping: false,
@@ -246,19 +202,26 @@ impl NodeSupervisor {
         };
         let id = session.id();
         let tunnel = session.tunnel().addr;
+        let client = session.client();
         let capacity = self.limits.session_mailbox;
+        // Pinned to the core that reads the client's path: its packets cross no thread.
+        let core = paths.front().map_or(0, |(_, t)| t.core());
         let make = move |ctx: &mut Context<SessionActor>| {
             ctx.set_mailbox_capacity(capacity);
             SessionActor::new(session, env, paths, restarts)
         };
-        let addr = if self.arbiters.is_empty() {
-            SessionActor::create(make)
-        } else {
-            let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
-            self.next_arbiter = self.next_arbiter.wrapping_add(1);
-            SessionActor::start_in_arbiter(arbiter, make)
+        let addr = match self.arbiters.get(core).or(self.arbiters.first()) {
+            Some(arbiter) => SessionActor::start_in_arbiter(arbiter, make),
+            None => SessionActor::create(make),
         };
-        self.registry.insert(id, tunnel, addr, restarts > 0);
+        let how = if restarts > 0 {
+            Registration::Restarted
+        } else {
+            Registration::New
+        };
+        self.registry
+            .write()
+            .register(id, tunnel, client, addr, how);
     }
 }
 
@@ -271,14 +234,15 @@ impl Actor for NodeSupervisor {
             store: Arc::clone(self.responder.store()),
             keypair: self.responder.keypair().clone(),
             reporter: self.reporter.clone(),
-            tun: self.tun.clone(),
+            device: Arc::clone(&self.device),
             supervisor: ctx.address().recipient(),
         }));
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        // Let go of the TUN actor and of our own address (held by the sessions' shared
-        // environment), so that the actors closed by the node's stop can end.
+        // Let go of the TUN device and of our own address (held by the sessions' shared
+        // environment), so that the actors closed by the node's stop can end and the
+        // device with them.
         self.env = None;
     }
 }
@@ -310,7 +274,7 @@ impl Handler<Handshake> for NodeSupervisor {
         {
             Ok((accepted, reply)) => {
                 telemetry::handshake(None);
-                msg.via.send(msg.from, Bytes::copy_from_slice(reply));
+                msg.via.send(msg.from, reply);
                 // One session per client: the new one replaces the old explicitly.
                 if let Some(old) = accepted.replaces {
                     self.end_session(old, TerminationCause::Peer);
@@ -333,7 +297,7 @@ impl Handler<SessionStopped> for NodeSupervisor {
     fn handle(&mut self, msg: SessionStopped, _ctx: &mut Context<Self>) {
         let told = self.ending.remove(&msg.id);
         let Some(session) = msg.unfinished else {
-            self.release(msg.id, &msg.client, msg.tunnel, msg.ended_by);
+            self.release(msg.id, msg.ended_by);
             return;
         };
         // The actor stopped unexpectedly. It is restarted unless the session was being
@@ -351,7 +315,7 @@ impl Handler<SessionStopped> for NodeSupervisor {
             }
             Some(cause) => {
                 let ended_by = self.end_here(session, cause, &msg.paths);
-                self.release(msg.id, &msg.client, msg.tunnel, ended_by);
+                self.release(msg.id, ended_by);
             }
         }
     }
@@ -386,7 +350,7 @@ impl NodeSupervisor {
                 session.seal_terminate(jvpn_core::reason::ReasonCode::OperatorTerminated, now)
             {
                 if let Some((_, t)) = paths.iter().find(|(e, _)| *e == to) {
-                    t.send(to.addr, Bytes::copy_from_slice(bytes));
+                    t.send(to.addr, bytes);
                 }
             }
         }
@@ -399,21 +363,10 @@ impl NodeSupervisor {
         // The session's keys are zeroized as it drops here.
     }
 
-    /// Releases everything an ended session held: registry entries, tunnel address,
-    /// the client's slot, its table record (when this node owns it).
-    fn release(
-        &mut self,
-        id: SessionId,
-        client: &jvpn_core::crypto::PublicKey,
-        tunnel: IpAddr,
-        cause: Option<TerminationCause>,
-    ) {
-        self.registry.remove(id, tunnel, cause);
-        self.responder.session_ended(client, id);
-        let store = self.responder.store();
-        if let Some(record) = store.get(id).filter(|r| &r.owner == self.reporter.node()) {
-            let _ = store.remove(id, record.state_version);
-        }
+    /// Releases everything an ended session held (see [`Responder::release`]).
+    fn release(&mut self, id: SessionId, cause: Option<TerminationCause>) {
+        self.responder
+            .release(&mut self.registry.write(), id, cause);
     }
 }
 
@@ -471,7 +424,8 @@ impl Handler<ListSessions> for NodeSupervisor {
 
 /// Routes what the gateway's transports and TUN device read: session packets to their
 /// session by the header's id, handshakes to the supervisor, tunnel packets to the
-/// session owning their destination.
+/// session owning their destination. Each datagram is parsed once, here; the session
+/// opens it in place.
 pub struct GatewayRouter {
     registry: Arc<Registry>,
     supervisor: Addr<NodeSupervisor>,
@@ -499,84 +453,78 @@ impl GatewayRouter {
             protocol: via.protocol(),
             addr: from,
         };
-        let judged = self
-            .registry
-            .ended
-            .lock()
-            .map(|mut e| e.judge(header, endpoint, Instant::now()));
-        if let Ok((drop, event)) = judged {
-            telemetry::dropped(drop.as_str());
-            if let Some(event) = event {
-                self.reporter.report(header.session_id, event);
-            }
+        let unknown = self.registry.unknown(header, endpoint, Instant::now());
+        telemetry::dropped(unknown.drop.as_str());
+        if let Some(event) = unknown.event {
+            self.reporter.report(header.session_id, event);
         }
-        via.send(
-            from,
-            Bytes::copy_from_slice(&encode_session_unknown(header.session_id)),
-        );
+        via.send(from, &unknown.reply);
     }
 }
 
 /// Consecutive datagrams of one session, gathered into one mailbox message.
-struct Run {
-    id: SessionId,
-    datagrams: Vec<(SocketAddr, Bytes)>,
-}
-
-fn flush(registry: &Registry, run: Option<Run>, via: &TransportHandle) {
-    if let Some(run) = run {
-        let inbound = Inbound {
-            via: via.clone(),
-            datagrams: run.datagrams,
-        };
-        if registry.offer_session(run.id, inbound) != Some(true) {
-            telemetry::dropped("session_busy");
-        }
-    }
-}
+type Run = (SessionId, Vec<(SocketAddr, wire::SessionHeader, BytesMut)>);
 
 impl Deliver for GatewayRouter {
-    fn datagrams(&self, via: &TransportHandle, batch: Vec<(SocketAddr, Bytes)>) {
-        let mut run: Option<Run> = None;
-        for (from, datagram) in batch {
-            let session = match wire::parse(&datagram) {
-                Ok(Datagram::Session { header, .. }) => Some(header),
-                Ok(Datagram::HandshakeInit { .. }) => {
-                    let handshake = Handshake {
-                        via: via.clone(),
-                        from,
-                        datagram: datagram.clone(),
-                    };
-                    if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
-                        telemetry::dropped("handshake_busy");
-                    }
-                    None
-                }
-                Ok(_) => {
-                    telemetry::dropped(CoreDrop::Unexpected.as_str());
-                    None
-                }
-                Err(_) => {
-                    telemetry::dropped(CoreDrop::Malformed.as_str());
-                    None
+    fn datagrams(&self, via: &TransportHandle, batch: Vec<Incoming>) {
+        let mut unknown = Vec::new();
+        {
+            let router = self.registry.read();
+            let flush = |run: Option<Run>| {
+                let Some((id, datagrams)) = run else { return };
+                let inbound = Inbound {
+                    via: via.clone(),
+                    datagrams,
+                };
+                // Offered through the router's own address: actix bounds a mailbox per
+                // sender, so a fresh clone per message would bypass the bound.
+                let taken = router
+                    .get(id)
+                    .is_some_and(|a| offer(a, ActorKind::Session, inbound));
+                if !taken {
+                    telemetry::dropped("session_busy");
                 }
             };
-            let Some(header) = session else { continue };
-            if let Some(r) = run.as_mut().filter(|r| r.id == header.session_id) {
-                r.datagrams.push((from, datagram));
-                continue;
+            let mut run: Option<Run> = None;
+            for (from, datagram) in batch {
+                let header = match wire::parse(&datagram) {
+                    Ok(Datagram::Session { header, .. }) => header,
+                    Ok(Datagram::HandshakeInit { .. }) => {
+                        let handshake = Handshake {
+                            via: via.clone(),
+                            from,
+                            datagram: datagram.freeze(),
+                        };
+                        if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
+                            telemetry::dropped("handshake_busy");
+                        }
+                        continue;
+                    }
+                    Ok(_) => {
+                        telemetry::dropped(CoreDrop::Unexpected.as_str());
+                        continue;
+                    }
+                    Err(_) => {
+                        telemetry::dropped(CoreDrop::Malformed.as_str());
+                        continue;
+                    }
+                };
+                if let Some(r) = run.as_mut().filter(|r| r.0 == header.session_id) {
+                    r.1.push((from, header, datagram));
+                    continue;
+                }
+                flush(run.take());
+                if router.contains(header.session_id) {
+                    run = Some((header.session_id, vec![(from, header, datagram)]));
+                } else {
+                    unknown.push((from, header));
+                }
             }
-            flush(&self.registry, run.take(), via);
-            if self.registry.session(header.session_id).is_some() {
-                run = Some(Run {
-                    id: header.session_id,
-                    datagrams: vec![(from, datagram)],
-                });
-            } else {
-                self.unknown(via, from, &header);
-            }
+            flush(run);
         }
-        flush(&self.registry, run, via);
+        for (from, header) in unknown {
+            self.unknown(via, from, &header);
+        }
     }
 
     fn signal(&self, _via: &TransportHandle, _signal: Signal) {
@@ -586,35 +534,34 @@ impl Deliver for GatewayRouter {
     }
 }
 
-impl GatewayRouter {
-    fn to_session(&self, dst: IpAddr, packets: Vec<Bytes>) {
-        match self.registry.offer_tunnel(dst, FromTunnel(packets)) {
-            Some(true) => {}
-            Some(false) => telemetry::dropped("session_busy"),
-            None => telemetry::dropped(CoreDrop::NoRoute.as_str()),
-        }
-    }
-}
-
 impl TunRoute for GatewayRouter {
     fn packets(&self, batch: Vec<Bytes>) {
-        let mut run: Option<(IpAddr, Vec<Bytes>)> = None;
+        let router = self.registry.read();
+        let flush = |run: Option<(SessionId, Vec<Bytes>)>| {
+            let Some((id, packets)) = run else { return };
+            let taken = router
+                .get(id)
+                .is_some_and(|a| offer(a, ActorKind::Session, FromTunnel(packets)));
+            if !taken {
+                telemetry::dropped("session_busy");
+            }
+        };
+        let mut run: Option<(SessionId, Vec<Bytes>)> = None;
         for packet in batch {
-            let Some(dst) = destination_address(&packet) else {
-                telemetry::dropped(CoreDrop::Malformed.as_str());
-                continue;
+            let id = match router.route_tunnel_packet(&packet) {
+                Ok((id, _)) => id,
+                Err(d) => {
+                    telemetry::dropped(d.as_str());
+                    continue;
+                }
             };
-            if let Some(r) = run.as_mut().filter(|r| r.0 == dst) {
+            if let Some(r) = run.as_mut().filter(|r| r.0 == id) {
                 r.1.push(packet);
                 continue;
             }
-            if let Some((to, packets)) = run.take() {
-                self.to_session(to, packets);
-            }
-            run = Some((dst, vec![packet]));
+            flush(run.take());
+            run = Some((id, vec![packet]));
         }
-        if let Some((to, packets)) = run {
-            self.to_session(to, packets);
-        }
+        flush(run);
     }
 }

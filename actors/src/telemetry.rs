@@ -280,17 +280,47 @@ impl Direction {
     }
 }
 
-/// One packet of `bytes` on a transport of `protocol`.
-pub fn packet(direction: Direction, protocol: Protocol, bytes: usize) {
+/// `count` packets of `bytes` bytes in all, on a transport of `protocol`.
+pub fn packets(direction: Direction, protocol: Protocol, count: usize, bytes: usize) {
     let (d, p) = (direction.as_str(), protocol.as_str());
-    metrics::counter!("jvpn_packets_total", "direction" => d, "protocol" => p).increment(1);
+    metrics::counter!("jvpn_packets_total", "direction" => d, "protocol" => p)
+        .increment(count as u64);
     metrics::counter!("jvpn_bytes_total", "direction" => d, "protocol" => p)
         .increment(bytes as u64);
 }
 
+/// The packet and byte counters of one direction and protocol, looked up once (a
+/// transport's sends count through it without a registry lookup per send).
+pub struct TrafficMeter {
+    packets: metrics::Counter,
+    bytes: metrics::Counter,
+}
+
+impl TrafficMeter {
+    /// The counters of `direction` and `protocol`, from the recorder installed now.
+    pub fn new(direction: Direction, protocol: Protocol) -> Self {
+        let (d, p) = (direction.as_str(), protocol.as_str());
+        TrafficMeter {
+            packets: metrics::counter!("jvpn_packets_total", "direction" => d, "protocol" => p),
+            bytes: metrics::counter!("jvpn_bytes_total", "direction" => d, "protocol" => p),
+        }
+    }
+
+    /// Counts `count` packets of `bytes` bytes in all.
+    pub fn record(&self, count: usize, bytes: usize) {
+        self.packets.increment(count as u64);
+        self.bytes.increment(bytes as u64);
+    }
+}
+
 /// A dropped packet, by its reason's stable label.
 pub fn dropped(reason: &'static str) {
-    metrics::counter!("jvpn_packets_dropped_total", "reason" => reason).increment(1);
+    dropped_n(reason, 1);
+}
+
+/// `count` dropped packets, by their reason's stable label.
+pub fn dropped_n(reason: &'static str, count: usize) {
+    metrics::counter!("jvpn_packets_dropped_total", "reason" => reason).increment(count as u64);
 }
 
 #[cfg(test)]
@@ -412,9 +442,9 @@ mod tests {
     #[test]
     fn traffic_and_drops_are_counted_by_closed_label_sets() {
         let text = render(|| {
-            packet(Direction::Tx, Protocol::Udp, 1_436);
-            packet(Direction::Tx, Protocol::Udp, 100);
-            packet(Direction::Rx, Protocol::Tcp, 64);
+            packets(Direction::Tx, Protocol::Udp, 1, 1_436);
+            TrafficMeter::new(Direction::Tx, Protocol::Udp).record(1, 100);
+            packets(Direction::Rx, Protocol::Tcp, 1, 64);
             dropped("replay");
             handshake(Some("unauthorized_client"));
         });

@@ -1,51 +1,53 @@
-//! Transport actors: one per socket or connection. They move datagrams between the wire
-//! and whoever routes them ([`Deliver`]), and report what the socket tells them about the
-//! path (send errors, ICMP unreachable) as [`Signal`]s. They never decide policy.
+//! UDP transports: one reader actor per socket, and a [`TransportHandle`] through which
+//! sessions write to the socket themselves.
 //!
-//! A session sees a transport only as a [`TransportHandle`] (its protocol and a mailbox
-//! taking [`Transmit`]), so QUIC or TCP transports fit in beside UDP by handling the same
-//! message; nothing in a session actor names a socket type.
+//! The reader reads whole batches (recvmmsg, and UDP GRO where the kernel coalesces) and
+//! hands them to whoever routes them ([`Deliver`]); it reports what the socket says
+//! about the path (ICMP unreachable, recovery) as [`Signal`]s and never decides policy.
+//! Writes take no actor hop: a session seals a batch and sends it on the shared
+//! non-blocking socket in as few system calls as the kernel allows (UDP GSO: one call
+//! for a run of equal-sized datagrams; sendmsg per datagram otherwise). A send never
+//! waits: a full socket buffer drops the datagram, as a congested link would, and
+//! counts it.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use bytes::Bytes;
+use bytes::BytesMut;
 use jvpn_core::ids::Protocol;
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::runtime::{offer_to, ActorKind, Close, Crash, Handling};
-use crate::telemetry::{self, Direction};
+use crate::runtime::{ActorKind, Close, Crash};
+use crate::telemetry::{self, Direction, TrafficMeter};
 
-/// The most datagrams one wakeup reads before handing them on: one mailbox message
-/// carries them all, and the bound keeps one busy socket from starving the others.
-pub const READ_BATCH: usize = 64;
+/// Datagram slots one read asks the kernel for (recvmmsg); with GRO each slot may hold
+/// many datagrams of one sender.
+pub const READ_SLOTS: usize = 32;
 
-/// Mailbox capacity of a transport actor: a gateway socket carries every session's
-/// bursts (each up to a read batch of sealed packets), so it holds many batches.
-pub const TRANSPORT_MAILBOX: usize = 16 * READ_BATCH;
+/// Size of one read slot: the largest datagram, or a GRO run of datagrams.
+pub const SLOT_BYTES: usize = 65_535;
 
-/// The largest datagram read (anything longer is truncated by the kernel and then
-/// refused as malformed).
-pub const MAX_DATAGRAM: usize = 65_535;
+/// The socket buffer sizes asked for (SO_RCVBUF / SO_SNDBUF, forced past the sysctl
+/// maximum when the process may): the 208 KiB default overflows under a TCP flow through
+/// the tunnel, and every overflow is a loss the tunnelled TCP must recover from.
+pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// A datagram for a transport to send.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Transmit {
-    /// The peer (ignored by a connected transport, which has exactly one).
-    pub to: SocketAddr,
-    /// The datagram.
-    pub bytes: Bytes,
-}
+/// The most bytes one GSO send carries (the kernel's limit for one UDP payload).
+const MAX_GSO_BYTES: usize = 65_000;
 
-/// A transport as a session sees it.
+/// A transport as a session sees it: its protocol, where it is bound, the core (arbiter
+/// index) that reads it, and the socket to write to.
 #[derive(Clone)]
 pub struct TransportHandle {
     protocol: Protocol,
     local: SocketAddr,
-    tx: Recipient<Transmit>,
+    core: usize,
+    sender: Arc<UdpSender>,
 }
 
 impl std::fmt::Debug for TransportHandle {
@@ -54,16 +56,13 @@ impl std::fmt::Debug for TransportHandle {
     }
 }
 
-impl TransportHandle {
-    /// A handle on a transport actor of `protocol`, bound at `local`.
-    pub fn new(protocol: Protocol, local: SocketAddr, tx: Recipient<Transmit>) -> Self {
-        TransportHandle {
-            protocol,
-            local,
-            tx,
-        }
+impl PartialEq for TransportHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.sender, &other.sender)
     }
+}
 
+impl TransportHandle {
     /// The transport's protocol.
     pub fn protocol(&self) -> Protocol {
         self.protocol
@@ -74,15 +73,170 @@ impl TransportHandle {
         self.local
     }
 
-    /// Hands `bytes` to the transport for `to` without waiting; returns whether its
-    /// mailbox took them (a refusal is counted, as a mailbox refusal and as a dropped
-    /// packet, `transport_busy`).
-    pub fn send(&self, to: SocketAddr, bytes: Bytes) -> bool {
-        let taken = offer_to(&self.tx, ActorKind::Transport, Transmit { to, bytes });
-        if !taken {
-            telemetry::dropped("transport_busy");
+    /// The index of the arbiter that reads it (sessions are pinned to it).
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    /// Sends one datagram to `to`.
+    pub fn send(&self, to: SocketAddr, datagram: &[u8]) -> Sent {
+        self.sender.send(to, datagram, datagram.len())
+    }
+
+    /// Sends the datagrams of `batch` to `to`, each run of equal-sized datagrams (the
+    /// last of a run may be shorter) in one call where the kernel has UDP GSO. Returns
+    /// the outcome of the last call that changed the path's state, if any did.
+    pub fn send_batch(&self, to: SocketAddr, batch: &Batch) -> Sent {
+        let mut outcome = Sent::Ok;
+        let gso = self.sender.state.max_gso_segments().max(1);
+        let mut start = 0;
+        while start < batch.lens.len() {
+            let stride = batch.lens[start];
+            // A GSO send is one UDP payload of at most 64 KiB.
+            let max = gso.min(MAX_GSO_BYTES / stride.max(1)).max(1);
+            let mut end = start + 1;
+            while end < batch.lens.len() && end - start < max && batch.lens[end - 1] == stride {
+                if batch.lens[end] > stride {
+                    break;
+                }
+                end += 1;
+            }
+            let from = batch.offsets[start];
+            let to_byte = batch.offsets[end - 1] + batch.lens[end - 1];
+            let sent = self.sender.send(to, &batch.bytes[from..to_byte], stride);
+            if sent != Sent::Ok {
+                outcome = sent;
+            }
+            start = end;
         }
-        taken
+        outcome
+    }
+}
+
+/// What a send did to the path, as far as the caller needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Sent (or dropped for a full buffer, counted), and nothing changed.
+    Ok,
+    /// The first failure after a working path (no route, interface down, refused by a
+    /// firewall): a path signal for the session.
+    Failed(io::ErrorKind),
+    /// The first success after failures.
+    Recovered,
+}
+
+/// Sealed datagrams to send together: contiguous bytes and each datagram's extent.
+/// Reused across messages, so the hot path allocates nothing once warm.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    offsets: Vec<usize>,
+    lens: Vec<usize>,
+}
+
+impl Batch {
+    /// Appends a datagram.
+    pub fn push(&mut self, datagram: &[u8]) {
+        self.offsets.push(self.bytes.len());
+        self.lens.push(datagram.len());
+        self.bytes.extend_from_slice(datagram);
+    }
+
+    /// Appends the datagram `seal` writes at the end of the buffer it is given; nothing
+    /// is kept if it fails or writes nothing.
+    pub fn append<T, E>(
+        &mut self,
+        seal: impl FnOnce(&mut Vec<u8>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let start = self.bytes.len();
+        let sealed = seal(&mut self.bytes);
+        if sealed.is_ok() && self.bytes.len() > start {
+            self.offsets.push(start);
+            self.lens.push(self.bytes.len() - start);
+        } else {
+            self.bytes.truncate(start);
+        }
+        sealed
+    }
+
+    /// The bytes of all its datagrams.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// How many datagrams it holds.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Empties it, keeping its memory.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.offsets.clear();
+        self.lens.clear();
+    }
+}
+
+/// The writing half of a socket, shared by every session that answers on it.
+struct UdpSender {
+    socket: std::net::UdpSocket,
+    state: UdpSocketState,
+    /// Whether the last send or read found the path broken: a change is a signal.
+    failing: AtomicBool,
+    meter: TrafficMeter,
+}
+
+impl UdpSender {
+    fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> Sent {
+        let transmit = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        let count = contents.len().div_ceil(segment.max(1));
+        match self
+            .state
+            .try_send(UdpSockRef::from(&self.socket), &transmit)
+        {
+            Ok(()) => {
+                self.meter.record(count, contents.len());
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    return Sent::Recovered;
+                }
+                Sent::Ok
+            }
+            // The socket's buffer is full: drop, as a congested link would.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                telemetry::dropped_n("send_busy", count);
+                Sent::Ok
+            }
+            // The kernel refused segmentation offload (quinn-udp turned GSO off for
+            // this socket): send the segments one by one.
+            Err(_) if transmit.segment_size.is_some() && self.state.max_gso_segments() == 1 => {
+                let mut outcome = Sent::Ok;
+                for one in contents.chunks(segment) {
+                    let sent = self.send(to, one, one.len());
+                    if sent != Sent::Ok {
+                        outcome = sent;
+                    }
+                }
+                outcome
+            }
+            Err(e) => {
+                telemetry::dropped_n("send_failed", count);
+                if self.failing.swap(true, Ordering::Relaxed) {
+                    return Sent::Ok;
+                }
+                Sent::Failed(e.kind())
+            }
+        }
     }
 }
 
@@ -93,109 +247,196 @@ pub enum Signal {
     SendFailed(io::ErrorKind),
     /// The peer's host or port is unreachable (ICMP, reported by a connected socket).
     Unreachable,
-    /// Sending works again after a failure.
+    /// The path works again after a failure.
     Recovered,
 }
+
+impl Sent {
+    /// The path signal this outcome carries, if any.
+    pub fn signal(self) -> Option<Signal> {
+        match self {
+            Sent::Ok => None,
+            Sent::Failed(kind) => Some(Signal::SendFailed(kind)),
+            Sent::Recovered => Some(Signal::Recovered),
+        }
+    }
+}
+
+/// One datagram read: its sender and its bytes (mutable: sessions open it in place).
+pub type Incoming = (SocketAddr, BytesMut);
 
 /// Where a transport hands what it reads. Implementations route and never block.
 pub trait Deliver: Send + Sync + 'static {
     /// Datagrams read in one wakeup, in arrival order, with their senders.
-    fn datagrams(&self, via: &TransportHandle, batch: Vec<(SocketAddr, Bytes)>);
+    fn datagrams(&self, via: &TransportHandle, batch: Vec<Incoming>);
     /// A change in what the socket says about the path.
     fn signal(&self, via: &TransportHandle, signal: Signal);
 }
 
-/// One UDP socket. On the gateway it is bound to a listen address and talks to every
-/// client; on a client it is connected to one gateway address (one candidate), so that
-/// ICMP errors for that path reach it.
+/// A bound (and, on a client, connected) UDP socket made ready for a transport:
+/// non-blocking, buffers sized, GSO/GRO probed. Preparing is the fallible part, done
+/// before any actor starts.
+pub struct PreparedUdp {
+    socket: std::net::UdpSocket,
+    handle: TransportHandle,
+}
+
+impl PreparedUdp {
+    /// Prepares `socket`, to be read on arbiter `core`.
+    pub fn new(socket: std::net::UdpSocket, core: usize) -> io::Result<Self> {
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        size_buffers(&socket);
+        let local = socket.local_addr()?;
+        let sender = Arc::new(UdpSender {
+            socket: socket.try_clone()?,
+            state,
+            failing: AtomicBool::new(false),
+            meter: TrafficMeter::new(Direction::Tx, Protocol::Udp),
+        });
+        Ok(PreparedUdp {
+            socket,
+            handle: TransportHandle {
+                protocol: Protocol::Udp,
+                local,
+                core,
+                sender,
+            },
+        })
+    }
+
+    /// The handle sessions write through.
+    pub fn handle(&self) -> TransportHandle {
+        self.handle.clone()
+    }
+
+    /// Starts the reader on the current arbiter (supervised: restarted on the same
+    /// socket if it stops), handing what it reads to `deliver`. Must run inside the
+    /// runtime.
+    pub fn start(self, deliver: Arc<dyn Deliver>) -> Addr<UdpTransport> {
+        let transport = self.into_transport(deliver);
+        actix::Supervisor::start(move |_| transport)
+    }
+
+    /// Like [`PreparedUdp::start`], on `arbiter`: the socket joins that arbiter's
+    /// reactor when the actor starts there.
+    pub fn start_in(
+        self,
+        arbiter: &ArbiterHandle,
+        deliver: Arc<dyn Deliver>,
+    ) -> Addr<UdpTransport> {
+        let transport = self.into_transport(deliver);
+        actix::Supervisor::start_in_arbiter(arbiter, move |_| transport)
+    }
+
+    fn into_transport(self, deliver: Arc<dyn Deliver>) -> UdpTransport {
+        UdpTransport {
+            unregistered: Some(self.socket),
+            socket: None,
+            handle: self.handle,
+            deliver,
+            reading: None,
+            closed: false,
+        }
+    }
+}
+
+/// Binds `count` UDP sockets to `addr` with SO_REUSEPORT (at least one; all to the port
+/// the first got, if `addr` asks for any port): the kernel spreads the senders over them
+/// by their address, so that one reader per core shares the work.
+pub fn bind_shared(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let mut sockets = Vec::with_capacity(count.max(1));
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&at.into())?;
+        let socket = std::net::UdpSocket::from(socket);
+        at = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+/// Asks for [`SOCKET_BUFFER`] each way, forcing past the system maximum where the
+/// process has CAP_NET_ADMIN, else as much as the maximum allows. Best effort: a smaller
+/// buffer still works, only with more loss under load.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let s = socket2::SockRef::from(socket);
+    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    }
+}
+
+/// The reader of one UDP socket.
 pub struct UdpTransport {
-    /// Reads, through the runtime's reactor.
-    socket: Arc<UdpSocket>,
-    /// Writes: the same socket, written directly. A send on a non-blocking UDP socket
-    /// completes or fails at once, so it needs no readiness tracking (which, before the
-    /// reactor first reports the socket writable, would refuse it).
-    sender: std::net::UdpSocket,
-    connected: bool,
-    handle: Option<TransportHandle>,
+    /// The socket until the actor first starts: it joins the reactor of the arbiter the
+    /// actor runs on.
+    unregistered: Option<std::net::UdpSocket>,
+    socket: Option<Arc<UdpSocket>>,
+    handle: TransportHandle,
     deliver: Arc<dyn Deliver>,
-    failing: bool,
     reading: Option<SpawnHandle>,
     closed: bool,
 }
 
-impl UdpTransport {
-    /// A transport over `socket` (already bound, and connected when `connected`),
-    /// handing what it reads to `deliver`. Must be called inside the runtime.
-    pub fn new(
-        socket: std::net::UdpSocket,
-        connected: bool,
-        deliver: Arc<dyn Deliver>,
-    ) -> io::Result<Self> {
-        socket.set_nonblocking(true)?;
-        let sender = socket.try_clone()?;
-        Ok(UdpTransport {
-            socket: Arc::new(UdpSocket::from_std(socket)?),
-            sender,
-            connected,
-            handle: None,
-            deliver,
-            failing: false,
-            reading: None,
-            closed: false,
-        })
-    }
-
-    /// Starts the actor, supervised (restarted on the same socket if it stops), with a
-    /// mailbox of [`TRANSPORT_MAILBOX`] from its first message on.
-    pub fn start_supervised(self) -> Addr<Self> {
-        actix::Supervisor::start(move |ctx: &mut Context<Self>| {
-            ctx.set_mailbox_capacity(TRANSPORT_MAILBOX);
-            self
-        })
-    }
-
-    fn handle(&mut self, ctx: &mut Context<Self>) -> TransportHandle {
-        self.handle
-            .get_or_insert_with(|| {
-                let local = self
-                    .socket
-                    .local_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                TransportHandle::new(Protocol::Udp, local, ctx.address().recipient())
-            })
-            .clone()
-    }
-
-    fn report(&mut self, signal: Signal, ctx: &mut Context<Self>) {
-        if self.closed {
-            return;
-        }
-        let handle = self.handle(ctx);
-        self.deliver.signal(&handle, signal);
-    }
-}
-
 /// What one wakeup read: datagrams, and the error that ended the batch, if any.
 struct Read {
-    batch: Vec<(SocketAddr, Bytes)>,
+    batch: Vec<Incoming>,
     error: Option<io::Error>,
 }
 
-async fn read_batch(socket: &UdpSocket, buf: &mut [u8]) -> Read {
-    let mut batch = Vec::new();
-    let mut error = None;
-    match socket.recv_from(buf).await {
-        Ok((n, from)) => batch.push((from, Bytes::copy_from_slice(&buf[..n]))),
-        Err(e) => error = Some(e),
-    }
-    while error.is_none() && batch.len() < READ_BATCH {
-        match socket.try_recv_from(buf) {
-            Ok((n, from)) => batch.push((from, Bytes::copy_from_slice(&buf[..n]))),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => error = Some(e),
+/// The reader's buffers: [`READ_SLOTS`] slots of [`SLOT_BYTES`], reused for every read.
+struct ReadBuffers {
+    slots: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+}
+
+impl ReadBuffers {
+    fn new() -> Self {
+        ReadBuffers {
+            slots: (0..READ_SLOTS).map(|_| vec![0u8; SLOT_BYTES]).collect(),
+            meta: vec![RecvMeta::default(); READ_SLOTS],
         }
     }
-    Read { batch, error }
+}
+
+/// Waits until the socket is readable, then reads what is there (one recvmmsg), each
+/// datagram copied out of the reused slots into a buffer of its own size.
+async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffers) -> Read {
+    let read = socket
+        .async_io(Interest::READABLE, || {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                bufs.slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+            sender
+                .state
+                .recv(UdpSockRef::from(socket), &mut slices, &mut bufs.meta)
+        })
+        .await;
+    let n = match read {
+        Ok(n) => n,
+        Err(error) => {
+            return Read {
+                batch: Vec::new(),
+                error: Some(error),
+            }
+        }
+    };
+    let mut batch = Vec::with_capacity(n);
+    for (meta, slot) in bufs.meta.iter().zip(&bufs.slots).take(n) {
+        let stride = meta.stride.max(1);
+        for segment in slot[..meta.len.min(slot.len())].chunks(stride) {
+            batch.push((meta.addr, BytesMut::from(segment)));
+        }
+    }
+    Read { batch, error: None }
 }
 
 impl Actor for UdpTransport {
@@ -205,13 +446,23 @@ impl Actor for UdpTransport {
         if self.closed {
             return;
         }
-        self.handle(ctx);
-        let socket = Arc::clone(&self.socket);
+        if let Some(std) = self.unregistered.take() {
+            match UdpSocket::from_std(std) {
+                Ok(s) => self.socket = Some(Arc::new(s)),
+                Err(_) => telemetry::dropped("transport_unregistered"),
+            }
+        }
+        // Without a reactor registration nothing can be read; sends still work.
+        let Some(socket) = self.socket.clone() else {
+            self.closed = true;
+            return;
+        };
+        let sender = Arc::clone(&self.handle.sender);
         let reads = futures_util::stream::unfold(
-            (socket, vec![0u8; MAX_DATAGRAM]),
-            |(socket, mut buf)| async move {
-                let read = read_batch(&socket, &mut buf).await;
-                Some((read, (socket, buf)))
+            (socket, sender, ReadBuffers::new()),
+            |(socket, sender, mut bufs)| async move {
+                let read = read_batch(&socket, &sender, &mut bufs).await;
+                Some((read, (socket, sender, bufs)))
             },
         );
         self.reading = Some(ctx.add_stream(reads));
@@ -225,16 +476,18 @@ impl Supervised for UdpTransport {
 }
 
 impl StreamHandler<Read> for UdpTransport {
-    fn handle(&mut self, read: Read, ctx: &mut Context<Self>) {
-        let handle = self.handle(ctx);
+    fn handle(&mut self, read: Read, _ctx: &mut Context<Self>) {
+        if self.closed {
+            return;
+        }
+        let sender = &self.handle.sender;
         if !read.batch.is_empty() {
-            if std::mem::take(&mut self.failing) {
-                self.deliver.signal(&handle, Signal::Recovered);
+            if sender.failing.swap(false, Ordering::Relaxed) {
+                self.deliver.signal(&self.handle, Signal::Recovered);
             }
-            for (_, bytes) in &read.batch {
-                telemetry::packet(Direction::Rx, Protocol::Udp, bytes.len());
-            }
-            self.deliver.datagrams(&handle, read.batch);
+            let bytes = read.batch.iter().map(|(_, d)| d.len()).sum();
+            telemetry::packets(Direction::Rx, Protocol::Udp, read.batch.len(), bytes);
+            self.deliver.datagrams(&self.handle, read.batch);
         }
         if let Some(e) = read.error {
             // A connected socket reports an earlier ICMP port/host unreachable as a
@@ -242,9 +495,8 @@ impl StreamHandler<Read> for UdpTransport {
             match e.kind() {
                 io::ErrorKind::ConnectionRefused | io::ErrorKind::HostUnreachable => {
                     // Once per change of state: repeated ICMP errors add no messages.
-                    if !self.failing {
-                        self.failing = true;
-                        self.deliver.signal(&handle, Signal::Unreachable);
+                    if !sender.failing.swap(true, Ordering::Relaxed) {
+                        self.deliver.signal(&self.handle, Signal::Unreachable);
                     }
                 }
                 _ => telemetry::dropped("receive_error"),
@@ -253,8 +505,7 @@ impl StreamHandler<Read> for UdpTransport {
     }
 
     fn finished(&mut self, _ctx: &mut Context<Self>) {
-        // The read stream never ends by itself; nothing to do if it did (the actor
-        // stays up for sends).
+        // The read stream never ends by itself.
     }
 }
 
@@ -262,42 +513,13 @@ impl Handler<Close> for UdpTransport {
     type Result = ();
 
     fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        // It stops reading and ends once the last holder of its address lets go (a
+        // supervised actor that merely stopped would be restarted).
         self.closed = true;
         if let Some(reading) = self.reading.take() {
             ctx.cancel_future(reading);
         }
-        // Its own handle held its address: without it the actor ends with its last user.
-        self.handle = None;
-    }
-}
-
-impl Handler<Transmit> for UdpTransport {
-    type Result = ();
-
-    fn handle(&mut self, msg: Transmit, ctx: &mut Context<Self>) {
-        let _measure = Handling::start(ActorKind::Transport);
-        let sent = if self.connected {
-            self.sender.send(&msg.bytes)
-        } else {
-            self.sender.send_to(&msg.bytes, msg.to)
-        };
-        match sent {
-            Ok(_) => {
-                telemetry::packet(Direction::Tx, Protocol::Udp, msg.bytes.len());
-                if std::mem::take(&mut self.failing) {
-                    self.report(Signal::Recovered, ctx);
-                }
-            }
-            // The socket's buffer is full: drop, as a congested link would.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => telemetry::dropped("send_busy"),
-            Err(e) => {
-                telemetry::dropped("send_failed");
-                if !self.failing {
-                    self.failing = true;
-                    self.report(Signal::SendFailed(e.kind()), ctx);
-                }
-            }
-        }
+        self.socket = None;
     }
 }
 
@@ -317,33 +539,39 @@ mod tests {
     struct Nowhere;
 
     impl Deliver for Nowhere {
-        fn datagrams(&self, _: &TransportHandle, _: Vec<(SocketAddr, Bytes)>) {}
+        fn datagrams(&self, _: &TransportHandle, _: Vec<Incoming>) {}
         fn signal(&self, _: &TransportHandle, _: Signal) {}
     }
 
-    /// A session hands a transport up to a read batch of packets in one go: the mailbox
-    /// takes them all, and all of them are sent.
+    /// A session sends a whole batch in one go: full-sized datagrams and a shorter last
+    /// one, then one longer again (which must start a new GSO run). Every datagram
+    /// arrives whole and in order.
     #[actix_rt::test]
-    async fn a_transport_takes_a_whole_read_batch_at_once() {
+    async fn a_batch_of_mixed_sizes_arrives_as_the_datagrams_it_holds() {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
         let local = socket.local_addr().expect("addr");
         let peer = UdpSocket::bind("127.0.0.1:0").await.expect("peer");
         let to = peer.local_addr().expect("addr");
-        let transport = UdpTransport::new(socket, false, Arc::new(Nowhere))
-            .expect("transport")
-            .start_supervised();
-        let handle = TransportHandle::new(Protocol::Udp, local, transport.recipient());
-        let taken = (0..READ_BATCH)
-            .filter(|i| handle.send(to, Bytes::from(vec![*i as u8; 32])))
-            .count();
-        assert_eq!(taken, READ_BATCH);
-        let mut buf = [0u8; 64];
-        for i in 0..READ_BATCH {
-            let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
-                .await
-                .expect("datagram in time")
-                .expect("datagram");
-            assert_eq!((n, from, buf[0]), (32, local, i as u8));
+        let prepared = PreparedUdp::new(socket, 0).expect("prepared");
+        let handle = prepared.handle();
+        let _reader = prepared.start(Arc::new(Nowhere));
+        let sizes: Vec<usize> = (0..70).map(|i| if i == 40 { 100 } else { 1_200 }).collect();
+        let mut batch = Batch::default();
+        for (i, n) in sizes.iter().enumerate() {
+            batch.push(&vec![i as u8; *n]);
+        }
+        assert_eq!(handle.send_batch(to, &batch), Sent::Ok);
+        let mut buf = [0u8; 2_000];
+        for (i, n) in sizes.iter().enumerate() {
+            let (len, from) =
+                tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+                    .await
+                    .expect("datagram in time")
+                    .expect("datagram");
+            assert_eq!(
+                (len, from, buf[0], buf[len - 1]),
+                (*n, local, i as u8, i as u8)
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The TUN device actor: reads IP packets from the device and hands them to a router
-//! ([`TunRoute`]); writes the packets sessions give it ([`TunWrite`]).
+//! ([`TunRoute`]). Writes take no actor hop: a session writes the packets it opened to
+//! the shared device itself ([`write_all`]; a write never waits).
 //!
 //! The device is a trait ([`TunDevice`]) so that actor tests run with a channel-backed
 //! device ([`channel_device`]) and the binary with a real kernel TUN ([`KernelTun`]).
@@ -15,15 +16,11 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::runtime::{ActorKind, Close, Handling};
+use crate::runtime::{ActorKind, Close};
 use crate::telemetry;
 
 /// The most packets one wakeup reads before handing them on.
 pub const READ_BATCH: usize = 64;
-
-/// Mailbox capacity of the TUN actor: every session of a gateway writes through it, each
-/// message a batch of up to a read batch of packets.
-pub const TUN_MAILBOX: usize = 16 * READ_BATCH;
 
 /// A packet device: the kernel's TUN or a stand-in.
 pub trait TunDevice: Send + Sync + 'static {
@@ -45,10 +42,15 @@ pub trait TunRoute: Send + Sync + 'static {
     fn packets(&self, batch: Vec<Bytes>);
 }
 
-/// Packets for the device.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct TunWrite(pub Vec<Bytes>);
+/// Writes `packets` to `device`, counting each one the device refused (a full queue
+/// drops, as a congested link would).
+pub fn write_all<'p>(device: &dyn TunDevice, packets: impl IntoIterator<Item = &'p [u8]>) {
+    for packet in packets {
+        if device.write(packet).is_err() {
+            telemetry::dropped("tun_write_failed");
+        }
+    }
+}
 
 /// The TUN actor.
 pub struct TunActor {
@@ -69,12 +71,14 @@ impl TunActor {
         }
     }
 
-    /// Starts the actor, supervised, with a mailbox of [`TUN_MAILBOX`].
+    /// Starts the actor, supervised (restarted on the same device if it stops).
     pub fn start_supervised(self) -> Addr<Self> {
-        actix::Supervisor::start(move |ctx: &mut Context<Self>| {
-            ctx.set_mailbox_capacity(TUN_MAILBOX);
-            self
-        })
+        actix::Supervisor::start(move |_| self)
+    }
+
+    /// Like [`TunActor::start_supervised`], on `arbiter`.
+    pub fn start_in(self, arbiter: &ArbiterHandle) -> Addr<Self> {
+        actix::Supervisor::start_in_arbiter(arbiter, move |_| self)
     }
 }
 
@@ -135,19 +139,6 @@ impl StreamHandler<Read> for TunActor {
     }
 
     fn finished(&mut self, _ctx: &mut Context<Self>) {}
-}
-
-impl Handler<TunWrite> for TunActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: TunWrite, _ctx: &mut Context<Self>) {
-        let _measure = Handling::start(ActorKind::Tun);
-        for packet in msg.0 {
-            if self.device.write(&packet).is_err() {
-                telemetry::dropped("tun_write_failed");
-            }
-        }
-    }
 }
 
 impl Handler<Close> for TunActor {

@@ -361,6 +361,7 @@ async fn start(options: Options) -> Net {
         ),
         options.on_end,
         256,
+        None,
     )
     .expect("client agent");
     Net {
@@ -458,6 +459,7 @@ impl Net {
             ),
             OnSessionEnd::Stop,
             256,
+            None,
         )
         .expect("second agent");
         (agent, peer)

@@ -1,11 +1,14 @@
-//! Core benchmarks, each on one core: sealing and opening a 1,400-byte packet, a full
-//! handshake as the gateway performs it, and reattach validation at the gateway.
+//! Core benchmarks, each on one core: sealing and opening a 1,400-byte packet (the
+//! session's channel, and the two AEAD implementations it could use side by side), a
+//! full handshake as the gateway performs it, and reattach validation at the gateway.
 
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use jvpn_bench::{connect, endpoint, gateway, initiation, UNIX_T0};
-use jvpn_core::crypto::{Channel, Initiation, KeyLimits, Keypair, Response, HANDSHAKE_PROLOGUE};
+use jvpn_core::crypto::{
+    plaintext, Channel, Initiation, KeyLimits, Keypair, Response, HANDSHAKE_PROLOGUE,
+};
 use jvpn_core::gateway::Received;
 use jvpn_core::ids::{Protocol, StateVersion, TransportId};
 use jvpn_core::policy::Policy;
@@ -27,7 +30,6 @@ fn seal_open(c: &mut Criterion) {
     let mut rx = Channel::new(jvpn_core::ids::SessionId(1), gw_keys, limits, now);
     let packet = vec![0x45u8; 1_400];
     let mut wire_bytes = Vec::with_capacity(1_500);
-    let mut plain = Vec::with_capacity(1_500);
 
     let mut group = c.benchmark_group("packet");
     group.throughput(Throughput::Bytes(1_400));
@@ -35,17 +37,67 @@ fn seal_open(c: &mut Criterion) {
         b.iter(|| {
             tx.seal(&Control::Data(&packet), now, &mut wire_bytes)
                 .expect("seal");
-            let Ok(Datagram::Session {
-                header,
-                aad,
-                sealed,
-            }) = parse(&wire_bytes)
-            else {
+            let Ok(Datagram::Session { header, .. }) = parse(&wire_bytes) else {
                 panic!("parse");
             };
-            rx.open(&header, aad, sealed, now, &mut plain)
+            rx.open_in_place(&header, &mut wire_bytes, now)
                 .expect("open");
-            black_box(plain.len())
+            black_box(plaintext(&wire_bytes).len())
+        })
+    });
+    group.finish();
+}
+
+/// The two ChaCha20-Poly1305 implementations the channel could use, on the same work
+/// (seal a 1,400-byte payload in place with a 20-byte header as associated data, then
+/// open it): RustCrypto's `chacha20poly1305` and ring's. The channel uses the faster.
+fn aead(c: &mut Criterion) {
+    let key = [7u8; 32];
+    let aad = [1u8; 20];
+    let mut group = c.benchmark_group("aead");
+    group.throughput(Throughput::Bytes(1_400));
+
+    let rust_crypto = {
+        use chacha20poly1305::aead::KeyInit;
+        chacha20poly1305::ChaCha20Poly1305::new((&key).into())
+    };
+    let mut buf = vec![0x45u8; 1_400];
+    let mut counter = 0u64;
+    group.bench_function("RustCrypto chacha20poly1305 seal+open 1400 B", |b| {
+        use chacha20poly1305::aead::AeadInPlace;
+        b.iter(|| {
+            counter += 1;
+            let mut n = [0u8; 12];
+            n[4..].copy_from_slice(&counter.to_le_bytes());
+            let tag = rust_crypto
+                .encrypt_in_place_detached((&n).into(), &aad, &mut buf)
+                .expect("seal");
+            rust_crypto
+                .decrypt_in_place_detached((&n).into(), &aad, &mut buf, &tag)
+                .expect("open");
+            black_box(buf[0])
+        })
+    });
+
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key).expect("key"),
+    );
+    let mut sealed = vec![0x45u8; 1_400 + 16];
+    group.bench_function("ring chacha20poly1305 seal+open 1400 B", |b| {
+        b.iter(|| {
+            counter += 1;
+            let mut n = [0u8; 12];
+            n[4..].copy_from_slice(&counter.to_le_bytes());
+            let nonce = || ring::aead::Nonce::assume_unique_for_key(n);
+            let (body, tag_space) = sealed.split_at_mut(1_400);
+            let tag = ring_key
+                .seal_in_place_separate_tag(nonce(), ring::aead::Aad::from(&aad), body)
+                .expect("seal");
+            tag_space.copy_from_slice(tag.as_ref());
+            let plain = ring_key
+                .open_in_place(nonce(), ring::aead::Aad::from(&aad), &mut sealed)
+                .expect("open");
+            black_box(plain[0])
         })
     });
     group.finish();
@@ -134,6 +186,6 @@ fn reattach_validation(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = seal_open, handshakes, reattach_validation
+    targets = seal_open, aead, handshakes, reattach_validation
 }
 criterion_main!(benches);

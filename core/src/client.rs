@@ -15,8 +15,8 @@ use thiserror::Error;
 
 use crate::control::{Action, SessionControl};
 use crate::crypto::{
-    rekey_prologue, Channel, CryptoError, Initiation, KeyEvent, KeyLimits, Keypair, OpenError,
-    PublicKey, Rotation, HANDSHAKE_PROLOGUE,
+    plaintext, rekey_prologue, Channel, CryptoError, Initiation, KeyEvent, KeyLimits, Keypair,
+    OpenError, PublicKey, Rotation, HANDSHAKE_PROLOGUE,
 };
 use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{State, TerminationCause};
@@ -167,7 +167,7 @@ pub struct Client {
     /// Events of a session that has ended, until drained.
     ended_events: VecDeque<SessionEvent>,
     out: Vec<u8>,
-    plain: Vec<u8>,
+    inbuf: Vec<u8>,
 }
 
 impl Client {
@@ -182,7 +182,7 @@ impl Client {
             last_timestamp: Timestamp::default(),
             ended_events: VecDeque::new(),
             out: Vec::new(),
-            plain: Vec::new(),
+            inbuf: Vec::new(),
         }
     }
 
@@ -300,15 +300,12 @@ impl Client {
 
     /// Seals an IP packet from the tunnel device on the active transport.
     pub fn send_data(&mut self, packet: &[u8], now: Instant) -> Result<Transmit<'_>, ClientError> {
-        let Phase::Established(e) = &mut self.phase else {
-            return Err(ClientError::NotEstablished);
-        };
-        let via = e.control.active().ok_or(ClientError::NoActiveTransport)?.id;
-        e.channel
-            .seal(&Control::Data(packet), now, &mut self.out)
-            .map_err(|_| ClientError::KeysExpired)?;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let sealed = self.seal_data_append(packet, now, &mut out);
+        self.out = out;
         Ok(Transmit {
-            via,
+            via: sealed?,
             bytes: &self.out,
         })
     }
@@ -326,63 +323,94 @@ impl Client {
         self.settle();
     }
 
-    /// Handles one datagram that arrived on `via`.
+    /// Handles one datagram that arrived on `via` (opened in the client's own copy).
     pub fn handle_datagram(
         &mut self,
         via: TransportId,
         datagram: &[u8],
         now: Instant,
     ) -> ClientReceived<'_> {
-        let Ok(parsed) = wire::parse(datagram) else {
-            return ClientReceived::Dropped(ClientDrop::Malformed);
-        };
-        let received = match parsed {
-            Datagram::HandshakeResp {
+        let mut packet = std::mem::take(&mut self.inbuf);
+        packet.clear();
+        packet.extend_from_slice(datagram);
+        let handled = self.receive(via, &mut packet, now);
+        self.inbuf = packet;
+        received(handled, &self.inbuf)
+    }
+
+    /// Handles one datagram that arrived on `via`, opening it in place: a tunnelled
+    /// packet is handed back as a slice of `datagram`.
+    pub fn handle_datagram_in_place<'a>(
+        &mut self,
+        via: TransportId,
+        datagram: &'a mut [u8],
+        now: Instant,
+    ) -> ClientReceived<'a> {
+        let handled = self.receive(via, datagram, now);
+        received(handled, datagram)
+    }
+
+    fn receive(&mut self, via: TransportId, datagram: &mut [u8], now: Instant) -> Handled {
+        let header = match wire::parse(datagram) {
+            Err(_) => return Handled::Drop(ClientDrop::Malformed),
+            Ok(Datagram::Session { header, .. }) => header,
+            Ok(Datagram::HandshakeResp {
                 receiver_index,
                 noise,
-            } => self.finish_handshake(receiver_index, noise, now),
-            Datagram::Session {
-                header,
-                aad,
-                sealed,
-            } => {
-                let Phase::Established(e) = &mut self.phase else {
-                    return ClientReceived::Dropped(ClientDrop::NotOurs);
-                };
-                if header.session_id != e.session_id {
-                    return ClientReceived::Dropped(ClientDrop::NotOurs);
-                }
-                match e.channel.open(&header, aad, sealed, now, &mut self.plain) {
-                    Ok(key_event) => {
-                        if let KeyEvent::Rotated(r) = key_event {
-                            record_rotation(e, r, now);
-                        }
-                        let _ = e.control.heard(via, now);
-                        match Control::decode(header.ptype, &self.plain) {
-                            Ok(control) => handle_control(e, via, control, now),
-                            Err(_) => Handled::Drop(ClientDrop::Malformed),
-                        }
-                    }
-                    Err(OpenError::Replay(_)) => Handled::Drop(ClientDrop::Replay),
-                    Err(_) => Handled::Drop(ClientDrop::Unauthenticated),
-                }
+            }) => {
+                let handled = self.finish_handshake(receiver_index, noise, now);
+                self.settle();
+                return handled;
             }
-            Datagram::SessionUnknown { session_id } => {
-                if self.session_id() == Some(session_id) {
+            Ok(Datagram::SessionUnknown { session_id }) => {
+                return if self.session_id() == Some(session_id) {
                     Handled::SessionUnknown
                 } else {
                     Handled::Drop(ClientDrop::NotOurs)
+                };
+            }
+            Ok(Datagram::HandshakeInit { .. }) => return Handled::Drop(ClientDrop::Unexpected),
+        };
+        let Phase::Established(e) = &mut self.phase else {
+            return Handled::Drop(ClientDrop::NotOurs);
+        };
+        if header.session_id != e.session_id {
+            return Handled::Drop(ClientDrop::NotOurs);
+        }
+        let handled = match e.channel.open_in_place(&header, datagram, now) {
+            Ok(key_event) => {
+                if let KeyEvent::Rotated(r) = key_event {
+                    record_rotation(e, r, now);
+                }
+                let _ = e.control.heard(via, now);
+                match Control::decode(header.ptype, plaintext(datagram)) {
+                    Ok(control) => handle_control(e, via, control, now),
+                    Err(_) => Handled::Drop(ClientDrop::Malformed),
                 }
             }
-            Datagram::HandshakeInit { .. } => Handled::Drop(ClientDrop::Unexpected),
+            Err(OpenError::Replay(_)) => Handled::Drop(ClientDrop::Replay),
+            Err(_) => Handled::Drop(ClientDrop::Unauthenticated),
         };
         self.settle();
-        match received {
-            Handled::Tunnel => ClientReceived::ToTunnel(&self.plain),
-            Handled::Consumed => ClientReceived::Consumed,
-            Handled::SessionUnknown => ClientReceived::SessionUnknown,
-            Handled::Drop(d) => ClientReceived::Dropped(d),
-        }
+        handled
+    }
+
+    /// Seals an IP packet from the tunnel device for the active transport, appended to
+    /// `out` (a batch to send at once); returns the transport to send it on.
+    pub fn seal_data_append(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<TransportId, ClientError> {
+        let Phase::Established(e) = &mut self.phase else {
+            return Err(ClientError::NotEstablished);
+        };
+        let via = e.control.active().ok_or(ClientError::NoActiveTransport)?.id;
+        e.channel
+            .seal_append(&Control::Data(packet), now, out)
+            .map_err(|_| ClientError::KeysExpired)?;
+        Ok(via)
     }
 
     /// Fires due timers: the control plane's, the probe schedule, the rekey limits.
@@ -628,6 +656,16 @@ enum Handled {
     Consumed,
     SessionUnknown,
     Drop(ClientDrop),
+}
+
+/// What the driver must do, with the plaintext opened in `packet`.
+fn received(handled: Handled, packet: &[u8]) -> ClientReceived<'_> {
+    match handled {
+        Handled::Tunnel => ClientReceived::ToTunnel(plaintext(packet)),
+        Handled::Consumed => ClientReceived::Consumed,
+        Handled::SessionUnknown => ClientReceived::SessionUnknown,
+        Handled::Drop(d) => ClientReceived::Dropped(d),
+    }
 }
 
 fn handle_control(

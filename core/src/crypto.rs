@@ -6,7 +6,9 @@
 //! The split of the handshake gives one key per direction. Session packets are then
 //! sealed with ChaCha20-Poly1305 directly, so that the clear-text header can be the
 //! associated data: the counter is the nonce, and the session id and packet type are
-//! authenticated with every payload. A rekey is a fresh IK handshake carried inside the
+//! authenticated with every payload. The AEAD is ring's ChaCha20-Poly1305 (SIMD code
+//! chosen at run time): measured beside RustCrypto's in `cargo bench --bench core`, it
+//! seals and opens several times faster on this project's machines. A rekey is a fresh IK handshake carried inside the
 //! session (fresh ephemeral keys: forward secrecy), whose prologue names the session, so
 //! its keys are bound to it.
 //!
@@ -18,8 +20,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -314,8 +315,8 @@ impl KeyLimits {
 /// The keys of one epoch.
 struct EpochKeys {
     epoch: u32,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
+    send: LessSafeKey,
+    recv: LessSafeKey,
     next_counter: u64,
     received: u64,
     replay: ReplayWindow,
@@ -326,8 +327,8 @@ impl EpochKeys {
     fn new(epoch: u32, keys: DirectionalKeys, limits: &KeyLimits, now: Instant) -> Self {
         EpochKeys {
             epoch,
-            send: ChaCha20Poly1305::new((&*keys.send).into()),
-            recv: ChaCha20Poly1305::new((&*keys.recv).into()),
+            send: aead_key(&keys.send),
+            recv: aead_key(&keys.recv),
             next_counter: 0,
             received: 0,
             replay: ReplayWindow::new(limits.replay_window),
@@ -342,11 +343,19 @@ impl EpochKeys {
     }
 }
 
+fn aead_key(bytes: &[u8; 32]) -> LessSafeKey {
+    match UnboundKey::new(&CHACHA20_POLY1305, bytes) {
+        Ok(key) => LessSafeKey::new(key),
+        // ring refuses only a key of the wrong length; the type says 32 bytes.
+        Err(_) => unreachable!("a 32-byte ChaCha20-Poly1305 key"),
+    }
+}
+
 fn nonce(counter: u64) -> Nonce {
     // Noise's ChaChaPoly nonce: 32 zero bits, then the 64-bit counter, little-endian.
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
-    n.into()
+    Nonce::assume_unique_for_key(n)
 }
 
 /// Why a session packet could not be sealed.
@@ -477,6 +486,19 @@ impl Channel {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<u64, SealError> {
+        out.clear();
+        self.seal_append(control, now, out)
+    }
+
+    /// Seals `control` as one session packet under the current keys, appended to `out`
+    /// (so that a batch of packets is sealed into one buffer, in place); returns its
+    /// counter. Nothing is appended if the keys are expired.
+    pub fn seal_append(
+        &mut self,
+        control: &Control<'_>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, SealError> {
         if self.current.expired(&self.limits, now) {
             return Err(SealError::KeysExpired);
         }
@@ -487,32 +509,42 @@ impl Channel {
             key_epoch: self.current.epoch as u8,
             session_id: self.session_id,
             counter,
-        };
-        out.clear();
-        out.extend_from_slice(&header.encode());
+        }
+        .encode();
+        let start = out.len();
+        out.extend_from_slice(&header);
         control.encode(out);
-        let (aad, body) = out.split_at_mut(HEADER_LEN);
-        let tag = self
+        let body = &mut out[start + HEADER_LEN..];
+        match self
             .current
             .send
-            .encrypt_in_place_detached(&nonce(counter), aad, body)
-            .map_err(|_| SealError::KeysExpired)?;
-        out.extend_from_slice(&tag);
-        Ok(counter)
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(&header), body)
+        {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(counter)
+            }
+            // ring refuses only a payload too long for one nonce (256 GiB).
+            Err(_) => {
+                out.truncate(start);
+                Err(SealError::KeysExpired)
+            }
+        }
     }
 
-    /// Opens a session packet: picks the keys of its epoch, authenticates and decrypts
-    /// into `plain` (cleared first), then checks and records the counter in the replay
-    /// window. Authenticating first makes a [`OpenError::Replay`] mean "an authentic
-    /// packet seen before", and a forged one is always [`OpenError::Auth`]; nothing
-    /// changes unless the packet authenticates and is new.
-    pub fn open(
+    /// Opens a session packet in place: `packet` is the whole datagram (header, sealed
+    /// body, tag); on success its body holds the plaintext, `packet[HEADER_LEN..len -
+    /// TAG_LEN]` (see [`plaintext`]). Picks the keys of the header's epoch, authenticates
+    /// and decrypts, then checks and records the counter in the replay window.
+    /// Authenticating first makes a [`OpenError::Replay`] mean "an authentic packet seen
+    /// before", and a forged one is always [`OpenError::Auth`]; the keys and window
+    /// change only if the packet authenticates and is new (the packet's bytes are
+    /// unspecified after a failure).
+    pub fn open_in_place(
         &mut self,
         header: &SessionHeader,
-        aad: &[u8; HEADER_LEN],
-        sealed: &[u8],
+        packet: &mut [u8],
         now: Instant,
-        plain: &mut Vec<u8>,
     ) -> Result<KeyEvent, OpenError> {
         if header.session_id != self.session_id {
             return Err(OpenError::WrongSession(header.session_id));
@@ -535,21 +567,14 @@ impl Channel {
         if keys.expired(&limits, now) {
             return Err(OpenError::UnknownEpoch(epoch));
         }
-        let Some((body, tag)) = sealed.split_last_chunk::<TAG_LEN>() else {
+        if packet.len() < wire::OVERHEAD {
             return Err(OpenError::Auth);
-        };
-        plain.clear();
-        plain.extend_from_slice(body);
-        keys.recv
-            .decrypt_in_place_detached(&nonce(header.counter), aad, plain, Tag::from_slice(tag))
-            .map_err(|_| {
-                plain.clear();
-                OpenError::Auth
-            })?;
-        if let Err(e) = keys.replay.commit(header.counter) {
-            plain.clear();
-            return Err(e.into());
         }
+        let (aad, sealed) = packet.split_at_mut(HEADER_LEN);
+        keys.recv
+            .open_in_place(nonce(header.counter), Aad::from(&*aad), sealed)
+            .map_err(|_| OpenError::Auth)?;
+        keys.replay.commit(header.counter)?;
         keys.received += 1;
         if which == Which::Next {
             return Ok(self.promote_next(now));
@@ -602,6 +627,13 @@ impl Channel {
             None => KeyEvent::None,
         }
     }
+}
+
+/// The plaintext of a packet opened by [`Channel::open_in_place`].
+pub fn plaintext(packet: &[u8]) -> &[u8] {
+    packet
+        .get(HEADER_LEN..packet.len().saturating_sub(TAG_LEN))
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -668,17 +700,12 @@ mod tests {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(KeyEvent, Vec<u8>), OpenError> {
-        let Ok(Datagram::Session {
-            header,
-            aad,
-            sealed,
-        }) = parse(bytes)
-        else {
+        let Ok(Datagram::Session { header, .. }) = parse(bytes) else {
             panic!("not a session packet");
         };
-        let mut plain = Vec::new();
-        let event = to.open(&header, aad, sealed, now, &mut plain)?;
-        Ok((event, plain))
+        let mut packet = bytes.to_vec();
+        let event = to.open_in_place(&header, &mut packet, now)?;
+        Ok((event, plaintext(&packet).to_vec()))
     }
 
     #[test]
@@ -781,13 +808,10 @@ mod tests {
                 for bit in [0x01, 0x80] {
                     let mut bad = bytes.clone();
                     bad[i] ^= bit;
-                    let mut plain = Vec::new();
                     let result = match parse(&bad) {
-                        Ok(Datagram::Session {
-                            header,
-                            aad,
-                            sealed,
-                        }) => g.open(&header, aad, sealed, now, &mut plain).map(|_| ()),
+                        Ok(Datagram::Session { header, .. }) => {
+                            g.open_in_place(&header, &mut bad.clone(), now).map(|_| ())
+                        }
                         _ => continue, // refused by the clear-text checks already
                     };
                     assert!(result.is_err(), "{control:?}: byte {i} ^ {bit:#x} accepted");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jvpn_core::client::{Client, ClientConfig, ClientReceived};
-use jvpn_core::crypto::{Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE};
+use jvpn_core::crypto::{plaintext, Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE};
 use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
 use jvpn_core::gateway::{AuthorizedClient, Drop, Endpoint, Gateway, GatewayConfig, Received};
@@ -560,19 +560,15 @@ fn reattach_with_challenge(
         Received::Reply(b) => b.to_vec(),
         other => panic!("no challenge: {other:?}"),
     };
-    let Ok(Datagram::Session {
-        header,
-        aad,
-        sealed,
-    }) = parse(&challenge)
-    else {
+    let Ok(Datagram::Session { header, .. }) = parse(&challenge) else {
         panic!("not a session packet");
     };
-    let mut plain = Vec::new();
+    let mut opened = challenge.clone();
     raw.channel
-        .open(&header, aad, sealed, now, &mut plain)
+        .open_in_place(&header, &mut opened, now)
         .expect("open challenge");
-    let Ok(Control::PathChallenge { token }) = Control::decode(header.ptype, &plain) else {
+    let Ok(Control::PathChallenge { token }) = Control::decode(header.ptype, plaintext(&opened))
+    else {
         panic!("not a path challenge");
     };
     let mut response = Vec::new();

@@ -1,15 +1,17 @@
 //! The gateway's side of the protocol, sans-IO.
 //!
-//! Three parts a runtime can drive separately: the [`Responder`] answers handshakes and
-//! creates sessions; each [`GatewaySession`] holds one session (keys, state machine,
-//! binding, timers, reattach checks); [`EndedSessions`] remembers why recent sessions
-//! ended. [`Gateway`] composes them in one value for single-threaded drivers, tests,
-//! benchmarks and fuzzing: it routes every datagram to its session by the header's
-//! session id and every packet from the tunnel device to the session owning its
-//! destination address.
+//! Three parts a runtime can drive separately: the [`Responder`] answers handshakes,
+//! creates sessions and releases ended ones; each [`GatewaySession`] holds one session
+//! (keys, state machine, binding, timers, reattach checks); the [`Router`] routes a
+//! datagram to its session by the header's session id and a packet from the tunnel
+//! device to the session owning its destination address, and answers packets of
+//! sessions that are not live. [`Gateway`] composes them in one value for
+//! single-threaded drivers, tests, benchmarks and fuzzing; the actor runtime drives the
+//! same three with one actor per session.
 
 mod ended;
 mod responder;
+mod router;
 mod session;
 
 use std::collections::HashMap;
@@ -25,10 +27,11 @@ use crate::ids::{NodeId, Protocol, SessionId};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::store::SessionStore;
-use crate::wire::{self, encode_session_unknown, Datagram, TunnelAddr};
+use crate::wire::{self, Datagram, TunnelAddr};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
 pub use responder::{Accepted, Responder};
+pub use router::{Registration, Route, Router, Unknown};
 pub use session::GatewaySession;
 use session::Outcome;
 
@@ -158,13 +161,12 @@ const GATEWAY_EVENTS_KEPT: usize = 4_096;
 pub struct Gateway {
     responder: Responder,
     clock: WallClock,
-    sessions: HashMap<SessionId, GatewaySession>,
-    by_tunnel: HashMap<IpAddr, SessionId>,
+    router: Router<GatewaySession>,
     drops: HashMap<Drop, u64>,
     /// Events of sessions already removed (at most GATEWAY_EVENTS_KEPT until drained).
     events: Vec<(SessionId, SessionEvent)>,
     events_overflowed: u64,
-    ended: EndedSessions,
+    inbuf: Vec<u8>,
     out: Vec<u8>,
 }
 
@@ -175,12 +177,11 @@ impl Gateway {
         Gateway {
             responder: Responder::new(config, store),
             clock,
-            sessions: HashMap::new(),
-            by_tunnel: HashMap::new(),
+            router: Router::default(),
             drops: HashMap::new(),
             events: Vec::new(),
             events_overflowed: 0,
-            ended: EndedSessions::default(),
+            inbuf: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -192,12 +193,12 @@ impl Gateway {
 
     /// A session, if it exists.
     pub fn session(&self, id: SessionId) -> Option<&GatewaySession> {
-        self.sessions.get(&id)
+        self.router.get(id)
     }
 
     /// Every live session's id.
     pub fn session_ids(&self) -> Vec<SessionId> {
-        self.sessions.keys().copied().collect()
+        self.router.ids()
     }
 
     /// Drops counted so far, by reason.
@@ -227,7 +228,7 @@ impl Gateway {
                     let session = accepted.session;
                     // One session per client: the new one replaces the old explicitly.
                     if let Some(old) = accepted.replaces {
-                        if let Some(s) = self.sessions.get_mut(&old) {
+                        if let Some(s) = self.router.get_mut(old) {
                             s.terminate(
                                 self.responder.store().as_ref(),
                                 TerminationCause::Peer,
@@ -236,37 +237,36 @@ impl Gateway {
                         }
                         self.after_session_input(old);
                     }
-                    self.by_tunnel.insert(session.tunnel().addr, session.id());
-                    self.sessions.insert(session.id(), session);
+                    let (id, tunnel, client) =
+                        (session.id(), session.tunnel().addr, session.client());
+                    self.router
+                        .register(id, tunnel, client, session, Registration::New);
                     Received::Reply(&self.out)
                 }
                 Err(reason) => self.dropped(Drop::Handshake(reason)),
             },
-            Datagram::Session {
-                header,
-                aad,
-                sealed,
-            } => {
-                let Some(session) = self.sessions.get_mut(&header.session_id) else {
-                    let (drop, event) = self.ended.judge(&header, from, now);
-                    if let Some(event) = event {
+            Datagram::Session { header, .. } => {
+                let Some(session) = self.router.get_mut(header.session_id) else {
+                    let unknown = self.router.unknown(&header, from, now);
+                    if let Some(event) = unknown.event {
                         self.push_event(header.session_id, event);
                     }
-                    *self.drops.entry(drop).or_default() += 1;
+                    *self.drops.entry(unknown.drop).or_default() += 1;
                     self.out.clear();
-                    self.out
-                        .extend_from_slice(&encode_session_unknown(header.session_id));
+                    self.out.extend_from_slice(&unknown.reply);
                     return Received::Reply(&self.out);
                 };
                 let id = header.session_id;
+                // Opened in place, in the gateway's own copy of the datagram.
+                self.inbuf.clear();
+                self.inbuf.extend_from_slice(datagram);
                 let outcome = session.process_packet(
                     self.responder.store().as_ref(),
                     self.responder.keypair(),
                     &self.clock,
                     from,
                     &header,
-                    aad,
-                    sealed,
+                    &mut self.inbuf,
                     now,
                 );
                 if let Outcome::Drop(d) = outcome {
@@ -275,13 +275,13 @@ impl Gateway {
                 // The packet may have ended the session; its last bytes (a sealed
                 // answer) then come from the removed session.
                 match self.after_session_input(id) {
-                    None => match self.sessions.get(&id) {
-                        Some(session) => session.received(outcome),
+                    None => match self.router.get(id) {
+                        Some(session) => session.received(outcome, &self.inbuf),
                         None => Received::Consumed,
                     },
                     Some(ended) => {
                         self.out.clear();
-                        match ended.received(outcome) {
+                        match ended.received(outcome, &self.inbuf) {
                             Received::Reply(b) => {
                                 self.out.extend_from_slice(b);
                                 Received::Reply(&self.out)
@@ -309,21 +309,21 @@ impl Gateway {
         packet: &[u8],
         now: Instant,
     ) -> Result<(Endpoint, &[u8]), Drop> {
-        let Some(id) = destination_address(packet)
-            .and_then(|dst| self.by_tunnel.get(&dst))
-            .copied()
-        else {
-            *self.drops.entry(Drop::NoRoute).or_default() += 1;
-            return Err(Drop::NoRoute);
+        let id = match self.router.route_tunnel_packet(packet) {
+            Ok((id, _)) => id,
+            Err(d) => {
+                *self.drops.entry(d).or_default() += 1;
+                return Err(d);
+            }
         };
-        let sealed = match self.sessions.get_mut(&id) {
+        let sealed = match self.router.get_mut(id) {
             Some(session) => session
                 .seal_data(self.responder.store().as_ref(), packet, now)
                 .map(|(e, _)| e),
             None => Err(Drop::NoRoute),
         };
         match sealed {
-            Ok(endpoint) => match self.sessions.get(&id) {
+            Ok(endpoint) => match self.router.get(id) {
                 Some(session) => Ok((endpoint, &session.out)),
                 None => Err(Drop::NoRoute),
             },
@@ -338,7 +338,7 @@ impl Gateway {
     /// Ends a session on an operator's command: the client is told (the returned
     /// datagram), the session terminates with operator_terminated and is removed.
     pub fn terminate(&mut self, id: SessionId, now: Instant) -> Option<(Endpoint, Vec<u8>)> {
-        let session = self.sessions.get_mut(&id)?;
+        let session = self.router.get_mut(id)?;
         let notice = session
             .seal_terminate(ReasonCode::OperatorTerminated, now)
             .map(|(e, b)| (e, b.to_vec()));
@@ -354,13 +354,13 @@ impl Gateway {
     /// Fires every session's due timers.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<SessionId> = self
-            .sessions
+            .router
             .iter()
             .filter(|(_, s)| s.next_deadline().is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in due {
-            if let Some(s) = self.sessions.get_mut(&id) {
+            if let Some(s) = self.router.get_mut(id) {
                 s.handle_timeout(self.responder.store().as_ref(), now);
             }
             self.after_session_input(id);
@@ -369,18 +369,18 @@ impl Gateway {
 
     /// The earliest deadline of any session.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.sessions
-            .values()
-            .filter_map(GatewaySession::next_deadline)
+        self.router
+            .iter()
+            .filter_map(|(_, s)| s.next_deadline())
             .min()
     }
 
     /// Every event since the last drain, with its session, oldest first per session.
     pub fn drain_events(&mut self) -> Vec<(SessionId, SessionEvent)> {
         let mut all = std::mem::take(&mut self.events);
-        for (id, s) in &mut self.sessions {
+        for (id, s) in self.router.iter_mut() {
             while let Some(e) = s.poll_event() {
-                all.push((*id, e));
+                all.push((id, e));
             }
         }
         all
@@ -409,24 +409,18 @@ impl Gateway {
         Received::Dropped(d)
     }
 
-    /// After any input to a session: remove it (keeping its events) once it has
-    /// terminated; returns it if removed.
+    /// After any input to a session: release it (keeping its events) once it has
+    /// terminated; returns it if released.
     fn after_session_input(&mut self, id: SessionId) -> Option<GatewaySession> {
-        if self.sessions.get(&id)?.state() != State::Terminated {
+        let session = self.router.get(id)?;
+        if session.state() != State::Terminated {
             return None;
         }
-        let mut session = self.sessions.remove(&id)?;
-        self.ended.remember(id, session.ended_by());
+        let cause = session.ended_by();
+        let mut session = self.responder.release(&mut self.router, id, cause)?.handle;
         while let Some(e) = session.poll_event() {
             self.push_event(id, e);
         }
-        // A newer session of the same client may own the address already.
-        let tunnel = session.tunnel().addr;
-        if self.by_tunnel.get(&tunnel) == Some(&id) {
-            self.by_tunnel.remove(&tunnel);
-        }
-        self.responder.session_ended(&session.client(), id);
-        let _ = self.responder.store().remove(id, session.version());
         Some(session)
     }
 }

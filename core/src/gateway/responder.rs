@@ -18,8 +18,10 @@ use crate::reason::ReasonCode;
 use crate::store::{SessionRecord, SessionStore, StoreError};
 use crate::wire::{encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddr};
 
+use super::router::{Route, Router};
 use super::session::GatewaySession;
 use super::{Endpoint, GatewayConfig};
+use crate::fsm::TerminationCause;
 
 struct ClientEntry {
     tunnel: TunnelAddr,
@@ -187,14 +189,26 @@ impl Responder {
         self.clients.get(client).and_then(|c| c.session)
     }
 
-    /// A session ended: its client has no live session any more (unless a newer
-    /// handshake already replaced it).
-    pub fn session_ended(&mut self, client: &PublicKey, id: SessionId) {
-        if let Some(c) = self.clients.get_mut(client) {
+    /// Releases everything an ended session held outside its own state: its route and
+    /// tunnel address in `router`, its client's slot (unless a newer handshake already
+    /// replaced it), and its table record when this node still owns it (a record another
+    /// node took over is that node's). Returns the route, if the session was routed.
+    pub fn release<H>(
+        &mut self,
+        router: &mut Router<H>,
+        id: SessionId,
+        cause: Option<TerminationCause>,
+    ) -> Option<Route<H>> {
+        let route = router.unregister(id, cause)?;
+        if let Some(c) = self.clients.get_mut(&route.client) {
             if c.session == Some(id) {
                 c.session = None;
             }
         }
+        if let Some(record) = self.store.get(id).filter(|r| r.owner == self.node) {
+            let _ = self.store.remove(id, record.state_version);
+        }
+        Some(route)
     }
 
     /// A random session id not in the table (and never 0). Gives up after a few tries

@@ -16,8 +16,8 @@ use super::{source_address, Drop, Endpoint, Received};
 /// transport-lost TTL still end the session (at most this much late), whatever the table.
 pub const TABLE_RETRY: Duration = Duration::from_millis(100);
 use crate::crypto::{
-    rekey_prologue, Channel, DirectionalKeys, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey,
-    Response,
+    plaintext, rekey_prologue, Channel, DirectionalKeys, KeyEvent, KeyLimits, Keypair, OpenError,
+    PublicKey, Response,
 };
 use crate::event::{EventBody, ReattachOutcome, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{FsmEvent, Instability, State, TerminationCause};
@@ -28,7 +28,7 @@ use crate::reason::ReasonCode;
 use crate::replay::ReplayError;
 use crate::select::SwitchLimiter;
 use crate::store::{Binding, SessionRecord, SessionStore};
-use crate::wire::{self, Control, PacketType, ReattachRequest, SessionHeader, TunnelAddr};
+use crate::wire::{Control, PacketType, ReattachRequest, SessionHeader, TunnelAddr};
 
 /// One session at the gateway.
 pub struct GatewaySession {
@@ -59,7 +59,6 @@ pub struct GatewaySession {
     /// Why the session ended, once it has.
     ended_by: Option<TerminationCause>,
     pub(super) out: Vec<u8>,
-    pub(super) plain: Vec<u8>,
 }
 
 /// A validated reattach whose new path has been challenged.
@@ -153,7 +152,6 @@ impl GatewaySession {
             security_events: RateWindow::default(),
             ended_by: None,
             out: Vec::new(),
-            plain: Vec::new(),
         }
     }
 
@@ -356,48 +354,67 @@ impl GatewaySession {
         Some((endpoint, &self.out))
     }
 
-    /// Seals an IP packet from the tunnel device for the client; returns where to send.
-    /// Due timers fire first: a session past its lifetime sends nothing.
+    /// Seals an IP packet from the tunnel device for the client into the session's
+    /// buffer; returns where to send it and the sealed bytes.
     pub fn seal_data(
         &mut self,
         store: &dyn SessionStore,
         packet: &[u8],
         now: Instant,
     ) -> Result<(Endpoint, &[u8]), Drop> {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let sealed = self.seal_data_append(store, packet, now, &mut out);
+        self.out = out;
+        sealed.map(|endpoint| (endpoint, self.out.as_slice()))
+    }
+
+    /// Seals an IP packet from the tunnel device for the client, appended to `out` (a
+    /// batch to send at once); returns where to send it. Due timers fire first: a
+    /// session past its lifetime sends nothing.
+    pub fn seal_data_append(
+        &mut self,
+        store: &dyn SessionStore,
+        packet: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<Endpoint, Drop> {
         self.handle_timeout(store, now);
         if self.state() == State::Terminated {
             return Err(Drop::SessionEnded);
         }
         let (endpoint, _) = self.binding.ok_or(Drop::UnboundTransport)?;
         self.channel
-            .seal(&Control::Data(packet), now, &mut self.out)
+            .seal_append(&Control::Data(packet), now, out)
             .map_err(|_| Drop::KeysExpired)?;
-        Ok((endpoint, &self.out))
+        Ok(endpoint)
     }
 
-    /// Handles one session packet that arrived from `from`. Due timers fire first: a
-    /// packet arriving after the transport-lost TTL does not revive the session.
+    /// Handles one session packet that arrived from `from`: `packet` is the whole
+    /// datagram, opened in place (a tunnelled packet is handed back as a slice of it).
+    /// Due timers fire first: a packet arriving after the transport-lost TTL does not
+    /// revive the session.
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_packet(
-        &mut self,
+    pub fn handle_packet<'a>(
+        &'a mut self,
         store: &dyn SessionStore,
         local: &Keypair,
         clock: &WallClock,
         from: Endpoint,
         header: &SessionHeader,
-        aad: &[u8; wire::HEADER_LEN],
-        sealed: &[u8],
+        packet: &'a mut [u8],
         now: Instant,
-    ) -> Received<'_> {
-        let outcome = self.process_packet(store, local, clock, from, header, aad, sealed, now);
-        self.received(outcome)
+    ) -> Received<'a> {
+        let outcome = self.process_packet(store, local, clock, from, header, packet, now);
+        self.received(outcome, packet)
     }
 
-    /// What an outcome means for the caller, with the bytes it refers to.
-    pub(super) fn received(&self, outcome: Outcome) -> Received<'_> {
+    /// What an outcome means for the caller, with the bytes it refers to: the session's
+    /// sealed answer, or the plaintext opened in `packet`.
+    pub(super) fn received<'a>(&'a self, outcome: Outcome, packet: &'a [u8]) -> Received<'a> {
         match outcome {
             Outcome::Reply => Received::Reply(&self.out),
-            Outcome::Tunnel => Received::ToTunnel(&self.plain),
+            Outcome::Tunnel => Received::ToTunnel(plaintext(packet)),
             Outcome::Consumed => Received::Consumed,
             Outcome::Drop(d) => Received::Dropped(d),
         }
@@ -413,11 +430,10 @@ impl GatewaySession {
         clock: &WallClock,
         from: Endpoint,
         header: &SessionHeader,
-        aad: &[u8; wire::HEADER_LEN],
-        sealed: &[u8],
+        packet: &mut [u8],
         now: Instant,
     ) -> Outcome {
-        let outcome = self.judge_packet(store, local, clock, from, header, aad, sealed, now);
+        let outcome = self.judge_packet(store, local, clock, from, header, packet, now);
         if self.security_failures >= self.policy.max_security_failures() {
             self.terminate(store, TerminationCause::SecurityFailure, now);
         }
@@ -432,14 +448,13 @@ impl GatewaySession {
         clock: &WallClock,
         from: Endpoint,
         header: &SessionHeader,
-        aad: &[u8; wire::HEADER_LEN],
-        sealed: &[u8],
+        packet: &mut [u8],
         now: Instant,
     ) -> Outcome {
         if header.ptype == PacketType::ReattachRequest {
             // Judged before the timers end the session, so that a request arriving past
             // the lifetime or the TTL is refused for exactly that reason (checks 3, 4).
-            let outcome = self.handle_reattach(clock, from, header, aad, sealed, now);
+            let outcome = self.handle_reattach(clock, from, header, packet, now);
             self.handle_timeout(store, now);
             return outcome;
         }
@@ -447,13 +462,12 @@ impl GatewaySession {
         if self.state() == State::Terminated {
             return Outcome::Drop(Drop::SessionEnded);
         }
-        let mut plain = std::mem::take(&mut self.plain);
-        let opened = self.channel.open(header, aad, sealed, now, &mut plain);
-        let result = match opened {
+        let opened = self.channel.open_in_place(header, packet, now);
+        match opened {
             Ok(key_event) => {
                 self.key_event(key_event, now);
                 self.last_heard = now;
-                match Control::decode(header.ptype, &plain) {
+                match Control::decode(header.ptype, plaintext(packet)) {
                     Ok(control) => self.handle_control(store, local, from, header, control, now),
                     Err(_) => self.misbehaving_client(ReasonCode::InvalidTransition, now),
                 }
@@ -471,9 +485,7 @@ impl GatewaySession {
                 Outcome::Drop(Drop::Replay)
             }
             Err(_) => Outcome::Drop(Drop::Unauthenticated),
-        };
-        self.plain = plain;
-        result
+        }
     }
 
     fn key_event(&mut self, event: KeyEvent, now: Instant) {
@@ -586,8 +598,7 @@ impl GatewaySession {
         clock: &WallClock,
         from: Endpoint,
         header: &SessionHeader,
-        aad: &[u8; wire::HEADER_LEN],
-        sealed: &[u8],
+        packet: &mut [u8],
         now: Instant,
     ) -> Outcome {
         // 2–4: on the session's own state, before any cryptography.
@@ -605,16 +616,14 @@ impl GatewaySession {
             None
         };
         // 5: proof of possession: the AEAD under the session keys; 6a: a new counter.
-        let mut plain = std::mem::take(&mut self.plain);
         let opened = match early {
-            None => self.channel.open(header, aad, sealed, now, &mut plain),
+            None => self.channel.open_in_place(header, packet, now),
             Some(_) => Err(OpenError::Auth),
         };
-        let decoded = match (&opened, Control::decode(header.ptype, &plain)) {
+        let decoded = match (&opened, Control::decode(header.ptype, plaintext(packet))) {
             (Ok(_), Ok(Control::ReattachRequest(r))) => Some(r),
             _ => None,
         };
-        self.plain = plain;
         if let Ok(key_event) = opened {
             self.key_event(key_event, now);
         }
