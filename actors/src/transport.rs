@@ -217,6 +217,12 @@ impl UdpSender {
                 telemetry::dropped_n("send_busy", count);
                 Sent::Ok
             }
+            // Larger than the path takes (the tunnel's MTU is set above the path's): the
+            // datagram is dropped, and the path is not to blame.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => {
+                telemetry::dropped_n("send_too_big", count);
+                Sent::Ok
+            }
             // The kernel refused segmentation offload (quinn-udp turned GSO off for
             // this socket): send the segments one by one.
             Err(_) if transmit.segment_size.is_some() && self.state.max_gso_segments() == 1 => {
