@@ -239,6 +239,12 @@ fn bring_up(
             tunnel.name
         )
     })?;
+    if !device.offloads() {
+        eprintln!(
+            "jvpn client: the kernel refused TUN segmentation offload on {}: packets are read one by one",
+            tunnel.name
+        );
+    }
     agent.do_send(UseDevice(Arc::new(device)));
     for (net, prefix) in &setup.networks {
         changes.route(*net, *prefix, &tunnel.name)?;

@@ -58,6 +58,12 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
             setup.tunnel.name
         )
     })?;
+    if !device.offloads() {
+        eprintln!(
+            "jvpn gateway: the kernel refused TUN segmentation offload on {}: packets are read one by one",
+            setup.tunnel.name
+        );
+    }
     let mut changes = Changes::default();
     if setup.forward {
         let path = if address.is_ipv4() {

@@ -19,6 +19,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use bytes::Bytes;
 use jvpn_core::client::{Client, ClientReceived};
+use jvpn_core::crypto::plaintext;
 use jvpn_core::event::{EventBody, SessionEvent};
 use jvpn_core::fsm::State;
 use jvpn_core::ids::{SessionId, TransportId};
@@ -35,7 +36,7 @@ use crate::telemetry;
 use crate::transport::{
     Batch, Deliver, Incoming, PreparedUdp, Sent, Signal, TransportHandle, UdpTransport,
 };
-use crate::tun::{write_all, TunActor, TunDevice, TunRoute};
+use crate::tun::{TunActor, TunDevice, TunRoute};
 
 /// What the agent does when its session ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +153,6 @@ pub struct ClientAgent {
     device: Option<Arc<dyn TunDevice>>,
     /// Path signals from the agent's own sends, applied after the message that made them.
     signals: Vec<(TransportId, Signal)>,
-    batch: Batch,
     reporter: Reporter,
     status: watch::Sender<AgentStatus>,
     timer: DeadlineTimer,
@@ -302,7 +302,6 @@ impl ClientAgent {
             tun,
             device,
             signals: Vec::new(),
-            batch: Batch::default(),
             reporter,
             status: status_tx,
             timer: DeadlineTimer::default(),
@@ -343,16 +342,16 @@ impl ClientAgent {
         self.sent(via, sent);
     }
 
-    /// Sends the sealed batch on `via`.
-    fn send_batch(&mut self, via: TransportId) {
+    /// Sends `batch` on `via`.
+    fn send_batch(&mut self, via: TransportId, batch: &Batch) {
         let sent = match self.transport(via) {
-            Some((_, gateway, _, handle)) => handle.send_batch(*gateway, &self.batch),
+            Some((_, gateway, _, handle)) => handle.send_batch(*gateway, batch),
             None => {
-                telemetry::dropped_n("no_transport", self.batch.len());
+                telemetry::dropped_n("no_transport", batch.len());
                 return;
             }
         };
-        self.tx_bytes += self.batch.byte_len() as u64;
+        self.tx_bytes += batch.byte_len() as u64;
         self.sent(via, sent);
     }
 
@@ -496,25 +495,34 @@ impl Actor for ClientAgent {
 impl Handler<AgentInbound> for ClientAgent {
     type Result = ();
 
-    fn handle(&mut self, msg: AgentInbound, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: AgentInbound, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let now = Instant::now();
-        for (_, mut datagram) in msg.datagrams {
+        // Which datagrams opened into packets for the device: written together at the
+        // end, so that a run of one flow's segments is one write.
+        let mut opened = Vec::with_capacity(msg.datagrams.len());
+        for (i, (_, datagram)) in msg.datagrams.iter_mut().enumerate() {
             self.rx_bytes += datagram.len() as u64;
-            match self
-                .client
-                .handle_datagram_in_place(msg.via, &mut datagram, now)
-            {
-                ClientReceived::ToTunnel(p) => match &self.device {
-                    Some(device) => write_all(device.as_ref(), [p]),
-                    None => telemetry::dropped("no_device"),
-                },
+            match self.client.handle_datagram_in_place(msg.via, datagram, now) {
+                ClientReceived::ToTunnel(_) => opened.push(i),
                 ClientReceived::Consumed => {}
                 // Unauthenticated: anyone could send it, so it ends nothing by itself.
                 // A gateway that really lost the session stops answering, and the
                 // session ends at its transport-lost TTL, explicitly.
                 ClientReceived::SessionUnknown => telemetry::dropped("session_unknown"),
                 ClientReceived::Dropped(_) => telemetry::dropped("client_drop"),
+            }
+        }
+        if !opened.is_empty() {
+            match &self.device {
+                Some(device) => {
+                    let packets: Vec<&[u8]> = opened
+                        .iter()
+                        .map(|&i| plaintext(&msg.datagrams[i].1))
+                        .collect();
+                    device.write_batch(&packets);
+                }
+                None => telemetry::dropped_n("no_device", opened.len()),
             }
         }
         self.settle(ctx);
@@ -537,21 +545,20 @@ impl Handler<FromTunnel> for ClientAgent {
     fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let now = Instant::now();
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.clear();
-        // Every packet goes to the active transport, which cannot change while this
-        // message is handled.
-        let mut via = None;
-        for packet in &msg.0 {
-            match batch.append(|out| self.client.seal_data_append(packet, now, out)) {
-                Ok(v) => via = Some(v),
-                Err(_) => telemetry::dropped("no_session"),
+        Batch::with_scratch(|batch| {
+            // Every packet goes to the active transport, which cannot change while this
+            // message is handled.
+            let mut via = None;
+            for packet in &msg.0 {
+                match batch.append(|out| self.client.seal_data_append(packet, now, out)) {
+                    Ok(v) => via = Some(v),
+                    Err(_) => telemetry::dropped("no_session"),
+                }
             }
-        }
-        self.batch = batch;
-        if let Some(via) = via {
-            self.send_batch(via);
-        }
+            if let Some(via) = via {
+                self.send_batch(via, batch);
+            }
+        });
         self.settle(ctx);
     }
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
-use jvpn_core::crypto::Keypair;
+use jvpn_core::crypto::{plaintext, Keypair};
 use jvpn_core::fsm::{State, TerminationCause};
 use jvpn_core::gateway::{Endpoint, GatewaySession, Received};
 use jvpn_core::ids::SessionId;
@@ -29,7 +29,7 @@ use crate::runtime::{
 };
 use crate::telemetry;
 use crate::transport::{Batch, TransportHandle};
-use crate::tun::{write_all, TunDevice};
+use crate::tun::TunDevice;
 
 /// The transports a session remembers having heard its client on (to answer on the
 /// right socket). Bounded: the oldest is forgotten.
@@ -132,8 +132,6 @@ pub struct SessionActor {
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
-    /// Sealed packets of the message being handled, sent as one batch.
-    batch: Batch,
 }
 
 impl SessionActor {
@@ -158,7 +156,6 @@ impl SessionActor {
             recent: RecentTransitions::default(),
             rx_bytes: 0,
             tx_bytes: 0,
-            batch: Batch::default(),
         }
     }
 
@@ -235,33 +232,36 @@ impl Actor for SessionActor {
 impl Handler<Inbound> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Inbound, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let env = Arc::clone(&self.env);
-        for (addr, header, mut datagram) in msg.datagrams {
+        // Which datagrams opened into packets for the device: written together at the
+        // end, so that a run of one flow's segments is one write.
+        let mut opened = Vec::with_capacity(msg.datagrams.len());
+        for (i, (addr, header, datagram)) in msg.datagrams.iter_mut().enumerate() {
             let Some(session) = self.session.as_mut() else {
-                return;
+                break;
             };
             self.rx_bytes += datagram.len() as u64;
             let from = Endpoint {
                 protocol: msg.via.protocol(),
-                addr,
+                addr: *addr,
             };
             let received = session.handle_packet(
                 env.store.as_ref(),
                 &env.keypair,
                 env.reporter.clock(),
                 from,
-                &header,
-                &mut datagram,
+                header,
+                datagram,
                 Instant::now(),
             );
             match received {
                 Received::Reply(bytes) => {
                     self.tx_bytes += bytes.len() as u64;
-                    msg.via.send(addr, bytes);
+                    msg.via.send(*addr, bytes);
                 }
-                Received::ToTunnel(packet) => write_all(env.device.as_ref(), [packet]),
+                Received::ToTunnel(_) => opened.push(i),
                 Received::Consumed => {}
                 Received::Dropped(d) => {
                     telemetry::dropped(d.as_str());
@@ -270,6 +270,13 @@ impl Handler<Inbound> for SessionActor {
             }
             // Only an authentic packet teaches the actor a path to answer on.
             self.heard_on(from, &msg.via);
+        }
+        if !opened.is_empty() {
+            let packets: Vec<&[u8]> = opened
+                .iter()
+                .map(|&i| plaintext(&msg.datagrams[i].2))
+                .collect();
+            env.device.write_batch(&packets);
         }
         self.settle(ctx);
     }
@@ -281,42 +288,39 @@ impl Handler<FromTunnel> for SessionActor {
     fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let now = Instant::now();
-        let mut to: Option<Endpoint> = None;
-        self.batch.clear();
-        for packet in &msg.0 {
-            let Some(session) = self.session.as_mut() else {
-                break;
-            };
-            let store = self.env.store.as_ref();
-            // Every packet goes to the binding, which cannot move while this message is
-            // handled (only an inbound packet moves it).
-            match self
-                .batch
-                .append(|out| session.seal_data_append(store, packet, now, out))
-            {
-                Ok(endpoint) => to = Some(endpoint),
-                Err(d) => telemetry::dropped(d.as_str()),
+        Batch::with_scratch(|batch| {
+            let mut to: Option<Endpoint> = None;
+            for packet in &msg.0 {
+                let Some(session) = self.session.as_mut() else {
+                    break;
+                };
+                let store = self.env.store.as_ref();
+                // Every packet goes to the binding, which cannot move while this message
+                // is handled (only an inbound packet moves it).
+                match batch.append(|out| session.seal_data_append(store, packet, now, out)) {
+                    Ok(endpoint) => to = Some(endpoint),
+                    Err(d) => telemetry::dropped(d.as_str()),
+                }
             }
-        }
-        self.flush(to);
+            self.send_batch(to, batch);
+        });
         self.settle(ctx);
     }
 }
 
 impl SessionActor {
-    /// Sends the sealed batch to `to`, on the transport the client was heard on there.
-    fn flush(&mut self, to: Option<Endpoint>) {
-        if self.batch.is_empty() {
+    /// Sends `batch` to `to`, on the transport the client was heard on there.
+    fn send_batch(&mut self, to: Option<Endpoint>, batch: &Batch) {
+        if batch.is_empty() {
             return;
         }
         match to.and_then(|to| transport_for(&self.paths, to).map(|t| (to, t))) {
             Some((to, t)) => {
-                self.tx_bytes += self.batch.byte_len() as u64;
-                t.send_batch(to.addr, &self.batch);
+                self.tx_bytes += batch.byte_len() as u64;
+                t.send_batch(to.addr, batch);
             }
-            None => telemetry::dropped_n("no_transport", self.batch.len()),
+            None => telemetry::dropped_n("no_transport", batch.len()),
         }
-        self.batch.clear();
     }
 }
 

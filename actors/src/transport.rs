@@ -10,6 +10,7 @@
 //! waits: a full socket buffer drops the datagram, as a congested link would, and
 //! counts it.
 
+use std::cell::RefCell;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,7 +127,8 @@ pub enum Sent {
 }
 
 /// Sealed datagrams to send together: contiguous bytes and each datagram's extent.
-/// Reused across messages, so the hot path allocates nothing once warm.
+/// Reused across messages ([`Batch::with_scratch`]), so the hot path allocates nothing
+/// once warm.
 #[derive(Debug, Default)]
 pub struct Batch {
     bytes: Vec<u8>,
@@ -135,6 +137,22 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Runs `f` with this thread's batch, emptied first. One batch per thread (arbiter)
+    /// rather than one per session, so that an idle session holds no batch memory; a
+    /// nested use (none is made) gets a fresh batch rather than a conflict.
+    pub fn with_scratch<R>(f: impl FnOnce(&mut Batch) -> R) -> R {
+        thread_local! {
+            static SCRATCH: RefCell<Batch> = RefCell::new(Batch::default());
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut batch) => {
+                batch.clear();
+                f(&mut batch)
+            }
+            Err(_) => f(&mut Batch::default()),
+        })
+    }
+
     /// Appends a datagram.
     pub fn push(&mut self, datagram: &[u8]) {
         self.offsets.push(self.bytes.len());

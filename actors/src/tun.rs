@@ -5,9 +5,11 @@
 //! The device is a trait ([`TunDevice`]) so that actor tests run with a channel-backed
 //! device ([`channel_device`]) and the binary with a real kernel TUN ([`KernelTun`]).
 
+use std::cell::RefCell;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -16,22 +18,33 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, Mutex};
 
+use jvpn_core::offload::{coalesce, segments, VnetHeader, VNET_HDR_DATA_VALID, VNET_HDR_LEN};
+
 use crate::runtime::{ActorKind, Close};
 use crate::telemetry;
+use crate::tun_sys::{self, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 
 /// The most packets one wakeup reads before handing them on.
 pub const READ_BATCH: usize = 64;
 
 /// A packet device: the kernel's TUN or a stand-in.
 pub trait TunDevice: Send + Sync + 'static {
-    /// Waits for the next packet and copies it into `buf`; returns its length.
+    /// Waits for the next read and appends the packets it held to `out`: one packet, or
+    /// the segments of a super-packet the device handed over whole. `space` is the
+    /// reader's reused buffer space.
     fn recv<'a>(
         &'a self,
-        buf: &'a mut [u8],
-    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>>;
+        space: &'a mut ReadSpace,
+        out: &'a mut Vec<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
     /// Writes one packet without waiting (a full device queue is an error, counted by
     /// the caller as a drop).
     fn write(&self, packet: &[u8]) -> io::Result<()>;
+    /// Writes `packets` in order, as few writes as the device allows (the kernel's TUN
+    /// takes a run of one TCP flow's segments as one); counts each refused write.
+    fn write_batch(&self, packets: &[&[u8]]) {
+        write_all(self, packets.iter().copied());
+    }
     /// The largest packet the device carries.
     fn mtu(&self) -> usize;
 }
@@ -44,7 +57,10 @@ pub trait TunRoute: Send + Sync + 'static {
 
 /// Writes `packets` to `device`, counting each one the device refused (a full queue
 /// drops, as a congested link would).
-pub fn write_all<'p>(device: &dyn TunDevice, packets: impl IntoIterator<Item = &'p [u8]>) {
+pub fn write_all<'p, D: TunDevice + ?Sized>(
+    device: &D,
+    packets: impl IntoIterator<Item = &'p [u8]>,
+) {
     for packet in packets {
         if device.write(packet).is_err() {
             telemetry::dropped("tun_write_failed");
@@ -82,19 +98,28 @@ impl TunActor {
     }
 }
 
+/// A reader's buffers, reused for every read: what the device reads into, and room to
+/// build segments in.
+#[derive(Debug, Default)]
+pub struct ReadSpace {
+    /// The read buffer (a device sizes it as it needs).
+    pub buf: Vec<u8>,
+    /// Scratch room.
+    pub scratch: Vec<u8>,
+}
+
 /// What one wakeup read.
 struct Read(io::Result<Vec<Bytes>>);
 
-async fn read_batch(device: &dyn TunDevice, buf: &mut [u8]) -> Read {
-    let first = match device.recv(buf).await {
-        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
-        Err(e) => return Read(Err(e)),
-    };
-    let mut batch = vec![first];
+async fn read_batch(device: &dyn TunDevice, space: &mut ReadSpace) -> Read {
+    let mut batch = Vec::new();
+    if let Err(e) = device.recv(space, &mut batch).await {
+        return Read(Err(e));
+    }
     // More packets already waiting join the batch; the first that is not ready ends it.
     while batch.len() < READ_BATCH {
-        match device.recv(buf).now_or_never() {
-            Some(Ok(n)) => batch.push(Bytes::copy_from_slice(&buf[..n])),
+        match device.recv(space, &mut batch).now_or_never() {
+            Some(Ok(())) => {}
             Some(Err(_)) | None => break,
         }
     }
@@ -109,14 +134,14 @@ impl Actor for TunActor {
             return;
         }
         let device = Arc::clone(&self.device);
-        let buf = vec![0u8; self.device.mtu().max(1_500) + 64];
         // The stream ends after the device reports end-of-file, so a closed device is
         // not read again (the actor stays up; restarting it would spin on the EOF).
-        let reads = futures_util::stream::unfold(Some((device, buf)), |state| async move {
-            let (device, mut buf) = state?;
-            let read = read_batch(device.as_ref(), &mut buf).await;
+        let start = Some((device, ReadSpace::default()));
+        let reads = futures_util::stream::unfold(start, |state| async move {
+            let (device, mut space) = state?;
+            let read = read_batch(device.as_ref(), &mut space).await;
             let eof = matches!(&read.0, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof);
-            Some((read, (!eof).then_some((device, buf))))
+            Some((read, (!eof).then_some((device, space))))
         });
         self.reading = Some(ctx.add_stream(reads));
     }
@@ -199,8 +224,9 @@ pub fn channel_device(capacity: usize, mtu: usize) -> (ChannelDevice, ChannelPee
 impl TunDevice for ChannelDevice {
     fn recv<'a>(
         &'a self,
-        buf: &'a mut [u8],
-    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+        _space: &'a mut ReadSpace,
+        out: &'a mut Vec<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
         Box::pin(async move {
             let packet = self
                 .inbound
@@ -209,9 +235,8 @@ impl TunDevice for ChannelDevice {
                 .recv()
                 .await
                 .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-            let n = packet.len().min(buf.len());
-            buf[..n].copy_from_slice(&packet[..n]);
-            Ok(n)
+            out.push(packet);
+            Ok(())
         })
     }
 
@@ -226,11 +251,18 @@ impl TunDevice for ChannelDevice {
     }
 }
 
-/// The kernel's TUN device (Linux), created and addressed by this process.
+/// The kernel's TUN device (Linux), created and addressed by this process, with the
+/// virtio-net header on every packet and TCP segmentation offload: the kernel hands the
+/// reader whole TCP super-packets (up to 64 KiB), split into segments here
+/// ([`jvpn_core::offload`]), so one read replaces dozens.
 pub struct KernelTun {
     device: tun::AsyncDevice,
     mtu: usize,
+    offloads: bool,
 }
+
+/// The largest read: a 64 KiB super-packet and its virtio-net header.
+const OFFLOAD_READ: usize = 65_535 + VNET_HDR_LEN;
 
 /// How to create a kernel TUN device.
 #[derive(Debug, Clone)]
@@ -246,19 +278,32 @@ pub struct TunConfig {
 }
 
 impl KernelTun {
-    /// Creates, addresses and brings up the device. Needs CAP_NET_ADMIN.
+    /// Creates, addresses and brings up the device, with its offloads. Needs
+    /// CAP_NET_ADMIN. A kernel that refuses the offloads still gives a working device
+    /// (packets then come one by one, with the same header before each).
     pub fn create(config: &TunConfig) -> Result<KernelTun, tun::Error> {
         let mut c = tun::Configuration::default();
         c.tun_name(&config.name)
             .address(config.address)
             .netmask(prefix_mask(config.address, config.prefix))
             .mtu(config.mtu)
+            .platform_config(|p| {
+                p.vnet_hdr(true);
+            })
             .up();
         let device = tun::create_as_async(&c)?;
+        let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+        let offloads = tun_sys::set_offload(device.as_raw_fd(), flags).is_ok();
         Ok(KernelTun {
             device,
             mtu: usize::from(config.mtu),
+            offloads,
         })
+    }
+
+    /// Whether the kernel took the segmentation offload.
+    pub fn offloads(&self) -> bool {
+        self.offloads
     }
 }
 
@@ -282,14 +327,44 @@ fn prefix_mask(address: IpAddr, prefix: u8) -> IpAddr {
 impl TunDevice for KernelTun {
     fn recv<'a>(
         &'a self,
-        buf: &'a mut [u8],
-    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
-        Box::pin(self.device.recv(buf))
+        space: &'a mut ReadSpace,
+        out: &'a mut Vec<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            space.buf.resize(OFFLOAD_READ, 0);
+            let n = self.device.recv(&mut space.buf).await?;
+            let read = space.buf.get(..n).unwrap_or_default();
+            let split = VnetHeader::split(read).and_then(|(h, p)| {
+                segments(&h, p, &mut space.scratch, |s| {
+                    out.push(Bytes::copy_from_slice(s))
+                })
+            });
+            if split.is_err() {
+                telemetry::dropped("tun_offload_malformed");
+            }
+            Ok(())
+        })
     }
 
     fn write(&self, packet: &[u8]) -> io::Result<()> {
         // The device's descriptor is non-blocking: a full queue fails at once.
-        (*self.device).send(packet).map(|_| ())
+        let parts = [IoSlice::new(&VNET_HDR_DATA_VALID), IoSlice::new(packet)];
+        tun_sys::write_gathered(self.device.as_raw_fd(), &parts).map(|_| ())
+    }
+
+    fn write_batch(&self, packets: &[&[u8]]) {
+        thread_local! {
+            /// Where runs are joined: one per thread that writes (the arbiters).
+            static JOINED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        JOINED.with_borrow_mut(|buf| {
+            coalesce(packets, buf, |write| {
+                let parts = [IoSlice::new(write)];
+                if tun_sys::write_gathered(self.device.as_raw_fd(), &parts).is_err() {
+                    telemetry::dropped("tun_write_failed");
+                }
+            });
+        });
     }
 
     fn mtu(&self) -> usize {

@@ -20,6 +20,7 @@
 //! - [`gateway`]: the gateway side: handshakes, routing, reattach validation, per-session timers.
 //! - [`client`]: the client side: handshake, data, heartbeats and probes, reattach, rekey.
 //! - [`sim`]: a deterministic simulated network that drives a session on a virtual clock.
+//! - [`offload`]: the TUN device's virtio-net header and the split of TCP super-packets.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,6 +34,7 @@ pub mod gateway;
 pub mod health;
 pub mod ids;
 pub mod journal;
+pub mod offload;
 pub mod policy;
 pub mod reason;
 pub mod replay;
