@@ -93,19 +93,8 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
         OnEnd::Exit => OnSessionEnd::Stop,
         OnEnd::Reconnect => OnSessionEnd::Reconnect,
     };
-    // The readers (sockets and TUN) run on a thread of their own, so that reading
-    // overlaps with the agent sealing and opening on this one.
-    let readers = actix::Arbiter::new();
-    let handles = ClientAgent::start(
-        client,
-        candidates,
-        None,
-        reporter,
-        on_end,
-        AGENT_MAILBOX,
-        Some(readers.handle()),
-    )
-    .context("cannot start the client")?;
+    let handles = ClientAgent::start(client, candidates, None, reporter, on_end, AGENT_MAILBOX)
+        .context("cannot start the client")?;
     let agent = handles.agent.clone();
     let answer: Answer = Rc::new(move |request| {
         let agent = agent.clone();
@@ -211,7 +200,6 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     while transports.iter().any(|t| t.upgrade().is_some()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    readers.stop();
     drop(admin_socket);
     changes.undo_all();
     service::close_events(sink, "client");

@@ -91,11 +91,6 @@ impl TunActor {
     pub fn start_supervised(self) -> Addr<Self> {
         actix::Supervisor::start(move |_| self)
     }
-
-    /// Like [`TunActor::start_supervised`], on `arbiter`.
-    pub fn start_in(self, arbiter: &ArbiterHandle) -> Addr<Self> {
-        actix::Supervisor::start_in_arbiter(arbiter, move |_| self)
-    }
 }
 
 /// A reader's buffers, reused for every read: what the device reads into, and room to

@@ -361,7 +361,6 @@ async fn start(options: Options) -> Net {
         ),
         options.on_end,
         256,
-        None,
     )
     .expect("client agent");
     Net {
@@ -459,7 +458,6 @@ impl Net {
             ),
             OnSessionEnd::Stop,
             256,
-            None,
         )
         .expect("second agent");
         (agent, peer)

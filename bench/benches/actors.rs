@@ -107,8 +107,6 @@ async fn pair() -> Pair {
         reporter("bench-client"),
         OnSessionEnd::Stop,
         1_024,
-        // As the binary runs it: the readers on a thread of their own.
-        Some(actix::Arbiter::new().handle()),
     )
     .expect("agent");
     let mut status = agent.status;
