@@ -43,7 +43,11 @@ fn tunnel_addr(i: usize) -> IpAddr {
 
 fn main() {
     let most = STEPS[STEPS.len() - 1];
-    let policy = Arc::new(Policy::default());
+    // Idle sessions stay: no client heartbeats, so the transport-lost TTL (15 s by
+    // default) would end the first ones before the last are made.
+    let mut config = jvpn_core::policy::PolicyConfig::starter();
+    config.session.transport_lost_ttl_ms = Some(3_600_000);
+    let policy = Arc::new(config.validate().expect("policy"));
     let gw_key = Keypair::generate().expect("keys");
     let keys: Vec<Keypair> = (0..most)
         .map(|_| Keypair::generate().expect("keys"))
