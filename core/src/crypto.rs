@@ -152,13 +152,7 @@ impl Keypair {
 }
 
 fn x25519_public(private: &[u8; 32]) -> PublicKey {
-    use snow::resolvers::{CryptoResolver, DefaultResolver};
-    let mut public = [0u8; 32];
-    if let Some(mut dh) = DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519) {
-        dh.set(private);
-        public.copy_from_slice(&dh.pubkey()[..32]);
-    }
-    PublicKey(public)
+    PublicKey(crate::x25519::public_key(private))
 }
 
 fn builder(prologue: &[u8]) -> snow::Builder<'_> {
@@ -167,7 +161,7 @@ fn builder(prologue: &[u8]) -> snow::Builder<'_> {
     let params = NOISE_PARAMS
         .parse()
         .unwrap_or_else(|_| unreachable!("{NOISE_PARAMS} is a valid Noise protocol name"));
-    snow::Builder::new(params)
+    snow::Builder::with_resolver(params, crate::x25519::resolver())
         .prologue(prologue)
         .unwrap_or_else(|_| unreachable!())
 }

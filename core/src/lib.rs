@@ -42,3 +42,4 @@ pub mod select;
 pub mod sim;
 pub mod store;
 pub mod wire;
+mod x25519;

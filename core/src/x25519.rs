@@ -1,0 +1,167 @@
+//! X25519 for the Noise handshakes, from aws-lc-rs, plugged into `snow` through its
+//! resolver: the variable-base scalar multiplication is hand-written assembly there
+//! (s2n-bignum) and measured 2.5 times as fast as the portable field arithmetic of
+//! snow's default (curve25519-dalek) on this project's machines. A gateway handshake is
+//! four Diffie-Hellman operations and one key generation, so this sets the handshake
+//! rate. Everything else of the handshake (BLAKE2s, ChaCha20-Poly1305) stays snow's.
+
+use aws_lc_rs::agreement::{agree, PrivateKey, UnparsedPublicKey, X25519};
+use snow::params::{CipherChoice, DHChoice, HashChoice};
+use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
+use zeroize::Zeroizing;
+
+/// The resolver every handshake is built with: this module's X25519, snow's default for
+/// the rest.
+pub fn resolver() -> Box<dyn CryptoResolver + Send> {
+    Box::new(FallbackResolver::new(
+        Box::new(AwsLcX25519),
+        Box::new(DefaultResolver),
+    ))
+}
+
+/// The public key of an X25519 private key (clamped as X25519 does).
+pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
+    let mut dh = Dh25519::default();
+    dh.set(private);
+    dh.public
+}
+
+/// Resolves X25519 only.
+struct AwsLcX25519;
+
+impl CryptoResolver for AwsLcX25519 {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        None
+    }
+
+    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
+        matches!(choice, DHChoice::Curve25519).then(|| Box::new(Dh25519::default()) as Box<dyn Dh>)
+    }
+
+    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+
+    fn resolve_cipher(&self, _: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        None
+    }
+}
+
+/// One X25519 key pair.
+#[derive(Default)]
+struct Dh25519 {
+    private: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+    /// aws-lc's form of the private key; `None` before a key is set, or if aws-lc
+    /// refused it (it refuses only a wrong length), and then every exchange fails.
+    key: Option<PrivateKey>,
+}
+
+impl Dh for Dh25519 {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+
+    fn pub_len(&self) -> usize {
+        32
+    }
+
+    fn priv_len(&self) -> usize {
+        32
+    }
+
+    fn set(&mut self, privkey: &[u8]) {
+        self.key = None;
+        self.public = [0; 32];
+        let Ok(bytes) = <[u8; 32]>::try_from(privkey) else {
+            return;
+        };
+        *self.private = bytes;
+        let Ok(key) = PrivateKey::from_private_key(&X25519, privkey) else {
+            return;
+        };
+        if let Ok(public) = key.compute_public_key() {
+            if let Ok(public) = <[u8; 32]>::try_from(public.as_ref()) {
+                self.public = public;
+                self.key = Some(key);
+            }
+        }
+    }
+
+    fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rng.try_fill_bytes(bytes.as_mut())?;
+        self.set(bytes.as_ref());
+        Ok(())
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn privkey(&self) -> &[u8] {
+        self.private.as_ref()
+    }
+
+    /// Fails for a peer key of small order (an all-zero shared secret), which the Noise
+    /// specification allows an implementation to refuse: such a handshake is refused.
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        let key = self.key.as_ref().ok_or(snow::Error::Dh)?;
+        let out = out.get_mut(..32).ok_or(snow::Error::Dh)?;
+        // snow passes its whole key buffer (sized for its largest curve): the key is the
+        // first 32 bytes.
+        let pubkey = pubkey.get(..32).ok_or(snow::Error::Dh)?;
+        agree(
+            key,
+            UnparsedPublicKey::new(&X25519, pubkey),
+            snow::Error::Dh,
+            |shared| {
+                out.copy_from_slice(shared);
+                Ok(())
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 7748, section 6.1: Alice's and Bob's keys and their shared secret.
+    #[test]
+    fn the_rfc_7748_vectors_hold() {
+        let hex = |s: &str| -> [u8; 32] {
+            let v: Vec<u8> = (0..32)
+                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
+                .collect();
+            v.try_into().expect("32 bytes")
+        };
+        let alice = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let bob = hex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb");
+        let alice_pub = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        let bob_pub = hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f");
+        let shared = hex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
+        assert_eq!(public_key(&alice), alice_pub);
+        assert_eq!(public_key(&bob), bob_pub);
+        let mut a = Dh25519::default();
+        a.set(&alice);
+        let mut out = [0u8; 32];
+        a.dh(&bob_pub, &mut out).expect("dh");
+        assert_eq!(out, shared);
+    }
+
+    #[test]
+    fn a_small_order_peer_key_or_a_missing_key_fails_instead_of_a_zero_secret() {
+        let mut a = Dh25519::default();
+        let mut out = [0u8; 32];
+        assert!(a.dh(&[9; 32], &mut out).is_err(), "no key set");
+        a.set(&[7; 32]);
+        assert!(a.dh(&[0; 32], &mut out).is_err(), "the identity point");
+        a.set(&[7; 31]);
+        assert!(
+            a.dh(&[9; 32], &mut out).is_err(),
+            "a key of the wrong length"
+        );
+    }
+}
