@@ -20,7 +20,6 @@ use jvpn_core::crypto::Keypair;
 use jvpn_core::event::TransportRef;
 use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
-use jvpn_core::policy::Policy;
 use jvpn_core::store::MemoryStore;
 use jvpn_core::wire::TunnelAddr;
 
