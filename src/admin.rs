@@ -2,10 +2,14 @@
 //! request per connection with one JSON answer, for `jvpn status`, `jvpn sessions` and
 //! `jvpn terminate`. See spec/admin.md.
 //!
-//! Bounded: at most [`MAX_CONNECTIONS`] connections are served at once (more wait in
-//! the kernel's backlog), a request is at most [`MAX_REQUEST`] bytes, and a connection
-//! gets [`CONNECTION_TIMEOUT`] in all.
+//! Bounded: at most [`MAX_CONNECTIONS`] connections are open at once, a request is at
+//! most [`MAX_REQUEST`] bytes and must arrive within [`REQUEST_TIMEOUT`], and a
+//! connection gets [`CONNECTION_TIMEOUT`] in all. Idle connections cannot lock the
+//! socket up: a new connection that finds the table full closes the oldest one still
+//! waiting for its request, so a real request is always served.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,9 +22,12 @@ use serde_json::Value;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
 
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 8;
+/// Connections open at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time for a connection's request to arrive (a local client writes it at once).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest request line.
 pub const MAX_REQUEST: usize = 4096;
 /// The longest answer a caller reads (a status of many thousand sessions fits).
@@ -112,21 +119,24 @@ pub async fn serve(path: &Path, answer: Answer) -> Result<AdminSocket, AdminErro
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Rc::new(RefCell::new(Connections::default()));
     actix_rt::spawn(async move {
         loop {
-            let Ok(permit) = std::sync::Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
             let Ok((stream, _)) = listener.accept().await else {
                 // Out of descriptors, say: wait rather than spin.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
+            let Some((id, evicted)) = open.borrow_mut().admit() else {
+                // Full of connections already answering: this one is refused.
+                continue;
+            };
             let answer = Rc::clone(&answer);
+            let open = Rc::clone(&open);
             actix_rt::spawn(async move {
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, exchange(stream, answer)).await;
-                drop(permit);
+                let served = exchange(stream, answer, evicted, || open.borrow_mut().answering(id));
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, served).await;
+                open.borrow_mut().close(id);
             });
         }
     });
@@ -135,11 +145,69 @@ pub async fn serve(path: &Path, answer: Answer) -> Result<AdminSocket, AdminErro
     })
 }
 
-async fn exchange(stream: UnixStream, answer: Answer) -> std::io::Result<()> {
+/// The open connections, in the order they came; those still waiting for their request
+/// can be closed to make room.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+    answering: usize,
+}
+
+impl Connections {
+    /// Makes room for a new connection (closing the oldest one still waiting for its
+    /// request, if the table is full); its id and the signal that closes it, or `None`
+    /// if every open connection is being answered.
+    fn admit(&mut self) -> Option<(u64, oneshot::Receiver<()>)> {
+        if self.waiting.len() + self.answering >= MAX_CONNECTIONS {
+            let (_, close) = self.waiting.pop_front()?;
+            let _ = close.send(());
+        }
+        let id = self.next;
+        self.next += 1;
+        let (close, closed) = oneshot::channel();
+        self.waiting.push_back((id, close));
+        Some((id, closed))
+    }
+
+    /// Connection `id` sent its request: it can no longer be closed to make room.
+    fn answering(&mut self, id: u64) {
+        if let Some(i) = self.waiting.iter().position(|(w, _)| *w == id) {
+            self.waiting.remove(i);
+            self.answering += 1;
+        }
+    }
+
+    /// Connection `id` is done.
+    fn close(&mut self, id: u64) {
+        match self.waiting.iter().position(|(w, _)| *w == id) {
+            Some(i) => {
+                self.waiting.remove(i);
+            }
+            None => self.answering = self.answering.saturating_sub(1),
+        }
+    }
+}
+
+/// Reads one request (within [`REQUEST_TIMEOUT`], unless `evicted` closes the
+/// connection first), tells `answering`, and writes the answer.
+async fn exchange(
+    stream: UnixStream,
+    answer: Answer,
+    evicted: oneshot::Receiver<()>,
+    answering: impl FnOnce(),
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut limited = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64));
-    limited.read_line(&mut line).await?;
+    let request = tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line));
+    tokio::select! {
+        read = request => {
+            read.map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        }
+        _ = evicted => return Ok(()),
+    }
+    answering();
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(request) => answer(request).await,
         Err(e) => error_reply(format!(
@@ -200,4 +268,31 @@ pub fn ask_blocking(path: &Path, request: &Request) -> Result<Value, AdminError>
             problem: format!("cannot start a runtime: {e}"),
         })?;
     runtime.block_on(ask(path, request))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 300 idle connections (the finding of issue 13) cannot lock the socket up: a real
+    /// request still gets its answer.
+    #[test]
+    fn idle_connections_cannot_keep_status_from_answering() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("admin.sock");
+        actix_rt::System::new().block_on(async {
+            let answer: Answer =
+                Rc::new(|_| Box::pin(async { serde_json::json!({ "ok": true, "status": 1 }) }));
+            let _socket = serve(&path, answer).await.expect("serve");
+            let mut idle = Vec::new();
+            for _ in 0..300 {
+                idle.push(UnixStream::connect(&path).await.expect("connect"));
+            }
+            // Let the server accept them all.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let answered = ask(&path, &Request::Status).await.expect("an answer");
+            assert_eq!(answered["status"], 1);
+            drop(idle);
+        });
+    }
 }

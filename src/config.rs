@@ -544,13 +544,7 @@ fn private_key(
             } else {
                 p
             };
-            Zeroizing::new(std::fs::read_to_string(&p).map_err(|e| {
-                invalid(
-                    file,
-                    "private_key_file",
-                    format!("cannot read {}: {e}", p.display()),
-                )
-            })?)
+            read_key_file(&p).map_err(|why| invalid(file, "private_key_file", why))?
         }
         _ => {
             return Err(invalid(
@@ -567,6 +561,28 @@ fn private_key(
             "not a private key (44 characters of base64, as `jvpn keygen` prints)",
         )
     })
+}
+
+/// The most a key file is read: a key is 44 characters; comments and line ends are
+/// allowed, a file of any size is not (`/dev/zero` would be read forever).
+pub const KEY_FILE_MAX: u64 = 1_024;
+
+/// Reads a key file, at most [`KEY_FILE_MAX`] bytes; a longer one is refused.
+fn read_key_file(path: &Path) -> Result<Zeroizing<String>, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let opened = std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let mut text = Zeroizing::new(String::new());
+    opened
+        .take(KEY_FILE_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if text.len() as u64 > KEY_FILE_MAX {
+        return Err(format!(
+            "{shown} is longer than {KEY_FILE_MAX} bytes: not a key file (a key is 44 characters of base64, as `jvpn keygen` prints)"
+        ));
+    }
+    Ok(text)
 }
 
 /// Whether `name` is an interface name the kernel takes.
@@ -700,6 +716,25 @@ mod tests {
 
     fn no_env() -> Option<HashMap<String, String>> {
         Some(HashMap::new())
+    }
+
+    /// `/dev/zero` as a key file: refused with what is wrong, not read forever.
+    #[test]
+    fn a_key_file_of_unbounded_size_is_refused_not_read_forever() {
+        let text: Vec<String> = gateway_text("")
+            .lines()
+            .map(|l| match l.starts_with("private_key") {
+                true => "private_key_file = \"/dev/zero\"".to_string(),
+                false => l.to_string(),
+            })
+            .collect();
+        let f = file(&text.join("\n"));
+        let Err(err) = load_gateway(f.path(), no_env()) else {
+            panic!("a /dev/zero key file was taken");
+        };
+        let message = format!("{err:#}");
+        assert!(message.contains("private_key_file"), "{message}");
+        assert!(message.contains("longer than 1024 bytes"), "{message}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -18,10 +19,13 @@ pub const EVENT_QUEUE: usize = 4096;
 pub fn event_sink(out: &EventsOut) -> Result<EventSink> {
     let writer: Box<dyn Write + Send> = match out {
         EventsOut::Stdout => Box::new(std::io::stdout()),
+        // Events name session ids and addresses: a new event file is readable by its
+        // owner only.
         EventsOut::File(path) => Box::new(
             OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(path)
                 .with_context(|| format!("cannot open the event file {}", path.display()))?,
         ),
@@ -82,5 +86,21 @@ impl StopSignal {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_event_file_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("events.jsonl");
+        let sink = event_sink(&EventsOut::File(path.clone())).expect("sink");
+        close_events(sink, "test");
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
     }
 }

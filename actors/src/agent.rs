@@ -90,6 +90,13 @@ struct AgentSignal {
 #[rtype(result = "()")]
 pub struct Shutdown;
 
+/// Ends the session named on the user's command (operator_terminated, the gateway told);
+/// the agent then does what its [`OnSessionEnd`] says, as for any other end. Returns
+/// whether that session was the live one.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct EndSession(pub SessionId);
+
 /// Gives the agent its tunnel device (the client creates it once the gateway has
 /// assigned the tunnel address): tunnel packets flow from then on.
 #[derive(Message)]
@@ -557,6 +564,25 @@ impl Handler<Shutdown> for ClientAgent {
             self.send(via, &bytes);
         }
         self.settle(ctx);
+    }
+}
+
+impl Handler<EndSession> for ClientAgent {
+    type Result = bool;
+
+    fn handle(&mut self, msg: EndSession, ctx: &mut Context<Self>) -> bool {
+        if self.client.session_id() != Some(msg.0) || self.client.ended().is_some() {
+            return false;
+        }
+        let notice = self
+            .client
+            .terminate(Instant::now())
+            .map(|t| (t.via, t.bytes.to_vec()));
+        if let Some((via, bytes)) = notice {
+            self.send(via, &bytes);
+        }
+        self.settle(ctx);
+        true
     }
 }
 

@@ -447,7 +447,8 @@ impl GatewayRouter {
     }
 
     /// A session packet whose session is not live: counted, a reattach for an ended
-    /// session reported, and the sender told the session is unknown.
+    /// session reported, and the sender told the session is unknown (within the hints'
+    /// rate limits; a hint held back is counted as `hint_suppressed`).
     fn unknown(&self, via: &TransportHandle, from: SocketAddr, header: &wire::SessionHeader) {
         let endpoint = Endpoint {
             protocol: via.protocol(),
@@ -458,7 +459,12 @@ impl GatewayRouter {
         if let Some(event) = unknown.event {
             self.reporter.report(header.session_id, event);
         }
-        via.send(from, &unknown.reply);
+        match unknown.reply {
+            Some(reply) => {
+                via.send(from, &reply);
+            }
+            None => telemetry::dropped("hint_suppressed"),
+        }
     }
 }
 

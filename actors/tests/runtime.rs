@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use jvpn_actors::agent::{AgentHandles, Candidate, ClientAgent, OnSessionEnd, Shutdown};
+use jvpn_actors::agent::{
+    AgentHandles, Candidate, ClientAgent, EndSession, OnSessionEnd, Shutdown,
+};
 use jvpn_actors::events::EventSink;
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::{Crash, Reporter};
@@ -816,6 +818,49 @@ async fn a_client_shutdown_tells_the_gateway_and_a_reconnecting_client_starts_a_
             ),
         ]
     );
+    net.gw.stop(Duration::from_secs(2)).await;
+}
+
+/// The user ends the session at the client: a wrong id ends nothing; the right one ends
+/// it (the gateway told) and a client set to reconnect starts a new session instead of
+/// exiting.
+#[actix_rt::test]
+async fn a_client_side_end_checks_the_id_and_follows_on_session_end() {
+    let options = Options {
+        on_end: OnSessionEnd::Reconnect,
+        ..Options::default()
+    };
+    let net = start(options).await;
+    let first = net.attached().await;
+    let wrong = jvpn_core::ids::SessionId(first.0 ^ 1);
+    let ended = net
+        .client
+        .agent
+        .send(EndSession(wrong))
+        .await
+        .expect("agent");
+    assert!(!ended, "a wrong id ends nothing");
+    assert_eq!(net.status().session_id, Some(first));
+    let ended = net
+        .client
+        .agent
+        .send(EndSession(first))
+        .await
+        .expect("agent");
+    assert!(ended);
+    let again = wait_for(Duration::from_secs(5), || {
+        let s = net.status();
+        s.sessions == 2 && s.state == State::Attached && !s.stopped
+    })
+    .await;
+    assert!(again, "no new session: {:?}", net.status());
+    assert_ne!(net.status().session_id, Some(first));
+    let gateway_gone = wait_for(Duration::from_secs(2), || {
+        net.gw.registry.session(first).is_none()
+    })
+    .await;
+    assert!(gateway_gone, "the gateway was told");
+    net.client.agent.do_send(Shutdown);
     net.gw.stop(Duration::from_secs(2)).await;
 }
 

@@ -790,7 +790,7 @@ fn a_reattach_past_the_lifetime_or_the_ttl_is_refused_for_that_reason() {
 fn refusals_anyone_can_provoke_are_reported_at_a_bounded_rate() {
     let mut w = World::new(Policy::default());
     let key = w.client_key.clone();
-    let raw = RawClient::connect(&mut w, &key, 1);
+    let mut raw = RawClient::connect(&mut w, &key, 1);
     let mut other = World::new(Policy::default());
     let other_key = other.client_key.clone();
     let mut forger = RawClient::connect(&mut other, &other_key, 1);
@@ -802,13 +802,32 @@ fn refusals_anyone_can_provoke_are_reported_at_a_bounded_rate() {
     for _ in 0..1_000 {
         let _ = w.gw.handle_datagram(endpoint(2), &forged, now);
     }
+    // Each forgery is a denied reattach and a failed validation: 10 of each at most.
     let events = w.gw.drain_events();
+    let of = |kind: &str| {
+        events
+            .iter()
+            .filter(|(_, e)| e.body.event_type() == kind)
+            .count()
+    };
     assert!(
-        events.len() <= 10,
+        of("ReattachResult") <= 10 && of("SecurityValidationFailed") <= 10,
         "{} events for one second of forgeries",
         events.len()
     );
     assert_eq!(w.gw.drops().get(&Drop::Unauthenticated), Some(&1_000));
+    // The flood of one kind hides no other: a replay in the same instant is reported.
+    let genuine = raw.reattach(now, UNIX_T0, raw.binding_version, 1);
+    let _ = w.gw.handle_datagram(endpoint(1), &genuine, now);
+    let _ = w.gw.drain_events();
+    let _ = w.gw.handle_datagram(endpoint(1), &genuine, now);
+    let replays = w.gw.drain_events();
+    assert!(
+        replays
+            .iter()
+            .any(|(_, e)| e.body.event_type() == "SecurityReplayDetected"),
+        "{replays:?}"
+    );
     // One second later the budget is there again.
     let later = now + ms(1_000);
     let _ = w.gw.handle_datagram(endpoint(2), &forged, later);

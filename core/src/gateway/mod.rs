@@ -31,7 +31,7 @@ use crate::wire::{self, Datagram, TunnelAddr};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
 pub use responder::{Accepted, Responder};
-pub use router::{Registration, Route, Router, Unknown};
+pub use router::{HintLimits, Registration, Route, Router, Unknown};
 pub use session::GatewaySession;
 use session::Outcome;
 
@@ -252,8 +252,11 @@ impl Gateway {
                         self.push_event(header.session_id, event);
                     }
                     *self.drops.entry(unknown.drop).or_default() += 1;
+                    let Some(reply) = unknown.reply else {
+                        return Received::Dropped(unknown.drop);
+                    };
                     self.out.clear();
-                    self.out.extend_from_slice(&unknown.reply);
+                    self.out.extend_from_slice(&reply);
                     return Received::Reply(&self.out);
                 };
                 let id = header.session_id;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::crypto::PublicKey;
 use crate::event::SessionEvent;
@@ -51,8 +51,119 @@ pub struct Unknown {
     /// A denial to report, when the packet is a reattach for a session that ended here
     /// (rate limited).
     pub event: Option<SessionEvent>,
-    /// The clear-text hint to send back to the sender.
-    pub reply: [u8; SESSION_UNKNOWN_LEN],
+    /// The clear-text hint to send back to the sender, unless the hints' rate limits
+    /// hold it back ([`HintLimits`]).
+    pub reply: Option<[u8; SESSION_UNKNOWN_LEN]>,
+}
+
+/// The bounds on session-unknown hints, so that the gateway cannot be used to reflect
+/// traffic at an address an attacker writes as the source of its packets. A hint (12
+/// bytes) answers only a session packet (at least 36), so it is never larger than what
+/// triggered it; and hints are rate limited per source prefix and node-wide.
+pub struct HintLimits;
+
+impl HintLimits {
+    /// Hints per second to one source prefix (an IPv4 /24, an IPv6 /48)...
+    pub const PER_PREFIX_PER_SECOND: u32 = 2;
+    /// ... with this burst.
+    pub const PER_PREFIX_BURST: u32 = 4;
+    /// Hints per second from the whole node...
+    pub const PER_SECOND: u32 = 200;
+    /// ... with this burst.
+    pub const BURST: u32 = 200;
+    /// Prefix buckets kept (a fixed table: prefixes that share a bucket share its
+    /// budget, which only makes the bound stricter).
+    pub const PREFIX_BUCKETS: usize = 1_024;
+}
+
+/// A token bucket on the monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokenBucket {
+    tokens: u32,
+    refilled: Option<Instant>,
+}
+
+impl TokenBucket {
+    /// Takes a token if there is one, refilling `per_second` tokens a second up to
+    /// `burst` first.
+    fn take(&mut self, now: Instant, per_second: u32, burst: u32) -> bool {
+        match self.refilled {
+            None => {
+                self.tokens = burst;
+                self.refilled = Some(now);
+            }
+            Some(at) => {
+                let elapsed = now.saturating_duration_since(at).as_millis();
+                let new = elapsed.saturating_mul(u128::from(per_second)) / 1_000;
+                if self
+                    .tokens
+                    .saturating_add(u32::try_from(new).unwrap_or(u32::MAX))
+                    >= burst
+                {
+                    self.tokens = burst;
+                    self.refilled = Some(now);
+                } else if new > 0 {
+                    self.tokens += new as u32;
+                    // Advance by the whole tokens added only, keeping the fraction.
+                    let used_ms = new * 1_000 / u128::from(per_second.max(1));
+                    self.refilled = Some(at + Duration::from_millis(used_ms as u64));
+                }
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// The hints' budgets: one node-wide, one per source prefix bucket.
+#[derive(Debug)]
+struct HintBudget {
+    node: TokenBucket,
+    prefixes: Box<[TokenBucket]>,
+}
+
+impl Default for HintBudget {
+    fn default() -> Self {
+        HintBudget {
+            node: TokenBucket::default(),
+            prefixes: vec![TokenBucket::default(); HintLimits::PREFIX_BUCKETS].into_boxed_slice(),
+        }
+    }
+}
+
+impl HintBudget {
+    fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        let bucket = prefix_bucket(source);
+        let prefix_ok = self.prefixes[bucket].take(
+            now,
+            HintLimits::PER_PREFIX_PER_SECOND,
+            HintLimits::PER_PREFIX_BURST,
+        );
+        prefix_ok
+            && self
+                .node
+                .take(now, HintLimits::PER_SECOND, HintLimits::BURST)
+    }
+}
+
+/// The bucket of `source`'s prefix (FNV-1a over the family and the prefix bytes).
+fn prefix_bucket(source: IpAddr) -> usize {
+    let (family, bytes, len) = match source {
+        IpAddr::V4(a) => (4u8, a.to_ipv6_mapped().octets(), 3),
+        IpAddr::V6(a) => (6u8, a.octets(), 6),
+    };
+    let prefix = match family {
+        4 => &bytes[12..12 + len],
+        _ => &bytes[..len],
+    };
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in std::iter::once(&family).chain(prefix) {
+        hash = (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    hash as usize % HintLimits::PREFIX_BUCKETS
 }
 
 /// The routing tables of one gateway node.
@@ -61,6 +172,7 @@ pub struct Router<H> {
     sessions: HashMap<SessionId, Route<H>>,
     by_tunnel: HashMap<IpAddr, SessionId>,
     ended: EndedSessions,
+    hints: HintBudget,
 }
 
 impl<H> Default for Router<H> {
@@ -69,6 +181,7 @@ impl<H> Default for Router<H> {
             sessions: HashMap::new(),
             by_tunnel: HashMap::new(),
             ended: EndedSessions::default(),
+            hints: HintBudget::default(),
         }
     }
 }
@@ -171,13 +284,90 @@ impl<H> Router<H> {
 
     /// Judges a session packet whose session is not live: it is dropped (counted by the
     /// caller), a reattach for a session that ended here is reported as denied for the
-    /// reason it ended, and the sender is told the session is unknown.
+    /// reason it ended, and the sender is told the session is unknown, within the
+    /// hints' rate limits ([`HintLimits`]).
     pub fn unknown(&mut self, header: &SessionHeader, from: Endpoint, now: Instant) -> Unknown {
         let (drop, event) = self.ended.judge(header, from, now);
-        Unknown {
-            drop,
-            event,
-            reply: encode_session_unknown(header.session_id),
+        let reply = self
+            .hints
+            .allow(from.addr.ip(), now)
+            .then(|| encode_session_unknown(header.session_id));
+        Unknown { drop, event, reply }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Protocol;
+    use crate::wire::PacketType;
+    use std::net::SocketAddr;
+
+    fn header() -> SessionHeader {
+        SessionHeader {
+            ptype: PacketType::Data,
+            key_epoch: 0,
+            session_id: SessionId(0xdead),
+            counter: 1,
         }
+    }
+
+    fn from(ip: [u8; 4]) -> Endpoint {
+        Endpoint {
+            protocol: Protocol::Udp,
+            addr: SocketAddr::from((ip, 4000)),
+        }
+    }
+
+    /// A flood of unknown-session packets written with a bystander's address as their
+    /// source: the bystander gets the burst, then the per-prefix rate, whatever the
+    /// flood's size; after a quiet second it gets hints again.
+    #[test]
+    fn hints_to_one_spoofed_source_stay_within_the_prefix_bound() {
+        let mut router: Router<()> = Router::default();
+        let t0 = Instant::now();
+        let mut replies = 0;
+        for i in 0..100_000u32 {
+            // 100 000 packets over one second, all "from" the same /24.
+            let now = t0 + Duration::from_micros(u64::from(i) * 10);
+            let victim = from([10, 9, 8, (i % 200) as u8]);
+            replies += u32::from(router.unknown(&header(), victim, now).reply.is_some());
+        }
+        let bound = HintLimits::PER_PREFIX_BURST + HintLimits::PER_PREFIX_PER_SECOND;
+        assert!(
+            replies <= bound,
+            "{replies} hints in one second, bound {bound}"
+        );
+        assert!(
+            replies >= HintLimits::PER_PREFIX_BURST,
+            "the burst is answered"
+        );
+        let later = t0 + Duration::from_secs(3);
+        assert!(router
+            .unknown(&header(), from([10, 9, 8, 1]), later)
+            .reply
+            .is_some());
+    }
+
+    /// Spread over many prefixes, the hints stay within the node-wide bound.
+    #[test]
+    fn hints_from_the_whole_node_stay_within_the_node_bound() {
+        let mut router: Router<()> = Router::default();
+        let t0 = Instant::now();
+        let mut replies = 0;
+        for i in 0..100_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 10);
+            let source = from([10, (i >> 8) as u8, i as u8, 1]);
+            replies += u32::from(router.unknown(&header(), source, now).reply.is_some());
+        }
+        let bound = HintLimits::BURST + HintLimits::PER_SECOND;
+        assert!(
+            replies <= bound,
+            "{replies} hints in one second, bound {bound}"
+        );
+        assert!(
+            replies >= HintLimits::BURST / 2,
+            "most of the burst is answered"
+        );
     }
 }

@@ -55,7 +55,9 @@ pub struct GatewaySession {
     /// When the table last refused a timer's write (see [`TABLE_RETRY`]).
     write_refused_at: Option<Instant>,
     security_failures: u32,
-    security_events: RateWindow,
+    /// One budget per kind of security event, so that a flood of one kind cannot hide
+    /// another: reattach denials, failed validations, replays.
+    security_events: [RateWindow; 3],
     /// Why the session ended, once it has.
     ended_by: Option<TerminationCause>,
     pub(super) out: Vec<u8>,
@@ -72,7 +74,7 @@ struct PendingPath {
     deadline: Instant,
 }
 
-/// Security events recorded per second and session, at most: anyone who knows a session
+/// Security events recorded per second, session and event type, at most: anyone who knows a session
 /// id can make the gateway refuse packets for it, and must not flood the event stream or
 /// push real state changes out of the journal. Refusals past the limit are still counted
 /// (in drops) but not each reported.
@@ -149,7 +151,7 @@ impl GatewaySession {
             keys_expired_reported: false,
             write_refused_at: None,
             security_failures: 0,
-            security_events: RateWindow::default(),
+            security_events: [RateWindow::default(); 3],
             ended_by: None,
             out: Vec::new(),
         }
@@ -219,7 +221,7 @@ impl GatewaySession {
 
     /// Security events not reported because of the per-session rate limit.
     pub fn security_events_suppressed(&self) -> u64 {
-        self.security_events.suppressed
+        self.security_events.iter().map(|w| w.suppressed).sum()
     }
 
     /// The next event, oldest first.
@@ -869,7 +871,12 @@ impl GatewaySession {
     }
 
     fn security_event(&mut self, now: Instant, body: EventBody) {
-        if self.security_events.allow(now) {
+        let kind = match &body {
+            EventBody::ReattachResult { .. } => 0,
+            EventBody::SecurityValidationFailed { .. } => 1,
+            _ => 2,
+        };
+        if self.security_events[kind].allow(now) {
             self.journal.record(now, body);
         }
     }
