@@ -27,6 +27,7 @@ use jvpn_core::wire::SessionHeader;
 use crate::runtime::{
     ActorKind, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter, TransitionNote,
 };
+use crate::supervisor::Registry;
 use crate::telemetry;
 use crate::transport::{Batch, TransportHandle};
 use crate::tun::TunDevice;
@@ -47,6 +48,9 @@ pub struct SessionEnv {
     pub device: Arc<dyn TunDevice>,
     /// The supervisor, told when a session actor stops.
     pub supervisor: Recipient<SessionStopped>,
+    /// The node's router, told when a session's binding moves (packets from elsewhere
+    /// are budgeted before they reach the session).
+    pub registry: Arc<Registry>,
 }
 
 /// Datagrams for this session, read in one wakeup of one transport.
@@ -132,6 +136,8 @@ pub struct SessionActor {
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// The binding last published to the router.
+    published_binding: Option<Endpoint>,
 }
 
 impl SessionActor {
@@ -156,6 +162,7 @@ impl SessionActor {
             recent: RecentTransitions::default(),
             rx_bytes: 0,
             tx_bytes: 0,
+            published_binding: None,
         }
     }
 
@@ -185,6 +192,11 @@ impl SessionActor {
         if session.state() == State::Terminated {
             ctx.stop();
             return;
+        }
+        let binding = session.binding();
+        if binding != self.published_binding {
+            self.published_binding = binding;
+            self.env.registry.set_binding(self.id, binding);
         }
         let next = session.next_deadline();
         self.timer.arm(ctx, next, |act, ctx| {

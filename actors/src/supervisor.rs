@@ -99,6 +99,11 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Publishes session `id`'s binding (see [`Router::set_binding`]).
+    pub fn set_binding(&self, id: SessionId, binding: Option<Endpoint>) {
+        self.write().set_binding(id, binding);
+    }
+
     /// Judges a packet of a session that is not live (see [`Router::unknown`]).
     pub fn unknown(&self, header: &wire::SessionHeader, from: Endpoint, now: Instant) -> Unknown {
         self.write().unknown(header, from, now)
@@ -203,6 +208,7 @@ impl NodeSupervisor {
         let id = session.id();
         let tunnel = session.tunnel().addr;
         let client = session.client();
+        let binding = session.binding();
         let capacity = self.limits.session_mailbox;
         // Pinned to the core that reads the client's path: its packets cross no thread.
         let core = paths.front().map_or(0, |(_, t)| t.core());
@@ -219,9 +225,9 @@ impl NodeSupervisor {
         } else {
             Registration::New
         };
-        self.registry
-            .write()
-            .register(id, tunnel, client, addr, how);
+        let mut router = self.registry.write();
+        router.register(id, tunnel, client, addr, how);
+        router.set_binding(id, binding);
     }
 }
 
@@ -236,6 +242,7 @@ impl Actor for NodeSupervisor {
             reporter: self.reporter.clone(),
             device: Arc::clone(&self.device),
             supervisor: ctx.address().recipient(),
+            registry: Arc::clone(&self.registry),
         }));
     }
 
@@ -468,30 +475,46 @@ impl GatewayRouter {
     }
 }
 
-/// Consecutive datagrams of one session, gathered into one mailbox message.
-type Run = (SessionId, Vec<(SocketAddr, wire::SessionHeader, BytesMut)>);
+/// A session datagram on its way to its session.
+type Routed = (SessionId, (SocketAddr, wire::SessionHeader, BytesMut));
+
+/// Offers `items` to their sessions, each run of consecutive datagrams of one session
+/// as one message, through the router's own addresses (actix bounds a mailbox per
+/// sender, so a fresh clone per message would bypass the bound).
+fn offer_runs(router: &Router<Addr<SessionActor>>, via: &TransportHandle, items: Vec<Routed>) {
+    let flush = |run: Option<(SessionId, Vec<_>)>| {
+        let Some((id, datagrams)) = run else { return };
+        let inbound = Inbound {
+            via: via.clone(),
+            datagrams,
+        };
+        let taken = router
+            .get(id)
+            .is_some_and(|a| offer(a, ActorKind::Session, inbound));
+        if !taken {
+            telemetry::dropped("session_busy");
+        }
+    };
+    let mut run: Option<(SessionId, Vec<_>)> = None;
+    for (id, datagram) in items {
+        match run.as_mut().filter(|r| r.0 == id) {
+            Some(r) => r.1.push(datagram),
+            None => {
+                flush(run.take());
+                run = Some((id, vec![datagram]));
+            }
+        }
+    }
+    flush(run);
+}
 
 impl Deliver for GatewayRouter {
     fn datagrams(&self, via: &TransportHandle, batch: Vec<Incoming>) {
         let mut unknown = Vec::new();
+        let mut bound = Vec::with_capacity(batch.len());
+        let mut elsewhere = Vec::new();
         {
             let router = self.registry.read();
-            let flush = |run: Option<Run>| {
-                let Some((id, datagrams)) = run else { return };
-                let inbound = Inbound {
-                    via: via.clone(),
-                    datagrams,
-                };
-                // Offered through the router's own address: actix bounds a mailbox per
-                // sender, so a fresh clone per message would bypass the bound.
-                let taken = router
-                    .get(id)
-                    .is_some_and(|a| offer(a, ActorKind::Session, inbound));
-                if !taken {
-                    telemetry::dropped("session_busy");
-                }
-            };
-            let mut run: Option<Run> = None;
             for (from, datagram) in batch {
                 let header = match wire::parse(&datagram) {
                     Ok(Datagram::Session { header, .. }) => header,
@@ -515,18 +538,34 @@ impl Deliver for GatewayRouter {
                         continue;
                     }
                 };
-                if let Some(r) = run.as_mut().filter(|r| r.0 == header.session_id) {
-                    r.1.push((from, header, datagram));
-                    continue;
-                }
-                flush(run.take());
-                if router.contains(header.session_id) {
-                    run = Some((header.session_id, vec![(from, header, datagram)]));
-                } else {
+                let id = header.session_id;
+                let endpoint = Endpoint {
+                    protocol: via.protocol(),
+                    addr: from,
+                };
+                if !router.contains(id) {
                     unknown.push((from, header));
+                } else if router.from_binding(id, endpoint) {
+                    bound.push((id, (from, header, datagram)));
+                } else {
+                    elsewhere.push((id, (from, header, datagram)));
                 }
             }
-            flush(run);
+            offer_runs(&router, via, bound);
+        }
+        if !elsewhere.is_empty() {
+            // Packets from other endpoints than their session's binding pass within the
+            // session's budget for them, judged under the write lock once per batch.
+            let mut router = self.registry.write();
+            let now = Instant::now();
+            elsewhere.retain(|(id, _)| {
+                let admitted = router.admit_off_binding(*id, now);
+                if !admitted {
+                    telemetry::dropped(CoreDrop::OffBindingFlood.as_str());
+                }
+                admitted
+            });
+            offer_runs(&router, via, elsewhere);
         }
         for (from, header) in unknown {
             self.unknown(via, from, &header);

@@ -49,7 +49,10 @@ impl Write for Lines {
 
 impl Lines {
     fn events(&self) -> Vec<Value> {
-        let bytes = self.0.lock().expect("lines").clone();
+        let mut bytes = self.0.lock().expect("lines").clone();
+        // Only whole lines: the sink's thread may be in the middle of writing one.
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(complete);
         String::from_utf8_lossy(&bytes)
             .lines()
             .map(|l| serde_json::from_str(l).expect("every line is JSON"))

@@ -31,7 +31,7 @@ use crate::wire::{self, Datagram, TunnelAddr};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
 pub use responder::{Accepted, Responder};
-pub use router::{HintLimits, Registration, Route, Router, Unknown};
+pub use router::{HintLimits, OffBindingLimits, Registration, Route, Router, Unknown};
 pub use session::GatewaySession;
 use session::Outcome;
 
@@ -81,6 +81,9 @@ pub enum Drop {
     /// The session ended (its timers fired as the packet arrived, or it ended just
     /// before).
     SessionEnded,
+    /// From another endpoint than the session's binding, past the session's budget for
+    /// those ([`OffBindingLimits`]): dropped unread.
+    OffBindingFlood,
 }
 
 impl Drop {
@@ -99,6 +102,7 @@ impl Drop {
             Drop::Unexpected => "unexpected",
             Drop::PathMismatch => "path_mismatch",
             Drop::SessionEnded => "session_ended",
+            Drop::OffBindingFlood => "off_binding_flood",
         }
     }
 }
@@ -239,14 +243,23 @@ impl Gateway {
                     }
                     let (id, tunnel, client) =
                         (session.id(), session.tunnel().addr, session.client());
+                    let binding = session.binding();
                     self.router
                         .register(id, tunnel, client, session, Registration::New);
+                    self.router.set_binding(id, binding);
                     Received::Reply(&self.out)
                 }
                 Err(reason) => self.dropped(Drop::Handshake(reason)),
             },
             Datagram::Session { header, .. } => {
-                let Some(session) = self.router.get_mut(header.session_id) else {
+                let id = header.session_id;
+                if self.router.contains(id)
+                    && !self.router.from_binding(id, from)
+                    && !self.router.admit_off_binding(id, now)
+                {
+                    return self.dropped(Drop::OffBindingFlood);
+                }
+                let Some(session) = self.router.get_mut(id) else {
                     let unknown = self.router.unknown(&header, from, now);
                     if let Some(event) = unknown.event {
                         self.push_event(header.session_id, event);
@@ -259,7 +272,6 @@ impl Gateway {
                     self.out.extend_from_slice(&reply);
                     return Received::Reply(&self.out);
                 };
-                let id = header.session_id;
                 // Opened in place, in the gateway's own copy of the datagram.
                 self.inbuf.clear();
                 self.inbuf.extend_from_slice(datagram);
@@ -275,6 +287,8 @@ impl Gateway {
                 if let Outcome::Drop(d) = outcome {
                     *self.drops.entry(d).or_default() += 1;
                 }
+                let binding = session.binding();
+                self.router.set_binding(id, binding);
                 // The packet may have ended the session; its last bytes (a sealed
                 // answer) then come from the removed session.
                 match self.after_session_input(id) {

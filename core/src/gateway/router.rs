@@ -41,6 +41,25 @@ pub struct Route<H> {
     pub tunnel: IpAddr,
     /// The session's client.
     pub client: PublicKey,
+    /// Where the session is bound, as its driver last published it.
+    binding: Option<Endpoint>,
+    /// The budget of packets for the session from anywhere else.
+    off_binding: TokenBucket,
+}
+
+/// The budget of packets for a session that come from another endpoint than its
+/// binding, before they reach the session. Its client sends such packets only to probe
+/// standby paths, to reattach and to answer a path challenge (a few per second); anyone
+/// who has seen the session's id can send them by the million. Past the budget they are
+/// dropped unread (`off_binding_flood`), so that a flood cannot crowd the session's own
+/// traffic out of its mailbox; packets from the binding are never held back.
+pub struct OffBindingLimits;
+
+impl OffBindingLimits {
+    /// Packets per second from other endpoints, per session...
+    pub const PER_SECOND: u32 = 100;
+    /// ... with this burst.
+    pub const BURST: u32 = 200;
 }
 
 /// The answer to a session packet whose session is not live.
@@ -209,6 +228,8 @@ impl<H> Router<H> {
                 handle,
                 tunnel,
                 client,
+                binding: None,
+                off_binding: TokenBucket::default(),
             },
         );
     }
@@ -242,6 +263,29 @@ impl<H> Router<H> {
     /// Whether session `id` is live.
     pub fn contains(&self, id: SessionId) -> bool {
         self.sessions.contains_key(&id)
+    }
+
+    /// Publishes session `id`'s binding (its driver calls this whenever it changed).
+    pub fn set_binding(&mut self, id: SessionId, binding: Option<Endpoint>) {
+        if let Some(route) = self.sessions.get_mut(&id) {
+            route.binding = binding;
+        }
+    }
+
+    /// Whether a packet for session `id` from `from` comes from its published binding.
+    pub fn from_binding(&self, id: SessionId, from: Endpoint) -> bool {
+        self.sessions
+            .get(&id)
+            .is_some_and(|r| r.binding == Some(from))
+    }
+
+    /// Whether a packet for session `id` from another endpoint than its binding may go
+    /// on to the session, within [`OffBindingLimits`].
+    pub fn admit_off_binding(&mut self, id: SessionId, now: Instant) -> bool {
+        self.sessions.get_mut(&id).is_some_and(|r| {
+            r.off_binding
+                .take(now, OffBindingLimits::PER_SECOND, OffBindingLimits::BURST)
+        })
     }
 
     /// The session owning tunnel address `addr`.
@@ -368,6 +412,38 @@ mod tests {
         assert!(
             replies >= HintLimits::BURST / 2,
             "most of the burst is answered"
+        );
+    }
+
+    /// Packets from the binding always pass; from anywhere else, the burst and then the
+    /// rate; a new binding is published and then passes.
+    #[test]
+    fn off_binding_packets_have_a_budget_and_the_binding_none() {
+        let mut router: Router<()> = Router::default();
+        let id = SessionId(7);
+        let key = crate::crypto::PublicKey([1; 32]);
+        router.register(id, IpAddr::from([10, 77, 0, 2]), key, (), Registration::New);
+        let bound = from([10, 201, 1, 2]);
+        router.set_binding(id, Some(bound));
+        let t0 = Instant::now();
+        assert!((0..10_000).all(|_| router.from_binding(id, bound)));
+        let admitted = (0..10_000u32)
+            .filter(|i| router.admit_off_binding(id, t0 + Duration::from_micros(u64::from(*i))))
+            .count() as u32;
+        assert_eq!(
+            admitted,
+            OffBindingLimits::BURST,
+            "the burst, then nothing within 10 ms"
+        );
+        let later = t0 + Duration::from_secs(1);
+        assert!(router.admit_off_binding(id, later), "the rate refills");
+        let attacker = from([10, 201, 2, 99]);
+        assert!(!router.from_binding(id, attacker));
+        router.set_binding(id, Some(attacker));
+        assert!(router.from_binding(id, attacker));
+        assert!(
+            !router.admit_off_binding(SessionId(8), later),
+            "no such session"
         );
     }
 }
