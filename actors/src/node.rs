@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use jvpn_core::gateway::{GatewayConfig, Responder};
+use jvpn_core::mac::MacKey;
 use jvpn_core::store::SessionStore;
 
 use crate::runtime::{Close, Reporter};
@@ -34,7 +35,8 @@ pub struct GatewayNodeConfig {
     pub reporter: Reporter,
     /// Mailbox sizes.
     pub limits: NodeLimits,
-    /// Arbiters (threads) for session actors; 0 runs them on the calling arbiter.
+    /// Arbiters (threads) for session actors; 0 runs them on the supervisor's own
+    /// (which answers handshakes on a thread of its own in any case).
     pub arbiters: usize,
 }
 
@@ -49,6 +51,7 @@ pub struct GatewayNode {
     /// The TUN actor.
     pub tun: Addr<TunActor>,
     arbiters: Vec<Arbiter>,
+    handshakes: Arbiter,
 }
 
 impl GatewayNode {
@@ -57,19 +60,34 @@ impl GatewayNode {
     /// running.
     pub fn start(config: GatewayNodeConfig) -> std::io::Result<GatewayNode> {
         let registry = Arc::new(Registry::default());
-        let ctx = Context::<NodeSupervisor>::new();
-        let router = Arc::new(GatewayRouter::new(
-            Arc::clone(&registry),
-            ctx.address(),
-            config.reporter.clone(),
-        ));
         let cores = config.arbiters.max(1);
         let mut prepared = Vec::with_capacity(config.listen.len());
         for (i, socket) in config.listen.into_iter().enumerate() {
             let local = socket.local_addr()?;
             prepared.push((local, PreparedUdp::new(socket, i % cores)?));
         }
+        let mac_key = MacKey::for_gateway(&config.gateway.keypair.public());
         let arbiters: Vec<Arbiter> = (0..config.arbiters).map(|_| Arbiter::new()).collect();
+        // Handshakes (their Diffie-Hellman) on a thread of their own, off the threads
+        // that carry sessions' packets: a flood of them cannot starve forwarding.
+        let handshakes = Arbiter::new();
+        let device = config.device;
+        let supervisor = {
+            let responder = Responder::new(config.gateway, config.store);
+            let registry = Arc::clone(&registry);
+            let handles = arbiters.iter().map(Arbiter::handle).collect();
+            let (limits, reporter, device) =
+                (config.limits, config.reporter.clone(), Arc::clone(&device));
+            NodeSupervisor::start_in_arbiter(&handshakes.handle(), move |_| {
+                NodeSupervisor::new(responder, registry, handles, limits, reporter, device)
+            })
+        };
+        let router = Arc::new(GatewayRouter::new(
+            Arc::clone(&registry),
+            supervisor.clone(),
+            config.reporter,
+            mac_key,
+        ));
         let transports = prepared
             .into_iter()
             .map(|(local, t)| {
@@ -81,23 +99,15 @@ impl GatewayNode {
                 (local, reader)
             })
             .collect();
-        let device = config.device;
         let route: Arc<dyn TunRoute> = router;
-        let tun = TunActor::new(Arc::clone(&device), route).start_supervised();
-        let supervisor = ctx.run(NodeSupervisor::new(
-            Responder::new(config.gateway, config.store),
-            Arc::clone(&registry),
-            arbiters.iter().map(Arbiter::handle).collect(),
-            config.limits,
-            config.reporter,
-            device,
-        ));
+        let tun = TunActor::new(device, route).start_supervised();
         Ok(GatewayNode {
             supervisor,
             registry,
             transports,
             tun,
             arbiters,
+            handshakes,
         })
     }
 
@@ -121,6 +131,7 @@ impl GatewayNode {
         for a in self.arbiters {
             a.stop();
         }
+        self.handshakes.stop();
         left
     }
 }

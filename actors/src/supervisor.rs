@@ -23,6 +23,7 @@ use jvpn_core::gateway::{
     Drop as CoreDrop, Endpoint, GatewaySession, Registration, Responder, Router, Unknown,
 };
 use jvpn_core::ids::SessionId;
+use jvpn_core::mac::MacKey;
 use jvpn_core::wire::{self, Datagram};
 
 use crate::runtime::{offer, ActorKind, Handling, Reporter};
@@ -266,6 +267,8 @@ impl Handler<Handshake> for NodeSupervisor {
         let Ok(Datagram::HandshakeInit {
             sender_index,
             noise,
+            covered,
+            mac,
         }) = wire::parse(&msg.datagram)
         else {
             telemetry::dropped("malformed");
@@ -277,7 +280,7 @@ impl Handler<Handshake> for NodeSupervisor {
         };
         match self
             .responder
-            .accept(from, sender_index, noise, Instant::now())
+            .accept(from, sender_index, noise, (covered, mac), Instant::now())
         {
             Ok((accepted, reply)) => {
                 telemetry::handshake(None);
@@ -437,19 +440,25 @@ pub struct GatewayRouter {
     registry: Arc<Registry>,
     supervisor: Addr<NodeSupervisor>,
     reporter: Reporter,
+    /// The initiations' MAC key: an initiation with a wrong MAC never reaches the
+    /// supervisor's queue, let alone a Diffie-Hellman.
+    mac_key: MacKey,
 }
 
 impl GatewayRouter {
-    /// A router over `registry`, handing handshakes to `supervisor`.
+    /// A router over `registry`, handing handshakes with a right MAC under `mac_key` to
+    /// `supervisor`.
     pub fn new(
         registry: Arc<Registry>,
         supervisor: Addr<NodeSupervisor>,
         reporter: Reporter,
+        mac_key: MacKey,
     ) -> Self {
         GatewayRouter {
             registry,
             supervisor,
             reporter,
+            mac_key,
         }
     }
 
@@ -471,6 +480,37 @@ impl GatewayRouter {
                 via.send(from, &reply);
             }
             None => telemetry::dropped("hint_suppressed"),
+        }
+    }
+}
+
+impl GatewayRouter {
+    /// Initiations with a right MAC: those within their source's budget go to the
+    /// supervisor's bounded queue (`handshake_busy` when it is full).
+    fn handshakes(&self, via: &TransportHandle, initiations: Vec<(SocketAddr, BytesMut)>) {
+        let now = Instant::now();
+        let admitted: Vec<_> = {
+            let mut router = self.registry.write();
+            initiations
+                .into_iter()
+                .filter(|(from, _)| {
+                    let ok = router.admit_handshake(from.ip(), now);
+                    if !ok {
+                        telemetry::dropped(CoreDrop::HandshakeRate.as_str());
+                    }
+                    ok
+                })
+                .collect()
+        };
+        for (from, datagram) in admitted {
+            let handshake = Handshake {
+                via: via.clone(),
+                from,
+                datagram: datagram.freeze(),
+            };
+            if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
+                telemetry::dropped("handshake_busy");
+            }
         }
     }
 }
@@ -511,6 +551,7 @@ fn offer_runs(router: &Router<Addr<SessionActor>>, via: &TransportHandle, items:
 impl Deliver for GatewayRouter {
     fn datagrams(&self, via: &TransportHandle, batch: Vec<Incoming>) {
         let mut unknown = Vec::new();
+        let mut handshakes = Vec::new();
         let mut bound = Vec::with_capacity(batch.len());
         let mut elsewhere = Vec::new();
         {
@@ -518,14 +559,11 @@ impl Deliver for GatewayRouter {
             for (from, datagram) in batch {
                 let header = match wire::parse(&datagram) {
                     Ok(Datagram::Session { header, .. }) => header,
-                    Ok(Datagram::HandshakeInit { .. }) => {
-                        let handshake = Handshake {
-                            via: via.clone(),
-                            from,
-                            datagram: datagram.freeze(),
-                        };
-                        if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
-                            telemetry::dropped("handshake_busy");
+                    Ok(Datagram::HandshakeInit { covered, mac, .. }) => {
+                        if self.mac_key.verify(covered, mac) {
+                            handshakes.push((from, datagram));
+                        } else {
+                            telemetry::dropped(CoreDrop::HandshakeMac.as_str());
                         }
                         continue;
                     }
@@ -566,6 +604,9 @@ impl Deliver for GatewayRouter {
                 admitted
             });
             offer_runs(&router, via, elsewhere);
+        }
+        if !handshakes.is_empty() {
+            self.handshakes(via, handshakes);
         }
         for (from, header) in unknown {
             self.unknown(via, from, &header);

@@ -9,10 +9,11 @@ use jvpn_core::crypto::{Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLO
 use jvpn_core::event::WallClock;
 use jvpn_core::gateway::{AuthorizedClient, Endpoint, Gateway, GatewayConfig, Received};
 use jvpn_core::ids::{NodeId, Protocol, SessionId, StateVersion, TransportId};
+use jvpn_core::mac::MacKey;
 use jvpn_core::policy::Policy;
 use jvpn_core::store::MemoryStore;
 use jvpn_core::wire::{
-    encode_handshake, parse, Datagram, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddr,
+    encode_initiation, parse, Datagram, InitPayload, RespPayload, Timestamp, TunnelAddr,
 };
 
 /// Wall-clock milliseconds the fixtures' clocks start at.
@@ -75,7 +76,12 @@ pub fn initiation(client: &Keypair, gateway: &Keypair, secs: u64) -> (Initiation
     )
     .expect("initiation");
     let mut packet = Vec::new();
-    encode_handshake(PacketType::HandshakeInit, 1, &msg1, &mut packet);
+    encode_initiation(
+        1,
+        &msg1,
+        &MacKey::for_gateway(&gateway.public()),
+        &mut packet,
+    );
     (init, packet)
 }
 

@@ -21,11 +21,12 @@ use crate::crypto::{
 use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{State, TerminationCause};
 use crate::ids::{SessionId, StateVersion, TransportId};
+use crate::mac::MacKey;
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::wire::{
-    self, encode_handshake, Control, Datagram, InitPayload, PacketType, ReattachRequest,
-    RespPayload, Timestamp, TunnelAddr,
+    self, encode_initiation, Control, Datagram, InitPayload, ReattachRequest, RespPayload,
+    Timestamp, TunnelAddr,
 };
 
 /// How long a handshake or rekey waits for its answer before it may be retried.
@@ -160,6 +161,8 @@ enum Phase {
 /// The client.
 pub struct Client {
     config: ClientConfig,
+    /// The key of the initiations' MAC, from the pinned gateway key.
+    mac_key: MacKey,
     limits: KeyLimits,
     clock: WallClock,
     phase: Phase,
@@ -175,6 +178,7 @@ impl Client {
     /// timestamps and reattach freshness.
     pub fn new(config: ClientConfig, clock: WallClock) -> Self {
         Client {
+            mac_key: MacKey::for_gateway(&config.gateway),
             limits: KeyLimits::from_policy(&config.policy),
             config,
             clock,
@@ -206,12 +210,7 @@ impl Client {
             &payload.encode(),
         )?;
         let sender_index = getrandom::u32().map_err(|e| CryptoError::Random(e.to_string()))?;
-        encode_handshake(
-            PacketType::HandshakeInit,
-            sender_index,
-            &msg1,
-            &mut self.out,
-        );
+        encode_initiation(sender_index, &msg1, &self.mac_key, &mut self.out);
         self.phase = Phase::Handshaking {
             initiation: Box::new(initiation),
             sender_index,

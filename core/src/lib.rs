@@ -17,6 +17,7 @@
 //! - [`event`]: the event types and their JSON-lines form.
 //! - [`wire`]: every packet on the wire, encoded and decoded without panics.
 //! - [`crypto`]: Noise IK handshakes and the per-epoch keys that seal session packets.
+//! - [`mac`]: the cheap MAC gate in front of every handshake.
 //! - [`gateway`]: the gateway side: handshakes, routing, reattach validation, per-session timers.
 //! - [`client`]: the client side: handshake, data, heartbeats and probes, reattach, rekey.
 //! - [`sim`]: a deterministic simulated network that drives a session on a virtual clock.
@@ -34,6 +35,7 @@ pub mod gateway;
 pub mod health;
 pub mod ids;
 pub mod journal;
+pub mod mac;
 pub mod offload;
 pub mod policy;
 pub mod reason;

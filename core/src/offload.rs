@@ -69,7 +69,7 @@ impl<'p> TcpSegment<'p> {
                 let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
                 let fragment = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x3fff;
                 (packet[0] == 0x45
-                    && packet[9] == PROTO_TCP
+                    && packet.get(9) == Some(&PROTO_TCP)
                     && total == packet.len()
                     && fragment == 0)
                     .then_some(20)?
@@ -640,6 +640,16 @@ mod tests {
         let sizes: Vec<usize> = writes.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![5, 1, 4, 1]);
         assert_eq!(writes[1][0], udp, "written as it came");
+    }
+
+    /// Found by the property below: an IPv4 first byte on a packet too short for an IPv4
+    /// header must not be read past its end.
+    #[test]
+    fn a_truncated_ipv4_packet_is_written_alone_not_read_past_its_end() {
+        let short: &[u8] = &[0x45, 0, 0, 9, 0, 0, 0, 0, 0];
+        let mut writes = 0;
+        coalesce(&[short, short], &mut Vec::new(), |_| writes += 1);
+        assert_eq!(writes, 2);
     }
 
     proptest! {

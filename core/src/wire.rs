@@ -35,6 +35,10 @@ pub const NOISE_RESP_LEN: usize = 32 + RESP_PAYLOAD_LEN + TAG_LEN;
 pub const NOISE_REKEY_INIT_LEN: usize = 32 + 48 + TAG_LEN;
 /// Noise IK second message of a rekey (payload: none).
 pub const NOISE_REKEY_RESP_LEN: usize = 32 + TAG_LEN;
+/// Length of the MAC that closes a handshake initiation ([`crate::mac`]).
+pub const MAC_LEN: usize = 16;
+/// Length of a handshake initiation: prefix, Noise message, MAC.
+pub const INITIATION_LEN: usize = HANDSHAKE_PREFIX_LEN + NOISE_INIT_LEN + MAC_LEN;
 /// Length of a SessionUnknown hint.
 pub const SESSION_UNKNOWN_LEN: usize = 12;
 /// The largest datagram any transport carries (and so the largest this code decodes).
@@ -276,6 +280,10 @@ pub enum Datagram<'a> {
         sender_index: u32,
         /// The Noise message.
         noise: &'a [u8],
+        /// Everything the MAC covers (the initiation up to the MAC).
+        covered: &'a [u8],
+        /// The MAC ([`crate::mac`]), checked before anything else.
+        mac: &'a [u8; MAC_LEN],
     },
     /// A handshake response.
     HandshakeResp {
@@ -317,10 +325,7 @@ pub fn parse(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
     match ptype {
         PacketType::HandshakeInit | PacketType::HandshakeResp => {
             let (expected, what) = if ptype == PacketType::HandshakeInit {
-                (
-                    HANDSHAKE_PREFIX_LEN + NOISE_INIT_LEN,
-                    "handshake initiation",
-                )
+                (INITIATION_LEN, "handshake initiation")
             } else {
                 (HANDSHAKE_PREFIX_LEN + NOISE_RESP_LEN, "handshake response")
             };
@@ -332,9 +337,18 @@ pub fn parse(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
             let index = r.u32()?;
             let noise = r.bytes;
             Ok(if ptype == PacketType::HandshakeInit {
+                let Some((covered, mac)) = datagram.split_last_chunk::<MAC_LEN>() else {
+                    return Err(WireError::TooShort {
+                        what,
+                        need: INITIATION_LEN,
+                        got: datagram.len(),
+                    });
+                };
                 Datagram::HandshakeInit {
                     sender_index: index,
-                    noise,
+                    noise: &noise[..NOISE_INIT_LEN],
+                    covered,
+                    mac,
                 }
             } else {
                 Datagram::HandshakeResp {
@@ -390,13 +404,26 @@ pub fn parse(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
     }
 }
 
-/// Encodes a handshake message: type, reserved, index, Noise message.
+/// Encodes a handshake response: type, reserved, index, Noise message.
 pub fn encode_handshake(ptype: PacketType, index: u32, noise: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.push(ptype as u8);
     out.extend_from_slice(&[0; 3]);
     out.extend_from_slice(&index.to_be_bytes());
     out.extend_from_slice(noise);
+}
+
+/// Encodes a handshake initiation: type, reserved, index, Noise message, and the MAC
+/// over all of it under the gateway's `mac_key`.
+pub fn encode_initiation(
+    index: u32,
+    noise: &[u8],
+    mac_key: &crate::mac::MacKey,
+    out: &mut Vec<u8>,
+) {
+    encode_handshake(PacketType::HandshakeInit, index, noise, out);
+    let mac = mac_key.mac(out);
+    out.extend_from_slice(&mac);
 }
 
 /// Encodes the unknown-session hint.

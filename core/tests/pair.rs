@@ -11,11 +11,12 @@ use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
 use jvpn_core::gateway::{AuthorizedClient, Drop, Endpoint, Gateway, GatewayConfig, Received};
 use jvpn_core::ids::{NodeId, Protocol, SessionId, StateVersion, TransportId};
+use jvpn_core::mac::MacKey;
 use jvpn_core::policy::{Policy, PolicyConfig};
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::{MemoryStore, SessionStore};
 use jvpn_core::wire::{
-    encode_handshake, parse, Control, Datagram, InitPayload, PacketType, ReattachRequest,
+    encode_initiation, parse, Control, Datagram, InitPayload, PacketType, ReattachRequest,
     RespPayload, Timestamp, TunnelAddr,
 };
 
@@ -501,7 +502,12 @@ impl RawClient {
         )
         .expect("start");
         let mut packet = Vec::new();
-        encode_handshake(PacketType::HandshakeInit, 7, &msg1, &mut packet);
+        encode_initiation(
+            7,
+            &msg1,
+            &MacKey::for_gateway(&w.gw.public_key()),
+            &mut packet,
+        );
         let now = w.now;
         let Received::Reply(reply) = w.gw.handle_datagram(endpoint(via), &packet, now) else {
             panic!("handshake refused");
@@ -906,23 +912,71 @@ fn a_tampered_clear_prefix_of_an_initiation_never_yields_a_session() {
             .bytes
             .to_vec();
         init[byte] ^= 0x01;
+        // Type and reserved bytes: refused by the parser; the index: by the MAC, before
+        // any Diffie-Hellman.
         match w.gw.handle_datagram(endpoint(1), &init, now) {
-            // Type and reserved bytes: refused outright.
-            Received::Dropped(_) => assert!(byte < 4, "byte {byte}"),
-            // The index is not authenticated (as in WireGuard): the gateway answers, but
-            // to an index the client never sent, and the client ignores the answer.
-            Received::Reply(resp) => {
-                assert!(byte >= 4, "byte {byte} accepted");
-                let resp = resp.to_vec();
-                assert!(matches!(
-                    w.client.handle_datagram(TransportId(1), &resp, now),
-                    ClientReceived::Dropped(_)
-                ));
-                assert_eq!(w.client.state(), State::Birth);
-            }
+            Received::Dropped(Drop::HandshakeMac) => assert!(byte >= 4, "byte {byte}"),
+            Received::Dropped(Drop::Malformed) => assert!(byte < 4, "byte {byte}"),
             other => panic!("byte {byte}: {other:?}"),
         }
+        // The MAC is no authentication (anyone who knows the gateway's key computes it):
+        // an index changed and the MAC made anew gets an answer, but to an index the
+        // client never sent, and the client ignores it.
+        if byte >= 4 {
+            let covered = init.len() - jvpn_core::wire::MAC_LEN;
+            let mac = MacKey::for_gateway(&w.gw.public_key()).mac(&init[..covered]);
+            init[covered..].copy_from_slice(&mac);
+            let Received::Reply(resp) = w.gw.handle_datagram(endpoint(1), &init, now) else {
+                panic!("byte {byte}: a right MAC is answered");
+            };
+            let resp = resp.to_vec();
+            assert!(matches!(
+                w.client.handle_datagram(TransportId(1), &resp, now),
+                ClientReceived::Dropped(_)
+            ));
+            assert_eq!(w.client.state(), State::Birth);
+        }
     }
+}
+
+/// A flood of initiations: those not made for this gateway (a wrong MAC) and those past
+/// their source's budget are refused before any Diffie-Hellman; the budget of another
+/// source is untouched, so a real client still gets its session.
+#[test]
+fn initiations_failing_the_cheap_checks_never_reach_a_diffie_hellman() {
+    let mut w = World::new(Policy::default());
+    let now = w.now;
+    let init = w
+        .client
+        .connect(TransportId(1), now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    let mut forged = init.clone();
+    forged[20] ^= 0xff; // inside the Noise message: the MAC no longer matches
+    for _ in 0..10_000 {
+        let _ = w.gw.handle_datagram(endpoint(4), &forged, now);
+    }
+    assert_eq!(w.gw.drops().get(&Drop::HandshakeMac), Some(&10_000));
+    // Right MACs from one source (a replayed genuine initiation): its budget, then
+    // refused before the responder, whose own refusal (replay) is reached only within it.
+    for _ in 0..1_000 {
+        let _ = w.gw.handle_datagram(endpoint(5), &init, now);
+    }
+    let budget = u64::from(jvpn_core::gateway::HandshakeLimits::BURST);
+    assert_eq!(
+        w.gw.drops().get(&Drop::HandshakeRate),
+        Some(&(1_000 - budget))
+    );
+    // The real client, from its own address, is answered.
+    let fresh = w
+        .client
+        .connect(TransportId(1), now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    w.client_send(1, &fresh);
+    assert_eq!(w.client.state(), State::Attached);
 }
 
 #[test]
@@ -961,7 +1015,12 @@ fn unauthorized_clients_and_replayed_initiations_are_refused() {
     )
     .expect("start");
     let mut packet = Vec::new();
-    encode_handshake(PacketType::HandshakeInit, 1, &msg1, &mut packet);
+    encode_initiation(
+        1,
+        &msg1,
+        &MacKey::for_gateway(&w.gw.public_key()),
+        &mut packet,
+    );
     let now = w.now;
     assert_eq!(
         w.gw.handle_datagram(endpoint(1), &packet, now),

@@ -31,7 +31,9 @@ use crate::wire::{self, Datagram, TunnelAddr};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
 pub use responder::{Accepted, Responder};
-pub use router::{HintLimits, OffBindingLimits, Registration, Route, Router, Unknown};
+pub use router::{
+    HandshakeLimits, HintLimits, OffBindingLimits, Registration, Route, Router, Unknown,
+};
 pub use session::GatewaySession;
 use session::Outcome;
 
@@ -84,6 +86,12 @@ pub enum Drop {
     /// From another endpoint than the session's binding, past the session's budget for
     /// those ([`OffBindingLimits`]): dropped unread.
     OffBindingFlood,
+    /// A handshake initiation whose MAC is wrong ([`crate::mac`]): refused before any
+    /// Diffie-Hellman.
+    HandshakeMac,
+    /// A handshake initiation past its source's budget ([`HandshakeLimits`]): refused
+    /// before any Diffie-Hellman.
+    HandshakeRate,
 }
 
 impl Drop {
@@ -103,6 +111,8 @@ impl Drop {
             Drop::PathMismatch => "path_mismatch",
             Drop::SessionEnded => "session_ended",
             Drop::OffBindingFlood => "off_binding_flood",
+            Drop::HandshakeMac => "handshake_mac",
+            Drop::HandshakeRate => "handshake_rate",
         }
     }
 }
@@ -225,32 +235,19 @@ impl Gateway {
             Datagram::HandshakeInit {
                 sender_index,
                 noise,
-            } => match self.responder.accept(from, sender_index, noise, now) {
-                Ok((accepted, reply)) => {
-                    self.out.clear();
-                    self.out.extend_from_slice(reply);
-                    let session = accepted.session;
-                    // One session per client: the new one replaces the old explicitly.
-                    if let Some(old) = accepted.replaces {
-                        if let Some(s) = self.router.get_mut(old) {
-                            s.terminate(
-                                self.responder.store().as_ref(),
-                                TerminationCause::Peer,
-                                now,
-                            );
-                        }
-                        self.after_session_input(old);
-                    }
-                    let (id, tunnel, client) =
-                        (session.id(), session.tunnel().addr, session.client());
-                    let binding = session.binding();
-                    self.router
-                        .register(id, tunnel, client, session, Registration::New);
-                    self.router.set_binding(id, binding);
-                    Received::Reply(&self.out)
+                covered,
+                mac,
+            } => {
+                // The cheap checks first: no Diffie-Hellman for an initiation not made
+                // for this gateway, nor past its source's budget.
+                if !self.responder.mac_key().verify(covered, mac) {
+                    return self.dropped(Drop::HandshakeMac);
                 }
-                Err(reason) => self.dropped(Drop::Handshake(reason)),
-            },
+                if !self.router.admit_handshake(from.addr.ip(), now) {
+                    return self.dropped(Drop::HandshakeRate);
+                }
+                self.accept(from, sender_index, noise, (covered, mac), now)
+            }
             Datagram::Session { header, .. } => {
                 let id = header.session_id;
                 if self.router.contains(id)
@@ -316,6 +313,38 @@ impl Gateway {
             Datagram::HandshakeResp { .. } | Datagram::SessionUnknown { .. } => {
                 self.dropped(Drop::Unexpected)
             }
+        }
+    }
+
+    /// Answers an initiation that passed the cheap checks.
+    fn accept(
+        &mut self,
+        from: Endpoint,
+        sender_index: u32,
+        noise: &[u8],
+        mac: (&[u8], &[u8; wire::MAC_LEN]),
+        now: Instant,
+    ) -> Received<'_> {
+        match self.responder.accept(from, sender_index, noise, mac, now) {
+            Ok((accepted, reply)) => {
+                self.out.clear();
+                self.out.extend_from_slice(reply);
+                let session = accepted.session;
+                // One session per client: the new one replaces the old explicitly.
+                if let Some(old) = accepted.replaces {
+                    if let Some(s) = self.router.get_mut(old) {
+                        s.terminate(self.responder.store().as_ref(), TerminationCause::Peer, now);
+                    }
+                    self.after_session_input(old);
+                }
+                let (id, tunnel, client) = (session.id(), session.tunnel().addr, session.client());
+                let binding = session.binding();
+                self.router
+                    .register(id, tunnel, client, session, Registration::New);
+                self.router.set_binding(id, binding);
+                Received::Reply(&self.out)
+            }
+            Err(reason) => self.dropped(Drop::Handshake(reason)),
         }
     }
 

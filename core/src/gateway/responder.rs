@@ -13,10 +13,13 @@ use crate::crypto::{KeyLimits, Keypair, PublicKey, Response, HANDSHAKE_PROLOGUE}
 use crate::event::TransportRef;
 use crate::fsm::State;
 use crate::ids::{NodeId, SessionId, StateVersion};
+use crate::mac::MacKey;
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::store::{SessionRecord, SessionStore, StoreError};
-use crate::wire::{encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddr};
+use crate::wire::{
+    encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddr, MAC_LEN,
+};
 
 use super::router::{Route, Router};
 use super::session::GatewaySession;
@@ -48,6 +51,7 @@ pub struct Responder {
     limits: KeyLimits,
     store: Arc<dyn SessionStore>,
     clients: HashMap<PublicKey, ClientEntry>,
+    mac_key: MacKey,
     out: Vec<u8>,
 }
 
@@ -69,6 +73,7 @@ impl Responder {
             })
             .collect();
         Responder {
+            mac_key: MacKey::for_gateway(&config.keypair.public()),
             limits: KeyLimits::from_policy(&config.policy),
             keypair: config.keypair,
             node: config.node_id,
@@ -89,21 +94,31 @@ impl Responder {
         &self.keypair
     }
 
+    /// The key of the initiations' MAC (the gate before any Diffie-Hellman).
+    pub fn mac_key(&self) -> &MacKey {
+        &self.mac_key
+    }
+
     /// The table sessions are written to.
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
     }
 
-    /// Answers a handshake initiation from `from`: on success, the new session and the
-    /// handshake response to send back. A refused handshake changes nothing (no record,
-    /// no session, the client's previous session untouched) and says why.
+    /// Answers a handshake initiation from `from` (`covered` and `mac`: its MAC and what
+    /// it covers, checked first, before any Diffie-Hellman): on success, the new session
+    /// and the handshake response to send back. A refused handshake changes nothing (no
+    /// record, no session, the client's previous session untouched) and says why.
     pub fn accept(
         &mut self,
         from: Endpoint,
         sender_index: u32,
         noise: &[u8],
+        (covered, mac): (&[u8], &[u8; MAC_LEN]),
         now: Instant,
     ) -> Result<(Accepted, &[u8]), ReasonCode> {
+        if !self.mac_key.verify(covered, mac) {
+            return Err(ReasonCode::BadProof);
+        }
         let response = Response::read(&self.keypair, HANDSHAKE_PROLOGUE, noise)
             .map_err(|_| ReasonCode::BadProof)?;
         let client = response.client();

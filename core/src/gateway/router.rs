@@ -137,26 +137,66 @@ impl TokenBucket {
     }
 }
 
-/// The hints' budgets: one node-wide, one per source prefix bucket.
+/// Token buckets per source prefix, in a fixed table (prefixes that share a bucket share
+/// its budget, which only makes a bound stricter): bounded memory whatever the sources.
+#[derive(Debug)]
+struct SourceBuckets {
+    buckets: Box<[TokenBucket]>,
+    /// Bytes of an IPv4 and of an IPv6 address that make the prefix.
+    prefix: (usize, usize),
+}
+
+impl SourceBuckets {
+    fn new(prefix: (usize, usize)) -> Self {
+        SourceBuckets {
+            buckets: vec![TokenBucket::default(); HintLimits::PREFIX_BUCKETS].into_boxed_slice(),
+            prefix,
+        }
+    }
+
+    fn take(&mut self, source: IpAddr, now: Instant, per_second: u32, burst: u32) -> bool {
+        let i = self.bucket(source);
+        self.buckets[i].take(now, per_second, burst)
+    }
+
+    /// The bucket of `source`'s prefix (FNV-1a over the family and the prefix bytes).
+    fn bucket(&self, source: IpAddr) -> usize {
+        let (family, octets, len) = match source {
+            IpAddr::V4(a) => (4u8, a.to_ipv6_mapped().octets(), self.prefix.0),
+            IpAddr::V6(a) => (6u8, a.octets(), self.prefix.1),
+        };
+        let prefix = match family {
+            4 => &octets[12..12 + len.min(4)],
+            _ => &octets[..len.min(16)],
+        };
+        let mut hash: u32 = 0x811c_9dc5;
+        for b in std::iter::once(&family).chain(prefix) {
+            hash = (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+        hash as usize % self.buckets.len()
+    }
+}
+
+/// The hints' budgets: one node-wide, one per source prefix (IPv4 /24, IPv6 /48).
 #[derive(Debug)]
 struct HintBudget {
     node: TokenBucket,
-    prefixes: Box<[TokenBucket]>,
+    prefixes: SourceBuckets,
 }
 
 impl Default for HintBudget {
     fn default() -> Self {
         HintBudget {
             node: TokenBucket::default(),
-            prefixes: vec![TokenBucket::default(); HintLimits::PREFIX_BUCKETS].into_boxed_slice(),
+            prefixes: SourceBuckets::new((3, 6)),
         }
     }
 }
 
 impl HintBudget {
     fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
-        let bucket = prefix_bucket(source);
-        let prefix_ok = self.prefixes[bucket].take(
+        let prefix_ok = self.prefixes.take(
+            source,
             now,
             HintLimits::PER_PREFIX_PER_SECOND,
             HintLimits::PER_PREFIX_BURST,
@@ -168,21 +208,15 @@ impl HintBudget {
     }
 }
 
-/// The bucket of `source`'s prefix (FNV-1a over the family and the prefix bytes).
-fn prefix_bucket(source: IpAddr) -> usize {
-    let (family, bytes, len) = match source {
-        IpAddr::V4(a) => (4u8, a.to_ipv6_mapped().octets(), 3),
-        IpAddr::V6(a) => (6u8, a.octets(), 6),
-    };
-    let prefix = match family {
-        4 => &bytes[12..12 + len],
-        _ => &bytes[..len],
-    };
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in std::iter::once(&family).chain(prefix) {
-        hash = (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193);
-    }
-    hash as usize % HintLimits::PREFIX_BUCKETS
+/// The budget of handshake initiations per source address (IPv4 /32, IPv6 /64), taken
+/// before any Diffie-Hellman: a client sends one every 5 s while it connects.
+pub struct HandshakeLimits;
+
+impl HandshakeLimits {
+    /// Initiations per second from one source address...
+    pub const PER_SECOND: u32 = 20;
+    /// ... with this burst.
+    pub const BURST: u32 = 20;
 }
 
 /// The routing tables of one gateway node.
@@ -192,6 +226,7 @@ pub struct Router<H> {
     by_tunnel: HashMap<IpAddr, SessionId>,
     ended: EndedSessions,
     hints: HintBudget,
+    handshakes: SourceBuckets,
 }
 
 impl<H> Default for Router<H> {
@@ -201,6 +236,7 @@ impl<H> Default for Router<H> {
             by_tunnel: HashMap::new(),
             ended: EndedSessions::default(),
             hints: HintBudget::default(),
+            handshakes: SourceBuckets::new((4, 8)),
         }
     }
 }
@@ -263,6 +299,17 @@ impl<H> Router<H> {
     /// Whether session `id` is live.
     pub fn contains(&self, id: SessionId) -> bool {
         self.sessions.contains_key(&id)
+    }
+
+    /// Whether a handshake initiation from `source` may go on to the responder, within
+    /// [`HandshakeLimits`].
+    pub fn admit_handshake(&mut self, source: IpAddr, now: Instant) -> bool {
+        self.handshakes.take(
+            source,
+            now,
+            HandshakeLimits::PER_SECOND,
+            HandshakeLimits::BURST,
+        )
     }
 
     /// Publishes session `id`'s binding (its driver calls this whenever it changed).
