@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use jvpn_core::crypto::{plaintext, Keypair};
 use jvpn_core::fsm::{State, TerminationCause};
 use jvpn_core::gateway::{Endpoint, GatewaySession, Received};
-use jvpn_core::ids::SessionId;
+use jvpn_core::ids::{SessionId, StateVersion};
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::SessionStore;
 use jvpn_core::wire::SessionHeader;
@@ -136,8 +136,8 @@ pub struct SessionActor {
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
-    /// The binding last published to the router.
-    published_binding: Option<Endpoint>,
+    /// The version of the binding last published to the router.
+    published_binding: StateVersion,
 }
 
 impl SessionActor {
@@ -162,7 +162,7 @@ impl SessionActor {
             recent: RecentTransitions::default(),
             rx_bytes: 0,
             tx_bytes: 0,
-            published_binding: None,
+            published_binding: StateVersion(0),
         }
     }
 
@@ -193,10 +193,11 @@ impl SessionActor {
             ctx.stop();
             return;
         }
-        let binding = session.binding();
-        if binding != self.published_binding {
-            self.published_binding = binding;
-            self.env.registry.set_binding(self.id, binding);
+        // The version under which the binding was accepted changes with the binding.
+        let bound_at = session.bound_at();
+        if bound_at != self.published_binding {
+            self.published_binding = bound_at;
+            self.env.registry.set_binding(self.id, session.binding());
         }
         let next = session.next_deadline();
         self.timer.arm(ctx, next, |act, ctx| {

@@ -99,7 +99,13 @@ impl Journal {
 
     /// The oldest undrained event.
     pub fn poll(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if self.events.is_empty() && self.events.capacity() > 0 {
+            // Drained: let the buffer go. Events come in rare bursts (state changes, not
+            // packets), and an idle session should hold no memory for them.
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     /// Events discarded because nobody drained the queue.
