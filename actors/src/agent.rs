@@ -556,14 +556,7 @@ impl Handler<Shutdown> for ClientAgent {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         self.stopping = true;
-        let notice = self
-            .client
-            .terminate(Instant::now())
-            .map(|t| (t.via, t.bytes.to_vec()));
-        if let Some((via, bytes)) = notice {
-            self.send(via, &bytes);
-        }
-        self.settle(ctx);
+        self.end_session(ctx);
     }
 }
 
@@ -574,6 +567,15 @@ impl Handler<EndSession> for ClientAgent {
         if self.client.session_id() != Some(msg.0) || self.client.ended().is_some() {
             return false;
         }
+        self.end_session(ctx);
+        true
+    }
+}
+
+impl ClientAgent {
+    /// Ends the session on the user's command (operator_terminated), telling the gateway;
+    /// what follows is [`ClientAgent::settle`]'s: stop, or reconnect as configured.
+    fn end_session(&mut self, ctx: &mut Context<Self>) {
         let notice = self
             .client
             .terminate(Instant::now())
@@ -582,7 +584,6 @@ impl Handler<EndSession> for ClientAgent {
             self.send(via, &bytes);
         }
         self.settle(ctx);
-        true
     }
 }
 
