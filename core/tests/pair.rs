@@ -348,6 +348,30 @@ fn a_cut_path_makes_the_session_jump_with_its_identity_intact() {
         .filter(|(_, e)| matches!(e.body, EventBody::TransportSwitch { .. }))
         .count();
     assert_eq!(switches, 1);
+    // On both sides the result and the switch come just before RECOVERING → ATTACHED
+    // (spec/events.md).
+    let around_the_switch = |events: Vec<&EventBody>| -> Vec<String> {
+        let at = events
+            .iter()
+            .position(|e| matches!(e, EventBody::TransportSwitch { .. }))
+            .expect("a switch");
+        events[at - 1..=at + 1]
+            .iter()
+            .map(|e| match e {
+                EventBody::SessionStateChange { new_state, .. } => format!("-> {new_state:?}"),
+                other => other.event_type().to_string(),
+            })
+            .collect()
+    };
+    let expected = ["ReattachResult", "TransportSwitch", "-> Attached"];
+    assert_eq!(
+        around_the_switch(w.gw_events.iter().map(|(_, e)| &e.body).collect()),
+        expected
+    );
+    assert_eq!(
+        around_the_switch(w.client_events.iter().map(|e| &e.body).collect()),
+        expected
+    );
     // The table agrees: one binding, on path 2, at the version the session holds.
     let record = w.store.get(id).expect("record");
     let binding = record.active_binding.expect("bound");

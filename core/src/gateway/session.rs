@@ -883,7 +883,7 @@ impl GatewaySession {
 
     /// Applies `steps` as one write: the new record (state, version, binding) is
     /// compare-and-swapped into the table at the version this session holds, and only if
-    /// that succeeds are `before` and then the transitions recorded. `binding`: `None`
+    /// that succeeds are the transitions recorded, with `before` just before the last. `binding`: `None`
     /// keeps it, `Some(None)` clears it, `Some(Some(..))` replaces it. Returns whether
     /// it did; if any step is undefined, nothing is written and the first undefined step
     /// is reported as rejected.
@@ -920,10 +920,15 @@ impl GatewaySession {
             return false;
         }
         self.write_refused_at = None;
-        for body in before {
-            self.journal.record(now, body.clone());
-        }
-        for step in steps {
+        // The events that explain the last step come just before it (a reattach's result
+        // and switch just before RECOVERING → ATTACHED, as the client records them).
+        let last = steps.len().saturating_sub(1);
+        for (i, step) in steps.iter().enumerate() {
+            if i == last {
+                for body in before {
+                    self.journal.record(now, body.clone());
+                }
+            }
             let _ = self.journal.apply(*step, now);
         }
         self.binding = new_binding;
