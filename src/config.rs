@@ -244,18 +244,27 @@ fn defaults(
     builder: config::ConfigBuilder<config::builder::DefaultState>,
     pairs: &[(&str, config::Value)],
 ) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
-    let mut b = builder.add_source(config::Config::try_from(&PolicyDefaults {
-        policy: PolicyConfig::starter(),
-    })?);
+    let mut b = builder.add_source(PolicyDefaults::source()?);
     for (key, value) in pairs {
         b = b.set_default(*key, value.clone())?;
     }
     Ok(b)
 }
 
+/// The starter policy under the `policy` key: what a gateway or client file's
+/// `[policy]` fills in (also for `jvpn check-policy` on such a file).
 #[derive(Serialize)]
-struct PolicyDefaults {
+pub(crate) struct PolicyDefaults {
     policy: PolicyConfig,
+}
+
+impl PolicyDefaults {
+    /// The starter policy as a configuration source.
+    pub(crate) fn source() -> Result<config::Config, config::ConfigError> {
+        config::Config::try_from(&PolicyDefaults {
+            policy: PolicyConfig::starter(),
+        })
+    }
 }
 
 fn read<T: serde::de::DeserializeOwned>(
