@@ -126,9 +126,12 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     let mut status = handles.status;
     let mut changes = Changes::default();
     let mut tunnel: Option<TunnelAddr> = None;
+    let mut told: Option<AgentStatus> = None;
     let started = Instant::now();
     let outcome: Result<ExitCode> = loop {
         let now: AgentStatus = status.borrow_and_update().clone();
+        tell_changes(told.as_ref(), &now, &setup);
+        told = Some(now.clone());
         if let Some(assigned) = now.tunnel {
             if tunnel.is_some_and(|t| t != assigned) {
                 break Err(anyhow::anyhow!(
@@ -214,6 +217,47 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     changes.undo_all();
     service::close_events(sink, "client");
     outcome
+}
+
+/// One human line on standard error for each thing a person wants to know of (the JSON
+/// events say everything, for machines): the session moved to another path, a new
+/// session started, the session ended. The first attach is told where the TUN device
+/// is brought up.
+fn tell_changes(before: Option<&AgentStatus>, now: &AgentStatus, setup: &ClientSetup) {
+    let Some(before) = before else { return };
+    let id = |s: &AgentStatus| s.session_id.map(|i| i.to_string()).unwrap_or_default();
+    let endpoint = |t: Option<TransportId>| {
+        t.and_then(|t| setup.candidates.get((t.0 as usize).checked_sub(1)?))
+            .map(|c| c.endpoint.to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    if now.sessions > before.sessions && now.sessions > 1 {
+        eprintln!(
+            "jvpn client: new session {} via {}",
+            id(now),
+            endpoint(now.active)
+        );
+    } else if before.active.is_some() && now.active.is_some() && now.active != before.active {
+        let took = now
+            .last_reattach
+            .map(|d| format!(" in {} ms", d.as_millis()))
+            .unwrap_or_default();
+        eprintln!(
+            "jvpn client: session {} moved from {} to {}{took}",
+            id(now),
+            endpoint(before.active),
+            endpoint(now.active)
+        );
+    }
+    if now.last_end != before.last_end && !now.stopped {
+        if let Some(reason) = now.last_end {
+            eprintln!(
+                "jvpn client: session {} ended: {}",
+                id(before),
+                reason.as_str()
+            );
+        }
+    }
 }
 
 /// Creates the TUN device with the assigned address, hands it to the agent and installs

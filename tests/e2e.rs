@@ -354,6 +354,16 @@ fn jump(cut: Cut, tag: &str) -> Option<Duration> {
     assert!(gw_events
         .iter()
         .all(|e| e["session_id"] == id.as_str() && e["node_id"] == format!("gw-{tag}")));
+    // A person reading the client's standard error sees the jump in one line.
+    let (_, stderr) = lab.output_of("client");
+    let moved = format!(
+        "session {id} moved from {}:{} to {}:{}",
+        netlab::GATEWAY_A,
+        netlab::PORT,
+        netlab::GATEWAY_B,
+        netlab::PORT
+    );
+    assert!(stderr.contains(&moved), "{stderr}");
     finish(lab);
     Some(gap.longest_gap)
 }
@@ -534,6 +544,13 @@ fn all_paths_cut_degrade_then_end_at_the_ttl_and_a_reconnecting_client_starts_a_
             && e["new_state"] == "ATTACHED"
             && e["reason_code"] == "attached_to_transport"));
     assert_eq!(ping(&lab, "c", SERVER, 3), 3, "traffic on the new session");
+    // The end and the new session, each in one line on the client's standard error.
+    let (_, stderr) = lab.output_of("client");
+    assert!(
+        stderr.contains(&format!("session {first} ended: transport_ttl_exceeded"))
+            && stderr.contains(&format!("new session {second} via ")),
+        "{stderr}"
+    );
     finish(lab);
 }
 
