@@ -23,12 +23,21 @@ use zeroize::Zeroizing;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file cannot be read or parsed, or a value has the wrong type.
-    #[error("{file}: {source}")]
+    #[error("{file}: {problem}")]
     Read {
         /// The file.
         file: PathBuf,
+        /// What the parser said (it names the key). Not the error's source: it is said
+        /// once, here.
+        problem: config::ConfigError,
+    },
+    /// An environment override is not a value its key takes (the file alone is fine).
+    #[error("the environment overrides {names}: {problem} (variables JVPN_<KEY> and JVPN_<SECTION>__<KEY> override the file's keys)")]
+    Environment {
+        /// The overriding variables in use.
+        names: String,
         /// What the parser said (it names the key).
-        source: config::ConfigError,
+        problem: config::ConfigError,
     },
     /// A value is of the right type but not allowed.
     #[error("{file}: `{key}`: {problem}")]
@@ -267,33 +276,104 @@ impl PolicyDefaults {
     }
 }
 
+/// Whether the variable `name` overrides one of `keys` (the file's top-level keys):
+/// `JVPN_<KEY>` or `JVPN_<KEY>__<SUBKEY>…`. Any other name that happens to start with
+/// `JVPN_` (a script's `JVPN_BIN`, say) is not the program's and is left alone.
+fn overrides(name: &str, keys: &[&str]) -> bool {
+    name.strip_prefix("JVPN_")
+        .and_then(|rest| rest.split("__").next())
+        .is_some_and(|first| keys.contains(&first.to_ascii_lowercase().as_str()))
+}
+
 fn read<T: serde::de::DeserializeOwned>(
     file: &Path,
     pairs: &[(&str, config::Value)],
     lists: &[&str],
+    keys: &[&str],
     env: Option<HashMap<String, String>>,
 ) -> Result<T, ConfigError> {
-    let wrap = |source| ConfigError::Read {
-        file: file.to_path_buf(),
-        source,
+    // (`vars_os`: a variable that is not UTF-8 is not one of ours, and must not panic.)
+    let process = || {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
     };
-    let mut environment = config::Environment::with_prefix("JVPN")
-        .prefix_separator("_")
-        .separator("__")
-        .list_separator(",")
-        .try_parsing(true)
-        .source(env);
-    for key in lists {
-        environment = environment.with_list_parse_key(key);
+    let vars: HashMap<String, String> = env
+        .unwrap_or_else(process)
+        .into_iter()
+        .filter(|(name, _)| overrides(name, keys))
+        .collect();
+    let build = |vars: HashMap<String, String>| -> Result<T, config::ConfigError> {
+        let mut environment = config::Environment::with_prefix("JVPN")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(vars));
+        for key in lists {
+            environment = environment.with_list_parse_key(key);
+        }
+        defaults(config::Config::builder(), pairs)?
+            .add_source(config::File::from(file).format(config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .and_then(|c| c.try_deserialize())
+    };
+    let with_env = match build(vars.clone()) {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    let from_file = |problem| ConfigError::Read {
+        file: file.to_path_buf(),
+        problem,
+    };
+    if vars.is_empty() {
+        return Err(from_file(with_env));
     }
-    defaults(config::Config::builder(), pairs)
-        .map_err(wrap)?
-        .add_source(config::File::from(file).format(config::FileFormat::Toml))
-        .add_source(environment)
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(wrap)
+    // Blame the environment only if the file alone is fine.
+    match build(HashMap::new()) {
+        Err(problem) => Err(from_file(problem)),
+        Ok(_) => {
+            let mut names: Vec<&str> = vars.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            Err(ConfigError::Environment {
+                names: names.join(", "),
+                problem: with_env,
+            })
+        }
+    }
 }
+
+/// The top-level keys of a gateway file (what `JVPN_` variables may override).
+const GATEWAY_KEYS: &[&str] = &[
+    "node_id",
+    "private_key",
+    "private_key_file",
+    "listen",
+    "session_capacity",
+    "tunnel",
+    "forwarding",
+    "admin",
+    "metrics",
+    "events",
+    "clients",
+    "policy",
+];
+
+/// The top-level keys of a client file (what `JVPN_` variables may override).
+const CLIENT_KEYS: &[&str] = &[
+    "private_key",
+    "private_key_file",
+    "gateway_public_key",
+    "on_session_end",
+    "candidates",
+    "tunnel",
+    "routes",
+    "admin",
+    "metrics",
+    "events",
+    "policy",
+];
 
 fn common_defaults(admin: &str) -> Vec<(&'static str, config::Value)> {
     vec![
@@ -316,7 +396,7 @@ pub fn load_gateway(
         ("forwarding.enable", false.into()),
         ("forwarding.masquerade_out", "".into()),
     ]);
-    let raw: GatewayFile = read(file, &pairs, &["listen"], env)?;
+    let raw: GatewayFile = read(file, &pairs, &["listen"], GATEWAY_KEYS, env)?;
     let bad = |key: &str, problem: String| invalid(file, key, problem);
     if raw.node_id.is_empty() || raw.node_id.len() > 64 {
         return Err(bad("node_id", "must be 1 to 64 characters".into()));
@@ -449,7 +529,7 @@ pub fn load_client(
         ("routes.full_tunnel", false.into()),
         ("routes.fwmark", 51820.into()),
     ]);
-    let raw: ClientFile = read(file, &pairs, &["routes.networks"], env)?;
+    let raw: ClientFile = read(file, &pairs, &["routes.networks"], CLIENT_KEYS, env)?;
     let bad = |key: &str, problem: String| invalid(file, key, problem);
     let keypair = private_key(file, raw.private_key, raw.private_key_file)?;
     let gateway: PublicKey = raw.gateway_public_key.trim().parse().map_err(|_| {
@@ -744,6 +824,29 @@ mod tests {
         let message = format!("{err:#}");
         assert!(message.contains("private_key_file"), "{message}");
         assert!(message.contains("longer than 1024 bytes"), "{message}");
+    }
+
+    /// A script's `JVPN_BIN` is not the program's; a bad override is blamed on the
+    /// variable, not on the file, and the error says it once.
+    #[test]
+    fn unrelated_variables_are_ignored_and_a_bad_override_names_the_variable() {
+        let f = file(&gateway_text(""));
+        let env = Some(HashMap::from([(
+            "JVPN_BIN".to_string(),
+            "/usr/bin/jvpn".to_string(),
+        )]));
+        assert!(load_gateway(f.path(), env).is_ok());
+        let env = Some(HashMap::from([(
+            "JVPN_TUNNEL__MTU".to_string(),
+            "huge".to_string(),
+        )]));
+        let Err(err) = load_gateway(f.path(), env) else {
+            panic!("a bad override was taken");
+        };
+        let message = format!("{:#}", anyhow::Error::new(err));
+        assert!(message.contains("JVPN_TUNNEL__MTU"), "{message}");
+        assert!(message.contains("mtu"), "{message}");
+        assert_eq!(message.matches("huge").count(), 1, "said once: {message}");
     }
 
     #[test]
