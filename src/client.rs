@@ -274,12 +274,6 @@ fn bring_up(
         address: assigned.addr,
         prefix: assigned.prefix,
         mtu: tunnel.mtu,
-    })
-    .with_context(|| {
-        format!(
-            "cannot create the TUN device {} (root or CAP_NET_ADMIN and /dev/net/tun are needed)",
-            tunnel.name
-        )
     })?;
     if !device.offloads() {
         eprintln!(

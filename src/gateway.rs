@@ -51,12 +51,6 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         address,
         prefix,
         mtu: setup.tunnel.mtu,
-    })
-    .with_context(|| {
-        format!(
-            "cannot create the TUN device {} (root or CAP_NET_ADMIN and /dev/net/tun are needed)",
-            setup.tunnel.name
-        )
     })?;
     if !device.offloads() {
         eprintln!(

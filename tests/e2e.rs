@@ -787,6 +787,23 @@ fn a_wrong_gateway_key_and_a_bad_config_fail_fast_and_clearly() {
         .display()
         .to_string();
     let g = lab.ns("g");
+    // A tunnel address the device cannot take: the error names the address, not a
+    // guess about permissions.
+    let v6 = std::fs::read_to_string(&gw)
+        .expect("config")
+        .replace(&format!("{}/24", netlab::GATEWAY_TUNNEL), "fd77::1/64")
+        .replace(CLIENT_TUNNEL, "fd77::2");
+    let v6_path = format!("{gw}.v6.toml");
+    std::fs::write(&v6_path, v6).expect("write");
+    let out = lab
+        .exec(&g, &[bin, "gateway", "--config", &v6_path])
+        .expect("jvpn gateway");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("fd77::1/64 was refused") && !err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
     lab.spawn_jvpn("gateway", &g, &["gateway", "--config", &gw])
         .expect("gateway");
     assert!(wait_until(Duration::from_secs(10), || lab

@@ -10,8 +10,10 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+
 use std::pin::Pin;
 use std::sync::Arc;
+use tun::AbstractDevice;
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -259,6 +261,49 @@ pub struct KernelTun {
 /// The largest read: a 64 KiB super-packet and its virtio-net header.
 const OFFLOAD_READ: usize = 65_535 + VNET_HDR_LEN;
 
+/// Why a kernel TUN device could not be made: each step names what was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// The device itself could not be created.
+    #[error("cannot create the TUN device {name} (root or CAP_NET_ADMIN and /dev/net/tun are needed): {source}")]
+    Create {
+        /// The interface name asked for.
+        name: String,
+        /// What the kernel said.
+        source: tun::Error,
+    },
+    /// The tunnel address (or its prefix) was refused.
+    #[error("the TUN device {name} was created, but the address {address}/{prefix} was refused: {source}{}", if address.is_ipv6() { " (IPv6 tunnel addresses are not supported yet: give the tunnel an IPv4 address)" } else { "" })]
+    Address {
+        /// The interface name.
+        name: String,
+        /// The address.
+        address: IpAddr,
+        /// Its prefix length.
+        prefix: u8,
+        /// What the kernel said.
+        source: tun::Error,
+    },
+    /// The MTU was refused.
+    #[error("the TUN device {name} was created, but the MTU {mtu} was refused: {source}")]
+    Mtu {
+        /// The interface name.
+        name: String,
+        /// The MTU.
+        mtu: u16,
+        /// What the kernel said.
+        source: tun::Error,
+    },
+    /// The device could not be brought up.
+    #[error("the TUN device {name} was created, but could not be brought up: {source}")]
+    Up {
+        /// The interface name.
+        name: String,
+        /// What the kernel said.
+        source: tun::Error,
+    },
+}
+
 /// How to create a kernel TUN device.
 #[derive(Debug, Clone)]
 pub struct TunConfig {
@@ -275,18 +320,45 @@ pub struct TunConfig {
 impl KernelTun {
     /// Creates, addresses and brings up the device, with its offloads. Needs
     /// CAP_NET_ADMIN. A kernel that refuses the offloads still gives a working device
-    /// (packets then come one by one, with the same header before each).
-    pub fn create(config: &TunConfig) -> Result<KernelTun, tun::Error> {
+    /// (packets then come one by one, with the same header before each). Each step that
+    /// can be refused is its own error, naming the setting refused.
+    pub fn create(config: &TunConfig) -> Result<KernelTun, TunError> {
+        let name = config.name.clone();
         let mut c = tun::Configuration::default();
-        c.tun_name(&config.name)
-            .address(config.address)
-            .netmask(prefix_mask(config.address, config.prefix))
-            .mtu(config.mtu)
-            .platform_config(|p| {
-                p.vnet_hdr(true);
-            })
-            .up();
-        let device = tun::create_as_async(&c)?;
+        c.tun_name(&config.name).platform_config(|p| {
+            p.vnet_hdr(true);
+        });
+        let mut device = tun::create_as_async(&c).map_err(|source| TunError::Create {
+            name: name.clone(),
+            source,
+        })?;
+        let address = config.address;
+        let refused = |source| TunError::Address {
+            name: name.clone(),
+            address,
+            prefix: config.prefix,
+            source,
+        };
+        if address.is_ipv6() {
+            // The device is addressed through an IPv4 control socket (the `tun` crate's
+            // ioctls), which the kernel refuses for IPv6 with a bare EINVAL: say so.
+            return Err(refused(tun::Error::InvalidAddress));
+        }
+        (*device).set_address(address).map_err(refused)?;
+        (*device)
+            .set_netmask(prefix_mask(address, config.prefix))
+            .map_err(refused)?;
+        (*device)
+            .set_mtu(config.mtu)
+            .map_err(|source| TunError::Mtu {
+                name: name.clone(),
+                mtu: config.mtu,
+                source,
+            })?;
+        (*device).enabled(true).map_err(|source| TunError::Up {
+            name: name.clone(),
+            source,
+        })?;
         let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
         let offloads = tun_sys::set_offload(device.as_raw_fd(), flags).is_ok();
         Ok(KernelTun {
