@@ -284,14 +284,18 @@ impl Handler<Handshake> for NodeSupervisor {
         {
             Ok((accepted, reply)) => {
                 telemetry::handshake(None);
-                msg.via.send(msg.from, reply);
+                let reply = reply.to_vec();
                 // One session per client: the new one replaces the old explicitly.
                 if let Some(old) = accepted.replaces {
                     self.end_session(old, TerminationCause::Peer);
                 }
                 let mut paths = VecDeque::new();
-                paths.push_back((from, msg.via));
+                paths.push_back((from, msg.via.clone()));
                 self.start_session(Box::new(accepted.session), paths, 0);
+                // Answered once the session is routed: the client's first packets, sent
+                // the moment it has the answer, find their session (the readers run on
+                // other threads than this one).
+                msg.via.send(msg.from, &reply);
             }
             Err(reason) => {
                 telemetry::handshake(Some(reason.as_str()));
