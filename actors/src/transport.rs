@@ -153,13 +153,6 @@ impl Batch {
         })
     }
 
-    /// Appends a datagram.
-    pub fn push(&mut self, datagram: &[u8]) {
-        self.offsets.push(self.bytes.len());
-        self.lens.push(datagram.len());
-        self.bytes.extend_from_slice(datagram);
-    }
-
     /// Appends the datagram `seal` writes at the end of the buffer it is given; nothing
     /// is kept if it fails or writes nothing.
     pub fn append<T, E>(
@@ -582,7 +575,12 @@ mod tests {
         let sizes: Vec<usize> = (0..70).map(|i| if i == 40 { 100 } else { 1_200 }).collect();
         let mut batch = Batch::default();
         for (i, n) in sizes.iter().enumerate() {
-            batch.push(&vec![i as u8; *n]);
+            let datagram = vec![i as u8; *n];
+            let appended: Result<(), ()> = batch.append(|out| {
+                out.extend_from_slice(&datagram);
+                Ok(())
+            });
+            assert!(appended.is_ok());
         }
         assert_eq!(handle.send_batch(to, &batch), Sent::Ok);
         let mut buf = [0u8; 2_000];

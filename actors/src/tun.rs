@@ -1,6 +1,6 @@
 //! The TUN device actor: reads IP packets from the device and hands them to a router
 //! ([`TunRoute`]). Writes take no actor hop: a session writes the packets it opened to
-//! the shared device itself ([`write_all`]; a write never waits).
+//! the shared device itself ([`TunDevice::write_batch`]; a write never waits).
 //!
 //! The device is a trait ([`TunDevice`]) so that actor tests run with a channel-backed
 //! device ([`channel_device`]) and the binary with a real kernel TUN ([`KernelTun`]).
@@ -59,10 +59,7 @@ pub trait TunRoute: Send + Sync + 'static {
 
 /// Writes `packets` to `device`, counting each one the device refused (a full queue
 /// drops, as a congested link would).
-pub fn write_all<'p, D: TunDevice + ?Sized>(
-    device: &D,
-    packets: impl IntoIterator<Item = &'p [u8]>,
-) {
+fn write_all<'p, D: TunDevice + ?Sized>(device: &D, packets: impl IntoIterator<Item = &'p [u8]>) {
     for packet in packets {
         if device.write(packet).is_err() {
             telemetry::dropped("tun_write_failed");
