@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
+use jvpn_core::ids::SessionId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
@@ -218,6 +219,29 @@ async fn exchange(
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// Answers a terminate request: `end` ends the session of that id and says whether it
+/// was live (`who`: "node" or "client", for the answer when it cannot be asked).
+pub async fn terminate_answer<F, E>(
+    session_id: &str,
+    who: &str,
+    end: impl FnOnce(SessionId) -> F,
+) -> Value
+where
+    F: Future<Output = Result<bool, E>>,
+    E: std::fmt::Display,
+{
+    let Ok(id) = session_id.parse::<SessionId>() else {
+        return error_reply(format!(
+            "{session_id:?} is not a session id (16 hex digits)"
+        ));
+    };
+    match end(id).await {
+        Ok(true) => serde_json::json!({ "ok": true, "session_id": session_id }),
+        Ok(false) => error_reply(format!("no live session {session_id}")),
+        Err(e) => error_reply(format!("the {who} does not answer: {e}")),
+    }
 }
 
 /// An answer saying what went wrong.

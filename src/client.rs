@@ -16,7 +16,7 @@ use jvpn_actors::runtime::Reporter;
 use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::client::{Client, ClientConfig};
 use jvpn_core::event::TransportRef;
-use jvpn_core::ids::{NodeId, Protocol, SessionId, TransportId};
+use jvpn_core::ids::{NodeId, Protocol, TransportId};
 use jvpn_core::wire::TunnelAddr;
 
 use crate::admin::{self, Answer, Request};
@@ -104,19 +104,11 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                     Ok(view) => views::client(&view),
                     Err(e) => admin::error_reply(format!("the client does not answer: {e}")),
                 },
+                // The session ends as the configuration says: the client reconnects as a
+                // new session or exits.
                 Request::Terminate { session_id } => {
-                    let Ok(id) = session_id.parse::<SessionId>() else {
-                        return admin::error_reply(format!(
-                            "{session_id:?} is not a session id (16 hex digits)"
-                        ));
-                    };
-                    // The session ends as the configuration says: the client reconnects
-                    // as a new session or exits.
-                    match agent.send(EndSession(id)).await {
-                        Ok(true) => serde_json::json!({ "ok": true, "session_id": session_id }),
-                        Ok(false) => admin::error_reply(format!("no live session {session_id}")),
-                        Err(e) => admin::error_reply(format!("the client does not answer: {e}")),
-                    }
+                    admin::terminate_answer(&session_id, "client", |id| agent.send(EndSession(id)))
+                        .await
                 }
             }
         })

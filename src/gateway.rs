@@ -12,7 +12,7 @@ use jvpn_actors::supervisor::{ListSessions, NodeLimits, TerminateSession};
 use jvpn_actors::transport;
 use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::gateway::GatewayConfig;
-use jvpn_core::ids::{NodeId, SessionId};
+use jvpn_core::ids::NodeId;
 use jvpn_core::store::MemoryStore;
 
 use crate::admin::{self, Answer, Request};
@@ -110,16 +110,10 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
                     Err(e) => admin::error_reply(format!("the node does not answer: {e}")),
                 },
                 Request::Terminate { session_id } => {
-                    let Ok(id) = session_id.parse::<SessionId>() else {
-                        return admin::error_reply(format!(
-                            "{session_id:?} is not a session id (16 hex digits)"
-                        ));
-                    };
-                    match supervisor.send(TerminateSession(id)).await {
-                        Ok(true) => serde_json::json!({ "ok": true, "session_id": session_id }),
-                        Ok(false) => admin::error_reply(format!("no live session {session_id}")),
-                        Err(e) => admin::error_reply(format!("the node does not answer: {e}")),
-                    }
+                    admin::terminate_answer(&session_id, "node", |id| {
+                        supervisor.send(TerminateSession(id))
+                    })
+                    .await
                 }
             }
         })
