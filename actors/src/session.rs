@@ -113,10 +113,8 @@ pub struct SessionStopped {
     pub unfinished: Option<Box<GatewaySession>>,
     /// Restarts so far.
     pub restarts: u32,
-    /// The client's key and tunnel address (to clean the registry and client table).
+    /// The client's key (whether a newer handshake of it replaced the session).
     pub client: jvpn_core::crypto::PublicKey,
-    /// Its tunnel address.
-    pub tunnel: std::net::IpAddr,
     /// Why it ended, when it did.
     pub ended_by: Option<TerminationCause>,
     /// The paths it answered on (a restarted actor keeps them).
@@ -132,7 +130,6 @@ pub struct SessionActor {
     timer: DeadlineTimer,
     restarts: u32,
     client: jvpn_core::crypto::PublicKey,
-    tunnel: std::net::IpAddr,
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
@@ -153,7 +150,6 @@ impl SessionActor {
         SessionActor {
             id: session.id(),
             client: session.client(),
-            tunnel: session.tunnel().addr,
             session: Some(session),
             env,
             paths,
@@ -235,7 +231,6 @@ impl Actor for SessionActor {
             unfinished,
             restarts: self.restarts,
             client: self.client,
-            tunnel: self.tunnel,
             ended_by,
             paths: std::mem::take(&mut self.paths),
         });

@@ -585,12 +585,10 @@ impl Deliver for GatewayRouter {
                     protocol: via.protocol(),
                     addr: from,
                 };
-                if !router.contains(id) {
-                    unknown.push((from, header));
-                } else if router.from_binding(id, endpoint) {
-                    bound.push((id, (from, header, datagram)));
-                } else {
-                    elsewhere.push((id, (from, header, datagram)));
+                match router.from_binding(id, endpoint) {
+                    None => unknown.push((from, header)),
+                    Some(true) => bound.push((id, (from, header, datagram))),
+                    Some(false) => elsewhere.push((id, (from, header, datagram))),
                 }
             }
             offer_runs(&router, via, bound);

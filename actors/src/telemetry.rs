@@ -280,15 +280,6 @@ impl Direction {
     }
 }
 
-/// `count` packets of `bytes` bytes in all, on a transport of `protocol`.
-pub fn packets(direction: Direction, protocol: Protocol, count: usize, bytes: usize) {
-    let (d, p) = (direction.as_str(), protocol.as_str());
-    metrics::counter!("jvpn_packets_total", "direction" => d, "protocol" => p)
-        .increment(count as u64);
-    metrics::counter!("jvpn_bytes_total", "direction" => d, "protocol" => p)
-        .increment(bytes as u64);
-}
-
 /// The packet and byte counters of one direction and protocol, looked up once (a
 /// transport's sends count through it without a registry lookup per send).
 pub struct TrafficMeter {
@@ -442,9 +433,9 @@ mod tests {
     #[test]
     fn traffic_and_drops_are_counted_by_closed_label_sets() {
         let text = render(|| {
-            packets(Direction::Tx, Protocol::Udp, 1, 1_436);
+            TrafficMeter::new(Direction::Tx, Protocol::Udp).record(1, 1_436);
             TrafficMeter::new(Direction::Tx, Protocol::Udp).record(1, 100);
-            packets(Direction::Rx, Protocol::Tcp, 1, 64);
+            TrafficMeter::new(Direction::Rx, Protocol::Tcp).record(1, 64);
             dropped("replay");
             handshake(Some("unauthorized_client"));
         });

@@ -57,12 +57,6 @@ impl std::fmt::Debug for TransportHandle {
     }
 }
 
-impl PartialEq for TransportHandle {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.sender, &other.sender)
-    }
-}
-
 impl TransportHandle {
     /// The transport's protocol.
     pub fn protocol(&self) -> Protocol {
@@ -351,6 +345,7 @@ impl PreparedUdp {
             socket: None,
             handle: self.handle,
             deliver,
+            received: TrafficMeter::new(Direction::Rx, Protocol::Udp),
             reading: None,
             closed: false,
         }
@@ -400,6 +395,8 @@ pub struct UdpTransport {
     socket: Option<Arc<UdpSocket>>,
     handle: TransportHandle,
     deliver: Arc<dyn Deliver>,
+    /// What it reads, counted per batch.
+    received: TrafficMeter,
     reading: Option<SpawnHandle>,
     closed: bool,
 }
@@ -503,7 +500,7 @@ impl StreamHandler<Read> for UdpTransport {
                 self.deliver.signal(&self.handle, Signal::Recovered);
             }
             let bytes = read.batch.iter().map(|(_, d)| d.len()).sum();
-            telemetry::packets(Direction::Rx, Protocol::Udp, read.batch.len(), bytes);
+            self.received.record(read.batch.len(), bytes);
             self.deliver.datagrams(&self.handle, read.batch);
         }
         if let Some(e) = read.error {

@@ -270,7 +270,7 @@ pub enum TunError {
         source: tun::Error,
     },
     /// The tunnel address (or its prefix) was refused.
-    #[error("the TUN device {name} was created, but the address {address}/{prefix} was refused: {source}{}", if address.is_ipv6() { " (IPv6 tunnel addresses are not supported yet: give the tunnel an IPv4 address)" } else { "" })]
+    #[error("the TUN device {name} was created, but the address {address}/{prefix} was refused: {source}{}", ipv6_hint(address))]
     Address {
         /// The interface name.
         name: String,
@@ -299,6 +299,16 @@ pub enum TunError {
         /// What the kernel said.
         source: tun::Error,
     },
+}
+
+/// What to add to a refused address: IPv6 is refused for a reason the user should hear.
+fn ipv6_hint(address: &IpAddr) -> &'static str {
+    match address {
+        IpAddr::V6(_) => {
+            " (IPv6 tunnel addresses are not supported yet: give the tunnel an IPv4 address)"
+        }
+        IpAddr::V4(_) => "",
+    }
 }
 
 /// How to create a kernel TUN device.

@@ -27,7 +27,7 @@ fn scrape(addr: SocketAddr) -> Option<String> {
 fn metrics_are_served_on_the_configured_address() {
     let addr = free_loopback_port();
     telemetry::install(addr).expect("install");
-    telemetry::packets(Direction::Rx, Protocol::Udp, 1, 100);
+    telemetry::TrafficMeter::new(Direction::Rx, Protocol::Udp).record(1, 100);
     // The listener starts on a background thread: poll, bounded in count and time.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;

@@ -250,8 +250,7 @@ impl Gateway {
             }
             Datagram::Session { header, .. } => {
                 let id = header.session_id;
-                if self.router.contains(id)
-                    && !self.router.from_binding(id, from)
+                if self.router.from_binding(id, from) == Some(false)
                     && !self.router.admit_off_binding(id, now)
                 {
                     return self.dropped(Drop::OffBindingFlood);

@@ -74,9 +74,10 @@ struct PendingPath {
     deadline: Instant,
 }
 
-/// Security events recorded per second, session and event type, at most: anyone who knows a session
-/// id can make the gateway refuse packets for it, and must not flood the event stream or
-/// push real state changes out of the journal. Refusals past the limit are still counted
+/// Security events recorded per second, session and event type, at most: anyone who
+/// knows a session id can make the gateway refuse packets for it, and must not flood the
+/// event stream, push real state changes out of the journal, or hide one kind of event
+/// behind another. Refusals past the limit are still counted
 /// (in drops) but not each reported.
 pub(super) const SECURITY_EVENTS_PER_SECOND: u32 = 10;
 
@@ -883,8 +884,9 @@ impl GatewaySession {
 
     /// Applies `steps` as one write: the new record (state, version, binding) is
     /// compare-and-swapped into the table at the version this session holds, and only if
-    /// that succeeds are the transitions recorded, with `before` just before the last. `binding`: `None`
-    /// keeps it, `Some(None)` clears it, `Some(Some(..))` replaces it. Returns whether
+    /// that succeeds are the transitions recorded, with `before` just before the last.
+    /// `binding`: `None` keeps it, `Some(None)` clears it, `Some(Some(..))` replaces
+    /// it. Returns whether
     /// it did; if any step is undefined, nothing is written and the first undefined step
     /// is reported as rejected.
     fn commit(
