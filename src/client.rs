@@ -2,7 +2,7 @@
 //! TUN device (created once the gateway has assigned the tunnel address), routes, the
 //! admin socket, metrics and events; everything it changed is undone on exit.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,10 +17,10 @@ use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::client::{Client, ClientConfig};
 use jvpn_core::event::TransportRef;
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::TunnelAddrs;
 
 use crate::admin::{self, Answer, Request};
-use crate::config::{CandidateSetup, ClientSetup, OnEnd};
+use crate::config::{CandidateSetup, ClientSetup, OnEnd, IPV6_MIN_MTU};
 use crate::netconf::Changes;
 use crate::service;
 use crate::views;
@@ -117,7 +117,7 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
 
     let mut status = handles.status;
     let mut changes = Changes::default();
-    let mut tunnel: Option<TunnelAddr> = None;
+    let mut tunnel: Option<TunnelAddrs> = None;
     let mut told: Option<AgentStatus> = None;
     let started = Instant::now();
     let outcome: Result<ExitCode> = loop {
@@ -127,10 +127,8 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
         if let Some(assigned) = now.tunnel {
             if tunnel.is_some_and(|t| t != assigned) {
                 break Err(anyhow::anyhow!(
-                    "the gateway assigned a new tunnel address {}/{} to the new session (was {}): restart the client",
-                    assigned.addr,
-                    assigned.prefix,
-                    tunnel.map(|t| t.addr.to_string()).unwrap_or_default()
+                    "the gateway assigned new tunnel addresses {assigned} to the new session (were {}): restart the client",
+                    tunnel.map(|t| t.to_string()).unwrap_or_default()
                 ));
             }
             if tunnel.is_none() {
@@ -145,11 +143,9 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                 }
                 tunnel = Some(assigned);
                 eprintln!(
-                    "jvpn client: session {} attached, tunnel {} {}/{}",
+                    "jvpn client: session {} attached, tunnel {} {assigned}",
                     now.session_id.map(|s| s.to_string()).unwrap_or_default(),
                     setup.tunnel.name,
-                    assigned.addr,
-                    assigned.prefix
                 );
             }
         }
@@ -252,19 +248,33 @@ fn tell_changes(before: Option<&AgentStatus>, now: &AgentStatus, setup: &ClientS
     }
 }
 
-/// Creates the TUN device with the assigned address, hands it to the agent and installs
-/// the routes.
+/// Creates the TUN device with the assigned addresses, hands it to the agent and
+/// installs the routes. A route of a family the tunnel has no address of is refused
+/// (its packets would be dropped by the gateway as spoofed): so would the client's
+/// traffic silently leave outside the tunnel.
 fn bring_up(
     tunnel: &crate::config::TunnelSetup,
-    assigned: TunnelAddr,
+    assigned: TunnelAddrs,
     setup: &ClientSetup,
     changes: &mut Changes,
     agent: &actix::Addr<ClientAgent>,
 ) -> Result<()> {
+    if assigned.v6().is_some() && tunnel.mtu < IPV6_MIN_MTU {
+        anyhow::bail!(
+            "the gateway assigned an IPv6 tunnel address ({assigned}), but tunnel.mtu {} is below {IPV6_MIN_MTU}, the least IPv6 allows: raise tunnel.mtu",
+            tunnel.mtu
+        );
+    }
+    for (i, (net, prefix)) in setup.networks.iter().enumerate() {
+        if assigned.of_family(*net).is_none() {
+            anyhow::bail!(
+                "routes.networks[{i}] {net}/{prefix}: the gateway assigned this client no tunnel address of that family ({assigned}); its traffic cannot go through the tunnel",
+            );
+        }
+    }
     let device = KernelTun::create(&TunConfig {
         name: tunnel.name.clone(),
-        address: assigned.addr,
-        prefix: assigned.prefix,
+        addresses: assigned,
         mtu: tunnel.mtu,
     })?;
     if !device.offloads() {
@@ -278,11 +288,7 @@ fn bring_up(
         changes.route(*net, *prefix, &tunnel.name)?;
     }
     if setup.full_tunnel {
-        changes.full_tunnel(
-            &tunnel.name,
-            setup.fwmark,
-            matches!(assigned.addr, IpAddr::V6(_)),
-        )?;
+        changes.full_tunnel(&tunnel.name, setup.fwmark, assigned)?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use jvpn_core::crypto::{Keypair, PublicKey};
 use jvpn_core::gateway::AuthorizedClient;
 use jvpn_core::policy::{Policy, PolicyConfig};
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -68,14 +68,34 @@ pub enum EventsOut {
     File(PathBuf),
 }
 
+/// A value written as one string or a list of them (`"a"` or `["a", "b"]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMore {
+    /// One.
+    One(String),
+    /// A list.
+    More(Vec<String>),
+}
+
+impl OneOrMore {
+    fn items(&self) -> &[String] {
+        match self {
+            OneOrMore::One(one) => std::slice::from_ref(one),
+            OneOrMore::More(more) => more,
+        }
+    }
+}
+
 /// The TUN device section, shared by both files.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelSection {
     /// Interface name, 1 to 15 characters.
     pub name: String,
-    /// Gateway only: its own tunnel address with prefix, e.g. "10.77.0.1/24".
-    pub address: Option<String>,
+    /// Gateway only: its own tunnel address with prefix, e.g. "10.77.0.1/24", or one
+    /// of each family, e.g. ["10.77.0.1/24", "fd77::1/64"].
+    pub address: Option<OneOrMore>,
     /// The MTU, 576 to 65535.
     pub mtu: u16,
 }
@@ -110,7 +130,7 @@ struct ForwardingSection {
 struct ClientEntry {
     name: String,
     public_key: String,
-    tunnel_address: String,
+    tunnel_address: OneOrMore,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -196,8 +216,8 @@ pub struct GatewaySetup {
 pub struct TunnelSetup {
     /// Interface name.
     pub name: String,
-    /// Its address and prefix (the client's comes from the gateway).
-    pub address: Option<(IpAddr, u8)>,
+    /// Its addresses with their prefixes (the client's come from the gateway).
+    pub address: Option<TunnelAddrs>,
     /// MTU.
     pub mtu: u16,
 }
@@ -396,7 +416,13 @@ pub fn load_gateway(
         ("forwarding.enable", false.into()),
         ("forwarding.masquerade_out", "".into()),
     ]);
-    let raw: GatewayFile = read(file, &pairs, &["listen"], GATEWAY_KEYS, env)?;
+    let raw: GatewayFile = read(
+        file,
+        &pairs,
+        &["listen", "tunnel.address"],
+        GATEWAY_KEYS,
+        env,
+    )?;
     let bad = |key: &str, problem: String| invalid(file, key, problem);
     if raw.node_id.is_empty() || raw.node_id.len() > 64 {
         return Err(bad("node_id", "must be 1 to 64 characters".into()));
@@ -434,14 +460,17 @@ pub fn load_gateway(
         ));
     }
     let tunnel = tunnel(file, &raw.tunnel, true)?;
-    let Some((gw_addr, prefix)) = tunnel.address else {
+    let Some(networks) = tunnel.address else {
         return Err(bad("tunnel.address", "required on a gateway".into()));
     };
-    if prefix == 0 || prefix >= if gw_addr.is_ipv4() { 31 } else { 127 } {
-        return Err(bad(
-            "tunnel.address",
-            format!("prefix /{prefix}: the tunnel network needs room for clients (/1 to /30 for IPv4, /1 to /126 for IPv6)"),
-        ));
+    for net in networks.iter() {
+        let most = if net.addr.is_ipv4() { 30 } else { 126 };
+        if net.prefix == 0 || net.prefix > most {
+            return Err(bad(
+                "tunnel.address",
+                format!("{net}: the tunnel network needs room for clients (/1 to /30 for IPv4, /1 to /126 for IPv6)"),
+            ));
+        }
     }
     let masquerade_out = non_empty(raw.forwarding.masquerade_out);
     if let Some(out) = masquerade_out.as_deref().filter(|o| !interface_name(o)) {
@@ -462,7 +491,7 @@ pub fn load_gateway(
     }
     let mut clients = Vec::new();
     let mut keys = HashSet::new();
-    let mut addrs = HashSet::from([gw_addr]);
+    let mut taken: HashSet<IpAddr> = networks.iter().map(|n| n.addr).collect();
     for (i, c) in raw.clients.iter().enumerate() {
         let key = |k: &str| format!("clients[{i}].{k}");
         let public: PublicKey = c.public_key.trim().parse().map_err(|_| {
@@ -474,31 +503,40 @@ pub fn load_gateway(
         if !keys.insert(public) {
             return Err(bad(&key("public_key"), "listed for two clients".into()));
         }
-        let addr: IpAddr = c.tunnel_address.parse().map_err(|_| {
-            bad(
-                &key("tunnel_address"),
-                format!("{:?} is not an IP address", c.tunnel_address),
-            )
-        })?;
-        if !same_network(addr, gw_addr, prefix) {
-            return Err(bad(
-                &key("tunnel_address"),
-                format!("{addr} is outside the gateway's tunnel network {gw_addr}/{prefix}"),
-            ));
+        let mut addrs = Vec::new();
+        for text in c.tunnel_address.items() {
+            let addr: IpAddr = text.parse().map_err(|_| {
+                bad(
+                    &key("tunnel_address"),
+                    format!("{text:?} is not an IP address"),
+                )
+            })?;
+            let Some(net) = networks.of_family(addr) else {
+                return Err(bad(
+                    &key("tunnel_address"),
+                    format!("{addr}: the gateway's tunnel.address has no network of this family ({networks})"),
+                ));
+            };
+            if !same_network(addr, net.addr, net.prefix) {
+                return Err(bad(
+                    &key("tunnel_address"),
+                    format!("{addr} is outside the gateway's tunnel network {net}"),
+                ));
+            }
+            if !taken.insert(addr) {
+                return Err(bad(
+                    &key("tunnel_address"),
+                    format!("{addr} is already taken"),
+                ));
+            }
+            addrs.push(TunnelAddr {
+                addr,
+                prefix: net.prefix,
+            });
         }
-        if !addrs.insert(addr) {
-            return Err(bad(
-                &key("tunnel_address"),
-                format!("{addr} is already taken"),
-            ));
-        }
-        clients.push((
-            c.name.clone(),
-            AuthorizedClient {
-                public,
-                tunnel: TunnelAddr { addr, prefix },
-            },
-        ));
+        let tunnel =
+            TunnelAddrs::new(addrs).map_err(|e| bad(&key("tunnel_address"), e.to_string()))?;
+        clients.push((c.name.clone(), AuthorizedClient { public, tunnel }));
     }
     Ok(GatewaySetup {
         node_id: raw.node_id,
@@ -703,7 +741,24 @@ fn tunnel(file: &Path, t: &TunnelSection, gateway: bool) -> Result<TunnelSetup, 
         ));
     }
     let address = match (&t.address, gateway) {
-        (Some(a), true) => Some(prefix(a).map_err(|p| invalid(file, "tunnel.address", p))?),
+        (Some(a), true) => {
+            let mut addrs = Vec::new();
+            for text in a.items() {
+                let (addr, prefix) =
+                    prefix(text).map_err(|p| invalid(file, "tunnel.address", p))?;
+                addrs.push(TunnelAddr { addr, prefix });
+            }
+            let addrs = TunnelAddrs::new(addrs)
+                .map_err(|e| invalid(file, "tunnel.address", e.to_string()))?;
+            if addrs.v6().is_some() && t.mtu < IPV6_MIN_MTU {
+                return Err(invalid(
+                    file,
+                    "tunnel.mtu",
+                    format!("{} is below {IPV6_MIN_MTU}, the least IPv6 allows (the tunnel has an IPv6 address)", t.mtu),
+                ));
+            }
+            Some(addrs)
+        }
         (None, _) => None,
         (Some(_), false) => {
             return Err(invalid(
@@ -719,6 +774,9 @@ fn tunnel(file: &Path, t: &TunnelSection, gateway: bool) -> Result<TunnelSetup, 
         mtu: t.mtu,
     })
 }
+
+/// The least MTU of a link that carries IPv6 (RFC 8200).
+pub const IPV6_MIN_MTU: u16 = 1280;
 
 /// Parses "ADDR/PREFIX".
 fn prefix(text: &str) -> Result<(IpAddr, u8), String> {
@@ -927,6 +985,83 @@ mod tests {
             "\n[forwarding]\nmasquerade_out = \"eth0\\\"; drop\"",
         ));
         assert!(msg.contains("forwarding.masquerade_out"), "{msg}");
+    }
+
+    /// One address of each family on both sides; each dual-stack mistake is refused
+    /// with its key and what is allowed.
+    #[test]
+    fn a_dual_stack_tunnel_loads_and_its_mistakes_are_named() {
+        let dual = gateway_text("")
+            .replace("\"10.77.0.1/24\"", "[\"10.77.0.1/24\", \"fd77::1/64\"]")
+            .replace("\"10.77.0.2\"", "[\"10.77.0.2\", \"fd77::2\"]");
+        let f = file(&dual);
+        let gw = load_gateway(f.path(), no_env()).expect("loads");
+        let net = gw.tunnel.address.expect("addresses");
+        assert_eq!(net.to_string(), "10.77.0.1/24 fd77::1/64");
+        assert_eq!(
+            gw.clients[0].1.tunnel.to_string(),
+            "10.77.0.2/24 fd77::2/64"
+        );
+        // The same from the environment, as a comma-separated list.
+        let f = file(&gateway_text("").replace("\"10.77.0.2\"", "[\"10.77.0.2\", \"fd77::2\"]"));
+        let env = Some(HashMap::from([(
+            "JVPN_TUNNEL__ADDRESS".to_string(),
+            "10.77.0.1/24,fd77::1/64".to_string(),
+        )]));
+        let gw = load_gateway(f.path(), env).expect("loads");
+        assert_eq!(
+            gw.tunnel.address.map(|a| a.to_string()).as_deref(),
+            Some("10.77.0.1/24 fd77::1/64")
+        );
+        let cases = [
+            (
+                dual.replace("\"fd77::2\"", "\"fd78::2\""),
+                "clients[0].tunnel_address",
+                "outside the gateway's tunnel network fd77::1/64",
+            ),
+            (
+                gateway_text("").replace("\"10.77.0.2\"", "[\"10.77.0.2\", \"fd77::2\"]"),
+                "clients[0].tunnel_address",
+                "no network of this family",
+            ),
+            (
+                dual.replace("\"fd77::1/64\"", "\"10.78.0.1/24\""),
+                "tunnel.address",
+                "two IPv4 addresses",
+            ),
+            (
+                dual.replace("\"fd77::2\"", "\"10.77.0.3\""),
+                "clients[0].tunnel_address",
+                "two IPv4 addresses",
+            ),
+            (
+                dual.replace("\"fd77::2\"", "\"fd77::1\""),
+                "clients[0].tunnel_address",
+                "fd77::1 is already taken",
+            ),
+            (
+                dual.replace("fd77::1/64", "fd77::1/127"),
+                "tunnel.address",
+                "/1 to /126 for IPv6",
+            ),
+            (
+                dual.replace("[tunnel]\n", "[tunnel]\nmtu = 1200\n"),
+                "tunnel.mtu",
+                "below 1280",
+            ),
+            (
+                dual.replace("[\"10.77.0.2\", \"fd77::2\"]", "[]"),
+                "clients[0].tunnel_address",
+                "no address given",
+            ),
+        ];
+        for (text, key, problem) in cases {
+            let msg = error_of(&text);
+            assert!(
+                msg.contains(key) && msg.contains(problem),
+                "{key}, {problem}: {msg}"
+            );
+        }
     }
 
     #[test]

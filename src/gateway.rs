@@ -43,13 +43,12 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
                 .with_context(|| format!("cannot listen on {addr} (config key `listen`)"))?,
         );
     }
-    let Some((address, prefix)) = setup.tunnel.address else {
+    let Some(addresses) = setup.tunnel.address else {
         anyhow::bail!("the gateway's tunnel address is missing (config key `tunnel.address`)");
     };
     let device = KernelTun::create(&TunConfig {
         name: setup.tunnel.name.clone(),
-        address,
-        prefix,
+        addresses,
         mtu: setup.tunnel.mtu,
     })?;
     if !device.offloads() {
@@ -59,16 +58,18 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         );
     }
     let mut changes = Changes::default();
-    if setup.forward {
-        let path = if address.is_ipv4() {
-            "/proc/sys/net/ipv4/ip_forward"
-        } else {
-            "/proc/sys/net/ipv6/conf/all/forwarding"
-        };
-        changes.sysctl(path, "1")?;
-    }
-    if let Some(out) = &setup.masquerade_out {
-        changes.masquerade(address, prefix, out)?;
+    for net in addresses.iter() {
+        if setup.forward {
+            let path = if net.addr.is_ipv4() {
+                "/proc/sys/net/ipv4/ip_forward"
+            } else {
+                "/proc/sys/net/ipv6/conf/all/forwarding"
+            };
+            changes.sysctl(path, "1")?;
+        }
+        if let Some(out) = &setup.masquerade_out {
+            changes.masquerade(net.addr, net.prefix, out)?;
+        }
     }
     let node_id = NodeId(setup.node_id.clone());
     let policy = Arc::new(setup.policy);
@@ -120,7 +121,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     });
     let admin_socket = admin::serve(&setup.admin_socket, answer).await?;
     eprintln!(
-        "jvpn gateway {}: public key {public}, listening on {}, tunnel {} {address}/{prefix}, admin {}",
+        "jvpn gateway {}: public key {public}, listening on {}, tunnel {} {addresses}, admin {}",
         setup.node_id,
         setup
             .listen

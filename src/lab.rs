@@ -178,6 +178,121 @@ fn udp_payload(packet: &[u8], port: u16) -> Option<&[u8]> {
     udp.get(8..len.max(8))
 }
 
+/// What one packet seen on an outside interface is, for the leak watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// A UDP datagram to or from the transport port: the VPN's own.
+    Transport,
+    /// The link's own control traffic: IPv6 link-local or multicast, IPv4 multicast
+    /// or broadcast (neighbour discovery, MLD), not anyone's payload.
+    Link,
+    /// Anything else: traffic that went around the tunnel ("proto src -> dst").
+    Leak(String),
+    /// Not an IP packet (ARP) or too short to read.
+    NotIp,
+}
+
+/// Classifies an IP packet (no link-layer header).
+pub fn classify(packet: &[u8], transport_port: u16) -> Seen {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let (src, dst, proto, l4): (IpAddr, IpAddr, u8, usize) = match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let a = |at: usize| {
+                Ipv4Addr::new(packet[at], packet[at + 1], packet[at + 2], packet[at + 3])
+            };
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            (a(12).into(), a(16).into(), packet[9], ihl)
+        }
+        Some(6) if packet.len() >= 40 => {
+            let a = |at: usize| {
+                let b: [u8; 16] = packet[at..at + 16].try_into().unwrap_or([0; 16]);
+                Ipv6Addr::from(b)
+            };
+            (a(8).into(), a(24).into(), packet[6], 40)
+        }
+        _ => return Seen::NotIp,
+    };
+    let link_only = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local() || a.is_unspecified(),
+    };
+    if link_only(src) || link_only(dst) {
+        return Seen::Link;
+    }
+    let ports = packet.get(l4..l4 + 4).map(|p| {
+        (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        )
+    });
+    if proto == 17 && ports.is_some_and(|(s, d)| s == transport_port || d == transport_port) {
+        return Seen::Transport;
+    }
+    Seen::Leak(format!("proto {proto} {src} -> {dst}"))
+}
+
+/// Watches the interfaces `links` of this network namespace for `duration` (a packet
+/// socket sees both directions) and prints one JSON line: how many of the packets that
+/// crossed them were the transport's own, how many leaked around the tunnel, and up to
+/// 8 examples of the leaks.
+pub fn watch_leaks(links: &[String], transport_port: u16, duration: Duration) -> Result<()> {
+    use nix::sys::socket::{
+        recvfrom, setsockopt, socket, sockopt, AddressFamily, LinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    use std::os::fd::AsRawFd;
+    let mut indexes = Vec::new();
+    for link in links {
+        let index = nix::net::if_::if_nametoindex(link.as_str())
+            .with_context(|| format!("no interface {link:?} here"))?;
+        indexes.push(index as usize);
+    }
+    let socket = socket(
+        AddressFamily::Packet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::EthAll,
+    )
+    .context("cannot open a packet socket (root is needed)")?;
+    let deadline = Instant::now() + duration;
+    let mut buf = vec![0u8; 65_536];
+    let (mut transport, mut leaks, mut examples) = (0u64, 0u64, Vec::new());
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let timeout = nix::sys::time::TimeVal::new(
+            left.as_secs() as i64,
+            left.subsec_micros().max(1) as nix::libc::suseconds_t,
+        );
+        setsockopt(&socket, sockopt::ReceiveTimeout, &timeout)?;
+        let (n, from) = match recvfrom::<LinkAddr>(socket.as_raw_fd(), &mut buf) {
+            Ok(got) => got,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if !from.is_some_and(|f| indexes.contains(&f.ifindex())) {
+            continue;
+        }
+        match classify(&buf[..n], transport_port) {
+            Seen::Transport => transport += 1,
+            Seen::Leak(what) => {
+                leaks += 1;
+                if examples.len() < 8 {
+                    examples.push(what);
+                }
+            }
+            Seen::Link | Seen::NotIp => {}
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"transport": transport, "leaks": leaks, "examples": examples})
+    );
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -246,6 +361,54 @@ mod tests {
         assert_eq!(udp_payload(&p, 51821), None);
         assert_eq!(udp_payload(&p[..22], 51820), None);
         assert_eq!(hex(&[0, 0xab]), "00ab");
+    }
+
+    #[test]
+    fn the_leak_watch_tells_transport_link_control_and_leaks_apart() {
+        let v4 = |src: [u8; 4], dst: [u8; 4], proto: u8, ports: [u16; 2]| {
+            let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, proto, 0, 0];
+            p.extend(src);
+            p.extend(dst);
+            p.extend(ports[0].to_be_bytes());
+            p.extend(ports[1].to_be_bytes());
+            p.extend([0, 8, 0, 0]);
+            p
+        };
+        let v6 = |src: &str, dst: &str, proto: u8| {
+            let mut p = vec![0x60, 0, 0, 0, 0, 8, proto, 64];
+            p.extend(src.parse::<std::net::Ipv6Addr>().expect("v6").octets());
+            p.extend(dst.parse::<std::net::Ipv6Addr>().expect("v6").octets());
+            p.extend([0x30, 0x39, 0x30, 0x39, 0, 8, 0, 0]);
+            p
+        };
+        let port = 51820;
+        assert_eq!(
+            classify(&v4([10, 1, 1, 2], [10, 1, 1, 1], 17, [40000, port]), port),
+            Seen::Transport
+        );
+        assert_eq!(
+            classify(&v4([10, 1, 1, 1], [10, 1, 1, 2], 17, [port, 40000]), port),
+            Seen::Transport
+        );
+        assert_eq!(
+            classify(&v4([10, 1, 1, 2], [10, 2, 0, 2], 1, [0, 0]), port),
+            Seen::Leak("proto 1 10.1.1.2 -> 10.2.0.2".into())
+        );
+        assert!(matches!(
+            classify(&v4([10, 1, 1, 2], [10, 2, 0, 2], 6, [40000, port]), port),
+            Seen::Leak(_)
+        ));
+        assert_eq!(
+            classify(&v6("fe80::1", "ff02::1:ff00:1", 58), port),
+            Seen::Link
+        );
+        assert_eq!(classify(&v6("fd01::2", "ff02::16", 0), port), Seen::Link);
+        assert_eq!(
+            classify(&v6("fd01::2", "fd02::2", 58), port),
+            Seen::Leak("proto 58 fd01::2 -> fd02::2".into())
+        );
+        assert_eq!(classify(&[0x45, 0, 0], port), Seen::NotIp);
+        assert_eq!(classify(&[0x00; 40], port), Seen::NotIp);
     }
 
     #[test]

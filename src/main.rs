@@ -145,6 +145,17 @@ enum LabCommand {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
+    /// Watch interfaces for packets that went around the tunnel; print a JSON count.
+    WatchLeaks {
+        /// The interfaces to watch (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        links: Vec<String>,
+        /// The transport's UDP port (its packets are not leaks).
+        #[arg(long, default_value_t = 51820)]
+        port: u16,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+    },
     /// Print the body of an HTTP GET (e.g. the metrics page).
     Fetch {
         #[arg(long)]
@@ -220,8 +231,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             s["session_id"].as_str().unwrap_or("-"),
                             s["state"].as_str().unwrap_or("-"),
                             s["state_version"],
-                            s["tunnel_address"].as_str().unwrap_or("-"),
-                            s["active_transport"].as_str().unwrap_or("-"),
+                            views::text(&s["tunnel_addresses"]),
+                            views::text(&s["active_transport"]),
                         );
                     }
                 }
@@ -271,6 +282,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
         }) => {
             lab::capture(port, first_byte, Duration::from_secs(timeout))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::WatchLeaks {
+            links,
+            port,
+            seconds,
+        }) => {
+            lab::watch_leaks(&links, port, Duration::from_secs(seconds))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::Fetch { addr, path }) => {

@@ -6,6 +6,8 @@
 use std::net::IpAddr;
 use std::process::Command;
 
+use jvpn_core::wire::TunnelAddrs;
+
 use thiserror::Error;
 
 /// The network address of `addr/prefix` (host bits cleared).
@@ -158,55 +160,53 @@ impl Changes {
 
     /// Sends everything into `dev` except the packets marked `fwmark` (the transports'
     /// own), as wg-quick does: a default route in table `fwmark`, used by every unmarked
-    /// packet, while the main table keeps serving its more specific routes.
-    /// Only the tunnel's address family (`v6`) is routed.
-    pub fn full_tunnel(&mut self, dev: &str, fwmark: u32, v6: bool) -> Result<(), NetconfError> {
+    /// packet, while the main table keeps serving its more specific routes (the local
+    /// networks). Both families: a family the tunnel has no address of gets an
+    /// `unreachable` default in that table instead, so that its traffic fails at once
+    /// rather than leave outside the tunnel (a leak the user would not see).
+    pub fn full_tunnel(
+        &mut self,
+        dev: &str,
+        fwmark: u32,
+        tunnel: TunnelAddrs,
+    ) -> Result<(), NetconfError> {
         let table = fwmark.to_string();
         let mark = format!("{fwmark:#x}");
-        let (family, default) = if v6 {
-            ("-6", "::/0")
-        } else {
-            ("-4", "0.0.0.0/0")
-        };
-        {
-            self.apply(
-                &[
-                    "ip", family, "route", "add", default, "dev", dev, "table", &table,
-                ],
-                &[
-                    "ip", family, "route", "del", default, "dev", dev, "table", &table,
-                ],
-            )?;
-            self.apply(
-                &[
-                    "ip", family, "rule", "add", "not", "fwmark", &mark, "table", &table,
-                ],
-                &[
-                    "ip", family, "rule", "del", "not", "fwmark", &mark, "table", &table,
-                ],
-            )?;
-            self.apply(
-                &[
+        for (family, default, carried) in [
+            ("-4", "0.0.0.0/0", tunnel.v4().is_some()),
+            ("-6", "::/0", tunnel.v6().is_some()),
+        ] {
+            let route: &[&str] = if carried {
+                &[default, "dev", dev]
+            } else {
+                &["unreachable", default]
+            };
+            let with = |verb: &'static str| {
+                let mut argv = vec!["ip", family, "route", verb];
+                argv.extend_from_slice(route);
+                argv.extend(["table", &table]);
+                argv
+            };
+            self.apply(&with("add"), &with("del"))?;
+            let rule = |verb| {
+                [
+                    "ip", family, "rule", verb, "not", "fwmark", &mark, "table", &table,
+                ]
+            };
+            self.apply(&rule("add"), &rule("del"))?;
+            let suppress = |verb| {
+                [
                     "ip",
                     family,
                     "rule",
-                    "add",
+                    verb,
                     "table",
                     "main",
                     "suppress_prefixlength",
                     "0",
-                ],
-                &[
-                    "ip",
-                    family,
-                    "rule",
-                    "del",
-                    "table",
-                    "main",
-                    "suppress_prefixlength",
-                    "0",
-                ],
-            )?;
+                ]
+            };
+            self.apply(&suppress("add"), &suppress("del"))?;
         }
         Ok(())
     }

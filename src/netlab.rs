@@ -42,6 +42,25 @@ pub const GATEWAY_INSIDE: &str = "10.202.0.1";
 pub const GATEWAY_TUNNEL: &str = "10.77.0.1";
 /// The client's tunnel address.
 pub const CLIENT_TUNNEL: &str = "10.77.0.2";
+/// The IPv6 addresses of the same ends (every link is dual stack), in the order
+/// client A, gateway A, client B, gateway B, gateway inside, server.
+const IPV6_LINKS: [&str; 6] = [
+    "fd01:1::2",
+    "fd01:1::1",
+    "fd01:2::2",
+    "fd01:2::1",
+    "fd02::1",
+    "fd02::2",
+];
+/// The gateway's IPv6 address on path A (the client's IPv6 default route, in the leak
+/// tests).
+pub const GATEWAY_A6: &str = "fd01:1::1";
+/// The server's IPv6 address.
+pub const SERVER6: &str = "fd02::2";
+/// The gateway's IPv6 tunnel address (when the lab's tunnel has IPv6) and network.
+pub const GATEWAY_TUNNEL6: &str = "fd77::1";
+/// The client's IPv6 tunnel address (when the lab's tunnel has IPv6).
+pub const CLIENT_TUNNEL6: &str = "fd77::2";
 /// The UDP port the gateway listens on, on both paths.
 pub const PORT: u16 = 51820;
 
@@ -105,6 +124,9 @@ pub struct Lab {
     pub client_routes: String,
     /// The `[forwarding]` keys of the gateway's configuration.
     pub gateway_forwarding: String,
+    /// Which families the tunnel carries: (IPv4, IPv6); (true, false) unless a test
+    /// changes it before starting the gateway.
+    pub tunnel_families: (bool, bool),
 }
 
 fn lab_dir(tag: &str) -> PathBuf {
@@ -141,6 +163,7 @@ impl Lab {
             client_key: Keypair::generate()?,
             client_routes: "networks = [\"10.202.0.0/24\"]\n".into(),
             gateway_forwarding: "enable = true\n".into(),
+            tunnel_families: (true, false),
         };
         lab.build()?;
         Ok(lab)
@@ -196,12 +219,28 @@ impl Lab {
                 SERVER,
             ),
         ];
-        for (ns1, if1, a1, ns2, if2, a2) in &links {
+        for (i, (ns1, if1, a1, ns2, if2, a2)) in links.iter().enumerate() {
             ip(&[
                 "link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2,
             ])?;
             ip(&["-n", ns1, "addr", "add", &format!("{a1}/24"), "dev", if1])?;
             ip(&["-n", ns2, "addr", "add", &format!("{a2}/24"), "dev", if2])?;
+            // `nodad`: usable at once, not after a second of duplicate detection.
+            for (ns, dev, a6) in [
+                (ns1, if1, IPV6_LINKS[2 * i]),
+                (ns2, if2, IPV6_LINKS[2 * i + 1]),
+            ] {
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{a6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ])?;
+            }
             ip(&["-n", ns1, "link", "set", if1, "up"])?;
             ip(&["-n", ns2, "link", "set", if2, "up"])?;
         }
@@ -215,6 +254,7 @@ impl Lab {
             "via",
             GATEWAY_INSIDE,
         ])?;
+        ip(&["-n", &s, "route", "add", "fd77::/64", "via", IPV6_LINKS[4]])?;
         Ok(())
     }
 
@@ -397,12 +437,12 @@ impl Lab {
     pub fn gateway_config(&self, policy: &str) -> Result<PathBuf> {
         let text = format!(
             "node_id = \"gw-{tag}\"\nprivate_key = \"{key}\"\nlisten = [\"{a}:{PORT}\", \"{b}:{PORT}\"]\n\
-             [tunnel]\nname = \"jv{tag}t\"\naddress = \"{GATEWAY_TUNNEL}/24\"\n\
+             [tunnel]\nname = \"jv{tag}t\"\naddress = {gateway_tunnel}\n\
              [forwarding]\n{forwarding}\
              [admin]\nsocket = \"{dir}/gw.sock\"\n\
              [metrics]\nlisten = \"127.0.0.1:9477\"\n\
              [events]\noutput = \"{dir}/gw-events.jsonl\"\n\
-             [[clients]]\nname = \"lab-client\"\npublic_key = \"{client}\"\ntunnel_address = \"{CLIENT_TUNNEL}\"\n\
+             [[clients]]\nname = \"lab-client\"\npublic_key = \"{client}\"\ntunnel_address = {client_tunnel}\n\
              {policy}\n",
             tag = self.tag,
             key = self.gateway_key.private_base64().as_str(),
@@ -411,8 +451,21 @@ impl Lab {
             dir = self.dir.display(),
             client = self.client_key.public(),
             forwarding = self.gateway_forwarding,
+            gateway_tunnel = self.tunnel_list(&format!("{GATEWAY_TUNNEL}/24"), &format!("{GATEWAY_TUNNEL6}/64")),
+            client_tunnel = self.tunnel_list(CLIENT_TUNNEL, CLIENT_TUNNEL6),
         );
         self.write("gateway.toml", &text)
+    }
+
+    /// A TOML list of the tunnel's addresses of the families the lab's tunnel carries.
+    fn tunnel_list(&self, v4: &str, v6: &str) -> String {
+        let (has4, has6) = self.tunnel_families;
+        let items: Vec<String> = [(has4, v4), (has6, v6)]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, a)| format!("\"{a}\""))
+            .collect();
+        format!("[{}]", items.join(", "))
     }
 
     /// Writes the client's configuration (`on_end`: "exit" or "reconnect"; policy as for

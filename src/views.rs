@@ -7,6 +7,7 @@ use std::time::Duration;
 use jvpn_actors::agent::AgentView;
 use jvpn_actors::runtime::TransitionNote;
 use jvpn_actors::session::SessionStatus;
+use jvpn_core::wire::TunnelAddrs;
 use serde_json::{json, Value};
 
 fn ms(d: Duration) -> f64 {
@@ -36,7 +37,7 @@ pub fn gateway(node_id: &str, sessions: &[SessionStatus]) -> Value {
                 "session_id": s.id.to_string(),
                 "state": s.state.as_str(),
                 "state_version": s.state_version,
-                "tunnel_address": s.tunnel.to_string(),
+                "tunnel_addresses": addresses(Some(s.tunnel)),
                 "active_transport": s.binding.map(|b| format!("{} {}", b.protocol.as_str(), b.addr)),
                 "rx_bytes": s.rx_bytes,
                 "tx_bytes": s.tx_bytes,
@@ -74,7 +75,7 @@ pub fn client(view: &AgentView) -> Value {
         "session_id": s.session_id.map(|i| i.to_string()),
         "state": s.state.as_str(),
         "state_version": view.state_version,
-        "tunnel_address": s.tunnel.map(|t| format!("{}/{}", t.addr, t.prefix)),
+        "tunnel_addresses": addresses(s.tunnel),
         "active_transport": s.active.map(|t| t.0),
         "sessions_established": s.sessions,
         "last_end": s.last_end.map(|r| r.as_str()),
@@ -86,10 +87,25 @@ pub fn client(view: &AgentView) -> Value {
     })
 }
 
-fn text(v: &Value) -> String {
+/// Tunnel addresses as the answers carry them: a list of "ADDR/PREFIX", IPv4 first
+/// (empty before the gateway assigned any).
+fn addresses(tunnel: Option<TunnelAddrs>) -> Value {
+    Value::from(
+        tunnel
+            .iter()
+            .flat_map(TunnelAddrs::iter)
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A value for a person: null as "-", strings bare, a list space-separated.
+pub fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(" "),
         other => other.to_string(),
     }
 }
@@ -133,7 +149,7 @@ pub fn render(v: &Value) -> String {
                     text(&s["state"]),
                     text(&s["state_version"])
                 );
-                let _ = writeln!(out, "  tunnel address: {}", text(&s["tunnel_address"]));
+                let _ = writeln!(out, "  tunnel: {}", text(&s["tunnel_addresses"]));
                 let _ = writeln!(out, "  transport: {}", text(&s["active_transport"]));
                 let _ = writeln!(
                     out,
@@ -153,7 +169,7 @@ pub fn render(v: &Value) -> String {
                 text(&v["state"]),
                 text(&v["state_version"])
             );
-            let _ = writeln!(out, "  tunnel address: {}", text(&v["tunnel_address"]));
+            let _ = writeln!(out, "  tunnel: {}", text(&v["tunnel_addresses"]));
             let _ = writeln!(out, "  active transport: {}", text(&v["active_transport"]));
             let _ = writeln!(
                 out,

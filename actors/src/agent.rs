@@ -24,7 +24,7 @@ use jvpn_core::event::{EventBody, SessionEvent};
 use jvpn_core::fsm::State;
 use jvpn_core::ids::{SessionId, TransportId};
 use jvpn_core::reason::ReasonCode;
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::TunnelAddrs;
 use tokio::sync::watch;
 
 use crate::runtime::{
@@ -54,8 +54,8 @@ pub struct AgentStatus {
     pub state: State,
     /// The current session, once established.
     pub session_id: Option<SessionId>,
-    /// Its tunnel address.
-    pub tunnel: Option<TunnelAddr>,
+    /// Its tunnel addresses.
+    pub tunnel: Option<TunnelAddrs>,
     /// The transport in use.
     pub active: Option<TransportId>,
     /// Sessions established so far (a reconnect makes it 2, ...).

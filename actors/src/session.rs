@@ -84,8 +84,8 @@ pub struct SessionStatus {
     pub state: State,
     /// Mutations so far.
     pub state_version: u64,
-    /// The client's tunnel address.
-    pub tunnel: std::net::IpAddr,
+    /// The client's tunnel addresses.
+    pub tunnel: jvpn_core::wire::TunnelAddrs,
     /// Where the client is reached.
     pub binding: Option<Endpoint>,
     /// The latest state changes, oldest first.
@@ -365,7 +365,7 @@ impl Handler<GetStatus> for SessionActor {
             id: s.id(),
             state: s.state(),
             state_version: s.version().0,
-            tunnel: s.tunnel().addr,
+            tunnel: s.tunnel(),
             binding: s.binding(),
             recent: self.recent.to_vec(),
             rx_bytes: self.rx_bytes,

@@ -207,7 +207,7 @@ impl NodeSupervisor {
             return;
         };
         let id = session.id();
-        let tunnel = session.tunnel().addr;
+        let tunnel = session.tunnel();
         let client = session.client();
         let binding = session.binding();
         let capacity = self.limits.session_mailbox;

@@ -21,6 +21,7 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, Mutex};
 
 use jvpn_core::offload::{coalesce, segments, VnetHeader, VNET_HDR_DATA_VALID, VNET_HDR_LEN};
+use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 
 use crate::runtime::{ActorKind, Close};
 use crate::telemetry;
@@ -258,56 +259,70 @@ pub struct KernelTun {
 /// The largest read: a 64 KiB super-packet and its virtio-net header.
 const OFFLOAD_READ: usize = 65_535 + VNET_HDR_LEN;
 
-/// Why a kernel TUN device could not be made: each step names what was refused.
+/// Why a kernel TUN device could not be made: each step names what was refused. (The
+/// kernel's error is part of the message, not a separate source, so that it is said
+/// once.)
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     /// The device itself could not be created.
-    #[error("cannot create the TUN device {name} (root or CAP_NET_ADMIN and /dev/net/tun are needed): {source}")]
+    #[error("cannot create the TUN device {name} (root or CAP_NET_ADMIN and /dev/net/tun are needed): {cause}")]
     Create {
         /// The interface name asked for.
         name: String,
         /// What the kernel said.
-        source: tun::Error,
+        cause: tun::Error,
     },
-    /// The tunnel address (or its prefix) was refused.
-    #[error("the TUN device {name} was created, but the address {address}/{prefix} was refused: {source}{}", ipv6_hint(address))]
+    /// A tunnel address (or its prefix) was refused.
+    #[error(
+        "the TUN device {name} was created, but the address {address} was refused: {cause}{hint}"
+    )]
     Address {
         /// The interface name.
         name: String,
-        /// The address.
-        address: IpAddr,
-        /// Its prefix length.
-        prefix: u8,
+        /// The address and its prefix.
+        address: TunnelAddr,
         /// What the kernel said.
-        source: tun::Error,
+        cause: io::Error,
+        /// Why, when the host is the reason (see [`ipv6_hint`]); read while the device
+        /// still exists.
+        hint: String,
     },
     /// The MTU was refused.
-    #[error("the TUN device {name} was created, but the MTU {mtu} was refused: {source}")]
+    #[error("the TUN device {name} was created, but the MTU {mtu} was refused: {cause}")]
     Mtu {
         /// The interface name.
         name: String,
         /// The MTU.
         mtu: u16,
         /// What the kernel said.
-        source: tun::Error,
+        cause: tun::Error,
     },
     /// The device could not be brought up.
-    #[error("the TUN device {name} was created, but could not be brought up: {source}")]
+    #[error("the TUN device {name} was created, but could not be brought up: {cause}")]
     Up {
         /// The interface name.
         name: String,
         /// What the kernel said.
-        source: tun::Error,
+        cause: tun::Error,
     },
 }
 
-/// What to add to a refused address: IPv6 is refused for a reason the user should hear.
-fn ipv6_hint(address: &IpAddr) -> &'static str {
-    match address {
-        IpAddr::V6(_) => {
-            " (IPv6 tunnel addresses are not supported yet: give the tunnel an IPv4 address)"
+/// What to add to a refused IPv6 address when the host is the reason: IPv6 turned off
+/// on the device (or everywhere), or absent from the kernel.
+fn ipv6_hint(name: &str, address: &TunnelAddr) -> String {
+    if address.addr.is_ipv4() {
+        return String::new();
+    }
+    let setting = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    match std::fs::read_to_string(&setting) {
+        Ok(v) if v.trim() == "1" => format!(
+            " (IPv6 is disabled on this host: {setting} is 1; see net.ipv6.conf.all.disable_ipv6 and net.ipv6.conf.default.disable_ipv6)"
+        ),
+        Ok(_) => String::new(),
+        Err(_) if !std::path::Path::new("/proc/sys/net/ipv6").exists() => {
+            " (this kernel has no IPv6)".into()
         }
-        IpAddr::V4(_) => "",
+        Err(_) => String::new(),
     }
 }
 
@@ -316,11 +331,10 @@ fn ipv6_hint(address: &IpAddr) -> &'static str {
 pub struct TunConfig {
     /// The interface name (e.g. `jv0`).
     pub name: String,
-    /// The local tunnel address.
-    pub address: IpAddr,
-    /// Its prefix length.
-    pub prefix: u8,
-    /// The MTU.
+    /// The local tunnel addresses: IPv4, IPv6 or both.
+    pub addresses: TunnelAddrs,
+    /// The MTU (at least 1 280 when the tunnel has an IPv6 address: the kernel turns
+    /// IPv6 off on a smaller link).
     pub mtu: u16,
 }
 
@@ -335,37 +349,44 @@ impl KernelTun {
         c.tun_name(&config.name).platform_config(|p| {
             p.vnet_hdr(true);
         });
-        let mut device = tun::create_as_async(&c).map_err(|source| TunError::Create {
+        let mut device = tun::create_as_async(&c).map_err(|cause| TunError::Create {
             name: name.clone(),
-            source,
+            cause,
         })?;
-        let address = config.address;
-        let refused = |source| TunError::Address {
+        let refused = |address, cause| TunError::Address {
             name: name.clone(),
             address,
-            prefix: config.prefix,
-            source,
+            cause,
+            hint: ipv6_hint(&name, &address),
         };
-        if address.is_ipv6() {
-            // The device is addressed through an IPv4 control socket (the `tun` crate's
-            // ioctls), which the kernel refuses for IPv6 with a bare EINVAL: say so.
-            return Err(refused(tun::Error::InvalidAddress));
+        if let Some(v4) = config.addresses.v4() {
+            (*device)
+                .set_address(v4.addr)
+                .and_then(|()| (*device).set_netmask(prefix_mask(v4.addr, v4.prefix)))
+                .map_err(|e| refused(v4, e.into()))?;
         }
-        (*device).set_address(address).map_err(refused)?;
-        (*device)
-            .set_netmask(prefix_mask(address, config.prefix))
-            .map_err(refused)?;
         (*device)
             .set_mtu(config.mtu)
-            .map_err(|source| TunError::Mtu {
+            .map_err(|cause| TunError::Mtu {
                 name: name.clone(),
                 mtu: config.mtu,
-                source,
+                cause,
             })?;
-        (*device).enabled(true).map_err(|source| TunError::Up {
+        (*device).enabled(true).map_err(|cause| TunError::Up {
             name: name.clone(),
-            source,
+            cause,
         })?;
+        // IPv6 once the device is up (with its final MTU): the kernel keeps the address
+        // and adds the prefix route, with no duplicate address detection on a TUN.
+        if let Some(
+            v6 @ TunnelAddr {
+                addr: IpAddr::V6(addr),
+                prefix,
+            },
+        ) = config.addresses.v6()
+        {
+            tun_sys::add_ipv6_address(&name, addr, prefix).map_err(|e| refused(v6, e))?;
+        }
         let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
         let offloads = tun_sys::set_offload(device.as_raw_fd(), flags).is_ok();
         Ok(KernelTun {

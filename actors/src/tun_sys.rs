@@ -1,10 +1,15 @@
-//! The two system calls on a TUN descriptor that no safe wrapper offers: turning on the
-//! device's segmentation offload (TUNSETOFFLOAD) and a gathered write (the virtio-net
-//! header and the packet in one writev, without copying the packet). The only unsafe
-//! code of the crate; each block states why it is sound.
+//! The system calls around a TUN device that no safe wrapper offers: turning on the
+//! device's segmentation offload (TUNSETOFFLOAD), a gathered write (the virtio-net
+//! header and the packet in one writev, without copying the packet), and giving the
+//! device an IPv6 address (the `tun` crate addresses it through an IPv4 socket only).
+//! The only unsafe code of the crate; each block states why it is sound.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{BorrowedFd, RawFd};
+use std::net::Ipv6Addr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use nix::libc;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 /// The kernel may hand the reader packets whose checksum is partial.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -16,6 +21,7 @@ pub const TUN_F_TSO6: u32 = 0x04;
 pub const TUN_F_TSO_ECN: u32 = 0x08;
 
 nix::ioctl_write_int!(tun_set_offload, b'T', 208);
+nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, libc::in6_ifreq);
 
 /// Asks the device open at `fd` for the offloads in `flags`.
 #[allow(unsafe_code)]
@@ -35,4 +41,31 @@ pub fn write_gathered(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     // duration of the call (it is borrowed from the device object the caller holds).
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     nix::sys::uio::writev(fd, parts).map_err(io::Error::from)
+}
+
+/// Adds `addr/prefix` to the interface `name` (SIOCSIFADDR on an IPv6 socket, as
+/// `ip -6 addr add` does through its older path); the kernel adds the prefix route.
+#[allow(unsafe_code)]
+pub fn add_ipv6_address(name: &str, addr: Ipv6Addr, prefix: u8) -> io::Result<()> {
+    let index = nix::net::if_::if_nametoindex(name)?;
+    let request = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: u32::from(prefix),
+        ifr6_ifindex: libc::c_int::try_from(index)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+    };
+    let control = socket(
+        AddressFamily::Inet6,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one `struct in6_ifreq`, which
+    // `request` is (libc's definition of it), alive and initialized for the call; the
+    // kernel writes nothing back through the pointer.
+    unsafe { set_ipv6_address(control.as_raw_fd(), &request) }
+        .map(|_| ())
+        .map_err(io::Error::from)
 }

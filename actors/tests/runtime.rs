@@ -25,7 +25,7 @@ use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
 use jvpn_core::ids::{NodeId, Protocol, SessionId, TransportId};
 use jvpn_core::policy::{Policy, PolicyConfig};
 use jvpn_core::store::{MemoryStore, SessionStore};
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -306,10 +306,11 @@ async fn start(options: Options) -> Net {
             policy: Arc::clone(&policy),
             clients: vec![AuthorizedClient {
                 public: client_key.public(),
-                tunnel: TunnelAddr {
+                tunnel: TunnelAddrs::single(TunnelAddr {
                     addr: IpAddr::V4(CLIENT_TUNNEL),
                     prefix: 24,
-                },
+                })
+                .expect("one address"),
             }],
         },
         store: store.clone(),

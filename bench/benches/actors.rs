@@ -24,7 +24,7 @@ use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
 use jvpn_core::policy::Policy;
 use jvpn_core::store::MemoryStore;
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const BEHIND: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -67,10 +67,11 @@ async fn pair() -> Pair {
             policy: Arc::clone(&policy),
             clients: vec![AuthorizedClient {
                 public: client_key.public(),
-                tunnel: TunnelAddr {
+                tunnel: TunnelAddrs::single(TunnelAddr {
                     addr: IpAddr::V4(CLIENT),
                     prefix: 24,
-                },
+                })
+                .expect("one IPv4 address"),
             }],
         },
         store: Arc::new(MemoryStore::new(16, 3)),

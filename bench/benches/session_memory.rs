@@ -21,7 +21,7 @@ use jvpn_core::event::TransportRef;
 use jvpn_core::gateway::{AuthorizedClient, GatewayConfig};
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
 use jvpn_core::store::MemoryStore;
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 
 const STEPS: [usize; 3] = [1_000, 10_000, 100_000];
 
@@ -69,10 +69,11 @@ fn main() {
                     .enumerate()
                     .map(|(i, k)| AuthorizedClient {
                         public: k.public(),
-                        tunnel: TunnelAddr {
+                        tunnel: TunnelAddrs::single(TunnelAddr {
                             addr: tunnel_addr(i),
                             prefix: 10,
-                        },
+                        })
+                        .expect("one IPv4 address"),
                     })
                     .collect(),
             },

@@ -14,6 +14,7 @@ use jvpn_core::policy::Policy;
 use jvpn_core::store::MemoryStore;
 use jvpn_core::wire::{
     encode_initiation, parse, Datagram, InitPayload, RespPayload, Timestamp, TunnelAddr,
+    TunnelAddrs,
 };
 
 /// Wall-clock milliseconds the fixtures' clocks start at.
@@ -43,10 +44,11 @@ pub fn gateway(policy: Policy, gw_key: &Keypair, clients: &[Keypair], t0: Instan
         .enumerate()
         .map(|(i, k)| AuthorizedClient {
             public: k.public(),
-            tunnel: TunnelAddr {
+            tunnel: TunnelAddrs::single(TunnelAddr {
                 addr: IpAddr::V4(Ipv4Addr::new(10, 77, (i / 250) as u8, (i % 250) as u8 + 2)),
                 prefix: 16,
-            },
+            })
+            .expect("one IPv4 address"),
         })
         .collect();
     Gateway::new(

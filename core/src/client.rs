@@ -26,7 +26,7 @@ use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::wire::{
     self, encode_initiation, Control, Datagram, InitPayload, ReattachRequest, RespPayload,
-    Timestamp, TunnelAddr,
+    Timestamp, TunnelAddrs,
 };
 
 /// How long a handshake or rekey waits for its answer before it may be retried.
@@ -130,7 +130,7 @@ struct Probing {
 
 struct Established {
     session_id: SessionId,
-    tunnel: TunnelAddr,
+    tunnel: TunnelAddrs,
     channel: Channel,
     control: SessionControl,
     binding_version: StateVersion,
@@ -261,8 +261,8 @@ impl Client {
         self.established().map(|e| e.session_id)
     }
 
-    /// The tunnel address the gateway gave, once established.
-    pub fn tunnel(&self) -> Option<TunnelAddr> {
+    /// The tunnel addresses the gateway gave, once established.
+    pub fn tunnel(&self) -> Option<TunnelAddrs> {
         self.established().map(|e| e.tunnel)
     }
 

@@ -26,7 +26,7 @@ pub const HANDSHAKE_PREFIX_LEN: usize = 8;
 /// Length of the handshake initiation's plaintext payload.
 pub const INIT_PAYLOAD_LEN: usize = 17;
 /// Length of the handshake response's plaintext payload.
-pub const RESP_PAYLOAD_LEN: usize = 34;
+pub const RESP_PAYLOAD_LEN: usize = 39;
 /// Noise IK first message: e, s (+tag), payload (+tag).
 pub const NOISE_INIT_LEN: usize = 32 + 48 + INIT_PAYLOAD_LEN + TAG_LEN;
 /// Noise IK second message: e, payload (+tag).
@@ -489,6 +489,107 @@ pub struct TunnelAddr {
     pub prefix: u8,
 }
 
+impl std::fmt::Display for TunnelAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Why a set of tunnel addresses was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum TunnelAddrsError {
+    /// No address at all.
+    #[error("no address given; one IPv4 address, one IPv6 address, or one of each")]
+    Empty,
+    /// Two addresses of one family.
+    #[error("two IPv{0} addresses given; at most one of each family")]
+    TwoOfFamily(u8),
+    /// A prefix longer than its address.
+    #[error("prefix length {0} is too long for the address")]
+    BadPrefix(u8),
+}
+
+/// A side's tunnel addresses: an IPv4 one, an IPv6 one, or one of each (dual stack).
+/// Never empty; never two of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TunnelAddrs {
+    v4: Option<TunnelAddr>,
+    v6: Option<TunnelAddr>,
+}
+
+impl TunnelAddrs {
+    /// The set of `addrs`, checked: at least one, at most one per family, prefixes that
+    /// fit their address.
+    pub fn new(addrs: impl IntoIterator<Item = TunnelAddr>) -> Result<Self, TunnelAddrsError> {
+        let (mut v4, mut v6) = (None, None);
+        for a in addrs {
+            let (slot, family, max) = match a.addr {
+                IpAddr::V4(_) => (&mut v4, 4, 32),
+                IpAddr::V6(_) => (&mut v6, 6, 128),
+            };
+            if a.prefix > max {
+                return Err(TunnelAddrsError::BadPrefix(a.prefix));
+            }
+            if slot.replace(a).is_some() {
+                return Err(TunnelAddrsError::TwoOfFamily(family));
+            }
+        }
+        if v4.is_none() && v6.is_none() {
+            return Err(TunnelAddrsError::Empty);
+        }
+        Ok(TunnelAddrs { v4, v6 })
+    }
+
+    /// One address.
+    pub fn single(addr: TunnelAddr) -> Result<Self, TunnelAddrsError> {
+        Self::new([addr])
+    }
+
+    /// The IPv4 address, if the tunnel has one.
+    pub fn v4(&self) -> Option<TunnelAddr> {
+        self.v4
+    }
+
+    /// The IPv6 address, if the tunnel has one.
+    pub fn v6(&self) -> Option<TunnelAddr> {
+        self.v6
+    }
+
+    /// The address of `addr`'s family, if the tunnel has one.
+    pub fn of_family(&self, addr: IpAddr) -> Option<TunnelAddr> {
+        match addr {
+            IpAddr::V4(_) => self.v4,
+            IpAddr::V6(_) => self.v6,
+        }
+    }
+
+    /// Every address, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = TunnelAddr> {
+        self.v4.into_iter().chain(self.v6)
+    }
+
+    /// Whether `addr` is one of the tunnel's addresses.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.of_family(addr).is_some_and(|a| a.addr == addr)
+    }
+}
+
+impl std::fmt::Display for TunnelAddrs {
+    /// The addresses with their prefixes, space-separated, IPv4 first.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut sep = "";
+        for a in self.iter() {
+            write!(f, "{sep}{a}")?;
+            sep = " ";
+        }
+        Ok(())
+    }
+}
+
+/// Families present in a response's tunnel field.
+const FAMILY_V4: u8 = 1;
+const FAMILY_V6: u8 = 2;
+
 /// The encrypted payload of a handshake response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RespPayload {
@@ -496,27 +597,38 @@ pub struct RespPayload {
     pub session_id: SessionId,
     /// The version under which the first binding was accepted.
     pub binding_version: StateVersion,
-    /// The client's tunnel address.
-    pub tunnel: TunnelAddr,
+    /// The client's tunnel addresses.
+    pub tunnel: TunnelAddrs,
 }
 
 impl RespPayload {
-    /// The payload bytes.
+    /// The payload bytes: id, version, then a families byte (bit 0 IPv4, bit 1 IPv6)
+    /// and both address slots (IPv4 address and prefix, IPv6 address and prefix), an
+    /// absent family's slot zero.
     pub fn encode(&self) -> [u8; RESP_PAYLOAD_LEN] {
         let mut out = [0u8; RESP_PAYLOAD_LEN];
         out[0..8].copy_from_slice(&self.session_id.0.to_be_bytes());
         out[8..16].copy_from_slice(&self.binding_version.0.to_be_bytes());
-        match self.tunnel.addr {
-            IpAddr::V4(a) => {
-                out[16] = 4;
-                out[17..21].copy_from_slice(&a.octets());
-            }
-            IpAddr::V6(a) => {
-                out[16] = 6;
-                out[17..33].copy_from_slice(&a.octets());
-            }
+        let mut families = 0;
+        if let Some(TunnelAddr {
+            addr: IpAddr::V4(a),
+            prefix,
+        }) = self.tunnel.v4
+        {
+            families |= FAMILY_V4;
+            out[17..21].copy_from_slice(&a.octets());
+            out[21] = prefix;
         }
-        out[33] = self.tunnel.prefix;
+        if let Some(TunnelAddr {
+            addr: IpAddr::V6(a),
+            prefix,
+        }) = self.tunnel.v6
+        {
+            families |= FAMILY_V6;
+            out[22..38].copy_from_slice(&a.octets());
+            out[38] = prefix;
+        }
+        out[16] = families;
         out
     }
 
@@ -525,29 +637,45 @@ impl RespPayload {
         let mut r = Reader::exact(bytes, RESP_PAYLOAD_LEN, "response payload")?;
         let session_id = SessionId(r.u64()?);
         let binding_version = StateVersion(r.u64()?);
-        let family = r.u8()?;
-        let raw: [u8; 16] = r.take()?;
-        let prefix = r.u8()?;
-        let (addr, max_prefix) = match family {
-            4 => {
-                if raw[4..] != [0; 12] {
-                    return Err(WireError::NonZeroReserved);
-                }
-                (
-                    IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
-                    32,
-                )
-            }
-            6 => (IpAddr::V6(Ipv6Addr::from(raw)), 128),
-            other => return Err(WireError::UnknownFamily(other)),
-        };
-        if prefix > max_prefix {
-            return Err(WireError::BadPrefix(prefix));
+        let families = r.u8()?;
+        let v4: [u8; 4] = r.take()?;
+        let v4_prefix = r.u8()?;
+        let v6: [u8; 16] = r.take()?;
+        let v6_prefix = r.u8()?;
+        if families & !(FAMILY_V4 | FAMILY_V6) != 0 {
+            return Err(WireError::UnknownFamily(families));
         }
+        let slot = |present: bool, addr: IpAddr, prefix: u8, zero: bool| {
+            if present {
+                Ok(Some(TunnelAddr { addr, prefix }))
+            } else if zero && prefix == 0 {
+                Ok(None)
+            } else {
+                Err(WireError::NonZeroReserved)
+            }
+        };
+        let v4 = slot(
+            families & FAMILY_V4 != 0,
+            IpAddr::V4(Ipv4Addr::from(v4)),
+            v4_prefix,
+            v4 == [0; 4],
+        )?;
+        let v6 = slot(
+            families & FAMILY_V6 != 0,
+            IpAddr::V6(Ipv6Addr::from(v6)),
+            v6_prefix,
+            v6 == [0; 16],
+        )?;
+        let tunnel = TunnelAddrs::new(v4.into_iter().chain(v6)).map_err(|e| match e {
+            TunnelAddrsError::BadPrefix(p) => WireError::BadPrefix(p),
+            TunnelAddrsError::Empty | TunnelAddrsError::TwoOfFamily(_) => {
+                WireError::UnknownFamily(families)
+            }
+        })?;
         Ok(RespPayload {
             session_id,
             binding_version,
-            tunnel: TunnelAddr { addr, prefix },
+            tunnel,
         })
     }
 }
@@ -877,28 +1005,50 @@ mod tests {
             protocol: Protocol::Udp,
         };
         assert_eq!(InitPayload::decode(&init.encode()), Ok(init));
-        for (addr, prefix) in [
-            (IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)), 24),
-            (IpAddr::V6("fd00::2".parse().expect("v6")), 64),
-        ] {
+        let v4 = TunnelAddr {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
+            prefix: 24,
+        };
+        let v6 = TunnelAddr {
+            addr: IpAddr::V6("fd00::2".parse().expect("v6")),
+            prefix: 64,
+        };
+        for tunnel in [vec![v4], vec![v6], vec![v4, v6]] {
             let resp = RespPayload {
                 session_id: SessionId(99),
                 binding_version: StateVersion(1),
-                tunnel: TunnelAddr { addr, prefix },
+                tunnel: TunnelAddrs::new(tunnel).expect("valid"),
             };
             assert_eq!(RespPayload::decode(&resp.encode()), Ok(resp));
         }
-        let mut bad = RespPayload {
+        let good = RespPayload {
             session_id: SessionId(1),
             binding_version: StateVersion(1),
-            tunnel: TunnelAddr {
-                addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                prefix: 24,
-            },
+            tunnel: TunnelAddrs::single(v4).expect("valid"),
         }
         .encode();
-        bad[33] = 33;
+        let mut bad = good;
+        bad[21] = 33;
         assert_eq!(RespPayload::decode(&bad), Err(WireError::BadPrefix(33)));
+        // The IPv4 address left without its family bit, an unknown family bit, bytes in
+        // an absent family's slot.
+        for (at, value, error) in [
+            (16, 0, WireError::NonZeroReserved),
+            (16, 5, WireError::UnknownFamily(5)),
+            (30, 1, WireError::NonZeroReserved),
+            (38, 64, WireError::NonZeroReserved),
+        ] {
+            let mut bad = good;
+            bad[at] = value;
+            assert_eq!(RespPayload::decode(&bad), Err(error), "byte {at} = {value}");
+        }
+        let mut empty = [0u8; RESP_PAYLOAD_LEN];
+        empty[..16].copy_from_slice(&good[..16]);
+        assert_eq!(
+            RespPayload::decode(&empty),
+            Err(WireError::UnknownFamily(0)),
+            "no address at all"
+        );
     }
 
     #[test]

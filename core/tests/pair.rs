@@ -1,7 +1,7 @@
 //! Client and gateway together over an in-memory network with two paths, on a virtual
 //! clock: handshake, data both ways, jumps, denials, replays, rekey under traffic.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,14 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::{MemoryStore, SessionStore};
 use jvpn_core::wire::{
     encode_initiation, parse, Control, Datagram, InitPayload, PacketType, ReattachRequest,
-    RespPayload, Timestamp, TunnelAddr,
+    RespPayload, Timestamp, TunnelAddr, TunnelAddrs,
 };
 
 const UNIX_T0: u64 = 1_800_000_000_000;
 const TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const TUNNEL6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 1);
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -60,8 +62,21 @@ fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, n: u32) -> Vec<u8> {
     p
 }
 
+/// A minimal IPv6 packet from `src` to `dst` carrying `n` as its payload.
+fn ip6_packet(src: Ipv6Addr, dst: Ipv6Addr, n: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 44];
+    p[0] = 0x60;
+    p[5] = 4;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..44].copy_from_slice(&n.to_be_bytes());
+    p
+}
+
+/// The number an [`ip_packet`] or [`ip6_packet`] carries.
 fn payload_of(packet: &[u8]) -> u32 {
-    u32::from_be_bytes(packet[20..24].try_into().expect("4 bytes"))
+    let at = if packet[0] >> 4 == 6 { 40 } else { 20 };
+    u32::from_be_bytes(packet[at..at + 4].try_into().expect("4 bytes"))
 }
 
 struct World {
@@ -94,10 +109,17 @@ impl World {
                 policy: Arc::clone(&policy),
                 clients: vec![AuthorizedClient {
                     public: client_key.public(),
-                    tunnel: TunnelAddr {
-                        addr: IpAddr::V4(TUNNEL),
-                        prefix: 24,
-                    },
+                    tunnel: TunnelAddrs::new([
+                        TunnelAddr {
+                            addr: IpAddr::V4(TUNNEL),
+                            prefix: 24,
+                        },
+                        TunnelAddr {
+                            addr: IpAddr::V6(TUNNEL6),
+                            prefix: 64,
+                        },
+                    ])
+                    .expect("one address of each family"),
                 }],
             },
             store.clone(),
@@ -259,7 +281,12 @@ fn reattach_results(events: &[(SessionId, SessionEvent)]) -> Vec<ReasonCode> {
 #[test]
 fn handshake_then_data_flows_both_ways() {
     let mut w = World::connected(Policy::default());
-    assert_eq!(w.client.tunnel().map(|t| t.addr), Some(IpAddr::V4(TUNNEL)));
+    let tunnel = w.client.tunnel().expect("established");
+    assert_eq!(tunnel.v4().map(|t| t.addr), Some(IpAddr::V4(TUNNEL)));
+    assert_eq!(
+        tunnel.v6().map(|t| (t.addr, t.prefix)),
+        Some((IpAddr::V6(TUNNEL6), 64))
+    );
     assert_eq!(w.gw_binding(), Some(endpoint(1)));
     for n in 0..100 {
         let now = w.now;
@@ -284,6 +311,51 @@ fn handshake_then_data_flows_both_ways() {
     let now = w.now;
     let t = w.client.send_data(&[0x45; 1400], now).expect("send");
     assert_eq!(t.bytes.len() - 1400, 36);
+}
+
+/// Both families through one dual-stack session, interleaved, each routed back by
+/// its own tunnel address.
+#[test]
+fn ipv4_and_ipv6_share_one_session_both_ways() {
+    let mut w = World::connected(Policy::default());
+    for n in 0..100 {
+        let now = w.now;
+        let (up, down) = if n % 2 == 0 {
+            (
+                ip6_packet(TUNNEL6, REMOTE6, n),
+                ip6_packet(REMOTE6, TUNNEL6, n),
+            )
+        } else {
+            (ip_packet(TUNNEL, REMOTE, n), ip_packet(REMOTE, TUNNEL, n))
+        };
+        let t = w.client.send_data(&up, now).expect("send");
+        let (via, bytes) = (t.via.0, t.bytes.to_vec());
+        w.client_send(via, &bytes);
+        let (to, bytes) = w.gw.handle_tunnel_packet(&down, now).expect("route");
+        assert_eq!(to, endpoint(1));
+        let bytes = bytes.to_vec();
+        w.gateway_send(1, &bytes);
+    }
+    for got in [&w.to_gw_tunnel, &w.to_client_tunnel] {
+        let numbers: Vec<u32> = got.iter().map(|p| payload_of(p)).collect();
+        assert_eq!(numbers, (0..100).collect::<Vec<_>>());
+        assert!(got.iter().step_by(2).all(|p| p[0] >> 4 == 6));
+    }
+    let now = w.now;
+    let stranger = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3);
+    assert!(w
+        .gw
+        .handle_tunnel_packet(&ip6_packet(REMOTE6, stranger, 1), now)
+        .is_err());
+    let t = w
+        .client
+        .send_data(&ip6_packet(stranger, REMOTE6, 1), now)
+        .expect("send");
+    let bytes = t.bytes.to_vec();
+    assert_eq!(
+        w.gw.handle_datagram(endpoint(1), &bytes, now),
+        Received::Dropped(Drop::SpoofedSource)
+    );
 }
 
 #[test]

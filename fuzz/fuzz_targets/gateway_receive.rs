@@ -22,7 +22,7 @@ use jvpn_core::gateway::{AuthorizedClient, Endpoint, Gateway, GatewayConfig, Rec
 use jvpn_core::ids::{NodeId, Protocol, TransportId};
 use jvpn_core::policy::Policy;
 use jvpn_core::store::{MemoryStore, SessionStore};
-use jvpn_core::wire::TunnelAddr;
+use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 use libfuzzer_sys::fuzz_target;
 
 fn endpoint(selector: u8) -> Endpoint {
@@ -73,7 +73,11 @@ fuzz_target!(|data: &[u8]| {
             policy: Arc::clone(&policy),
             clients: vec![AuthorizedClient {
                 public: client_key.public(),
-                tunnel: TunnelAddr { addr: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)), prefix: 24 },
+                tunnel: TunnelAddrs::new([
+                    TunnelAddr { addr: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)), prefix: 24 },
+                    TunnelAddr { addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2)), prefix: 64 },
+                ])
+                .expect("one address of each family"),
             }],
         },
         store.clone(),

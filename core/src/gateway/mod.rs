@@ -27,7 +27,7 @@ use crate::ids::{NodeId, Protocol, SessionId};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::store::SessionStore;
-use crate::wire::{self, Datagram, TunnelAddr};
+use crate::wire::{self, Datagram, TunnelAddrs};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
 pub use responder::{Accepted, Responder};
@@ -51,8 +51,8 @@ pub struct Endpoint {
 pub struct AuthorizedClient {
     /// Its static public key.
     pub public: PublicKey,
-    /// The tunnel address it is given.
-    pub tunnel: TunnelAddr,
+    /// The tunnel addresses it is given (one of each family at most).
+    pub tunnel: TunnelAddrs,
 }
 
 /// Why a packet was dropped; every drop is counted by its reason.
@@ -70,7 +70,7 @@ pub enum Drop {
     Replay,
     /// A data or heartbeat packet on a transport that is not the session's binding.
     UnboundTransport,
-    /// A tunnelled packet whose source is not the session's tunnel address.
+    /// A tunnelled packet whose source is none of the session's tunnel addresses.
     SpoofedSource,
     /// A packet from the tunnel device for an address no session owns.
     NoRoute,
@@ -336,7 +336,7 @@ impl Gateway {
                     }
                     self.after_session_input(old);
                 }
-                let (id, tunnel, client) = (session.id(), session.tunnel().addr, session.client());
+                let (id, tunnel, client) = (session.id(), session.tunnel(), session.client());
                 let binding = session.binding();
                 self.router
                     .register(id, tunnel, client, session, Registration::New);

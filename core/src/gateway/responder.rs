@@ -18,7 +18,7 @@ use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::store::{SessionRecord, SessionStore, StoreError};
 use crate::wire::{
-    encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddr, MAC_LEN,
+    encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddrs, MAC_LEN,
 };
 
 use super::router::{Route, Router};
@@ -27,7 +27,7 @@ use super::{Endpoint, GatewayConfig};
 use crate::fsm::TerminationCause;
 
 struct ClientEntry {
-    tunnel: TunnelAddr,
+    tunnel: TunnelAddrs,
     last_timestamp: Option<Timestamp>,
     session: Option<SessionId>,
 }

@@ -16,7 +16,7 @@ use crate::crypto::PublicKey;
 use crate::event::SessionEvent;
 use crate::fsm::TerminationCause;
 use crate::ids::SessionId;
-use crate::wire::{encode_session_unknown, SessionHeader, SESSION_UNKNOWN_LEN};
+use crate::wire::{encode_session_unknown, SessionHeader, TunnelAddrs, SESSION_UNKNOWN_LEN};
 
 use super::{destination_address, Drop, EndedSessions, Endpoint};
 
@@ -37,8 +37,8 @@ pub enum Registration {
 pub struct Route<H> {
     /// What the route leads to.
     pub handle: H,
-    /// The session's tunnel address.
-    pub tunnel: IpAddr,
+    /// The session's tunnel addresses.
+    pub tunnel: TunnelAddrs,
     /// The session's client.
     pub client: PublicKey,
     /// Where the session is bound, as its driver last published it.
@@ -242,21 +242,23 @@ impl<H> Default for Router<H> {
 }
 
 impl<H> Router<H> {
-    /// Registers session `id` (see [`Registration`] for who gets the tunnel address).
+    /// Registers session `id` (see [`Registration`] for who gets each tunnel address).
     pub fn register(
         &mut self,
         id: SessionId,
-        tunnel: IpAddr,
+        tunnel: TunnelAddrs,
         client: PublicKey,
         handle: H,
         how: Registration,
     ) {
-        let held_by_other = self
-            .by_tunnel
-            .get(&tunnel)
-            .is_some_and(|owner| *owner != id);
-        if how == Registration::New || !held_by_other {
-            self.by_tunnel.insert(tunnel, id);
+        for a in tunnel.iter() {
+            let held_by_other = self
+                .by_tunnel
+                .get(&a.addr)
+                .is_some_and(|owner| *owner != id);
+            if how == Registration::New || !held_by_other {
+                self.by_tunnel.insert(a.addr, id);
+            }
         }
         self.sessions.insert(
             id,
@@ -271,16 +273,18 @@ impl<H> Router<H> {
     }
 
     /// Removes session `id`'s route, remembering why it ended (so that a late reattach
-    /// is refused for that reason); its tunnel address is freed unless a newer session
-    /// of the same client holds it already. Returns the route.
+    /// is refused for that reason); each of its tunnel addresses is freed unless a newer
+    /// session of the same client holds it already. Returns the route.
     pub fn unregister(
         &mut self,
         id: SessionId,
         cause: Option<TerminationCause>,
     ) -> Option<Route<H>> {
         let route = self.sessions.remove(&id)?;
-        if self.by_tunnel.get(&route.tunnel) == Some(&id) {
-            self.by_tunnel.remove(&route.tunnel);
+        for a in route.tunnel.iter() {
+            if self.by_tunnel.get(&a.addr) == Some(&id) {
+                self.by_tunnel.remove(&a.addr);
+            }
         }
         self.ended.remember(id, cause);
         Some(route)
@@ -468,7 +472,7 @@ mod tests {
         let mut router: Router<()> = Router::default();
         let id = SessionId(7);
         let key = crate::crypto::PublicKey([1; 32]);
-        router.register(id, IpAddr::from([10, 77, 0, 2]), key, (), Registration::New);
+        router.register(id, tunnel(&["10.77.0.2"]), key, (), Registration::New);
         let bound = from([10, 201, 1, 2]);
         router.set_binding(id, Some(bound));
         let t0 = Instant::now();
@@ -490,6 +494,71 @@ mod tests {
         assert!(
             !router.admit_off_binding(SessionId(8), later),
             "no such session"
+        );
+    }
+
+    fn tunnel(addrs: &[&str]) -> TunnelAddrs {
+        TunnelAddrs::new(addrs.iter().map(|a| {
+            let addr: IpAddr = a.parse().expect("address");
+            crate::wire::TunnelAddr {
+                addr,
+                prefix: if addr.is_ipv4() { 24 } else { 64 },
+            }
+        }))
+        .expect("tunnel addresses")
+    }
+
+    /// A minimal IP header (of `dst`'s family) whose destination is `dst`.
+    fn packet_to(dst: &str) -> Vec<u8> {
+        match dst.parse::<IpAddr>().expect("address") {
+            IpAddr::V4(a) => {
+                let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1];
+                p.extend(a.octets());
+                p
+            }
+            IpAddr::V6(a) => {
+                let mut p = vec![0x60, 0, 0, 0, 0, 0, 17, 64];
+                p.extend([0; 16]);
+                p.extend(a.octets());
+                p
+            }
+        }
+    }
+
+    /// A dual-stack session is routed by either address; the session that replaces it
+    /// takes both; the old one's release frees neither, and a restarted old session
+    /// takes neither back.
+    #[test]
+    fn a_dual_stack_session_owns_both_addresses_and_hands_both_over() {
+        let mut router: Router<&str> = Router::default();
+        let key = crate::crypto::PublicKey([1; 32]);
+        let both = tunnel(&["10.77.0.2", "fd77::2"]);
+        let (old, new) = (SessionId(1), SessionId(2));
+        router.register(old, both, key, "old", Registration::New);
+        for dst in ["10.77.0.2", "fd77::2"] {
+            assert_eq!(
+                router.route_tunnel_packet(&packet_to(dst)),
+                Ok((old, &"old"))
+            );
+        }
+        assert_eq!(
+            router.route_tunnel_packet(&packet_to("fd77::3")),
+            Err(Drop::NoRoute)
+        );
+        router.register(new, both, key, "new", Registration::New);
+        router.unregister(old, None);
+        router.register(old, both, key, "old", Registration::Restarted);
+        for dst in ["10.77.0.2", "fd77::2"] {
+            assert_eq!(
+                router.route_tunnel_packet(&packet_to(dst)),
+                Ok((new, &"new"))
+            );
+        }
+        router.unregister(new, None);
+        router.unregister(old, None);
+        assert_eq!(
+            router.route_tunnel_packet(&packet_to("fd77::2")),
+            Err(Drop::NoRoute)
         );
     }
 }

@@ -28,13 +28,13 @@ use crate::reason::ReasonCode;
 use crate::replay::ReplayError;
 use crate::select::SwitchLimiter;
 use crate::store::{Binding, SessionRecord, SessionStore};
-use crate::wire::{Control, PacketType, ReattachRequest, SessionHeader, TunnelAddr};
+use crate::wire::{Control, PacketType, ReattachRequest, SessionHeader, TunnelAddrs};
 
 /// One session at the gateway.
 pub struct GatewaySession {
     id: SessionId,
     pub(super) client: PublicKey,
-    pub(super) tunnel: TunnelAddr,
+    pub(super) tunnel: TunnelAddrs,
     policy: Arc<Policy>,
     node: NodeId,
     channel: Channel,
@@ -125,7 +125,7 @@ impl GatewaySession {
     pub(super) fn new(
         id: SessionId,
         client: PublicKey,
-        tunnel: TunnelAddr,
+        tunnel: TunnelAddrs,
         policy: Arc<Policy>,
         node: NodeId,
         keys: DirectionalKeys,
@@ -195,8 +195,8 @@ impl GatewaySession {
         self.journal.version()
     }
 
-    /// The client's tunnel address.
-    pub fn tunnel(&self) -> TunnelAddr {
+    /// The client's tunnel addresses.
+    pub fn tunnel(&self) -> TunnelAddrs {
         self.tunnel
     }
 
@@ -519,7 +519,7 @@ impl GatewaySession {
                 if !bound {
                     return Outcome::Drop(Drop::UnboundTransport);
                 }
-                if source_address(packet) != Some(self.tunnel.addr) {
+                if !source_address(packet).is_some_and(|a| self.tunnel.contains(a)) {
                     return Outcome::Drop(Drop::SpoofedSource);
                 }
                 self.binding_heard = now;
