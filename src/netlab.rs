@@ -399,6 +399,42 @@ impl Lab {
         self.exec_ok(ns, &["nft", "-f", &file]).map(|_| ())
     }
 
+    /// A NAT in front of the client on `path` gives its VPN datagrams a new mapping, as a
+    /// home router's NAT does when it reboots or its table expires: their source becomes
+    /// `to` (`ADDR` or `ADDR:PORT`; the address is added to the client's link if it is
+    /// not its own), and the old mapping is forgotten (`conntrack -D`), so the very next
+    /// datagram leaves with the new one. The client's sockets notice nothing.
+    pub fn rebind(&self, path: Path2, to: &str) -> Result<()> {
+        let c = self.ns("c");
+        let dev = self.client_link(path);
+        let addr = to.split(':').next().unwrap_or(to);
+        let own = match path {
+            Path2::A => CLIENT_A,
+            Path2::B => CLIENT_B,
+        };
+        if addr != own {
+            let _ = ip(&["-n", &c, "addr", "add", &format!("{addr}/24"), "dev", &dev]);
+        }
+        let table = format!("jvnat{}", path.letter());
+        let script = format!(
+            "table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n chain post {{ type nat hook postrouting priority srcnat; oifname \"{dev}\" udp dport {PORT} snat to {to}\n }}\n}}\n"
+        );
+        self.nft(&c, &script)?;
+        self.exec_ok(
+            &c,
+            &["conntrack", "-D", "-p", "udp", "--dport", &PORT.to_string()],
+        )
+        .or_else(|e| {
+            // conntrack exits 1 when nothing matched: nothing to forget.
+            if e.to_string().contains("0 flow entries") {
+                Ok(String::new())
+            } else {
+                Err(e)
+            }
+        })?;
+        Ok(())
+    }
+
     /// Sets the client's link on `path` down or up.
     pub fn link(&self, path: Path2, up: bool) -> Result<()> {
         let c = self.ns("c");

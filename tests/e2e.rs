@@ -1125,3 +1125,93 @@ fn an_ipv6_only_tunnel_carries_ipv6() {
     await_transfer(&mut lab, "");
     finish(lab);
 }
+
+/// A NAT in front of the client changes its mapping twice (a new port, then a new
+/// address) while it pings: the gateway follows each new mapping through path
+/// validation, with no reattach, the same session, and the client none the wiser.
+#[test]
+fn a_nat_rebinding_is_followed_without_a_reattach() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if which("conntrack").is_none() {
+        let why = "conntrack (Debian package conntrack) is needed to make a NAT forget a mapping";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true: {why}");
+        }
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let Some(mut lab) = lab("e15") else { return };
+    let id = connect(&mut lab, FAST_POLICY, "exit");
+    let c = lab.ns("c");
+    let binding = |lab: &Lab| {
+        lab.status("gw").expect("gateway status")["sessions"][0]["active_transport"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let client_a = netlab::CLIENT_A;
+    for (step, to, expect) in [
+        (
+            "new port",
+            format!("{client_a}:40000"),
+            format!("{client_a}:40000"),
+        ),
+        (
+            "new address",
+            "10.201.1.3".to_string(),
+            "10.201.1.3:".to_string(),
+        ),
+    ] {
+        lab.spawn(
+            "ping",
+            &c,
+            &["ping", "-n", "-i", "0.05", "-c", "60", "-W", "1", SERVER],
+        )
+        .expect("ping");
+        std::thread::sleep(Duration::from_millis(1_000));
+        lab.rebind(Path2::A, &to).expect("rebind");
+        let followed = wait_until(Duration::from_secs(5), || binding(&lab).contains(&expect));
+        assert!(
+            followed,
+            "{step}: binding {}\n{}",
+            binding(&lab),
+            lab.diagnostics()
+        );
+        assert!(lab.wait("ping", Duration::from_secs(20)).is_some());
+        let (out, _) = lab.output_of("ping");
+        let gap = netlab::ping_gap(&out, 60, Duration::from_millis(50));
+        eprintln!(
+            "NAT rebinding ({step}): ping gap {} ms, {} of {} replies",
+            gap.longest_gap.as_millis(),
+            gap.received,
+            gap.sent
+        );
+        assert!(lab.attached_on(1), "the client stayed on its transport");
+    }
+    let status = lab.status("client").expect("status");
+    assert_eq!(status["session_id"].as_str(), Some(id.as_str()));
+    let client_events = lab.events("client");
+    assert_eq!(count(&client_events, "ReattachAttempt"), 0, "no reattach");
+    assert_eq!(
+        transitions(&client_events),
+        [t("BIRTH", "ATTACHED", "attached_to_transport")],
+        "the client noticed nothing"
+    );
+    let gw_events = lab.events("gw");
+    let roams = gw_events
+        .iter()
+        .filter(|e| e["event_type"] == "TransportSwitch" && e["explicit"] == false)
+        .count();
+    assert_eq!(roams, 2, "one switch the gateway made per new mapping");
+    assert_eq!(count(&gw_events, "ReattachResult"), 0);
+    finish(lab);
+}
+
+/// The path of `tool` on PATH, if any.
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
+}

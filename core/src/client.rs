@@ -738,9 +738,13 @@ fn handle_control(
             None => Handled::Drop(ClientDrop::Unexpected),
         },
         Control::PathChallenge { token } => {
-            // Only while a reattach is in flight: the gateway challenges the path the
-            // request arrived on, and the answer must leave on that same transport.
-            if e.reattach.is_none() {
+            // While a reattach is in flight, the gateway challenges the path the request
+            // arrived on; otherwise it challenges the active transport's new address
+            // after a NAT rebinding (the client sees no change: the mapping is the
+            // NAT's). Either way the answer leaves on the transport the challenge came
+            // on, and only there can it come from the challenged address.
+            let on_active = e.control.active().is_some_and(|t| t.id == via);
+            if e.reattach.is_none() && !on_active {
                 return Handled::Drop(ClientDrop::Unexpected);
             }
             e.pending

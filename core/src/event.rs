@@ -77,7 +77,8 @@ pub enum EventBody {
         loss_ratio: f64,
         /// Its smoothed RTT when chosen, if measured.
         latency_estimate_ms: Option<f64>,
-        /// Always true: switches are only ever made by an explicit reattach.
+        /// True when the client asked (a reattach); false when the gateway followed a
+        /// roaming client's new address after validating it.
         explicit: bool,
     },
     /// A switch was wanted but not started.

@@ -86,6 +86,9 @@ struct World {
     store: Arc<MemoryStore>,
     client: Client,
     up: [bool; 2],
+    /// The address a NAT on each path now gives the client's datagrams (`None`: its
+    /// own); the gateway's answers to any other address are lost.
+    nat: [Option<SocketAddr>; 2],
     /// Every datagram the client sent, with its path, for replay tests.
     sent: Vec<(u32, Vec<u8>)>,
     to_gw_tunnel: Vec<Vec<u8>>,
@@ -141,6 +144,7 @@ impl World {
             store,
             client,
             up: [true, true],
+            nat: [None, None],
             sent: Vec::new(),
             to_gw_tunnel: Vec::new(),
             to_client_tunnel: Vec::new(),
@@ -170,7 +174,8 @@ impl World {
             return;
         }
         let now = self.now;
-        let reply = match self.gw.handle_datagram(endpoint(via), bytes, now) {
+        let from = self.seen_from(via);
+        let reply = match self.gw.handle_datagram(from, bytes, now) {
             Received::Reply(b) => Some(b.to_vec()),
             Received::ToTunnel(p) => {
                 self.to_gw_tunnel.push(p.to_vec());
@@ -182,6 +187,14 @@ impl World {
             self.gateway_send(via, &reply);
         }
         self.drain();
+    }
+
+    /// Where the gateway sees the client's datagrams on path `via` come from.
+    fn seen_from(&self, via: u32) -> Endpoint {
+        Endpoint {
+            protocol: Protocol::Udp,
+            addr: self.nat[via as usize - 1].unwrap_or_else(|| path_addr(via)),
+        }
     }
 
     fn gateway_send(&mut self, via: u32, bytes: &[u8]) {
@@ -356,6 +369,115 @@ fn ipv4_and_ipv6_share_one_session_both_ways() {
         w.gw.handle_datagram(endpoint(1), &bytes, now),
         Received::Dropped(Drop::SpoofedSource)
     );
+}
+
+/// A NAT gives the client a new mapping: the first authenticated packets from it get a
+/// challenge, the client (which noticed nothing) answers on its transport, and the
+/// binding follows, with no reattach and the same session. A genuine packet relocated
+/// by an attacker gets a challenge too, but the binding never moves to the attacker,
+/// also when the attacker relays the challenge to the client.
+#[test]
+fn a_nat_rebinding_moves_the_binding_in_one_round_trip_and_a_relocated_packet_never_does() {
+    let mut w = World::connected(Policy::default());
+    let id = w.session();
+    let attacker = Endpoint {
+        protocol: Protocol::Udp,
+        addr: "203.0.113.66:4444".parse().expect("addr"),
+    };
+    let now = w.now;
+    let t = w
+        .client
+        .send_data(&ip_packet(TUNNEL, REMOTE, 1), now)
+        .expect("send");
+    let genuine = t.bytes.to_vec();
+    let challenge = match w.gw.handle_datagram(attacker, &genuine, now) {
+        Received::Reply(b) => b.to_vec(),
+        other => panic!("no challenge to the new address: {other:?}"),
+    };
+    assert!(
+        w.to_gw_tunnel.is_empty(),
+        "nothing delivered from an unvalidated address"
+    );
+    // The attacker relays the challenge to the client, which answers on its transport:
+    // from its own address, not the attacker's.
+    w.gateway_send(1, &challenge);
+    assert_eq!(w.gw.drops().get(&Drop::PathMismatch), Some(&1));
+    assert_eq!(w.gw_binding(), Some(endpoint(1)));
+    // The original, arriving after its relocated copy, is a replay.
+    w.client_send(1, &genuine);
+    assert_eq!(w.gw.drops().get(&Drop::Replay), Some(&1));
+    w.run_until_ms(3_000);
+    assert_eq!(w.gw_binding(), Some(endpoint(1)));
+    assert!(
+        reattach_results(&w.gw_events).is_empty(),
+        "no event for an unanswered roam"
+    );
+
+    // The NAT's new mapping on path 1.
+    let mapped: SocketAddr = "198.51.100.9:61000".parse().expect("addr");
+    w.nat[0] = Some(mapped);
+    let before = w.gw.session(id).expect("session").bound_at();
+    let now = w.now;
+    let t = w
+        .client
+        .send_data(&ip_packet(TUNNEL, REMOTE, 2), now)
+        .expect("send");
+    let (via, bytes) = (t.via.0, t.bytes.to_vec());
+    w.client_send(via, &bytes);
+    let moved = Endpoint {
+        protocol: Protocol::Udp,
+        addr: mapped,
+    };
+    assert_eq!(w.gw_binding(), Some(moved), "one round trip, no reattach");
+    assert_eq!(w.session(), id);
+    assert_eq!(w.client.state(), State::Attached);
+    assert!(w
+        .client_events
+        .iter()
+        .all(|e| !matches!(e.body, EventBody::ReattachAttempt { .. })));
+    let seen = transitions(w.gw_events.iter().map(|(_, e)| e));
+    assert_eq!(
+        &seen[seen.len() - 3..],
+        [
+            (State::Attached, State::Volatile, ReasonCode::TransportDead),
+            (
+                State::Volatile,
+                State::Recovering,
+                ReasonCode::DeadTransportRecovery
+            ),
+            (
+                State::Recovering,
+                State::Attached,
+                ReasonCode::ReattachSuccess
+            ),
+        ]
+    );
+    assert!(w.gw_events.iter().any(|(_, e)| matches!(
+        e.body,
+        EventBody::TransportSwitch {
+            explicit: false,
+            ..
+        }
+    )));
+    let after = w.gw.session(id).expect("session").bound_at();
+    assert!(after > before, "the binding's version moved with it");
+    // The gateway now answers the new mapping, and the client learns the new version
+    // from its next heartbeat's answer: an explicit jump later is not stale.
+    let now = w.now;
+    let (to, _) =
+        w.gw.handle_tunnel_packet(&ip_packet(REMOTE, TUNNEL, 3), now)
+            .expect("route");
+    assert_eq!(to, moved);
+    w.run_until_ms(w.now.duration_since(w.t0).as_millis() as u64 + 3_000);
+    w.up[0] = false;
+    w.run_until_ms(w.now.duration_since(w.t0).as_millis() as u64 + 6_000);
+    assert_eq!(
+        w.gw_binding(),
+        Some(endpoint(2)),
+        "{:?}",
+        reattach_results(&w.gw_events)
+    );
+    assert_eq!(w.session(), id);
 }
 
 #[test]

@@ -46,7 +46,8 @@ pub struct GatewaySession {
     binding_heard: Instant,
     volatile_since: Option<Instant>,
     limiter: SwitchLimiter,
-    /// A reattach that passed every check, waiting for its path to answer a challenge.
+    /// A path waiting to answer a challenge: a reattach that passed every check, or the
+    /// new address of a roaming client.
     pending_path: Option<PendingPath>,
     /// The counter of the rekey init that produced the pending next keys: an older init
     /// (held back and delivered late) must not replace them.
@@ -63,15 +64,27 @@ pub struct GatewaySession {
     pub(super) out: Vec<u8>,
 }
 
-/// A validated reattach whose new path has been challenged.
+/// A path that has been challenged, and why.
 #[derive(Debug, Clone, Copy)]
 struct PendingPath {
     endpoint: Endpoint,
     candidate: TransportRef,
-    cause: Instability,
+    purpose: Purpose,
     token: u64,
-    request_counter: u64,
     deadline: Instant,
+}
+
+/// Why a path is challenged.
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    /// A reattach request that passed every check.
+    Reattach {
+        cause: Instability,
+        request_counter: u64,
+    },
+    /// The bound transport's packets now come from another address (a NAT rebinding):
+    /// the binding follows once that address answers, as QUIC validates a migrated path.
+    Roam { challenged_at: Instant },
 }
 
 /// Security events recorded per second, session and event type, at most: anyone who
@@ -280,14 +293,18 @@ impl GatewaySession {
         }
         if let Some(pp) = self.pending_path.filter(|pp| now >= pp.deadline) {
             self.pending_path = None;
-            self.journal.record(
-                now,
-                EventBody::ReattachResult {
-                    candidate_transport: pp.candidate,
-                    result: ReattachOutcome::Denied,
-                    reason_code: ReasonCode::RecoveryWindowExpired,
-                },
-            );
+            // An unanswered roam is no reattach: it ends silently (anyone who relocates
+            // a genuine packet causes one).
+            if let Purpose::Reattach { .. } = pp.purpose {
+                self.journal.record(
+                    now,
+                    EventBody::ReattachResult {
+                        candidate_transport: pp.candidate,
+                        result: ReattachOutcome::Denied,
+                        reason_code: ReasonCode::RecoveryWindowExpired,
+                    },
+                );
+            }
         }
         let p = Arc::clone(&self.policy);
         if now >= self.created_at + p.max_lifetime() {
@@ -517,7 +534,7 @@ impl GatewaySession {
         match control {
             Control::Data(packet) => {
                 if !bound {
-                    return Outcome::Drop(Drop::UnboundTransport);
+                    return self.roam_towards(from, now);
                 }
                 if !source_address(packet).is_some_and(|a| self.tunnel.contains(a)) {
                     return Outcome::Drop(Drop::SpoofedSource);
@@ -527,7 +544,7 @@ impl GatewaySession {
             }
             Control::Heartbeat { seq } => {
                 if !bound {
-                    return Outcome::Drop(Drop::UnboundTransport);
+                    return self.roam_towards(from, now);
                 }
                 self.binding_heard = now;
                 let ack = Control::HeartbeatAck {
@@ -681,9 +698,11 @@ impl GatewaySession {
         self.pending_path = Some(PendingPath {
             endpoint: from,
             candidate,
-            cause: instability_of(request.cause),
+            purpose: Purpose::Reattach {
+                cause: instability_of(request.cause),
+                request_counter: header.counter,
+            },
             token,
-            request_counter: header.counter,
             deadline: now + p.recovery_window(),
         });
         self.journal.record(
@@ -724,8 +743,47 @@ impl GatewaySession {
         Ok(())
     }
 
+    /// An authenticated data packet or heartbeat of the bound transport's kind from
+    /// another address than the binding's: the client's NAT gave it a new mapping (or
+    /// someone relocated one of its packets). The packet is not delivered, and the
+    /// binding does not move: the new address is challenged, and the binding follows
+    /// only when the answer comes back from it (see [`Self::complete_path`]). One
+    /// challenge per heartbeat interval at most; an explicit reattach in flight wins.
+    fn roam_towards(&mut self, from: Endpoint, now: Instant) -> Outcome {
+        let Some((_, transport)) = self.binding else {
+            return Outcome::Drop(Drop::UnboundTransport);
+        };
+        let settled = matches!(
+            self.state(),
+            State::Attached | State::Volatile | State::Degraded
+        );
+        let busy = self.pending_path.is_some_and(|pp| match pp.purpose {
+            Purpose::Reattach { .. } => true,
+            Purpose::Roam { challenged_at } => {
+                now < challenged_at + self.policy.heartbeat_interval()
+            }
+        });
+        if transport.protocol != from.protocol || !settled || busy {
+            return Outcome::Drop(Drop::UnboundTransport);
+        }
+        let Ok(token) = getrandom::u64() else {
+            return Outcome::Drop(Drop::UnboundTransport);
+        };
+        self.pending_path = Some(PendingPath {
+            endpoint: from,
+            candidate: transport,
+            purpose: Purpose::Roam { challenged_at: now },
+            token,
+            deadline: now + self.policy.heartbeat_volatile(),
+        });
+        self.reply(&Control::PathChallenge { token }, now)
+    }
+
     /// The client answered the path challenge from the challenged endpoint: move the
-    /// binding (9: through the session table's compare-and-swap) and acknowledge.
+    /// binding (9: through the session table's compare-and-swap) and, for a reattach,
+    /// acknowledge. A roam is recorded as a switch the gateway made (`explicit: false`)
+    /// with the same transitions as a reattach after a dead transport: the binding's old
+    /// address went silent for this session.
     fn complete_path(
         &mut self,
         store: &dyn SessionStore,
@@ -740,32 +798,41 @@ impl GatewaySession {
             return Outcome::Drop(Drop::PathMismatch);
         }
         self.pending_path = None;
+        let (cause, request_counter) = match pp.purpose {
+            Purpose::Reattach {
+                cause,
+                request_counter,
+            } => (cause, Some(request_counter)),
+            Purpose::Roam { .. } => (Instability::TransportDead, None),
+        };
         if self.limiter.check(now).is_err()
             || !matches!(
                 self.state(),
                 State::Attached | State::Volatile | State::Degraded
             )
         {
-            return self.deny_reattach(
-                pp.candidate,
-                ReasonCode::PolicyDenied,
-                true,
-                pp.request_counter,
-                now,
-            );
+            return match request_counter {
+                Some(counter) => {
+                    self.deny_reattach(pp.candidate, ReasonCode::PolicyDenied, true, counter, now)
+                }
+                None => Outcome::Drop(Drop::UnboundTransport),
+            };
         }
         let mut steps = Vec::with_capacity(3);
         if self.state() == State::Attached {
-            steps.push(FsmEvent::InstabilityDetected(pp.cause));
+            steps.push(FsmEvent::InstabilityDetected(cause));
         }
-        steps.push(FsmEvent::SwitchInitiated(pp.cause.recovery()));
+        steps.push(FsmEvent::SwitchInitiated(cause.recovery()));
         steps.push(FsmEvent::ReattachValid);
         let previous = self.binding;
-        let mut before = vec![EventBody::ReattachResult {
-            candidate_transport: pp.candidate,
-            result: ReattachOutcome::Success,
-            reason_code: ReasonCode::ReattachSuccess,
-        }];
+        let mut before = Vec::with_capacity(2);
+        if request_counter.is_some() {
+            before.push(EventBody::ReattachResult {
+                candidate_transport: pp.candidate,
+                result: ReattachOutcome::Success,
+                reason_code: ReasonCode::ReattachSuccess,
+            });
+        }
         if previous.map(|(e, t)| (e, t.id)) != Some((from, pp.candidate.id)) {
             before.push(EventBody::TransportSwitch {
                 previous_transport: previous.map(|(_, t)| t),
@@ -773,7 +840,7 @@ impl GatewaySession {
                 candidate_count: 1,
                 loss_ratio: 0.0,
                 latency_estimate_ms: None,
-                explicit: true,
+                explicit: request_counter.is_some(),
             });
         }
         self.last_heard = now;
@@ -785,21 +852,31 @@ impl GatewaySession {
             Some(Some((from, pp.candidate))),
             now,
         ) {
-            return self.deny_reattach(
-                pp.candidate,
-                ReasonCode::StaleStateVersion,
-                true,
-                pp.request_counter,
-                now,
-            );
+            return match request_counter {
+                Some(counter) => self.deny_reattach(
+                    pp.candidate,
+                    ReasonCode::StaleStateVersion,
+                    true,
+                    counter,
+                    now,
+                ),
+                None => Outcome::Drop(Drop::UnboundTransport),
+            };
         }
         self.limiter.record(now);
         self.volatile_since = None;
-        let ack = Control::ReattachAck {
-            request_counter: pp.request_counter,
-            binding_version: self.bound_at,
-        };
-        self.reply(&ack, now)
+        match request_counter {
+            Some(request_counter) => {
+                let ack = Control::ReattachAck {
+                    request_counter,
+                    binding_version: self.bound_at,
+                };
+                self.reply(&ack, now)
+            }
+            // The client asked for nothing; its next heartbeat's answer carries the new
+            // binding version.
+            None => Outcome::Consumed,
+        }
     }
 
     fn deny_reattach(
