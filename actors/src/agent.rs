@@ -355,8 +355,16 @@ impl ClientAgent {
         if self.transports.is_empty() {
             return;
         }
-        let via = self.transports[self.next_connect % self.transports.len()].0;
-        self.next_connect = self.next_connect.wrapping_add(1);
+        // After a cookie, the transport it came on (the cookie proves its address only);
+        // else the candidates in turn.
+        let via = match self.client.retry_via() {
+            Some(via) => via,
+            None => {
+                let via = self.transports[self.next_connect % self.transports.len()].0;
+                self.next_connect = self.next_connect.wrapping_add(1);
+                via
+            }
+        };
         let sent = self
             .client
             .connect(via, now)

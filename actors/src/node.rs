@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use jvpn_core::gateway::{GatewayConfig, Responder};
-use jvpn_core::mac::MacKey;
+use jvpn_core::gateway::{GatewayConfig, HandshakeGate, Responder};
 use jvpn_core::store::SessionStore;
 
 use crate::runtime::{Close, Reporter};
@@ -66,7 +65,8 @@ impl GatewayNode {
             let local = socket.local_addr()?;
             prepared.push((local, PreparedUdp::new(socket, i % cores)?));
         }
-        let mac_key = MacKey::for_gateway(&config.gateway.keypair.public());
+        let gate = HandshakeGate::new(&config.gateway.keypair.public());
+        let load_threshold = config.limits.handshake_load_threshold;
         let arbiters: Vec<Arbiter> = (0..config.arbiters).map(|_| Arbiter::new()).collect();
         // Handshakes (their Diffie-Hellman) on a thread of their own, off the threads
         // that carry sessions' packets: a flood of them cannot starve forwarding.
@@ -86,7 +86,8 @@ impl GatewayNode {
             Arc::clone(&registry),
             supervisor.clone(),
             config.reporter,
-            mac_key,
+            gate,
+            load_threshold,
         ));
         let transports = prepared
             .into_iter()

@@ -13,17 +13,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use jvpn_core::fsm::TerminationCause;
 use jvpn_core::gateway::{
-    Drop as CoreDrop, Endpoint, GatewaySession, Registration, Responder, Router, Unknown,
+    Drop as CoreDrop, Endpoint, GatewaySession, HandshakeGate, Registration, Responder, Router,
+    Unknown, Verdict,
 };
 use jvpn_core::ids::SessionId;
-use jvpn_core::mac::MacKey;
 use jvpn_core::wire::{self, Datagram};
 
 use crate::runtime::{offer, ActorKind, Handling, Reporter};
@@ -45,6 +46,10 @@ pub struct NodeLimits {
     pub session_mailbox: usize,
     /// Mailbox capacity of the supervisor (handshakes wait there).
     pub supervisor_mailbox: usize,
+    /// Handshakes waiting for the supervisor from which the node is *under load*: past
+    /// it, only initiations with a valid cookie get a Diffie-Hellman, the others a
+    /// cookie reply ([`HandshakeGate`]).
+    pub handshake_load_threshold: usize,
 }
 
 impl Default for NodeLimits {
@@ -52,6 +57,7 @@ impl Default for NodeLimits {
         NodeLimits {
             session_mailbox: 256,
             supervisor_mailbox: 64,
+            handshake_load_threshold: 8,
         }
     }
 }
@@ -121,6 +127,26 @@ pub struct Handshake {
     pub from: SocketAddr,
     /// The datagram.
     pub datagram: Bytes,
+    /// Counts it as waiting until it is handled or dropped.
+    pub waiting: Waiting,
+}
+
+/// One handshake waiting for the supervisor: counted from when it is queued until it is
+/// dropped (handled, or refused by a full queue), so the count is the queue's depth.
+#[derive(Debug)]
+pub struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(Arc::clone(count))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Ends a session on an operator's command (operator_terminated, the client told).
@@ -267,8 +293,7 @@ impl Handler<Handshake> for NodeSupervisor {
         let Ok(Datagram::HandshakeInit {
             sender_index,
             noise,
-            covered,
-            mac,
+            macs,
         }) = wire::parse(&msg.datagram)
         else {
             telemetry::dropped("malformed");
@@ -278,10 +303,13 @@ impl Handler<Handshake> for NodeSupervisor {
             protocol: msg.via.protocol(),
             addr: msg.from,
         };
-        match self
-            .responder
-            .accept(from, sender_index, noise, (covered, mac), Instant::now())
-        {
+        match self.responder.accept(
+            from,
+            sender_index,
+            noise,
+            (macs.mac1_covered, macs.mac1),
+            Instant::now(),
+        ) {
             Ok((accepted, reply)) => {
                 telemetry::handshake(None);
                 let reply = reply.to_vec();
@@ -444,25 +472,32 @@ pub struct GatewayRouter {
     registry: Arc<Registry>,
     supervisor: Addr<NodeSupervisor>,
     reporter: Reporter,
-    /// The initiations' MAC key: an initiation with a wrong MAC never reaches the
-    /// supervisor's queue, let alone a Diffie-Hellman.
-    mac_key: MacKey,
+    /// The gate of initiations (mac1, cookies under load, per-source budgets): one that
+    /// fails it never reaches the supervisor's queue, let alone a Diffie-Hellman.
+    gate: Mutex<HandshakeGate>,
+    /// Handshakes waiting for the supervisor.
+    waiting: Arc<AtomicUsize>,
+    /// From how many waiting the node is under load.
+    load_threshold: usize,
 }
 
 impl GatewayRouter {
-    /// A router over `registry`, handing handshakes with a right MAC under `mac_key` to
-    /// `supervisor`.
+    /// A router over `registry`, handing handshakes that pass `gate` to `supervisor`;
+    /// under load from `load_threshold` handshakes waiting.
     pub fn new(
         registry: Arc<Registry>,
         supervisor: Addr<NodeSupervisor>,
         reporter: Reporter,
-        mac_key: MacKey,
+        gate: HandshakeGate,
+        load_threshold: usize,
     ) -> Self {
         GatewayRouter {
             registry,
             supervisor,
             reporter,
-            mac_key,
+            gate: Mutex::new(gate),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            load_threshold,
         }
     }
 
@@ -489,28 +524,38 @@ impl GatewayRouter {
 }
 
 impl GatewayRouter {
-    /// Initiations with a right MAC: those within their source's budget go to the
-    /// supervisor's bounded queue (`handshake_busy` when it is full).
+    /// Initiations: judged by the gate (one lock per batch), those admitted go to the
+    /// supervisor's bounded queue (`handshake_busy` when it is full); under load, those
+    /// without a valid cookie are answered with a cookie reply instead.
     fn handshakes(&self, via: &TransportHandle, initiations: Vec<(SocketAddr, BytesMut)>) {
         let now = Instant::now();
-        let admitted: Vec<_> = {
-            let mut router = self.registry.write();
-            initiations
-                .into_iter()
-                .filter(|(from, _)| {
-                    let ok = router.admit_handshake(from.ip(), now);
-                    if !ok {
-                        telemetry::dropped(CoreDrop::HandshakeRate.as_str());
+        let under_load = self.waiting.load(Ordering::Relaxed) >= self.load_threshold;
+        let mut admitted = Vec::new();
+        {
+            let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            for (from, datagram) in initiations {
+                let Ok(Datagram::HandshakeInit {
+                    sender_index, macs, ..
+                }) = wire::parse(&datagram)
+                else {
+                    continue;
+                };
+                match gate.judge(from, sender_index, &macs, under_load, now) {
+                    Verdict::Admit => admitted.push((from, datagram)),
+                    Verdict::Cookie(reply) => {
+                        telemetry::dropped(CoreDrop::HandshakeCookie.as_str());
+                        via.send(from, &reply);
                     }
-                    ok
-                })
-                .collect()
-        };
+                    Verdict::Refuse(d) => telemetry::dropped(d.as_str()),
+                }
+            }
+        }
         for (from, datagram) in admitted {
             let handshake = Handshake {
                 via: via.clone(),
                 from,
                 datagram: datagram.freeze(),
+                waiting: Waiting::new(&self.waiting),
             };
             if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
                 telemetry::dropped("handshake_busy");
@@ -563,12 +608,8 @@ impl Deliver for GatewayRouter {
             for (from, datagram) in batch {
                 let header = match wire::parse(&datagram) {
                     Ok(Datagram::Session { header, .. }) => header,
-                    Ok(Datagram::HandshakeInit { covered, mac, .. }) => {
-                        if self.mac_key.verify(covered, mac) {
-                            handshakes.push((from, datagram));
-                        } else {
-                            telemetry::dropped(CoreDrop::HandshakeMac.as_str());
-                        }
+                    Ok(Datagram::HandshakeInit { .. }) => {
+                        handshakes.push((from, datagram));
                         continue;
                     }
                     Ok(_) => {

@@ -82,6 +82,7 @@ pub fn initiation(client: &Keypair, gateway: &Keypair, secs: u64) -> (Initiation
         1,
         &msg1,
         &MacKey::for_gateway(&gateway.public()),
+        None,
         &mut packet,
     );
     (init, packet)

@@ -20,13 +20,14 @@ use crate::crypto::{
 };
 use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{State, TerminationCause};
+use crate::gateway::COOKIE_ROTATION;
 use crate::ids::{SessionId, StateVersion, TransportId};
-use crate::mac::MacKey;
+use crate::mac::{Cookie, CookieKey, MacKey, SealedCookie};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::wire::{
     self, encode_initiation, Control, Datagram, InitPayload, ReattachRequest, RespPayload,
-    Timestamp, TunnelAddrs,
+    Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN,
 };
 
 /// How long a handshake or rekey waits for its answer before it may be retried.
@@ -151,6 +152,9 @@ enum Phase {
     Handshaking {
         initiation: Box<Initiation>,
         sender_index: u32,
+        /// The initiation's mac1: a cookie reply to it is sealed with it as associated
+        /// data.
+        mac1: [u8; MAC_LEN],
         via: TransportRef,
         started: Instant,
     },
@@ -163,6 +167,13 @@ pub struct Client {
     config: ClientConfig,
     /// The key of the initiations' MAC, from the pinned gateway key.
     mac_key: MacKey,
+    /// The key the gateway's cookie replies are sealed under.
+    cookie_key: CookieKey,
+    /// Cookies the gateway gave, per transport (a cookie proves one source address),
+    /// with when each came; one per configured transport at most.
+    cookies: Vec<(TransportId, Cookie, Instant)>,
+    /// The transport whose cookie just came: the next initiation goes there.
+    retry_via: Option<TransportId>,
     limits: KeyLimits,
     clock: WallClock,
     phase: Phase,
@@ -179,6 +190,9 @@ impl Client {
     pub fn new(config: ClientConfig, clock: WallClock) -> Self {
         Client {
             mac_key: MacKey::for_gateway(&config.gateway),
+            cookie_key: CookieKey::for_gateway(&config.gateway),
+            cookies: Vec::new(),
+            retry_via: None,
             limits: KeyLimits::from_policy(&config.policy),
             config,
             clock,
@@ -210,10 +224,28 @@ impl Client {
             &payload.encode(),
         )?;
         let sender_index = getrandom::u32().map_err(|e| CryptoError::Random(e.to_string()))?;
-        encode_initiation(sender_index, &msg1, &self.mac_key, &mut self.out);
+        self.cookies
+            .retain(|(_, _, at)| now.saturating_duration_since(*at) < COOKIE_ROTATION);
+        let cookie = self
+            .cookies
+            .iter()
+            .find(|(t, _, _)| *t == via)
+            .map(|(_, c, _)| c);
+        encode_initiation(sender_index, &msg1, &self.mac_key, cookie, &mut self.out);
+        let mut mac1 = [0u8; MAC_LEN];
+        if let Some(m) = self
+            .out
+            .len()
+            .checked_sub(2 * MAC_LEN)
+            .and_then(|at| self.out.get(at..at + MAC_LEN))
+        {
+            mac1.copy_from_slice(m);
+        }
+        self.retry_via = None;
         self.phase = Phase::Handshaking {
             initiation: Box::new(initiation),
             sender_index,
+            mac1,
             via: transport,
             started: now,
         };
@@ -368,6 +400,11 @@ impl Client {
                     Handled::Drop(ClientDrop::NotOurs)
                 };
             }
+            Ok(Datagram::CookieReply {
+                receiver_index,
+                nonce,
+                sealed,
+            }) => return self.take_cookie(via, receiver_index, nonce, sealed, now),
             Ok(Datagram::HandshakeInit { .. }) => return Handled::Drop(ClientDrop::Unexpected),
         };
         let Phase::Established(e) = &mut self.phase else {
@@ -527,11 +564,50 @@ impl Client {
         }
     }
 
+    /// The gateway is under load and answered the initiation with a cookie: kept for the
+    /// transport it came on, and the initiation is sent again at once, with the cookie
+    /// (on that transport: the cookie proves its source address only).
+    fn take_cookie(
+        &mut self,
+        via: TransportId,
+        receiver_index: u32,
+        nonce: [u8; COOKIE_NONCE_LEN],
+        sealed: &SealedCookie,
+        now: Instant,
+    ) -> Handled {
+        let Phase::Handshaking {
+            sender_index, mac1, ..
+        } = &self.phase
+        else {
+            return Handled::Drop(ClientDrop::Unexpected);
+        };
+        if receiver_index != *sender_index {
+            return Handled::Drop(ClientDrop::NotOurs);
+        }
+        let Some(cookie) = self.cookie_key.open(sealed, mac1, nonce) else {
+            return Handled::Drop(ClientDrop::Unauthenticated);
+        };
+        self.cookies.retain(|(t, _, _)| *t != via);
+        self.cookies.push((via, cookie, now));
+        self.retry_via = Some(via);
+        self.phase = Phase::Idle {
+            retry_at: Some(now),
+        };
+        Handled::Consumed
+    }
+
+    /// The transport the next initiation should go on, when the client knows better
+    /// than taking the candidates in turn (a cookie just came on it).
+    pub fn retry_via(&self) -> Option<TransportId> {
+        self.retry_via
+    }
+
     fn finish_handshake(&mut self, receiver_index: u32, noise: &[u8], now: Instant) -> Handled {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle { retry_at: None });
         let Phase::Handshaking {
             initiation,
             sender_index,
+            mac1,
             via,
             started,
         } = phase
@@ -544,6 +620,7 @@ impl Client {
             self.phase = Phase::Handshaking {
                 initiation,
                 sender_index,
+                mac1,
                 via,
                 started,
             };

@@ -35,10 +35,15 @@ pub const NOISE_RESP_LEN: usize = 32 + RESP_PAYLOAD_LEN + TAG_LEN;
 pub const NOISE_REKEY_INIT_LEN: usize = 32 + 48 + TAG_LEN;
 /// Noise IK second message of a rekey (payload: none).
 pub const NOISE_REKEY_RESP_LEN: usize = 32 + TAG_LEN;
-/// Length of the MAC that closes a handshake initiation ([`crate::mac`]).
+/// Length of each of the two MACs that close a handshake initiation ([`crate::mac`]).
 pub const MAC_LEN: usize = 16;
-/// Length of a handshake initiation: prefix, Noise message, MAC.
-pub const INITIATION_LEN: usize = HANDSHAKE_PREFIX_LEN + NOISE_INIT_LEN + MAC_LEN;
+/// Length of a handshake initiation: prefix, Noise message, mac1, mac2.
+pub const INITIATION_LEN: usize = HANDSHAKE_PREFIX_LEN + NOISE_INIT_LEN + 2 * MAC_LEN;
+/// Length of a cookie reply's nonce.
+pub const COOKIE_NONCE_LEN: usize = 12;
+/// Length of a cookie reply: prefix, nonce, sealed cookie (smaller than the initiation
+/// it answers, so that it amplifies nothing).
+pub const COOKIE_REPLY_LEN: usize = HANDSHAKE_PREFIX_LEN + COOKIE_NONCE_LEN + MAC_LEN + TAG_LEN;
 /// Length of a SessionUnknown hint.
 pub const SESSION_UNKNOWN_LEN: usize = 12;
 /// The largest datagram any transport carries (and so the largest this code decodes).
@@ -80,6 +85,9 @@ pub enum PacketType {
     PathChallenge = 15,
     /// The client's answer, sent back on the same transport.
     PathResponse = 16,
+    /// The gateway, under load, answers an initiation with a cookie instead of a
+    /// handshake.
+    CookieReply = 17,
 }
 
 impl PacketType {
@@ -103,6 +111,7 @@ impl PacketType {
             14 => P::SessionUnknown,
             15 => P::PathChallenge,
             16 => P::PathResponse,
+            17 => P::CookieReply,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -127,6 +136,7 @@ impl PacketType {
             P::SessionUnknown => "session_unknown",
             P::PathChallenge => "path_challenge",
             P::PathResponse => "path_response",
+            P::CookieReply => "cookie_reply",
         }
     }
 }
@@ -280,10 +290,17 @@ pub enum Datagram<'a> {
         sender_index: u32,
         /// The Noise message.
         noise: &'a [u8],
-        /// Everything the MAC covers (the initiation up to the MAC).
-        covered: &'a [u8],
-        /// The MAC ([`crate::mac`]), checked before anything else.
-        mac: &'a [u8; MAC_LEN],
+        /// Its two MACs, checked before anything else.
+        macs: InitMacs<'a>,
+    },
+    /// A cookie for the initiation whose sender index this is.
+    CookieReply {
+        /// The initiation's sender index.
+        receiver_index: u32,
+        /// The nonce the cookie is sealed under.
+        nonce: [u8; COOKIE_NONCE_LEN],
+        /// The sealed cookie.
+        sealed: &'a crate::mac::SealedCookie,
     },
     /// A handshake response.
     HandshakeResp {
@@ -306,6 +323,19 @@ pub enum Datagram<'a> {
         /// The session it does not know.
         session_id: SessionId,
     },
+}
+
+/// The MACs closing an initiation, with what each covers ([`crate::mac`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitMacs<'a> {
+    /// The initiation up to mac1.
+    pub mac1_covered: &'a [u8],
+    /// Keyed by the gateway's public key.
+    pub mac1: &'a [u8; MAC_LEN],
+    /// The initiation up to mac2 (mac1 included).
+    pub mac2_covered: &'a [u8],
+    /// Keyed by a cookie of the gateway's, or zero.
+    pub mac2: &'a [u8; MAC_LEN],
 }
 
 /// Classifies a datagram by its clear-text part; the body of a session packet is not
@@ -337,24 +367,53 @@ pub fn parse(datagram: &[u8]) -> Result<Datagram<'_>, WireError> {
             let index = r.u32()?;
             let noise = r.bytes;
             Ok(if ptype == PacketType::HandshakeInit {
-                let Some((covered, mac)) = datagram.split_last_chunk::<MAC_LEN>() else {
-                    return Err(WireError::TooShort {
-                        what,
-                        need: INITIATION_LEN,
-                        got: datagram.len(),
-                    });
+                let short = || WireError::TooShort {
+                    what,
+                    need: INITIATION_LEN,
+                    got: datagram.len(),
                 };
+                let (mac2_covered, mac2) =
+                    datagram.split_last_chunk::<MAC_LEN>().ok_or_else(short)?;
+                let (mac1_covered, mac1) = mac2_covered
+                    .split_last_chunk::<MAC_LEN>()
+                    .ok_or_else(short)?;
                 Datagram::HandshakeInit {
                     sender_index: index,
-                    noise: &noise[..NOISE_INIT_LEN],
-                    covered,
-                    mac,
+                    noise: noise.get(..NOISE_INIT_LEN).ok_or_else(short)?,
+                    macs: InitMacs {
+                        mac1_covered,
+                        mac1,
+                        mac2_covered,
+                        mac2,
+                    },
                 }
             } else {
                 Datagram::HandshakeResp {
                     receiver_index: index,
                     noise,
                 }
+            })
+        }
+        PacketType::CookieReply => {
+            let mut r = Reader::exact(datagram, COOKIE_REPLY_LEN, "cookie reply")?;
+            let _type = r.u8()?;
+            if r.take::<3>()? != [0; 3] {
+                return Err(WireError::NonZeroReserved);
+            }
+            let receiver_index = r.u32()?;
+            let nonce = r.take()?;
+            let sealed = datagram
+                .get(HANDSHAKE_PREFIX_LEN + COOKIE_NONCE_LEN..)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(WireError::TooShort {
+                    what: "cookie reply",
+                    need: COOKIE_REPLY_LEN,
+                    got: datagram.len(),
+                })?;
+            Ok(Datagram::CookieReply {
+                receiver_index,
+                nonce,
+                sealed,
             })
         }
         PacketType::SessionUnknown => {
@@ -413,17 +472,35 @@ pub fn encode_handshake(ptype: PacketType, index: u32, noise: &[u8], out: &mut V
     out.extend_from_slice(noise);
 }
 
-/// Encodes a handshake initiation: type, reserved, index, Noise message, and the MAC
-/// over all of it under the gateway's `mac_key`.
+/// Encodes a handshake initiation: type, reserved, index, Noise message, mac1 over all
+/// of it under the gateway's `mac_key`, and mac2 over all that under `cookie` (zero
+/// without one).
 pub fn encode_initiation(
     index: u32,
     noise: &[u8],
     mac_key: &crate::mac::MacKey,
+    cookie: Option<&crate::mac::Cookie>,
     out: &mut Vec<u8>,
 ) {
     encode_handshake(PacketType::HandshakeInit, index, noise, out);
-    let mac = mac_key.mac(out);
-    out.extend_from_slice(&mac);
+    let mac1 = mac_key.mac(out);
+    out.extend_from_slice(&mac1);
+    let mac2 = cookie.map_or([0; MAC_LEN], |c| crate::mac::cookie_mac(c, out));
+    out.extend_from_slice(&mac2);
+}
+
+/// Encodes a cookie reply to the initiation whose sender index is `receiver_index`.
+pub fn encode_cookie_reply(
+    receiver_index: u32,
+    nonce: [u8; COOKIE_NONCE_LEN],
+    sealed: &crate::mac::SealedCookie,
+) -> [u8; COOKIE_REPLY_LEN] {
+    let mut out = [0u8; COOKIE_REPLY_LEN];
+    out[0] = PacketType::CookieReply as u8;
+    out[4..8].copy_from_slice(&receiver_index.to_be_bytes());
+    out[8..8 + COOKIE_NONCE_LEN].copy_from_slice(&nonce);
+    out[8 + COOKIE_NONCE_LEN..].copy_from_slice(sealed);
+    out
 }
 
 /// Encodes the unknown-session hint.
@@ -890,7 +967,7 @@ impl<'a> Control<'a> {
                 Reader::exact(bytes, NOISE_REKEY_RESP_LEN, "rekey response")?;
                 Control::RekeyResp(bytes)
             }
-            P::HandshakeInit | P::HandshakeResp | P::SessionUnknown => {
+            P::HandshakeInit | P::HandshakeResp | P::SessionUnknown | P::CookieReply => {
                 return Err(WireError::UnexpectedType(ptype))
             }
         })

@@ -724,6 +724,7 @@ impl RawClient {
             7,
             &msg1,
             &MacKey::for_gateway(&w.gw.public_key()),
+            None,
             &mut packet,
         );
         let now = w.now;
@@ -1141,9 +1142,10 @@ fn a_tampered_clear_prefix_of_an_initiation_never_yields_a_session() {
         // an index changed and the MAC made anew gets an answer, but to an index the
         // client never sent, and the client ignores it.
         if byte >= 4 {
-            let covered = init.len() - jvpn_core::wire::MAC_LEN;
+            let mac_len = jvpn_core::wire::MAC_LEN;
+            let covered = init.len() - 2 * mac_len;
             let mac = MacKey::for_gateway(&w.gw.public_key()).mac(&init[..covered]);
-            init[covered..].copy_from_slice(&mac);
+            init[covered..covered + mac_len].copy_from_slice(&mac);
             let Received::Reply(resp) = w.gw.handle_datagram(endpoint(1), &init, now) else {
                 panic!("byte {byte}: a right MAC is answered");
             };
@@ -1197,6 +1199,83 @@ fn initiations_failing_the_cheap_checks_never_reach_a_diffie_hellman() {
     assert_eq!(w.client.state(), State::Attached);
 }
 
+/// Under load, an initiation without a cookie gets a cookie reply, not a
+/// Diffie-Hellman: a flood from many (spoofed) sources costs no handshake, while the
+/// real client takes its cookie, sends again at once on the same path, and attaches.
+#[test]
+fn under_load_the_gateway_answers_cookies_and_a_real_client_still_attaches() {
+    let mut w = World::new(Policy::default());
+    w.gw.set_under_load(true);
+    let now = w.now;
+    let init = w
+        .client
+        .connect(TransportId(1), now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    let mut cookie_replies = 0;
+    for i in 0..2_000u32 {
+        let spoofed = Endpoint {
+            protocol: Protocol::Udp,
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a40_0000 + i)), 5000),
+        };
+        if let Received::Reply(b) = w.gw.handle_datagram(spoofed, &init, now) {
+            assert!(matches!(parse(b), Ok(Datagram::CookieReply { .. })));
+            assert!(b.len() < init.len(), "no amplification");
+            cookie_replies += 1;
+        }
+    }
+    assert_eq!(cookie_replies, 2_000);
+    assert_eq!(w.gw.drops().get(&Drop::HandshakeCookie), Some(&2_000));
+    assert!(
+        !w.gw.drops().keys().any(|d| matches!(d, Drop::Handshake(_))),
+        "no initiation reached the responder: {:?}",
+        w.gw.drops()
+    );
+    // The real client: a cookie, then at once a second initiation carrying it.
+    w.client_send(1, &init);
+    assert_eq!(w.client.state(), State::Birth);
+    assert_eq!(w.client.retry_via(), Some(TransportId(1)));
+    assert!(
+        w.client.handshake_timed_out(w.now),
+        "the retry is due at once"
+    );
+    let retry = w
+        .client
+        .connect(TransportId(1), now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    w.client_send(1, &retry);
+    assert_eq!(w.client.state(), State::Attached);
+    // A cookie reply not for our initiation, or forged, is ignored.
+    let mut w2 = World::new(Policy::default());
+    w2.gw.set_under_load(true);
+    let now = w2.now;
+    let first = w2
+        .client
+        .connect(TransportId(1), now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    let Received::Reply(reply) = w2.gw.handle_datagram(endpoint(1), &first, now) else {
+        panic!("no cookie reply");
+    };
+    let mut forged = reply.to_vec();
+    forged[30] ^= 1;
+    assert_eq!(
+        w2.client.handle_datagram(TransportId(1), &forged, now),
+        ClientReceived::Dropped(jvpn_core::client::ClientDrop::Unauthenticated)
+    );
+    let mut other = reply.to_vec();
+    other[4] ^= 1;
+    assert_eq!(
+        w2.client.handle_datagram(TransportId(1), &other, now),
+        ClientReceived::Dropped(jvpn_core::client::ClientDrop::NotOurs)
+    );
+    assert_eq!(w2.client.retry_via(), None);
+}
+
 #[test]
 fn a_reattach_inside_the_cooldown_is_policy_denied() {
     let mut w = World::new(Policy::default());
@@ -1237,6 +1316,7 @@ fn unauthorized_clients_and_replayed_initiations_are_refused() {
         1,
         &msg1,
         &MacKey::for_gateway(&w.gw.public_key()),
+        None,
         &mut packet,
     );
     let now = w.now;

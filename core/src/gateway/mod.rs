@@ -10,6 +10,7 @@
 //! same three with one actor per session.
 
 mod ended;
+mod gate;
 mod responder;
 mod router;
 mod session;
@@ -30,6 +31,7 @@ use crate::store::SessionStore;
 use crate::wire::{self, Datagram, TunnelAddrs};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
+pub use gate::{HandshakeGate, Verdict, COOKIE_ROTATION};
 pub use responder::{Accepted, Responder};
 pub use router::{
     HandshakeLimits, HintLimits, OffBindingLimits, Registration, Route, Router, Unknown,
@@ -92,6 +94,9 @@ pub enum Drop {
     /// A handshake initiation past its source's budget ([`HandshakeLimits`]): refused
     /// before any Diffie-Hellman.
     HandshakeRate,
+    /// A handshake initiation without a valid cookie while the gateway is under load:
+    /// answered with a cookie reply instead of a Diffie-Hellman ([`HandshakeGate`]).
+    HandshakeCookie,
 }
 
 impl Drop {
@@ -113,6 +118,7 @@ impl Drop {
             Drop::OffBindingFlood => "off_binding_flood",
             Drop::HandshakeMac => "handshake_mac",
             Drop::HandshakeRate => "handshake_rate",
+            Drop::HandshakeCookie => "handshake_cookie",
         }
     }
 }
@@ -174,6 +180,8 @@ const GATEWAY_EVENTS_KEPT: usize = 4_096;
 /// The gateway: handshakes, routing, and every session of this node.
 pub struct Gateway {
     responder: Responder,
+    gate: HandshakeGate,
+    under_load: bool,
     clock: WallClock,
     router: Router<GatewaySession>,
     drops: HashMap<Drop, u64>,
@@ -189,6 +197,8 @@ impl Gateway {
     /// time (for freshness checks and event stamps) through `clock`.
     pub fn new(config: GatewayConfig, store: Arc<dyn SessionStore>, clock: WallClock) -> Self {
         Gateway {
+            gate: HandshakeGate::new(&config.keypair.public()),
+            under_load: false,
             responder: Responder::new(config, store),
             clock,
             router: Router::default(),
@@ -198,6 +208,13 @@ impl Gateway {
             inbuf: Vec::new(),
             out: Vec::new(),
         }
+    }
+
+    /// Says whether handshake work is backing up: while it is, only initiations with a
+    /// valid cookie get a Diffie-Hellman ([`HandshakeGate`]). The single-threaded driver
+    /// decides by its own measure; the actor runtime by its handshake queue.
+    pub fn set_under_load(&mut self, under_load: bool) {
+        self.under_load = under_load;
     }
 
     /// The gateway's public key.
@@ -235,18 +252,30 @@ impl Gateway {
             Datagram::HandshakeInit {
                 sender_index,
                 noise,
-                covered,
-                mac,
+                macs,
             } => {
                 // The cheap checks first: no Diffie-Hellman for an initiation not made
-                // for this gateway, nor past its source's budget.
-                if !self.responder.mac_key().verify(covered, mac) {
-                    return self.dropped(Drop::HandshakeMac);
+                // for this gateway, from an unproven source under load, nor past its
+                // source's budget.
+                match self
+                    .gate
+                    .judge(from.addr, sender_index, &macs, self.under_load, now)
+                {
+                    Verdict::Admit => self.accept(
+                        from,
+                        sender_index,
+                        noise,
+                        (macs.mac1_covered, macs.mac1),
+                        now,
+                    ),
+                    Verdict::Cookie(reply) => {
+                        *self.drops.entry(Drop::HandshakeCookie).or_default() += 1;
+                        self.out.clear();
+                        self.out.extend_from_slice(&reply);
+                        Received::Reply(&self.out)
+                    }
+                    Verdict::Refuse(d) => self.dropped(d),
                 }
-                if !self.router.admit_handshake(from.addr.ip(), now) {
-                    return self.dropped(Drop::HandshakeRate);
-                }
-                self.accept(from, sender_index, noise, (covered, mac), now)
             }
             Datagram::Session { header, .. } => {
                 let id = header.session_id;
@@ -309,9 +338,9 @@ impl Gateway {
                     }
                 }
             }
-            Datagram::HandshakeResp { .. } | Datagram::SessionUnknown { .. } => {
-                self.dropped(Drop::Unexpected)
-            }
+            Datagram::HandshakeResp { .. }
+            | Datagram::SessionUnknown { .. }
+            | Datagram::CookieReply { .. } => self.dropped(Drop::Unexpected),
         }
     }
 

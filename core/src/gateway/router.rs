@@ -140,21 +140,27 @@ impl TokenBucket {
 /// Token buckets per source prefix, in a fixed table (prefixes that share a bucket share
 /// its budget, which only makes a bound stricter): bounded memory whatever the sources.
 #[derive(Debug)]
-struct SourceBuckets {
+pub(super) struct SourceBuckets {
     buckets: Box<[TokenBucket]>,
     /// Bytes of an IPv4 and of an IPv6 address that make the prefix.
     prefix: (usize, usize),
 }
 
 impl SourceBuckets {
-    fn new(prefix: (usize, usize)) -> Self {
+    pub(super) fn new(prefix: (usize, usize)) -> Self {
         SourceBuckets {
             buckets: vec![TokenBucket::default(); HintLimits::PREFIX_BUCKETS].into_boxed_slice(),
             prefix,
         }
     }
 
-    fn take(&mut self, source: IpAddr, now: Instant, per_second: u32, burst: u32) -> bool {
+    pub(super) fn take(
+        &mut self,
+        source: IpAddr,
+        now: Instant,
+        per_second: u32,
+        burst: u32,
+    ) -> bool {
         let i = self.bucket(source);
         self.buckets[i].take(now, per_second, burst)
     }
@@ -226,7 +232,6 @@ pub struct Router<H> {
     by_tunnel: HashMap<IpAddr, SessionId>,
     ended: EndedSessions,
     hints: HintBudget,
-    handshakes: SourceBuckets,
 }
 
 impl<H> Default for Router<H> {
@@ -236,7 +241,6 @@ impl<H> Default for Router<H> {
             by_tunnel: HashMap::new(),
             ended: EndedSessions::default(),
             hints: HintBudget::default(),
-            handshakes: SourceBuckets::new((4, 8)),
         }
     }
 }
@@ -303,17 +307,6 @@ impl<H> Router<H> {
     /// Whether session `id` is live.
     pub fn contains(&self, id: SessionId) -> bool {
         self.sessions.contains_key(&id)
-    }
-
-    /// Whether a handshake initiation from `source` may go on to the responder, within
-    /// [`HandshakeLimits`].
-    pub fn admit_handshake(&mut self, source: IpAddr, now: Instant) -> bool {
-        self.handshakes.take(
-            source,
-            now,
-            HandshakeLimits::PER_SECOND,
-            HandshakeLimits::BURST,
-        )
     }
 
     /// Publishes session `id`'s binding (its driver calls this whenever it changed).
