@@ -293,6 +293,151 @@ pub fn watch_leaks(links: &[String], transport_port: u16, duration: Duration) ->
     Ok(())
 }
 
+/// What an attacker floods a gateway with ([`flood`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloodKind {
+    /// Initiation-shaped packets whose mac1 is wrong (random bytes).
+    JunkInit,
+    /// Initiations with a right mac1 (the gateway's public key is public) but Noise
+    /// messages that never complete: each would cost a Diffie-Hellman.
+    Init,
+    /// Session packets of sessions that do not exist (each asks for a hint).
+    UnknownSession,
+    /// Session packets carrying a live session's id (read off the wire) and garbage.
+    SessionGarbage,
+}
+
+/// What a flood needs to know.
+#[derive(Debug, Clone)]
+pub struct Flood {
+    /// What to send.
+    pub kind: FloodKind,
+    /// The gateway.
+    pub to: SocketAddr,
+    /// The first source address; `sources` consecutive IPv4 addresses from it are used
+    /// in turn (they must be the sender's own).
+    pub from: SocketAddr,
+    /// How many source addresses.
+    pub sources: u32,
+    /// The gateway's public key (for [`FloodKind::Init`]).
+    pub gateway: Option<jvpn_core::crypto::PublicKey>,
+    /// The live session's id (for [`FloodKind::SessionGarbage`]).
+    pub session: Option<u64>,
+    /// How long.
+    pub duration: Duration,
+    /// At most this many packets.
+    pub max_packets: u64,
+    /// At most this many packets per second (0: as fast as one thread can).
+    pub pps: u64,
+}
+
+/// Sends `flood` as fast as one thread can, for its duration or packet count, whichever
+/// ends first; counts the answers that come back to the sources. Prints one JSON line:
+/// packets sent, seconds, packets per second, replies and their bytes.
+pub fn flood(flood: &Flood) -> Result<()> {
+    use jvpn_core::wire::{self, PacketType, SessionHeader, HEADER_LEN, NOISE_INIT_LEN};
+    if flood.sources == 0 || flood.sources > 1_024 {
+        bail!("--sources {}: 1 to 1024", flood.sources);
+    }
+    let std::net::IpAddr::V4(first) = flood.from.ip() else {
+        bail!("--from must be an IPv4 address");
+    };
+    let mut sockets = Vec::new();
+    for i in 0..flood.sources {
+        let ip = std::net::Ipv4Addr::from(u32::from(first).wrapping_add(i));
+        let addr = SocketAddr::from((ip, flood.from.port()));
+        let socket =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind {addr}"))?;
+        socket.set_nonblocking(true)?;
+        sockets.push(socket);
+    }
+    let mut random = vec![0u8; 64 * 1024];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no random source: {e}"))?;
+    let templates: Vec<Vec<u8>> = (0..64)
+        .map(|i| {
+            let noise = &random[i * 256..i * 256 + NOISE_INIT_LEN];
+            match flood.kind {
+                FloodKind::JunkInit => {
+                    let mut p = vec![PacketType::HandshakeInit as u8, 0, 0, 0];
+                    p.extend_from_slice(&random[i * 256 + 120..i * 256 + 120 + 149]);
+                    Ok(p)
+                }
+                FloodKind::Init => {
+                    let gateway = flood.gateway.context("--gateway-key is needed")?;
+                    let mut p = Vec::new();
+                    let mac_key = jvpn_core::mac::MacKey::for_gateway(&gateway);
+                    wire::encode_initiation(i as u32, noise, &mac_key, None, &mut p);
+                    Ok(p)
+                }
+                FloodKind::UnknownSession | FloodKind::SessionGarbage => {
+                    let session_id = match flood.kind {
+                        FloodKind::SessionGarbage => {
+                            flood.session.context("--session-id is needed")?
+                        }
+                        _ => {
+                            u64::from_be_bytes(
+                                random[i * 256..i * 256 + 8].try_into().unwrap_or([1; 8]),
+                            ) | 1
+                        }
+                    };
+                    let header = SessionHeader {
+                        ptype: PacketType::Data,
+                        key_epoch: 0,
+                        session_id: jvpn_core::ids::SessionId(session_id),
+                        counter: i as u64,
+                    };
+                    let mut p = header.encode().to_vec();
+                    p.extend_from_slice(&random[i * 256 + HEADER_LEN..i * 256 + 200]);
+                    Ok(p)
+                }
+            }
+        })
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    let (mut sent, mut replies, mut reply_bytes) = (0u64, 0u64, 0u64);
+    let mut buf = [0u8; 2048];
+    let mut drain = |sockets: &[std::net::UdpSocket], replies: &mut u64, bytes: &mut u64| {
+        for s in sockets {
+            while let Ok(n) = s.recv(&mut buf) {
+                *replies += 1;
+                *bytes += n as u64;
+            }
+        }
+    };
+    while sent < flood.max_packets && started.elapsed() < flood.duration {
+        let socket = &sockets[(sent % sockets.len() as u64) as usize];
+        let packet = &templates[(sent % templates.len() as u64) as usize];
+        match socket.send_to(packet, flood.to) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("send"),
+        }
+        if sent % 256 == 0 {
+            drain(&sockets, &mut replies, &mut reply_bytes);
+        }
+        if flood.pps > 0 && sent % 64 == 0 {
+            let due = Duration::from_secs_f64(sent as f64 / flood.pps as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead.min(Duration::from_millis(5)));
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    drain(&sockets, &mut replies, &mut reply_bytes);
+    println!(
+        "{}",
+        serde_json::json!({
+            "sent": sent,
+            "seconds": seconds,
+            "pps": sent as f64 / seconds.max(1e-9),
+            "replies": replies,
+            "reply_bytes": reply_bytes,
+        })
+    );
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -145,6 +145,32 @@ enum LabCommand {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
+    /// Flood a gateway as an attacker would (bounded in time and count); print a JSON
+    /// count of what was sent and what came back.
+    Flood {
+        #[arg(long, value_enum)]
+        kind: lab::FloodKind,
+        #[arg(long)]
+        to: SocketAddr,
+        /// The first source address (port 0 for any).
+        #[arg(long)]
+        from: SocketAddr,
+        /// Consecutive source addresses to use in turn (the sender's own).
+        #[arg(long, default_value_t = 1)]
+        sources: u32,
+        #[arg(long)]
+        gateway_key: Option<String>,
+        /// The live session's id (16 hex digits).
+        #[arg(long)]
+        session_id: Option<String>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=120))]
+        seconds: u64,
+        #[arg(long, default_value_t = 50_000_000)]
+        max_packets: u64,
+        /// Packets per second at most (0: as fast as one thread can).
+        #[arg(long, default_value_t = 0)]
+        pps: u64,
+    },
     /// Watch interfaces for packets that went around the tunnel; print a JSON count.
     WatchLeaks {
         /// The interfaces to watch (comma-separated).
@@ -282,6 +308,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
         }) => {
             lab::capture(port, first_byte, Duration::from_secs(timeout))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Flood {
+            kind,
+            to,
+            from,
+            sources,
+            gateway_key,
+            session_id,
+            seconds,
+            max_packets,
+            pps,
+        }) => {
+            let gateway = match gateway_key {
+                Some(k) => Some(
+                    k.trim()
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--gateway-key: not a public key"))?,
+                ),
+                None => None,
+            };
+            let session = match session_id {
+                Some(id) => Some(
+                    u64::from_str_radix(&id, 16)
+                        .map_err(|_| anyhow::anyhow!("--session-id: 16 hex digits"))?,
+                ),
+                None => None,
+            };
+            lab::flood(&lab::Flood {
+                kind,
+                to,
+                from,
+                sources,
+                gateway,
+                session,
+                duration: Duration::from_secs(seconds),
+                max_packets,
+                pps,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::WatchLeaks {

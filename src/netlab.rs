@@ -42,6 +42,15 @@ pub const GATEWAY_INSIDE: &str = "10.202.0.1";
 pub const GATEWAY_TUNNEL: &str = "10.77.0.1";
 /// The client's tunnel address.
 pub const CLIENT_TUNNEL: &str = "10.77.0.2";
+/// The gateway's address towards the attacker's network (10.203.0.0/16, see
+/// [`Lab::add_attacker`]).
+pub const GATEWAY_X: &str = "10.203.0.1";
+/// A bystander's address on the attacker's network, which the attacker writes as the
+/// source of its packets (spoofing), so that the replies go to the bystander.
+pub const BYSTANDER: &str = "10.203.0.3";
+/// The first of the attacker's own source addresses.
+pub const ATTACKER_FIRST: &str = "10.203.1.0";
+
 /// The IPv6 addresses of the same ends (every link is dual stack), in the order
 /// client A, gateway A, client B, gateway B, gateway inside, server.
 const IPV6_LINKS: [&str; 6] = [
@@ -255,6 +264,47 @@ impl Lab {
             GATEWAY_INSIDE,
         ])?;
         ip(&["-n", &s, "route", "add", "fd77::/64", "via", IPV6_LINKS[4]])?;
+        Ok(())
+    }
+
+    /// Adds an attacker: namespace "x", linked to the gateway on 10.203.0.0/16, owning
+    /// `sources` consecutive addresses from [`ATTACKER_FIRST`] and the bystander's
+    /// address [`BYSTANDER`] (replies to that address are what a spoofed bystander would
+    /// receive). The gateway reaches it directly; the attacker reaches the gateway's
+    /// path addresses through it.
+    pub fn add_attacker(&mut self, sources: u32) -> Result<()> {
+        if sources == 0 || sources > 1_024 {
+            bail!("attacker sources: 1 to 1024");
+        }
+        let (x, g) = (self.ns("x"), self.ns("g"));
+        let _ = ip(&["netns", "del", &x]);
+        ip(&["netns", "add", &x])?;
+        self.namespaces.push(x.clone());
+        ip(&["-n", &x, "link", "set", "lo", "up"])?;
+        let (gx, xg) = (format!("jv{}gx", self.tag), format!("jv{}xg", self.tag));
+        ip(&[
+            "link", "add", &gx, "netns", &g, "type", "veth", "peer", "name", &xg, "netns", &x,
+        ])?;
+        ip(&[
+            "-n",
+            &g,
+            "addr",
+            "add",
+            &format!("{GATEWAY_X}/16"),
+            "dev",
+            &gx,
+        ])?;
+        let mut batch = format!("addr add {BYSTANDER}/16 dev {xg}\n");
+        let first: std::net::Ipv4Addr = ATTACKER_FIRST.parse()?;
+        for i in 0..sources {
+            let a = std::net::Ipv4Addr::from(u32::from(first) + i);
+            batch.push_str(&format!("addr add {a}/16 dev {xg}\n"));
+        }
+        let file = self.write("attacker.batch", &batch)?.display().to_string();
+        ip(&["-n", &x, "-batch", &file])?;
+        ip(&["-n", &g, "link", "set", &gx, "up"])?;
+        ip(&["-n", &x, "link", "set", &xg, "up"])?;
+        ip(&["-n", &x, "route", "add", "10.201.0.0/16", "via", GATEWAY_X])?;
         Ok(())
     }
 
@@ -643,7 +693,7 @@ impl Lab {
     /// Namespaces of this lab that still exist (none after teardown).
     pub fn leftovers(tag: &str) -> Vec<String> {
         let out = Command::new("ip").args(["netns", "list"]).output();
-        let ours: Vec<String> = ["c", "g", "s"]
+        let ours: Vec<String> = ["c", "g", "s", "x"]
             .iter()
             .map(|r| format!("jv{tag}{r}"))
             .collect();
@@ -734,6 +784,10 @@ pub struct PingGap {
     pub received: u32,
     /// The longest run of lost replies, as time (missing × interval + interval).
     pub longest_gap: Duration,
+    /// The replies' mean round-trip time, milliseconds (0 without replies).
+    pub rtt_avg_ms: f64,
+    /// Their 99th-percentile round-trip time, milliseconds.
+    pub rtt_p99_ms: f64,
 }
 
 /// Reads `ping -n` output (interval `interval`): which sequence numbers came back, and the
@@ -757,10 +811,31 @@ pub fn ping_gap(output: &str, sent: u32, interval: Duration) -> PingGap {
         previous = *s;
     }
     longest = longest.max(sent.saturating_sub(previous));
+    let mut rtts: Vec<f64> = output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("time="))
+                .and_then(|t| t.parse().ok())
+        })
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    let rtt_avg_ms = if rtts.is_empty() {
+        0.0
+    } else {
+        rtts.iter().sum::<f64>() / rtts.len() as f64
+    };
+    let rtt_p99_ms = rtts
+        .get((rtts.len() * 99 / 100).min(rtts.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0);
     PingGap {
         sent,
         received: seqs.len() as u32,
         longest_gap: interval * (longest + 1),
+        rtt_avg_ms,
+        rtt_p99_ms,
     }
 }
 

@@ -1215,3 +1215,229 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// How long each flood of [`floods_leave_the_live_session_and_new_clients_served`] lasts:
+/// `JVPN_ATTACK_SECONDS` (bench/attack sets it for the figures), else 3.
+fn attack_seconds() -> u64 {
+    std::env::var("JVPN_ATTACK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (1..=60).contains(s))
+        .unwrap_or(3)
+}
+
+/// The floods' rate bound, packets per second: `JVPN_ATTACK_PPS` (0: as fast as one
+/// thread sends; bench/attack), else 20 000, a rate an unoptimized test build of the
+/// gateway absorbs (the behaviour is the same; the figures come from the release build).
+fn attack_pps() -> String {
+    std::env::var("JVPN_ATTACK_PPS")
+        .ok()
+        .filter(|s| s.parse::<u64>().is_ok())
+        .unwrap_or_else(|| "20000".into())
+}
+
+/// The gateway's metrics page.
+fn gateway_metrics(lab: &Lab) -> String {
+    let bin = env!("CARGO_BIN_EXE_jvpn");
+    lab.exec_ok(
+        &lab.ns("g"),
+        &[bin, "lab", "fetch", "--addr", "127.0.0.1:9477"],
+    )
+    .expect("metrics page")
+}
+
+/// The sum of the series on `page` whose rendering starts with `series`.
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Starts a flood from the attacker's namespace (see `jvpn lab flood`), bounded by
+/// `seconds`; its report comes from [`flood_report`].
+fn start_flood(lab: &mut Lab, kind: &str, from: &str, sources: u32, extra: &[&str], seconds: u64) {
+    let x = lab.ns("x");
+    let to = format!("{}:{}", netlab::GATEWAY_A, netlab::PORT);
+    let from = format!("{from}:0");
+    let (sources, seconds, pps) = (sources.to_string(), seconds.to_string(), attack_pps());
+    let mut args = vec![
+        "lab",
+        "flood",
+        "--pps",
+        &pps,
+        "--kind",
+        kind,
+        "--to",
+        &to,
+        "--from",
+        &from,
+        "--sources",
+        &sources,
+        "--seconds",
+        &seconds,
+    ];
+    args.extend_from_slice(extra);
+    lab.spawn_jvpn("flood", &x, &args).expect("flood");
+}
+
+fn flood_report(lab: &mut Lab) -> Value {
+    assert_eq!(
+        lab.wait("flood", Duration::from_secs(120)),
+        Some(0),
+        "flood: {:?}",
+        lab.output_of("flood")
+    );
+    serde_json::from_str(lab.output_of("flood").0.trim()).expect("flood report")
+}
+
+/// Pings the server through the tunnel every 20 ms for `seconds`; the gap and loss.
+fn ping_through(lab: &mut Lab, seconds: u64) -> netlab::PingGap {
+    let count = (seconds * 50).to_string();
+    let out = lab
+        .exec(
+            &lab.ns("c"),
+            &["ping", "-n", "-i", "0.02", "-c", &count, "-W", "1", SERVER],
+        )
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    netlab::ping_gap(&text, (seconds * 50) as u32, Duration::from_millis(20))
+}
+
+/// An attacker next to the gateway floods it four ways, each for a few seconds, while
+/// the live session pings through the tunnel: junk initiations (no Diffie-Hellman is
+/// done for them), initiations with a right mac1 from 200 addresses (answered with
+/// cookies under load, while a client restarting then still attaches), session packets
+/// of unknown sessions with a bystander's address as source (the bystander gets no more
+/// than the hints' bound), and garbage carrying the live session's id. The figures (loss,
+/// RTT, attach time) come from bench/attack, which runs this with longer floods.
+#[test]
+fn floods_leave_the_live_session_and_new_clients_served() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e16") else { return };
+    lab.add_attacker(200).expect("attacker");
+    let seconds = attack_seconds();
+    connect(&mut lab, FAST_POLICY, "exit");
+    let gw_key = lab.gateway_key.public().to_string();
+    let figure = |name: &str, report: &Value, ping: &netlab::PingGap| {
+        eprintln!(
+            "ATTACK {name}: flood {} packets at {:.0}/s, {} replies to the sources; session ping {}/{} replies, longest gap {} ms, rtt avg {:.2} ms p99 {:.2} ms",
+            report["sent"], report["pps"].as_f64().unwrap_or(0.0), report["replies"],
+            ping.received, ping.sent, ping.longest_gap.as_millis(), ping.rtt_avg_ms, ping.rtt_p99_ms
+        );
+    };
+
+    // 1. Junk initiations: refused by mac1, no Diffie-Hellman.
+    start_flood(
+        &mut lab,
+        "junk-init",
+        netlab::ATTACKER_FIRST,
+        200,
+        &[],
+        seconds,
+    );
+    let ping = ping_through(&mut lab, seconds);
+    let report = flood_report(&mut lab);
+    figure("junk initiations", &report, &ping);
+    let page = gateway_metrics(&lab);
+    assert!(
+        metric(
+            &page,
+            "jvpn_packets_dropped_total{reason=\"handshake_mac\"}"
+        ) > 0.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "jvpn_handshakes_total{result=\"failed\""),
+        0.0,
+        "no Diffie-Hellman for junk"
+    );
+    assert!(
+        ping.received * 10 >= ping.sent * 9,
+        "the session kept flowing"
+    );
+
+    // 2. Initiations with a right mac1 from 200 addresses; a client restarting meanwhile.
+    start_flood(
+        &mut lab,
+        "init",
+        netlab::ATTACKER_FIRST,
+        200,
+        &["--gateway-key", &gw_key],
+        seconds + 4,
+    );
+    let ping = ping_through(&mut lab, seconds);
+    lab.stop("client", Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    let id = lab
+        .start_client("exit", FAST_POLICY)
+        .expect("a client attaches during the flood");
+    let attach = started.elapsed();
+    let report = flood_report(&mut lab);
+    figure("initiations with a right mac1", &report, &ping);
+    eprintln!(
+        "ATTACK a client restarted during the initiation flood attached in {} ms",
+        attach.as_millis()
+    );
+    let page = gateway_metrics(&lab);
+    let cookies = metric(
+        &page,
+        "jvpn_packets_dropped_total{reason=\"handshake_cookie\"}",
+    );
+    let dh = metric(&page, "jvpn_handshakes_total");
+    eprintln!("ATTACK under the initiation flood: {cookies} cookie replies, {dh} Diffie-Hellmans");
+    assert!(
+        cookies > 0.0,
+        "under load the gateway answers with cookies: {page}"
+    );
+    assert!(
+        ping.received * 10 >= ping.sent * 9,
+        "the session kept flowing"
+    );
+
+    // 3. Unknown sessions, spoofed as the bystander: its replies stay within the bound.
+    start_flood(
+        &mut lab,
+        "unknown-session",
+        netlab::BYSTANDER,
+        1,
+        &[],
+        seconds,
+    );
+    let ping = ping_through(&mut lab, seconds);
+    let report = flood_report(&mut lab);
+    figure("unknown sessions from a spoofed bystander", &report, &ping);
+    let bound = u64::from(jvpn_core::gateway::HintLimits::PER_PREFIX_BURST)
+        + u64::from(jvpn_core::gateway::HintLimits::PER_PREFIX_PER_SECOND)
+            * (report["seconds"].as_f64().unwrap_or(0.0).ceil() as u64 + 1);
+    assert!(
+        report["replies"].as_u64().unwrap_or(u64::MAX) <= bound,
+        "{report} > {bound}"
+    );
+    assert!(
+        ping.received * 10 >= ping.sent * 9,
+        "the session kept flowing"
+    );
+
+    // 4. Garbage with the live session's id.
+    start_flood(
+        &mut lab,
+        "session-garbage",
+        netlab::ATTACKER_FIRST,
+        200,
+        &["--session-id", &id],
+        seconds,
+    );
+    let ping = ping_through(&mut lab, seconds);
+    let report = flood_report(&mut lab);
+    figure("garbage with the live session's id", &report, &ping);
+    assert!(
+        ping.received * 10 >= ping.sent * 9,
+        "the session kept flowing"
+    );
+    assert_eq!(
+        lab.status("client").expect("status")["session_id"].as_str(),
+        Some(id.as_str())
+    );
+    finish(lab);
+}

@@ -529,7 +529,7 @@ impl GatewayRouter {
     /// without a valid cookie are answered with a cookie reply instead.
     fn handshakes(&self, via: &TransportHandle, initiations: Vec<(SocketAddr, BytesMut)>) {
         let now = Instant::now();
-        let under_load = self.waiting.load(Ordering::Relaxed) >= self.load_threshold;
+        let backlog = self.waiting.load(Ordering::Relaxed) >= self.load_threshold;
         let mut admitted = Vec::new();
         {
             let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
@@ -540,7 +540,7 @@ impl GatewayRouter {
                 else {
                     continue;
                 };
-                match gate.judge(from, sender_index, &macs, under_load, now) {
+                match gate.judge(from, sender_index, &macs, backlog, now) {
                     Verdict::Admit => admitted.push((from, datagram)),
                     Verdict::Cookie(reply) => {
                         telemetry::dropped(CoreDrop::HandshakeCookie.as_str());

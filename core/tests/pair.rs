@@ -1205,7 +1205,7 @@ fn initiations_failing_the_cheap_checks_never_reach_a_diffie_hellman() {
 #[test]
 fn under_load_the_gateway_answers_cookies_and_a_real_client_still_attaches() {
     let mut w = World::new(Policy::default());
-    w.gw.set_under_load(true);
+    w.gw.set_backlog(true);
     let now = w.now;
     let init = w
         .client
@@ -1250,7 +1250,7 @@ fn under_load_the_gateway_answers_cookies_and_a_real_client_still_attaches() {
     assert_eq!(w.client.state(), State::Attached);
     // A cookie reply not for our initiation, or forged, is ignored.
     let mut w2 = World::new(Policy::default());
-    w2.gw.set_under_load(true);
+    w2.gw.set_backlog(true);
     let now = w2.now;
     let first = w2
         .client

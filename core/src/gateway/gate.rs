@@ -17,6 +17,11 @@ use super::Drop;
 /// (the current secret and the one before), as WireGuard's two minutes.
 pub const COOKIE_ROTATION: Duration = Duration::from_secs(120);
 
+/// How long the gate stays under load after the last backlog it was told of (as
+/// WireGuard's one second): a flood that lets the queue drain now and then must not get
+/// a Diffie-Hellman each time it does.
+pub const UNDER_LOAD_FOR: Duration = Duration::from_secs(1);
+
 /// What becomes of an initiation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -35,6 +40,13 @@ pub struct HandshakeGate {
     secret: [u8; 32],
     previous: Option<[u8; 32]>,
     rotated_at: Option<Instant>,
+    /// Under load until then.
+    under_load_until: Option<Instant>,
+    /// Cookie reply nonces: a random prefix, drawn again whenever the counter wraps,
+    /// and a counter — unique without a system call per reply (the key is the same
+    /// across restarts, so a counter alone would repeat).
+    nonce_prefix: Option<[u8; 8]>,
+    nonce_counter: u32,
     /// Diffie-Hellmans per source (proven sources only, under load).
     handshakes: SourceBuckets,
     /// Cookie replies per source: a flood with spoofed sources makes the gateway send
@@ -57,6 +69,9 @@ impl HandshakeGate {
             secret: [0; 32],
             previous: None,
             rotated_at: None,
+            under_load_until: None,
+            nonce_prefix: None,
+            nonce_counter: 0,
             handshakes: SourceBuckets::new((4, 8)),
             cookies: SourceBuckets::new((4, 8)),
         }
@@ -68,28 +83,32 @@ impl HandshakeGate {
     }
 
     /// Judges an initiation from `from` whose sender index and MACs are given.
-    /// `under_load`: the runtime's handshake work is backing up (its queue past a
-    /// threshold), so that only proven source addresses get a Diffie-Hellman.
+    /// `backlog`: the runtime's handshake work is backing up (its queue past a
+    /// threshold); from then until [`UNDER_LOAD_FOR`] after the last backlog, only
+    /// proven source addresses get a Diffie-Hellman.
     pub fn judge(
         &mut self,
         from: SocketAddr,
         sender_index: u32,
         macs: &InitMacs<'_>,
-        under_load: bool,
+        backlog: bool,
         now: Instant,
     ) -> Verdict {
         if !self.mac_key.verify(macs.mac1_covered, macs.mac1) {
             return Verdict::Refuse(Drop::HandshakeMac);
         }
+        if backlog {
+            self.under_load_until = Some(now + UNDER_LOAD_FOR);
+        }
+        let under_load = self.under_load_until.is_some_and(|until| now < until);
         let (per_second, burst) = (HandshakeLimits::PER_SECOND, HandshakeLimits::BURST);
         if under_load && !self.proven(from, macs, now) {
             if !self.cookies.take(from.ip(), now, per_second, burst) {
                 return Verdict::Refuse(Drop::HandshakeRate);
             }
-            let mut nonce = [0u8; COOKIE_NONCE_LEN];
-            if getrandom::fill(&mut nonce).is_err() {
+            let Some(nonce) = self.next_nonce() else {
                 return Verdict::Refuse(Drop::HandshakeRate);
-            }
+            };
             let cookie = cookie_of(&self.secret, from);
             let sealed = self.cookie_key.seal(&cookie, macs.mac1, nonce);
             return Verdict::Cookie(encode_cookie_reply(sender_index, nonce, &sealed));
@@ -98,6 +117,22 @@ impl HandshakeGate {
             return Verdict::Refuse(Drop::HandshakeRate);
         }
         Verdict::Admit
+    }
+
+    /// The next cookie reply nonce; `None` without the OS's random source.
+    fn next_nonce(&mut self) -> Option<[u8; COOKIE_NONCE_LEN]> {
+        if self.nonce_prefix.is_none() || self.nonce_counter == u32::MAX {
+            let mut prefix = [0u8; 8];
+            getrandom::fill(&mut prefix).ok()?;
+            self.nonce_prefix = Some(prefix);
+            self.nonce_counter = 0;
+        }
+        let prefix = self.nonce_prefix?;
+        self.nonce_counter += 1;
+        let mut nonce = [0u8; COOKIE_NONCE_LEN];
+        nonce[..8].copy_from_slice(&prefix);
+        nonce[8..].copy_from_slice(&self.nonce_counter.to_be_bytes());
+        Some(nonce)
     }
 
     /// Whether the initiation's mac2 is keyed by a cookie of the current or the previous
@@ -230,6 +265,28 @@ mod tests {
             judge(&mut gate, here, &wrong, false, t0),
             Verdict::Refuse(Drop::HandshakeMac)
         );
+    }
+
+    /// Load lingers: for a second after the last backlog, initiations without a cookie
+    /// still get one; then the gate admits them again.
+    #[test]
+    fn under_load_lasts_a_second_past_the_last_backlog() {
+        let gw = PublicKey([5; 32]);
+        let mut gate = HandshakeGate::new(&gw);
+        let t0 = Instant::now();
+        let here: SocketAddr = "10.1.1.2:4000".parse().expect("addr");
+        let plain = initiation(&gw, 1, None);
+        assert!(matches!(
+            judge(&mut gate, here, &plain, true, t0),
+            Verdict::Cookie(_)
+        ));
+        let soon = t0 + UNDER_LOAD_FOR - Duration::from_millis(1);
+        assert!(matches!(
+            judge(&mut gate, here, &plain, false, soon),
+            Verdict::Cookie(_)
+        ));
+        let after = t0 + UNDER_LOAD_FOR;
+        assert_eq!(judge(&mut gate, here, &plain, false, after), Verdict::Admit);
     }
 
     /// Cookie replies to one address are bounded like handshakes: a spoofed flood gets

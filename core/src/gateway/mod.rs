@@ -31,7 +31,7 @@ use crate::store::SessionStore;
 use crate::wire::{self, Datagram, TunnelAddrs};
 
 pub use ended::{EndedSessions, ENDED_SESSIONS_KEPT};
-pub use gate::{HandshakeGate, Verdict, COOKIE_ROTATION};
+pub use gate::{HandshakeGate, Verdict, COOKIE_ROTATION, UNDER_LOAD_FOR};
 pub use responder::{Accepted, Responder};
 pub use router::{
     HandshakeLimits, HintLimits, OffBindingLimits, Registration, Route, Router, Unknown,
@@ -181,7 +181,7 @@ const GATEWAY_EVENTS_KEPT: usize = 4_096;
 pub struct Gateway {
     responder: Responder,
     gate: HandshakeGate,
-    under_load: bool,
+    backlog: bool,
     clock: WallClock,
     router: Router<GatewaySession>,
     drops: HashMap<Drop, u64>,
@@ -198,7 +198,7 @@ impl Gateway {
     pub fn new(config: GatewayConfig, store: Arc<dyn SessionStore>, clock: WallClock) -> Self {
         Gateway {
             gate: HandshakeGate::new(&config.keypair.public()),
-            under_load: false,
+            backlog: false,
             responder: Responder::new(config, store),
             clock,
             router: Router::default(),
@@ -210,11 +210,12 @@ impl Gateway {
         }
     }
 
-    /// Says whether handshake work is backing up: while it is, only initiations with a
-    /// valid cookie get a Diffie-Hellman ([`HandshakeGate`]). The single-threaded driver
-    /// decides by its own measure; the actor runtime by its handshake queue.
-    pub fn set_under_load(&mut self, under_load: bool) {
-        self.under_load = under_load;
+    /// Says whether handshake work is backing up: while it is, and for
+    /// [`UNDER_LOAD_FOR`] after, only initiations with a valid cookie get a
+    /// Diffie-Hellman ([`HandshakeGate`]). The single-threaded driver decides by its own
+    /// measure; the actor runtime by its handshake queue.
+    pub fn set_backlog(&mut self, backlog: bool) {
+        self.backlog = backlog;
     }
 
     /// The gateway's public key.
@@ -259,7 +260,7 @@ impl Gateway {
                 // source's budget.
                 match self
                     .gate
-                    .judge(from.addr, sender_index, &macs, self.under_load, now)
+                    .judge(from.addr, sender_index, &macs, self.backlog, now)
                 {
                     Verdict::Admit => self.accept(
                         from,
