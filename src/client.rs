@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use jvpn_actors::agent::{
-    AgentStatus, Candidate, ClientAgent, Describe, EndSession, OnSessionEnd, Shutdown, UseDevice,
+    AgentStatus, Candidate, CandidatePath, ClientAgent, Describe, EndSession, OnSessionEnd,
+    Shutdown, UseDevice,
 };
+use jvpn_actors::conn::ConnCandidate;
 use jvpn_actors::runtime::Reporter;
 use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::client::{Client, ClientConfig};
@@ -24,6 +26,9 @@ use crate::config::{CandidateSetup, ClientSetup, OnEnd, IPV6_MIN_MTU};
 use crate::netconf::Changes;
 use crate::service;
 use crate::views;
+
+/// How long one QUIC or TCP connection attempt may take.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// The agent's mailbox capacity.
 const AGENT_MAILBOX: usize = 1024;
@@ -60,18 +65,31 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     let fwmark = setup.full_tunnel.then_some(setup.fwmark);
     let mut candidates = Vec::new();
     for (i, c) in setup.candidates.iter().enumerate() {
+        let path = match (c.protocol, setup.gateway_tls_pin) {
+            (Protocol::Udp, _) => CandidatePath::Udp(socket_for(c, fwmark)?),
+            (protocol, Some(pin)) => CandidatePath::Conn(ConnCandidate {
+                protocol,
+                gateway: c.endpoint,
+                bind: c.bind,
+                fwmark,
+                pin,
+                connect_timeout: CONNECT_ATTEMPT,
+            }),
+            (_, None) => anyhow::bail!("candidate {}: gateway_tls_pin is missing", i + 1),
+        };
         candidates.push(Candidate {
             id: TransportId(i as u32 + 1),
-            socket: socket_for(c, fwmark)?,
+            path,
             gateway: c.endpoint,
         });
     }
     let policy = Arc::new(setup.policy.clone());
     let transports = candidates
         .iter()
-        .map(|c| TransportRef {
+        .zip(&setup.candidates)
+        .map(|(c, setup)| TransportRef {
             id: c.id,
-            protocol: Protocol::Udp,
+            protocol: setup.protocol,
         })
         .collect();
     let client = Client::new(
@@ -198,7 +216,7 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
         .map(|(_, a)| a.downgrade())
         .collect();
     drop(handles.transports);
-    while transports.iter().any(|t| t.upgrade().is_some()) && Instant::now() < deadline {
+    while transports.iter().any(|alive| alive()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(admin_socket);

@@ -11,8 +11,10 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use jvpn_actors::tls::TlsPin;
 use jvpn_core::crypto::{Keypair, PublicKey};
 use jvpn_core::gateway::AuthorizedClient;
+use jvpn_core::ids::Protocol;
 use jvpn_core::policy::{Policy, PolicyConfig};
 use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 use serde::{Deserialize, Serialize};
@@ -172,6 +174,7 @@ struct ClientFile {
     private_key: Option<String>,
     private_key_file: Option<PathBuf>,
     gateway_public_key: String,
+    gateway_tls_pin: Option<String>,
     on_session_end: String,
     #[serde(default)]
     candidates: Vec<CandidateEntry>,
@@ -189,8 +192,8 @@ pub struct GatewaySetup {
     pub node_id: String,
     /// The static key pair.
     pub keypair: Keypair,
-    /// UDP listen addresses.
-    pub listen: Vec<SocketAddr>,
+    /// Listen addresses, each with its transport kind.
+    pub listen: Vec<(Protocol, SocketAddr)>,
     /// Most sessions at once.
     pub session_capacity: usize,
     /// The TUN device.
@@ -234,6 +237,8 @@ pub enum OnEnd {
 /// One candidate path to the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CandidateSetup {
+    /// The transport kind.
+    pub protocol: Protocol,
     /// The gateway's address on this path.
     pub endpoint: SocketAddr,
     /// The local address to send from (a path is chosen by it), if set.
@@ -246,6 +251,9 @@ pub struct ClientSetup {
     pub keypair: Keypair,
     /// The gateway's pinned public key.
     pub gateway: PublicKey,
+    /// The gateway's TLS certificate pin (QUIC and TCP candidates), as `jvpn tls-pin`
+    /// prints it.
+    pub gateway_tls_pin: Option<TlsPin>,
     /// On session end.
     pub on_end: OnEnd,
     /// The candidate paths, in preference order.
@@ -385,6 +393,7 @@ const CLIENT_KEYS: &[&str] = &[
     "private_key",
     "private_key_file",
     "gateway_public_key",
+    "gateway_tls_pin",
     "on_session_end",
     "candidates",
     "tunnel",
@@ -437,21 +446,21 @@ pub fn load_gateway(
             ),
         ));
     }
+    let policy = policy(file, raw.policy)?;
     let mut listen = Vec::new();
     for (i, a) in raw.listen.iter().enumerate() {
-        let addr: SocketAddr = a.parse().map_err(|_| {
-            bad(
-                &format!("listen[{i}]"),
-                format!("{a:?} is not an address (\"IP:PORT\", e.g. \"0.0.0.0:51820\")"),
-            )
-        })?;
-        if listen.contains(&addr) {
+        let key = format!("listen[{i}]");
+        let (protocol, addr) = transport_address(a).map_err(|p| bad(&key, p))?;
+        if !policy.allows(protocol) {
             return Err(bad(
-                &format!("listen[{i}]"),
-                format!("{addr} is listed twice"),
+                &key,
+                format!("{protocol} is not in the policy's transport.allowed_protocols"),
             ));
         }
-        listen.push(addr);
+        if listen.contains(&(protocol, addr)) {
+            return Err(bad(&key, format!("{protocol}://{addr} is listed twice")));
+        }
+        listen.push((protocol, addr));
     }
     if !(1..=1_000_000).contains(&raw.session_capacity) {
         return Err(bad(
@@ -550,8 +559,43 @@ pub fn load_gateway(
         metrics: metrics(file, &raw.metrics.listen)?,
         events: events(&raw.events.output),
         clients,
-        policy: policy(file, raw.policy)?,
+        policy,
     })
+}
+
+/// Parses a transport address: `udp://HOST:PORT`, `quic://HOST:PORT`,
+/// `tcp://HOST:PORT`, or a bare `HOST:PORT` (UDP). A HOST that is a name is resolved
+/// now (its first address).
+pub fn transport_address(text: &str) -> Result<(Protocol, SocketAddr), String> {
+    use std::net::ToSocketAddrs;
+    let (protocol, rest) = match text.split_once("://") {
+        None => (Protocol::Udp, text),
+        Some(("udp", rest)) => (Protocol::Udp, rest),
+        Some(("quic", rest)) => (Protocol::Quic, rest),
+        Some(("tcp", rest)) => (Protocol::Tcp, rest),
+        Some((other, _)) => {
+            return Err(format!(
+                "{other:?}: the transports are udp://, quic:// and tcp:// (a bare HOST:PORT is UDP)"
+            ))
+        }
+    };
+    if let Ok(addr) = rest.parse::<SocketAddr>() {
+        return Ok((protocol, addr));
+    }
+    let problem = || {
+        format!("{text:?} is not an address (\"[udp|quic|tcp]://HOST:PORT\", e.g. \"quic://198.51.100.1:443\")")
+    };
+    let (host, port) = rest.rsplit_once(':').ok_or_else(problem)?;
+    let port: u16 = port.parse().map_err(|_| problem())?;
+    if host.is_empty() {
+        return Err(problem());
+    }
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{host:?} cannot be resolved: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} has no address"))?;
+    Ok((protocol, addr))
 }
 
 /// Loads the client configuration at `file` (see [`load_gateway`]).
@@ -599,12 +643,14 @@ pub fn load_client(
     }
     let mut candidates = Vec::new();
     for (i, c) in raw.candidates.iter().enumerate() {
-        let endpoint: SocketAddr = c.endpoint.parse().map_err(|_| {
-            bad(
-                &format!("candidates[{i}].endpoint"),
-                format!("{:?} is not an address (\"IP:PORT\")", c.endpoint),
-            )
-        })?;
+        let key = format!("candidates[{i}].endpoint");
+        let (protocol, endpoint) = transport_address(&c.endpoint).map_err(|p| bad(&key, p))?;
+        if !policy.allows(protocol) {
+            return Err(bad(
+                &key,
+                format!("{protocol} is not in the policy's transport.allowed_protocols"),
+            ));
+        }
         let bind = match &c.bind {
             None => None,
             Some(b) => Some(b.parse::<SocketAddr>().map_err(|_| {
@@ -614,7 +660,11 @@ pub fn load_client(
                 )
             })?),
         };
-        let candidate = CandidateSetup { endpoint, bind };
+        let candidate = CandidateSetup {
+            protocol,
+            endpoint,
+            bind,
+        };
         if candidates.contains(&candidate) {
             return Err(bad(
                 &format!("candidates[{i}]"),
@@ -639,9 +689,25 @@ pub fn load_client(
             ),
         ));
     }
+    let gateway_tls_pin = match raw.gateway_tls_pin.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(pin) => Some(
+            pin.parse::<TlsPin>()
+                .map_err(|e| bad("gateway_tls_pin", e.to_string()))?,
+        ),
+    };
+    if gateway_tls_pin.is_none() {
+        if let Some(i) = candidates.iter().position(|c| c.protocol != Protocol::Udp) {
+            return Err(bad(
+                &format!("candidates[{i}].endpoint"),
+                "a QUIC or TCP candidate needs gateway_tls_pin (the gateway prints it at start; `jvpn tls-pin --config gateway.toml` too)".into(),
+            ));
+        }
+    }
     Ok(ClientSetup {
         keypair,
         gateway,
+        gateway_tls_pin,
         on_end,
         candidates,
         tunnel,

@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use jvpn_actors::conn::ConnListen;
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::Reporter;
 use jvpn_actors::supervisor::{ListSessions, NodeLimits, TerminateSession};
+use jvpn_actors::tls::TlsIdentity;
 use jvpn_actors::transport;
 use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::gateway::GatewayConfig;
 use jvpn_core::ids::NodeId;
+use jvpn_core::ids::Protocol;
 use jvpn_core::store::MemoryStore;
 
 use crate::admin::{self, Answer, Request};
@@ -37,12 +40,27 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     // clients over them, and each client's session runs on the core that reads it.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut listen = Vec::new();
-    for addr in &setup.listen {
-        listen.extend(
-            transport::bind_shared(*addr, cores)
-                .with_context(|| format!("cannot listen on {addr} (config key `listen`)"))?,
-        );
+    let mut connections = Vec::new();
+    for &(protocol, addr) in &setup.listen {
+        match protocol {
+            Protocol::Udp => {
+                listen.extend(transport::bind_shared(addr, cores).with_context(|| {
+                    format!("cannot listen on udp://{addr} (config key `listen`)")
+                })?)
+            }
+            Protocol::Quic | Protocol::Tcp => connections.push(ConnListen { protocol, addr }),
+        }
     }
+    let tls = if connections.is_empty() {
+        None
+    } else {
+        let identity = TlsIdentity::for_gateway(&setup.keypair)?;
+        eprintln!(
+            "jvpn gateway: QUIC and TCP certificate pin {} (the clients' gateway_tls_pin)",
+            identity.pin()
+        );
+        Some((connections, identity))
+    };
     let Some(addresses) = setup.tunnel.address else {
         anyhow::bail!("the gateway's tunnel address is missing (config key `tunnel.address`)");
     };
@@ -93,6 +111,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         },
         store,
         listen,
+        connections: tls,
         device: Arc::new(device),
         reporter,
         limits: NodeLimits::default(),
@@ -126,7 +145,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         setup
             .listen
             .iter()
-            .map(ToString::to_string)
+            .map(|(p, a)| format!("{p}://{a}"))
             .collect::<Vec<_>>()
             .join(" "),
         setup.tunnel.name,

@@ -46,6 +46,13 @@ enum Command {
     Keygen,
     /// Read a private key on standard input and print its public key, like `wg pubkey`.
     Pubkey,
+    /// Print the gateway's QUIC/TCP certificate pin (a client's `gateway_tls_pin`),
+    /// from its configuration's private key.
+    TlsPin {
+        /// The gateway's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate a policy file and print the effective policy, or every problem in it.
     CheckPolicy {
         /// The policy file (TOML).
@@ -416,6 +423,12 @@ fn run_offline(command: Command) -> Result<()> {
                 "standard input is not a private key (44 characters of base64, as `jvpn keygen` prints)",
             )?;
             println!("{}", key.public());
+            Ok(())
+        }
+        Command::TlsPin { config } => {
+            let setup = config::load_gateway(&config, None)?;
+            let identity = jvpn_actors::tls::TlsIdentity::for_gateway(&setup.keypair)?;
+            println!("{}", identity.pin());
             Ok(())
         }
         Command::CheckPolicy { file } => {

@@ -133,9 +133,22 @@ pub struct Lab {
     pub client_routes: String,
     /// The `[forwarding]` keys of the gateway's configuration.
     pub gateway_forwarding: String,
+    /// The gateway's listen addresses (default: UDP on both paths).
+    pub gateway_listen: Vec<String>,
+    /// The client's candidate endpoints, in order (default: UDP on path A, then B).
+    pub client_candidates: Vec<String>,
     /// Which families the tunnel carries: (IPv4, IPv6); (true, false) unless a test
     /// changes it before starting the gateway.
     pub tunnel_families: (bool, bool),
+}
+
+/// A TOML list of strings.
+fn quoted(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn lab_dir(tag: &str) -> PathBuf {
@@ -172,6 +185,8 @@ impl Lab {
             client_key: Keypair::generate()?,
             client_routes: "networks = [\"10.202.0.0/24\"]\n".into(),
             gateway_forwarding: "enable = true\n".into(),
+            gateway_listen: vec![format!("{GATEWAY_A}:{PORT}"), format!("{GATEWAY_B}:{PORT}")],
+            client_candidates: vec![format!("{GATEWAY_A}:{PORT}"), format!("{GATEWAY_B}:{PORT}")],
             tunnel_families: (true, false),
         };
         lab.build()?;
@@ -522,7 +537,7 @@ impl Lab {
     /// `[policy...]` tables, appended at the end) and returns its path.
     pub fn gateway_config(&self, policy: &str) -> Result<PathBuf> {
         let text = format!(
-            "node_id = \"gw-{tag}\"\nprivate_key = \"{key}\"\nlisten = [\"{a}:{PORT}\", \"{b}:{PORT}\"]\n\
+            "node_id = \"gw-{tag}\"\nprivate_key = \"{key}\"\nlisten = [{listen}]\n\
              [tunnel]\nname = \"jv{tag}t\"\naddress = {gateway_tunnel}\n\
              [forwarding]\n{forwarding}\
              [admin]\nsocket = \"{dir}/gw.sock\"\n\
@@ -532,8 +547,7 @@ impl Lab {
              {policy}\n",
             tag = self.tag,
             key = self.gateway_key.private_base64().as_str(),
-            a = GATEWAY_A,
-            b = GATEWAY_B,
+            listen = quoted(&self.gateway_listen),
             dir = self.dir.display(),
             client = self.client_key.public(),
             forwarding = self.gateway_forwarding,
@@ -541,6 +555,32 @@ impl Lab {
             client_tunnel = self.tunnel_list(CLIENT_TUNNEL, CLIENT_TUNNEL6),
         );
         self.write("gateway.toml", &text)
+    }
+
+    /// Drops every packet to or from the gateway's `protocol` ("udp" or "tcp") `port`,
+    /// both ways, at the gateway, as a network that blocks it would.
+    pub fn block(&self, protocol: &str, port: u16) -> Result<()> {
+        let g = self.ns("g");
+        let script = format!(
+            "table inet jvblock{protocol}{port} {{\n chain in {{ type filter hook input priority -10; {protocol} dport {port} drop\n }}\n chain out {{ type filter hook output priority -10; {protocol} sport {port} drop\n }}\n}}\n"
+        );
+        self.nft(&g, &script)
+    }
+
+    /// Removes the rules of [`Lab::block`].
+    pub fn unblock(&self, protocol: &str, port: u16) -> Result<()> {
+        let g = self.ns("g");
+        self.exec_ok(
+            &g,
+            &[
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                &format!("jvblock{protocol}{port}"),
+            ],
+        )
+        .map(|_| ())
     }
 
     /// A TOML list of the tunnel's addresses of the families the lab's tunnel carries.
@@ -558,9 +598,8 @@ impl Lab {
     /// the gateway) and returns its path.
     pub fn client_config(&self, on_end: &str, gateway_key: &str, policy: &str) -> Result<PathBuf> {
         let text = format!(
-            "private_key = \"{key}\"\ngateway_public_key = \"{gateway_key}\"\non_session_end = \"{on_end}\"\n\
-             [[candidates]]\nendpoint = \"{a}:{PORT}\"\n\
-             [[candidates]]\nendpoint = \"{b}:{PORT}\"\n\
+            "private_key = \"{key}\"\ngateway_public_key = \"{gateway_key}\"\ngateway_tls_pin = \"{pin}\"\non_session_end = \"{on_end}\"\n\
+             {candidates}\
              [tunnel]\nname = \"jv{tag}t\"\n\
              [routes]\n{routes}\
              [admin]\nsocket = \"{dir}/client.sock\"\n\
@@ -568,8 +607,12 @@ impl Lab {
              {policy}\n",
             tag = self.tag,
             key = self.client_key.private_base64().as_str(),
-            a = GATEWAY_A,
-            b = GATEWAY_B,
+            pin = jvpn_actors::tls::TlsIdentity::for_gateway(&self.gateway_key)?.pin(),
+            candidates = self
+                .client_candidates
+                .iter()
+                .map(|c| format!("[[candidates]]\nendpoint = \"{c}\"\n"))
+                .collect::<String>(),
             dir = self.dir.display(),
             routes = self.client_routes,
         );

@@ -1441,3 +1441,38 @@ fn floods_leave_the_live_session_and_new_clients_served() {
     );
     finish(lab);
 }
+
+/// The lab's QUIC and TCP ports (UDP stays on netlab::PORT).
+const QUIC_PORT: u16 = 51821;
+const TCP_PORT: u16 = 51822;
+
+/// A gateway and a client given only QUIC, then only TCP, work as a plain VPN of that
+/// kind: ping and a checked transfer through the tunnel.
+#[test]
+fn quic_only_and_tcp_only_are_plain_vpns() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for (tag, kind, port) in [("e17", "quic", QUIC_PORT), ("e18", "tcp", TCP_PORT)] {
+        let Some(mut lab) = lab(tag) else { return };
+        let endpoint = format!("{kind}://{}:{port}", netlab::GATEWAY_A);
+        lab.gateway_listen = vec![endpoint.clone()];
+        lab.client_candidates = vec![endpoint];
+        connect(&mut lab, FAST_POLICY, "exit");
+        let gw = lab.status("gw").expect("gateway status");
+        let bound = gw["sessions"][0]["active_transport"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(bound.starts_with(kind), "{kind}: bound on {bound}");
+        assert_eq!(
+            ping(&lab, "c", SERVER, 3),
+            3,
+            "{kind}: {}",
+            lab.diagnostics()
+        );
+        let mbps = transfer(&mut lab, 8_000_000, None);
+        eprintln!(
+            "TRANSPORT {kind} only: 8 MB client → server, every byte checked, {mbps:.0} Mbit/s"
+        );
+        finish(lab);
+    }
+}

@@ -27,6 +27,7 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::TunnelAddrs;
 use tokio::sync::watch;
 
+use crate::conn::{ConnCandidate, ConnTransport};
 use crate::runtime::{
     offer, ActorKind, Close, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter,
     TransitionNote,
@@ -143,17 +144,65 @@ pub struct AgentView {
 pub struct Candidate {
     /// The id (as in the client configuration's transport list).
     pub id: TransportId,
-    /// A UDP socket connected to `gateway`.
-    pub socket: std::net::UdpSocket,
+    /// How it reaches the gateway.
+    pub path: CandidatePath,
     /// The gateway address this candidate reaches.
     pub gateway: SocketAddr,
+}
+
+/// How a candidate reaches the gateway.
+pub enum CandidatePath {
+    /// A UDP socket connected to the gateway.
+    Udp(std::net::UdpSocket),
+    /// A QUIC or TCP+TLS connection, kept established ([`ConnTransport`]).
+    Conn(ConnCandidate),
+}
+
+/// A candidate's transport actor.
+#[derive(Clone)]
+pub enum TransportActor {
+    /// A UDP socket's reader.
+    Udp(Addr<UdpTransport>),
+    /// A connection's keeper.
+    Conn(Addr<ConnTransport>),
+}
+
+impl TransportActor {
+    /// Asks it to stop: it sends what it holds and ends.
+    pub fn close(&self) {
+        match self {
+            TransportActor::Udp(a) => a.do_send(Close),
+            TransportActor::Conn(a) => a.do_send(Close),
+        }
+    }
+
+    /// Makes it fail, as a bug would (fault injection).
+    pub fn crash(&self) {
+        match self {
+            TransportActor::Udp(a) => a.do_send(Crash),
+            TransportActor::Conn(a) => a.do_send(Crash),
+        }
+    }
+
+    /// Whether it still runs, without keeping it alive: `alive()` of the result.
+    pub fn downgrade(&self) -> impl Fn() -> bool {
+        let weak = match self {
+            TransportActor::Udp(a) => (Some(a.downgrade()), None),
+            TransportActor::Conn(a) => (None, Some(a.downgrade())),
+        };
+        move || match &weak {
+            (Some(w), _) => w.upgrade().is_some(),
+            (_, Some(w)) => w.upgrade().is_some(),
+            _ => false,
+        }
+    }
 }
 
 /// The client agent.
 pub struct ClientAgent {
     client: Client,
     on_end: OnSessionEnd,
-    transports: Vec<(TransportId, SocketAddr, Addr<UdpTransport>, TransportHandle)>,
+    transports: Vec<(TransportId, SocketAddr, TransportActor, TransportHandle)>,
     tun: Option<Addr<TunActor>>,
     device: Option<Arc<dyn TunDevice>>,
     /// Path signals from the agent's own sends, applied after the message that made them.
@@ -220,7 +269,7 @@ pub struct AgentHandles {
     /// Its status, updated after every message.
     pub status: watch::Receiver<AgentStatus>,
     /// The candidate transports' actors, by id (for fault injection and shutdown).
-    pub transports: Vec<(TransportId, Addr<UdpTransport>)>,
+    pub transports: Vec<(TransportId, TransportActor)>,
 }
 
 impl ClientAgent {
@@ -261,26 +310,40 @@ impl ClientAgent {
         let mut ctx = Context::<ClientAgent>::new();
         ctx.set_mailbox_capacity(mailbox);
         let me = ctx.address();
-        let mut prepared = Vec::with_capacity(candidates.len());
-        for Candidate {
-            id,
-            socket,
-            gateway,
-        } in candidates
-        {
-            prepared.push((id, gateway, PreparedUdp::new(socket, 0)?));
+        enum Prepared {
+            Udp(PreparedUdp),
+            Conn(ConnTransport),
         }
-        let mut transports = Vec::with_capacity(prepared.len());
-        let mut actors = Vec::with_capacity(prepared.len());
-        for (id, gateway, transport) in prepared {
-            let handle = transport.handle();
+        let mut prepared = Vec::with_capacity(candidates.len());
+        for Candidate { id, path, gateway } in candidates {
             let deliver: Arc<dyn Deliver> = Arc::new(ToAgent {
                 agent: me.clone(),
                 id,
             });
-            let addr = transport.start(deliver);
-            actors.push((id, addr.clone()));
-            transports.push((id, gateway, addr, handle));
+            let ready = match path {
+                CandidatePath::Udp(socket) => Prepared::Udp(PreparedUdp::new(socket, 0)?),
+                CandidatePath::Conn(c) => Prepared::Conn(
+                    ConnTransport::new(c, Arc::clone(&deliver))
+                        .map_err(|e| std::io::Error::other(e.to_string()))?,
+                ),
+            };
+            prepared.push((id, gateway, ready, deliver));
+        }
+        let mut transports = Vec::with_capacity(prepared.len());
+        let mut actors = Vec::with_capacity(prepared.len());
+        for (id, gateway, ready, deliver) in prepared {
+            let (actor, handle) = match ready {
+                Prepared::Udp(t) => {
+                    let handle = t.handle();
+                    (TransportActor::Udp(t.start(deliver)), handle)
+                }
+                Prepared::Conn(t) => {
+                    let handle = t.handle();
+                    (TransportActor::Conn(t.start()), handle)
+                }
+            };
+            actors.push((id, actor.clone()));
+            transports.push((id, gateway, actor, handle));
         }
         let tun = device.clone().map(|d| start_tun_reader(d, me.clone()));
         let agent = ctx.run(ClientAgent {
@@ -314,7 +377,7 @@ impl ClientAgent {
     fn transport(
         &self,
         id: TransportId,
-    ) -> Option<&(TransportId, SocketAddr, Addr<UdpTransport>, TransportHandle)> {
+    ) -> Option<&(TransportId, SocketAddr, TransportActor, TransportHandle)> {
         self.transports.iter().find(|t| t.0 == id)
     }
 
@@ -352,12 +415,17 @@ impl ClientAgent {
 
     /// Sends a handshake on the next candidate in turn.
     fn connect(&mut self, now: Instant) {
+        self.connect_on(None, now);
+    }
+
+    /// Sends a handshake on `on`, or on the next candidate in turn.
+    fn connect_on(&mut self, on: Option<TransportId>, now: Instant) {
         if self.transports.is_empty() {
             return;
         }
         // After a cookie, the transport it came on (the cookie proves its address only);
         // else the candidates in turn.
-        let via = match self.client.retry_via() {
+        let via = match on.or(self.client.retry_via()) {
             Some(via) => via,
             None => {
                 let via = self.transports[self.next_connect % self.transports.len()].0;
@@ -479,8 +547,8 @@ impl Actor for ClientAgent {
         // Close the transports and the TUN: they stop reading and end once their last
         // address (held here and by the caller's handles) is gone. Unbounded sends on
         // purpose: one lifecycle message per actor, and their number is bounded.
-        for (_, _, addr, _) in self.transports.drain(..) {
-            addr.do_send(Close);
+        for (_, _, actor, _) in self.transports.drain(..) {
+            actor.close();
         }
         if let Some(tun) = self.tun.take() {
             tun.do_send(Close);
@@ -529,8 +597,18 @@ impl Handler<AgentSignal> for ClientAgent {
     type Result = ();
 
     fn handle(&mut self, msg: AgentSignal, ctx: &mut Context<Self>) {
-        let up = msg.signal == Signal::Recovered;
-        self.client.transport_status(msg.via, up, Instant::now());
+        let up = matches!(msg.signal, Signal::Recovered | Signal::Connected);
+        let now = Instant::now();
+        self.client.transport_status(msg.via, up, now);
+        // A connection came up while the client has no session: its handshake may have
+        // gone nowhere (no connection yet); send one there now rather than at the retry.
+        if msg.signal == Signal::Connected
+            && self.client.state() == State::Birth
+            && self.client.session_id().is_none()
+            && !self.stopping
+        {
+            self.connect_on(Some(msg.via), now);
+        }
         self.settle(ctx);
     }
 }

@@ -16,12 +16,14 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod conn;
 pub mod events;
 pub mod node;
 pub mod runtime;
 pub mod session;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 pub mod tun;
 mod tun_sys;

@@ -10,10 +10,12 @@ use actix::prelude::*;
 use jvpn_core::gateway::{GatewayConfig, HandshakeGate, Responder};
 use jvpn_core::store::SessionStore;
 
+use crate::conn::{ConnListen, ConnListeners};
 use crate::runtime::{Close, Reporter};
 use crate::supervisor::{
     GatewayRouter, NodeLimits, NodeSupervisor, Registry, StopSessions, StopSupervisor,
 };
+use crate::tls::TlsIdentity;
 use crate::transport::{Deliver, PreparedUdp, UdpTransport};
 use crate::tun::{TunActor, TunDevice, TunRoute};
 
@@ -28,6 +30,8 @@ pub struct GatewayNodeConfig {
     /// socket per arbiter to each address ([`crate::transport::bind_shared`], with
     /// SO_REUSEPORT) to spread the clients over the cores.
     pub listen: Vec<std::net::UdpSocket>,
+    /// QUIC and TCP listen addresses, served with this TLS identity (none: UDP only).
+    pub connections: Option<(Vec<ConnListen>, TlsIdentity)>,
     /// The tunnel device.
     pub device: Arc<dyn TunDevice>,
     /// Where events go.
@@ -49,6 +53,8 @@ pub struct GatewayNode {
     pub transports: Vec<(SocketAddr, Addr<UdpTransport>)>,
     /// The TUN actor.
     pub tun: Addr<TunActor>,
+    /// The QUIC and TCP listeners, with every connection they accepted.
+    pub connections: Option<ConnListeners>,
     arbiters: Vec<Arbiter>,
     handshakes: Arbiter,
 }
@@ -100,6 +106,16 @@ impl GatewayNode {
                 (local, reader)
             })
             .collect();
+        let connections = match &config.connections {
+            Some((listen, identity)) if !listen.is_empty() => {
+                let deliver: Arc<dyn Deliver> = router.clone();
+                Some(
+                    ConnListeners::start(listen, identity, deliver, config.limits.max_connections)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         let route: Arc<dyn TunRoute> = router;
         let tun = TunActor::new(device, route).start_supervised();
         Ok(GatewayNode {
@@ -107,6 +123,7 @@ impl GatewayNode {
             registry,
             transports,
             tun,
+            connections,
             arbiters,
             handshakes,
         })
@@ -126,6 +143,9 @@ impl GatewayNode {
         // Unbounded sends on purpose: one lifecycle message per actor.
         for (_, transport) in &self.transports {
             transport.do_send(Close);
+        }
+        if let Some(c) = &self.connections {
+            c.stop();
         }
         self.tun.do_send(Close);
         self.supervisor.do_send(StopSupervisor);

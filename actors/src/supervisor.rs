@@ -50,6 +50,8 @@ pub struct NodeLimits {
     /// it, only initiations with a valid cookie get a Diffie-Hellman, the others a
     /// cookie reply ([`HandshakeGate`]).
     pub handshake_load_threshold: usize,
+    /// QUIC and TCP connections open at once, at most.
+    pub max_connections: usize,
 }
 
 impl Default for NodeLimits {
@@ -58,6 +60,7 @@ impl Default for NodeLimits {
             session_mailbox: 256,
             supervisor_mailbox: 64,
             handshake_load_threshold: 8,
+            max_connections: 4_096,
         }
     }
 }

@@ -42,13 +42,20 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 const MAX_GSO_BYTES: usize = 65_000;
 
 /// A transport as a session sees it: its protocol, where it is bound, the core (arbiter
-/// index) that reads it, and the socket to write to.
+/// index) that reads it, and what to write to: a UDP socket shared by every peer, or
+/// one connection (QUIC or TCP, [`crate::conn`]) to one peer.
 #[derive(Clone)]
 pub struct TransportHandle {
     protocol: Protocol,
     local: SocketAddr,
     core: usize,
-    sender: Arc<UdpSender>,
+    sender: Writer,
+}
+
+#[derive(Clone)]
+enum Writer {
+    Udp(Arc<UdpSender>),
+    Conn(Arc<crate::conn::ConnSender>),
 }
 
 impl std::fmt::Debug for TransportHandle {
@@ -73,17 +80,47 @@ impl TransportHandle {
         self.core
     }
 
-    /// Sends one datagram to `to`.
+    /// A handle writing to one connection.
+    pub(crate) fn connection(
+        protocol: Protocol,
+        local: SocketAddr,
+        sender: Arc<crate::conn::ConnSender>,
+    ) -> Self {
+        TransportHandle {
+            protocol,
+            local,
+            core: 0,
+            sender: Writer::Conn(sender),
+        }
+    }
+
+    /// Sends one datagram to `to` (a connection has one peer: `to` is its address).
     pub fn send(&self, to: SocketAddr, datagram: &[u8]) -> Sent {
-        self.sender.send(to, datagram, datagram.len())
+        match &self.sender {
+            Writer::Udp(udp) => udp.send(to, datagram, datagram.len()),
+            Writer::Conn(conn) => conn.send(datagram),
+        }
     }
 
     /// Sends the datagrams of `batch` to `to`, each run of equal-sized datagrams (the
     /// last of a run may be shorter) in one call where the kernel has UDP GSO. Returns
     /// the outcome of the last call that changed the path's state, if any did.
     pub fn send_batch(&self, to: SocketAddr, batch: &Batch) -> Sent {
+        let udp = match &self.sender {
+            Writer::Udp(udp) => udp,
+            Writer::Conn(conn) => {
+                let mut outcome = Sent::Ok;
+                for (&at, &len) in batch.offsets.iter().zip(&batch.lens) {
+                    let sent = conn.send(&batch.bytes[at..at + len]);
+                    if sent != Sent::Ok {
+                        outcome = sent;
+                    }
+                }
+                return outcome;
+            }
+        };
         let mut outcome = Sent::Ok;
-        let gso = self.sender.state.max_gso_segments().max(1);
+        let gso = udp.state.max_gso_segments().max(1);
         let mut start = 0;
         while start < batch.lens.len() {
             let stride = batch.lens[start];
@@ -98,7 +135,7 @@ impl TransportHandle {
             }
             let from = batch.offsets[start];
             let to_byte = batch.offsets[end - 1] + batch.lens[end - 1];
-            let sent = self.sender.send(to, &batch.bytes[from..to_byte], stride);
+            let sent = udp.send(to, &batch.bytes[from..to_byte], stride);
             if sent != Sent::Ok {
                 outcome = sent;
             }
@@ -260,6 +297,9 @@ pub enum Signal {
     Unreachable,
     /// The path works again after a failure.
     Recovered,
+    /// A connection transport (QUIC, TCP) has a connection up, first or again: the path
+    /// works, and a client still without a session can send its handshake there.
+    Connected,
 }
 
 impl Sent {
@@ -290,6 +330,7 @@ pub trait Deliver: Send + Sync + 'static {
 pub struct PreparedUdp {
     socket: std::net::UdpSocket,
     handle: TransportHandle,
+    udp: Arc<UdpSender>,
 }
 
 impl PreparedUdp {
@@ -310,8 +351,9 @@ impl PreparedUdp {
                 protocol: Protocol::Udp,
                 local,
                 core,
-                sender,
+                sender: Writer::Udp(Arc::clone(&sender)),
             },
+            udp: sender,
         })
     }
 
@@ -344,6 +386,7 @@ impl PreparedUdp {
             unregistered: Some(self.socket),
             socket: None,
             handle: self.handle,
+            udp: self.udp,
             deliver,
             received: TrafficMeter::new(Direction::Rx, Protocol::Udp),
             reading: None,
@@ -394,6 +437,7 @@ pub struct UdpTransport {
     unregistered: Option<std::net::UdpSocket>,
     socket: Option<Arc<UdpSocket>>,
     handle: TransportHandle,
+    udp: Arc<UdpSender>,
     deliver: Arc<dyn Deliver>,
     /// What it reads, counted per batch.
     received: TrafficMeter,
@@ -471,7 +515,7 @@ impl Actor for UdpTransport {
             self.closed = true;
             return;
         };
-        let sender = Arc::clone(&self.handle.sender);
+        let sender = Arc::clone(&self.udp);
         let reads = futures_util::stream::unfold(
             (socket, sender, ReadBuffers::new()),
             |(socket, sender, mut bufs)| async move {
@@ -494,7 +538,7 @@ impl StreamHandler<Read> for UdpTransport {
         if self.closed {
             return;
         }
-        let sender = &self.handle.sender;
+        let sender = &self.udp;
         if !read.batch.is_empty() {
             if sender.failing.swap(false, Ordering::Relaxed) {
                 self.deliver.signal(&self.handle, Signal::Recovered);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use jvpn_actors::agent::{
-    AgentHandles, Candidate, ClientAgent, EndSession, OnSessionEnd, Shutdown,
+    AgentHandles, Candidate, CandidatePath, ClientAgent, EndSession, OnSessionEnd, Shutdown,
 };
 use jvpn_actors::events::EventSink;
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
@@ -315,6 +315,7 @@ async fn start(options: Options) -> Net {
         },
         store: store.clone(),
         listen,
+        connections: None,
         device: Arc::new(gw_device),
         reporter: Reporter::new(
             wall_clock(),
@@ -335,7 +336,7 @@ async fn start(options: Options) -> Net {
         socket.connect(relay.addr).expect("connect");
         candidates.push(Candidate {
             id: TransportId(i as u32 + 1),
-            socket,
+            path: CandidatePath::Udp(socket),
             gateway: relay.addr,
         });
         relays.push(relay);
@@ -452,7 +453,7 @@ impl Net {
             client,
             vec![Candidate {
                 id: TransportId(1),
-                socket,
+                path: CandidatePath::Udp(socket),
                 gateway: self.gw_addrs[0],
             }],
             Some(Arc::new(device)),
@@ -627,7 +628,7 @@ async fn a_killed_transport_actor_is_restarted_and_traffic_goes_on() {
         transport.do_send(Crash);
     }
     for (_, transport) in &net.client.transports {
-        transport.do_send(Crash);
+        transport.crash();
     }
     let restarted = wait_for(Duration::from_secs(2), || {
         metric("jvpn_actor_restarts_total{actor=\"transport\"}") >= restarts + 4.0
@@ -969,7 +970,7 @@ async fn a_stopped_agent_closes_its_sockets() {
     drop(client);
     // Once nobody holds them, the closed transports end (their sockets with them).
     let gone = wait_for(Duration::from_secs(2), || {
-        transports.iter().all(|a| a.upgrade().is_none())
+        transports.iter().all(|alive| !alive())
     })
     .await;
     drop(relays);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use jvpn_actors::agent::{Candidate, ClientAgent, OnSessionEnd};
+use jvpn_actors::agent::{Candidate, CandidatePath, ClientAgent, OnSessionEnd};
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::Reporter;
 use jvpn_actors::supervisor::NodeLimits;
@@ -76,6 +76,7 @@ async fn pair() -> Pair {
         },
         store: Arc::new(MemoryStore::new(16, 3)),
         listen: vec![listen],
+        connections: None,
         device: Arc::new(gw_device),
         reporter: reporter("bench-gw"),
         limits: NodeLimits::default(),
@@ -101,7 +102,7 @@ async fn pair() -> Pair {
         client,
         vec![Candidate {
             id: TransportId(1),
-            socket,
+            path: CandidatePath::Udp(socket),
             gateway: gw_addr,
         }],
         Some(Arc::new(client_device)),

@@ -79,6 +79,7 @@ fn main() {
             },
             store: Arc::new(MemoryStore::new(most, 3)),
             listen: vec![listen],
+            connections: None,
             device: Arc::new(device),
             reporter: Reporter::new(
                 jvpn_bench::wall_clock(),

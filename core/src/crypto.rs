@@ -150,6 +150,19 @@ impl Keypair {
     pub fn private_base64(&self) -> Zeroizing<String> {
         Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*self.private))
     }
+
+    /// A secret derived from the private key for another use, separated by `label`
+    /// (BLAKE2s-256 keyed by the private key over the label): whoever holds the key,
+    /// and only they, derive the same secret — every node of a cluster, which shares
+    /// the gateway's key, gets the same TLS identity from it, and no second key file is
+    /// needed.
+    pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        use blake2::digest::{KeyInit, Mac};
+        let mut mac = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(self.private.as_ref())
+            .unwrap_or_else(|_| unreachable!("BLAKE2s takes a 32-byte key"));
+        Mac::update(&mut mac, label);
+        Zeroizing::new(mac.finalize().into_bytes().into())
+    }
 }
 
 fn x25519_public(private: &[u8; 32]) -> PublicKey {

@@ -1,0 +1,736 @@
+//! Connection transports: QUIC (the session's packets as QUIC datagrams, RFC 9221) and
+//! TCP wrapped in TLS 1.3 (each packet a frame: a 2-byte length, then the packet), for
+//! networks that block UDP or let only HTTPS through. The session's packets travel
+//! unchanged; what keeps the session is still its own reattach, never the connection
+//! (QUIC's own migration included).
+//!
+//! A connection has one peer, so a [`TransportHandle`] of a connection writes to that
+//! peer whatever address it is given. Writes never wait: a QUIC datagram that does not
+//! fit the connection's buffer is dropped by QUIC, a TCP frame that does not fit the
+//! connection's bounded queue is dropped and counted (`send_busy`), so that a peer that
+//! stops reading cannot grow memory.
+//!
+//! The client keeps one connection per candidate established, reconnecting with a
+//! bounded backoff ([`ConnTransport`]); the gateway accepts connections on its QUIC and
+//! TCP listen addresses ([`ConnListeners`]) up to a bound, and closes one nothing came on
+//! for [`IDLE_CLOSE`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use jvpn_core::ids::Protocol;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch};
+
+use crate::runtime::{ActorKind, Close};
+use crate::telemetry::{self, Direction, TrafficMeter};
+use crate::tls::{self, TlsIdentity, TlsPin};
+use crate::transport::{Deliver, Incoming, Sent, Signal, TransportHandle};
+
+/// TCP frames waiting for a connection's writer, at most.
+pub const FRAME_QUEUE: usize = 1_024;
+/// Datagrams (QUIC) or frames (TCP) handed on per wakeup, at most.
+const READ_BATCH: usize = 64;
+/// The gateway closes a connection nothing came on for this long (a client's standby
+/// connections carry its probes, so only abandoned ones go quiet).
+pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// QUIC's own idle timeout; the client keeps its connections alive well within it.
+const QUIC_IDLE: Duration = Duration::from_secs(30);
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// The QUIC packet size (UDP payload) from the start, by the path's family: a session
+/// packet (1 380 + 36 bytes at the default tunnel MTU) must fit one datagram frame
+/// (with QUIC's 29 to 41 bytes of header and tag and the frame's 9) on a 1 500-byte
+/// link: 1 500 less the IPv4 or IPv6 and UDP headers. QUIC's black-hole detection
+/// falls back to 1 200 on a path that carries less.
+fn quic_mtu(peer: SocketAddr) -> u16 {
+    match peer {
+        SocketAddr::V4(_) => 1_472,
+        SocketAddr::V6(_) => 1_452,
+    }
+}
+/// Buffers of QUIC datagrams, each way.
+const QUIC_DATAGRAM_BUFFER: usize = 4 << 20;
+/// A client's reconnection backoff, doubling from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// The TLS handshake of an accepted TCP connection must finish within this.
+const TLS_ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a connection transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// TLS.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// QUIC refused the TLS configuration.
+    #[error("QUIC refused the TLS configuration: {0}")]
+    Quic(String),
+    /// A socket.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// The writing half of one connection; on a client, replaced at each reconnection.
+pub struct ConnSender {
+    link: Mutex<Option<Link>>,
+    /// Whether the last send found no connection: a change is a signal.
+    failing: AtomicBool,
+    meter: TrafficMeter,
+}
+
+#[derive(Clone)]
+enum Link {
+    Quic(quinn::Connection),
+    Tcp(mpsc::Sender<Bytes>),
+}
+
+impl ConnSender {
+    fn new(protocol: Protocol) -> Arc<Self> {
+        Arc::new(ConnSender {
+            link: Mutex::new(None),
+            failing: AtomicBool::new(false),
+            meter: TrafficMeter::new(Direction::Tx, protocol),
+        })
+    }
+
+    fn set(&self, link: Option<Link>) {
+        let old = std::mem::replace(
+            &mut *self.link.lock().unwrap_or_else(|e| e.into_inner()),
+            link,
+        );
+        if let Some(Link::Quic(conn)) = old {
+            conn.close(0u32.into(), b"closed");
+        }
+    }
+
+    fn current(&self) -> Option<Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends one datagram on the connection, never waiting.
+    pub(crate) fn send(&self, datagram: &[u8]) -> Sent {
+        let sent = match self.current() {
+            None => Err(io::ErrorKind::NotConnected),
+            Some(Link::Quic(conn)) => match conn.send_datagram(Bytes::copy_from_slice(datagram)) {
+                Ok(()) => Ok(()),
+                Err(quinn::SendDatagramError::TooLarge) => {
+                    telemetry::dropped("send_too_big");
+                    return Sent::Ok;
+                }
+                Err(_) => Err(io::ErrorKind::ConnectionReset),
+            },
+            Some(Link::Tcp(frames)) => match frames.try_send(Bytes::copy_from_slice(datagram)) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    telemetry::dropped("send_busy");
+                    return Sent::Ok;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(io::ErrorKind::ConnectionReset),
+            },
+        };
+        match sent {
+            Ok(()) => {
+                self.meter.record(1, datagram.len());
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    return Sent::Recovered;
+                }
+                Sent::Ok
+            }
+            Err(kind) => {
+                telemetry::dropped("send_failed");
+                if self.failing.swap(true, Ordering::Relaxed) {
+                    return Sent::Ok;
+                }
+                Sent::Failed(kind)
+            }
+        }
+    }
+}
+
+/// QUIC's transport parameters for the session's datagrams (no streams), on a path
+/// like `peer`'s.
+fn quic_transport(keep_alive: bool, peer: SocketAddr) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(quic_mtu(peer));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(QUIC_IDLE).ok())
+        .keep_alive_interval(keep_alive.then_some(QUIC_KEEP_ALIVE))
+        .initial_mtu(quic_mtu(peer))
+        .mtu_discovery_config(Some(discovery))
+        .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER)
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    Arc::new(t)
+}
+
+/// Reads QUIC datagrams until the connection ends, handing them on in batches.
+async fn read_quic(
+    conn: quinn::Connection,
+    handle: &TransportHandle,
+    deliver: &Arc<dyn Deliver>,
+    received: &TrafficMeter,
+) {
+    loop {
+        let first = match conn.read_datagram().await {
+            Ok(d) => d,
+            Err(_) => return,
+        };
+        let peer = conn.remote_address();
+        let mut batch: Vec<Incoming> = vec![(peer, BytesMut::from(&first[..]))];
+        while batch.len() < READ_BATCH {
+            match conn.read_datagram().now_or_never() {
+                Some(Ok(d)) => batch.push((peer, BytesMut::from(&d[..]))),
+                _ => break,
+            }
+        }
+        let bytes = batch.iter().map(|(_, d)| d.len()).sum();
+        received.record(batch.len(), bytes);
+        deliver.datagrams(handle, batch);
+    }
+}
+
+/// Reads length-prefixed frames until the stream ends, fails, or (`idle`) stays silent
+/// that long; hands them on in batches of those already buffered.
+async fn read_frames<R: AsyncRead + Unpin>(
+    reader: R,
+    peer: SocketAddr,
+    handle: &TransportHandle,
+    deliver: &Arc<dyn Deliver>,
+    received: &TrafficMeter,
+    idle: Option<Duration>,
+) {
+    let mut reader = BufReader::with_capacity(256 << 10, reader);
+    loop {
+        let first = match idle {
+            Some(idle) => match tokio::time::timeout(idle, read_frame(&mut reader)).await {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            None => read_frame(&mut reader).await,
+        };
+        let Ok(first) = first else { return };
+        let mut batch: Vec<Incoming> = vec![(peer, first)];
+        // Frames already in the buffer join the batch without waiting.
+        while batch.len() < READ_BATCH && frame_buffered(reader.buffer()) {
+            match read_frame(&mut reader).now_or_never() {
+                Some(Ok(frame)) => batch.push((peer, frame)),
+                _ => break,
+            }
+        }
+        let bytes = batch.iter().map(|(_, d)| d.len()).sum();
+        received.record(batch.len(), bytes);
+        deliver.datagrams(handle, batch);
+    }
+}
+
+/// Whether `buffered` holds a whole frame.
+fn frame_buffered(buffered: &[u8]) -> bool {
+    match buffered {
+        [a, b, rest @ ..] => rest.len() >= usize::from(u16::from_be_bytes([*a, *b])),
+        _ => false,
+    }
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<BytesMut> {
+    let len = usize::from(reader.read_u16().await?);
+    if len == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "empty frame"));
+    }
+    let mut frame = BytesMut::zeroed(len);
+    reader.read_exact(&mut frame).await?;
+    Ok(frame)
+}
+
+/// Writes the frames queued for a connection until the queue closes or a write fails;
+/// flushes whenever the queue runs empty.
+async fn write_frames<W: AsyncWrite + Unpin>(writer: W, mut frames: mpsc::Receiver<Bytes>) {
+    let mut writer = BufWriter::with_capacity(256 << 10, writer);
+    while let Some(frame) = frames.recv().await {
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            let Ok(len) = u16::try_from(frame.len()) else {
+                telemetry::dropped("send_too_big");
+                next = frames.try_recv().ok();
+                continue;
+            };
+            if writer.write_all(&len.to_be_bytes()).await.is_err()
+                || writer.write_all(&frame).await.is_err()
+            {
+                return;
+            }
+            next = frames.try_recv().ok();
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// Starts the writer of a TLS stream and returns its link and reading half.
+fn split_tcp<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+) -> (Link, tokio::io::ReadHalf<S>) {
+    let (read, write) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel(FRAME_QUEUE);
+    actix_rt::spawn(write_frames(write, rx));
+    (Link::Tcp(tx), read)
+}
+
+/// How a client reaches a candidate over a connection.
+#[derive(Debug, Clone)]
+pub struct ConnCandidate {
+    /// QUIC or TCP.
+    pub protocol: Protocol,
+    /// The gateway's address.
+    pub gateway: SocketAddr,
+    /// The local address to bind, if any.
+    pub bind: Option<SocketAddr>,
+    /// A firewall mark on the connection's packets (full tunnel).
+    pub fwmark: Option<u32>,
+    /// The gateway's certificate pin.
+    pub pin: TlsPin,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+/// A client's connection to one candidate, kept established: connect, read until it
+/// ends, report it, reconnect after a bounded backoff. Reports [`Signal::Connected`]
+/// each time a connection is up and [`Signal::SendFailed`] each time one is lost or
+/// cannot be made (once per change).
+pub struct ConnTransport {
+    candidate: ConnCandidate,
+    tls: Arc<rustls::ClientConfig>,
+    sender: Arc<ConnSender>,
+    handle: TransportHandle,
+    deliver: Arc<dyn Deliver>,
+    running: Option<SpawnHandle>,
+}
+
+impl ConnTransport {
+    /// A transport for `candidate`, handing what it reads to `deliver` (start it with
+    /// [`ConnTransport::start`]).
+    pub fn new(candidate: ConnCandidate, deliver: Arc<dyn Deliver>) -> Result<Self, ConnError> {
+        let tls = Arc::new(tls::client_config(candidate.pin)?);
+        let sender = ConnSender::new(candidate.protocol);
+        let local = candidate
+            .bind
+            .unwrap_or_else(|| unspecified(candidate.gateway));
+        let handle = TransportHandle::connection(candidate.protocol, local, Arc::clone(&sender));
+        Ok(ConnTransport {
+            candidate,
+            tls,
+            sender,
+            handle,
+            deliver,
+            running: None,
+        })
+    }
+
+    /// The handle the client writes through.
+    pub fn handle(&self) -> TransportHandle {
+        self.handle.clone()
+    }
+}
+
+fn unspecified(like: SocketAddr) -> SocketAddr {
+    match like {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    }
+}
+
+impl Actor for ConnTransport {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let run = keep_connected(
+            self.candidate.clone(),
+            Arc::clone(&self.tls),
+            Arc::clone(&self.sender),
+            self.handle.clone(),
+            Arc::clone(&self.deliver),
+        );
+        self.running = Some(ctx.spawn(actix::fut::wrap_future(run)));
+    }
+}
+
+impl Handler<Close> for ConnTransport {
+    type Result = ();
+
+    /// Closes the connection (a QUIC close, or the TCP writer's shutdown once what it
+    /// holds is written) and stops.
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        if let Some(running) = self.running.take() {
+            ctx.cancel_future(running);
+        }
+        self.sender.set(None);
+        ctx.stop();
+    }
+}
+
+impl Handler<crate::runtime::Crash> for ConnTransport {
+    type Result = ();
+
+    fn handle(&mut self, _: crate::runtime::Crash, ctx: &mut Context<Self>) {
+        telemetry::restarted(ActorKind::Transport);
+        ctx.stop();
+    }
+}
+
+async fn keep_connected(
+    candidate: ConnCandidate,
+    tls: Arc<rustls::ClientConfig>,
+    sender: Arc<ConnSender>,
+    handle: TransportHandle,
+    deliver: Arc<dyn Deliver>,
+) {
+    let received = TrafficMeter::new(Direction::Rx, candidate.protocol);
+    let mut backoff = BACKOFF.0;
+    // The QUIC endpoint lives as long as the transport: one socket, many connections.
+    let mut endpoint: Option<quinn::Endpoint> = None;
+    loop {
+        let attempt = tokio::time::timeout(
+            candidate.connect_timeout,
+            connect(&candidate, &tls, &mut endpoint),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(Connected::Quic(conn))) => {
+                sender.set(Some(Link::Quic(conn.clone())));
+                sender.failing.store(false, Ordering::Relaxed);
+                deliver.signal(&handle, Signal::Connected);
+                backoff = BACKOFF.0;
+                read_quic(conn, &handle, &deliver, &received).await;
+            }
+            Ok(Ok(Connected::Tcp(link, reader))) => {
+                sender.set(Some(link));
+                sender.failing.store(false, Ordering::Relaxed);
+                deliver.signal(&handle, Signal::Connected);
+                backoff = BACKOFF.0;
+                read_frames(
+                    reader,
+                    candidate.gateway,
+                    &handle,
+                    &deliver,
+                    &received,
+                    None,
+                )
+                .await;
+            }
+            Ok(Err(_)) | Err(_) => telemetry::dropped("connect_failed"),
+        }
+        sender.set(None);
+        if !sender.failing.swap(true, Ordering::Relaxed) {
+            deliver.signal(&handle, Signal::SendFailed(io::ErrorKind::ConnectionReset));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+enum Connected {
+    Quic(quinn::Connection),
+    Tcp(
+        Link,
+        tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    ),
+}
+
+async fn connect(
+    c: &ConnCandidate,
+    tls: &Arc<rustls::ClientConfig>,
+    endpoint: &mut Option<quinn::Endpoint>,
+) -> Result<Connected, ConnError> {
+    let bind = c.bind.unwrap_or_else(|| unspecified(c.gateway));
+    match c.protocol {
+        Protocol::Quic => {
+            let ep = match endpoint {
+                Some(ep) => ep.clone(),
+                None => {
+                    let socket = std::net::UdpSocket::bind(bind)?;
+                    if let Some(mark) = c.fwmark {
+                        socket2::SockRef::from(&socket).set_mark(mark)?;
+                    }
+                    let ep = quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        None,
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    )?;
+                    *endpoint = Some(ep.clone());
+                    ep
+                }
+            };
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::clone(tls))
+                .map_err(|e| ConnError::Quic(e.to_string()))?;
+            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+            config.transport_config(quic_transport(true, c.gateway));
+            let conn = ep
+                .connect_with(config, c.gateway, tls::SERVER_NAME)
+                .map_err(|e| ConnError::Quic(e.to_string()))?
+                .await
+                .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
+            Ok(Connected::Quic(conn))
+        }
+        Protocol::Tcp | Protocol::Udp => {
+            let socket = match c.gateway {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            if let Some(mark) = c.fwmark {
+                socket2::SockRef::from(&socket).set_mark(mark)?;
+            }
+            if c.bind.is_some() {
+                socket.bind(bind)?;
+            }
+            let stream = socket.connect(c.gateway).await?;
+            stream.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+                .connect(tls::server_name(), stream)
+                .await?;
+            let (link, reader) = split_tcp(stream);
+            Ok(Connected::Tcp(link, reader))
+        }
+    }
+}
+
+/// A gateway's QUIC or TCP listen address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnListen {
+    /// QUIC or TCP.
+    pub protocol: Protocol,
+    /// Where.
+    pub addr: SocketAddr,
+}
+
+/// The gateway's connection listeners and every connection they accepted; all of them
+/// end when this is dropped or [`ConnListeners::stop`]ped.
+pub struct ConnListeners {
+    stop: watch::Sender<bool>,
+    /// The bound addresses, in the order given.
+    pub local: Vec<(Protocol, SocketAddr)>,
+}
+
+impl ConnListeners {
+    /// Binds every listen address (all or none: an address that cannot be bound is an
+    /// error naming it) and serves them, handing what connections carry to `deliver`.
+    /// At most `max_connections` are open at once; more are refused. Must run inside
+    /// the actix system.
+    pub fn start(
+        listen: &[ConnListen],
+        identity: &TlsIdentity,
+        deliver: Arc<dyn Deliver>,
+        max_connections: usize,
+    ) -> Result<ConnListeners, ConnError> {
+        let (stop, stopped) = watch::channel(false);
+        let open = Arc::new(AtomicUsize::new(0));
+        let server = Arc::new(identity.server_config()?);
+        let mut bound = Vec::new();
+        let mut local = Vec::new();
+        for l in listen {
+            match l.protocol {
+                Protocol::Quic => {
+                    let crypto =
+                        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::clone(&server))
+                            .map_err(|e| ConnError::Quic(e.to_string()))?;
+                    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+                    config.transport_config(quic_transport(false, l.addr));
+                    let socket = std::net::UdpSocket::bind(l.addr).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot listen on quic://{}: {e}", l.addr))
+                    })?;
+                    let endpoint = quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(config),
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    )?;
+                    local.push((Protocol::Quic, endpoint.local_addr()?));
+                    bound.push(Bound::Quic(endpoint));
+                }
+                Protocol::Tcp | Protocol::Udp => {
+                    let listener = std::net::TcpListener::bind(l.addr).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot listen on tcp://{}: {e}", l.addr))
+                    })?;
+                    listener.set_nonblocking(true)?;
+                    local.push((Protocol::Tcp, listener.local_addr()?));
+                    bound.push(Bound::Tcp(listener));
+                }
+            }
+        }
+        for b in bound {
+            let serve = Serve {
+                deliver: Arc::clone(&deliver),
+                open: Arc::clone(&open),
+                max: max_connections,
+                stopped: stopped.clone(),
+            };
+            match b {
+                Bound::Quic(endpoint) => {
+                    actix_rt::spawn(serve.quic(endpoint));
+                }
+                Bound::Tcp(listener) => {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&server));
+                    actix_rt::spawn(serve.tcp(listener, acceptor));
+                }
+            }
+        }
+        Ok(ConnListeners { stop, local })
+    }
+
+    /// Stops the listeners and closes every connection.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for ConnListeners {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+enum Bound {
+    Quic(quinn::Endpoint),
+    Tcp(std::net::TcpListener),
+}
+
+/// What every accepted connection shares.
+#[derive(Clone)]
+struct Serve {
+    deliver: Arc<dyn Deliver>,
+    open: Arc<AtomicUsize>,
+    max: usize,
+    stopped: watch::Receiver<bool>,
+}
+
+/// One open connection, counted until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Serve {
+    /// Counts a new connection in, if there is room.
+    fn admit(&self) -> Option<Open> {
+        let n = self.open.fetch_add(1, Ordering::Relaxed);
+        let slot = Open(Arc::clone(&self.open));
+        if n >= self.max {
+            telemetry::dropped("connection_refused_full");
+            return None;
+        }
+        Some(slot)
+    }
+
+    async fn until_stopped(mut stopped: watch::Receiver<bool>) {
+        while !*stopped.borrow() {
+            if stopped.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn quic(self, endpoint: quinn::Endpoint) {
+        let local = endpoint
+            .local_addr()
+            .unwrap_or_else(|_| unspecified(SocketAddr::from(([0, 0, 0, 0], 0))));
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => i,
+                _ = Self::until_stopped(self.stopped.clone()) => None,
+            };
+            let Some(incoming) = incoming else { break };
+            let Some(slot) = self.admit() else {
+                incoming.refuse();
+                continue;
+            };
+            let serve = self.clone();
+            actix_rt::spawn(async move {
+                let _slot = slot;
+                let Ok(Ok(conn)) =
+                    tokio::time::timeout(TLS_ACCEPT_TIMEOUT, async { incoming.accept()?.await })
+                        .await
+                else {
+                    telemetry::dropped("connection_handshake_failed");
+                    return;
+                };
+                let sender = ConnSender::new(Protocol::Quic);
+                sender.set(Some(Link::Quic(conn.clone())));
+                let handle =
+                    TransportHandle::connection(Protocol::Quic, local, Arc::clone(&sender));
+                let received = TrafficMeter::new(Direction::Rx, Protocol::Quic);
+                tokio::select! {
+                    _ = read_quic(conn, &handle, &serve.deliver, &received) => {}
+                    _ = Self::until_stopped(serve.stopped.clone()) => {}
+                }
+                sender.set(None);
+            });
+        }
+        endpoint.close(0u32.into(), b"stopping");
+    }
+
+    async fn tcp(self, listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+        let local = listener
+            .local_addr()
+            .unwrap_or_else(|_| unspecified(SocketAddr::from(([0, 0, 0, 0], 0))));
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => Some(a),
+                _ = Self::until_stopped(self.stopped.clone()) => None,
+            };
+            let Some(accepted) = accepted else { break };
+            let Ok((stream, peer)) = accepted else {
+                telemetry::dropped("accept_failed");
+                continue;
+            };
+            let Some(slot) = self.admit() else { continue };
+            let serve = self.clone();
+            let acceptor = acceptor.clone();
+            actix_rt::spawn(async move {
+                let _slot = slot;
+                let _ = stream.set_nodelay(true);
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(TLS_ACCEPT_TIMEOUT, acceptor.accept(stream)).await
+                else {
+                    telemetry::dropped("connection_handshake_failed");
+                    return;
+                };
+                let sender = ConnSender::new(Protocol::Tcp);
+                let (link, reader) = split_tcp(stream);
+                sender.set(Some(link));
+                let handle = TransportHandle::connection(Protocol::Tcp, local, Arc::clone(&sender));
+                let received = TrafficMeter::new(Direction::Rx, Protocol::Tcp);
+                tokio::select! {
+                    _ = read_frames(reader, peer, &handle, &serve.deliver, &received, Some(IDLE_CLOSE)) => {}
+                    _ = Self::until_stopped(serve.stopped.clone()) => {}
+                }
+                // Dropping the link ends the writer, which shuts the stream down.
+                sender.set(None);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_is_buffered_only_when_whole() {
+        assert!(!frame_buffered(&[]));
+        assert!(!frame_buffered(&[0]));
+        assert!(!frame_buffered(&[0, 3, 1, 2]));
+        assert!(frame_buffered(&[0, 3, 1, 2, 3]));
+        assert!(frame_buffered(&[0, 1, 9, 0, 5]));
+    }
+}
