@@ -1053,6 +1053,66 @@ mod tests {
         assert!(msg.contains("forwarding.masquerade_out"), "{msg}");
     }
 
+    /// Transport addresses of every kind parse; a bad one, a kind the policy does not
+    /// allow, and a connection candidate without a certificate pin are refused, named.
+    #[test]
+    fn transport_addresses_of_every_kind_and_their_mistakes() {
+        let v4 = |p: &str| format!("{p}://192.0.2.1:443");
+        assert_eq!(
+            transport_address("192.0.2.1:51820"),
+            Ok((Protocol::Udp, "192.0.2.1:51820".parse().expect("addr")))
+        );
+        for (text, protocol) in [
+            (v4("udp"), Protocol::Udp),
+            (v4("quic"), Protocol::Quic),
+            (v4("tcp"), Protocol::Tcp),
+        ] {
+            assert_eq!(
+                transport_address(&text).map(|t| t.0),
+                Ok(protocol),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            transport_address("tcp://[fd01::1]:443").map(|t| t.1),
+            Ok("[fd01::1]:443".parse().expect("addr"))
+        );
+        assert_eq!(
+            transport_address("localhost:9").map(|t| t.1.port()),
+            Ok(9),
+            "a name"
+        );
+        for bad in [
+            "http://192.0.2.1:80",
+            "quic://192.0.2.1",
+            "tcp://:443",
+            "quic://x:port",
+        ] {
+            assert!(transport_address(bad).is_err(), "{bad}");
+        }
+        let only_udp = "\n[policy.transport]\nallowed_protocols = [\"udp\"]\n";
+        let text = gateway_text("").replace("\"127.0.0.1:51820\"", "\"quic://127.0.0.1:443\"");
+        let msg = error_of(&format!("{text}{only_udp}"));
+        assert!(
+            msg.contains("listen[0]") && msg.contains("allowed_protocols"),
+            "{msg}"
+        );
+        let client = format!(
+            "private_key = \"{}\"\ngateway_public_key = \"{}\"\n[[candidates]]\nendpoint = \"tcp://192.0.2.1:443\"\n",
+            key(),
+            public()
+        );
+        let f = file(&client);
+        let e = load_client(f.path(), no_env()).err().expect("refused");
+        assert!(e.to_string().contains("gateway_tls_pin"), "{e}");
+        let f = file(&client.replace(
+            "[[candidates]]",
+            "gateway_tls_pin = \"sha256:nope\"\n[[candidates]]",
+        ));
+        let e = load_client(f.path(), no_env()).err().expect("refused");
+        assert!(e.to_string().contains("gateway_tls_pin"), "{e}");
+    }
+
     /// One address of each family on both sides; each dual-stack mistake is refused
     /// with its key and what is allowed.
     #[test]

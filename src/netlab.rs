@@ -391,6 +391,43 @@ impl Lab {
         self.processes.iter().any(|(n, _)| n == name)
     }
 
+    /// The process id of `name`, if it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
+    /// Freezes process `name` (SIGSTOP) or lets it go on (SIGCONT): a peer that stops
+    /// reading.
+    pub fn freeze(&self, name: &str, frozen: bool) -> Result<()> {
+        let pid = self
+            .pid(name)
+            .with_context(|| format!("no process {name}"))?;
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill {signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// The resident memory of process `name`, bytes.
+    pub fn rss(&self, name: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(name)?)).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
     /// Kills process `name` at once (SIGKILL): a crash, nothing cleaned up by it.
     pub fn kill(&mut self, name: &str) {
         if let Some(i) = self.processes.iter().position(|(n, _)| n == name) {

@@ -1476,3 +1476,188 @@ fn quic_only_and_tcp_only_are_plain_vpns() {
         finish(lab);
     }
 }
+
+/// One session across transport kinds: UDP blocked, it jumps to a connection transport
+/// (QUIC or TCP, whichever ranks better); that one blocked too, to the other; a checked
+/// TCP transfer spans both jumps; the session id and tunnel address never change. With
+/// every kind unblocked again, switches stay within the cooldown.
+#[test]
+fn a_session_jumps_from_udp_to_quic_and_tcp_and_keeps_its_identity() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e19") else { return };
+    let a = netlab::GATEWAY_A;
+    let all = vec![
+        format!("udp://{a}:{}", netlab::PORT),
+        format!("quic://{a}:{QUIC_PORT}"),
+        format!("tcp://{a}:{TCP_PORT}"),
+    ];
+    lab.gateway_listen = all.clone();
+    lab.client_candidates = all;
+    let id = connect(&mut lab, FAST_POLICY, "exit");
+    assert!(lab.attached_on(1));
+    let tunnel = lab.status("client").expect("status")["tunnel_addresses"].clone();
+    // Paced so that it spans both jumps.
+    start_transfer(&mut lab, 6_000_000, 14_000);
+    let port_of = |transport: u64| match transport {
+        2 => ("udp", QUIC_PORT),
+        _ => ("tcp", TCP_PORT),
+    };
+    let mut blocked = vec![("udp", netlab::PORT)];
+    let mut visited = vec![1u64];
+    for step in 0..2 {
+        let c = lab.ns("c");
+        lab.spawn(
+            "ping",
+            &c,
+            &["ping", "-n", "-i", "0.05", "-c", "100", "-W", "1", SERVER],
+        )
+        .expect("ping");
+        std::thread::sleep(Duration::from_millis(1_000));
+        let (proto, port) = *blocked.last().expect("a port to block");
+        lab.block(proto, port).expect("block");
+        let moved = wait_until(Duration::from_secs(8), || {
+            lab.status("client").is_some_and(|s| {
+                s["state"] == "ATTACHED"
+                    && s["active_transport"]
+                        .as_u64()
+                        .is_some_and(|t| !visited.contains(&t))
+            })
+        });
+        assert!(moved, "step {step}: no jump\n{}", lab.diagnostics());
+        let now_on = lab.status("client").expect("status")["active_transport"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(lab.wait("ping", Duration::from_secs(20)).is_some());
+        let (out, _) = lab.output_of("ping");
+        let gap = netlab::ping_gap(&out, 100, Duration::from_millis(50));
+        let kind = if now_on == 2 { "QUIC" } else { "TCP" };
+        let from = if step == 0 {
+            "UDP"
+        } else if kind == "QUIC" {
+            "TCP"
+        } else {
+            "QUIC"
+        };
+        eprintln!(
+            "TRANSPORT jump {from} → {kind}: ping gap {} ms ({} of {} replies)",
+            gap.longest_gap.as_millis(),
+            gap.received,
+            gap.sent
+        );
+        visited.push(now_on);
+        blocked.push(port_of(now_on));
+    }
+    assert_eq!(
+        lab.wait("source", Duration::from_secs(40)),
+        Some(0),
+        "sender: {:?}",
+        lab.output_of("source")
+    );
+    assert_eq!(
+        lab.wait("sink", Duration::from_secs(40)),
+        Some(0),
+        "receiver: {:?}",
+        lab.output_of("sink")
+    );
+    let status = lab.status("client").expect("status");
+    assert_eq!(status["session_id"].as_str(), Some(id.as_str()));
+    assert_eq!(status["tunnel_addresses"], tunnel);
+    let events = lab.events("client");
+    let kinds: Vec<String> = events
+        .iter()
+        .filter(|e| e["event_type"] == "TransportSwitch")
+        .filter_map(|e| e["new_transport"]["protocol"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert!(
+        kinds.contains(&"quic".to_string()) && kinds.contains(&"tcp".to_string()),
+        "{kinds:?}"
+    );
+    // Everything unblocked: no flapping back and forth faster than the cooldown allows.
+    for (proto, port) in blocked.iter().take(2) {
+        lab.unblock(proto, *port).expect("unblock");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let switches: Vec<u64> = lab
+        .events("client")
+        .iter()
+        .filter(|e| e["event_type"] == "TransportSwitch")
+        .filter_map(|e| e["ts_ms"].as_u64())
+        .collect();
+    for pair in switches.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1_000,
+            "switches closer than the cooldown: {switches:?}"
+        );
+    }
+    finish(lab);
+}
+
+/// A client on TCP that stops reading (frozen) while the network behind the gateway
+/// floods it: the gateway's queue for that connection stays bounded (drops counted as
+/// `send_busy`), its memory does not grow with the flood, and the session goes on when
+/// the client reads again.
+#[test]
+fn a_tcp_peer_that_stops_reading_does_not_grow_the_gateway() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e20") else { return };
+    let endpoint = format!("tcp://{}:{TCP_PORT}", netlab::GATEWAY_A);
+    lab.gateway_listen = vec![endpoint.clone()];
+    lab.client_candidates = vec![endpoint];
+    // A policy that tolerates the freeze (no heartbeat-driven end within it).
+    let patient = "[policy.session]\ntransport_lost_ttl_ms = 60000\n";
+    let id = connect(&mut lab, patient, "exit");
+    let before = lab.rss("gateway").expect("gateway rss");
+    lab.freeze("client", true).expect("freeze");
+    let s = lab.ns("s");
+    let to = format!("{CLIENT_TUNNEL}:9");
+    let from = format!("{SERVER}:0");
+    let seconds = attack_seconds().to_string();
+    let out = lab
+        .exec(
+            &s,
+            &[
+                env!("CARGO_BIN_EXE_jvpn"),
+                "lab",
+                "flood",
+                "--kind",
+                "unknown-session",
+                "--to",
+                &to,
+                "--from",
+                &from,
+                "--seconds",
+                &seconds,
+                "--pps",
+                &attack_pps(),
+            ],
+        )
+        .expect("flood");
+    let report: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("report");
+    let during = lab.rss("gateway").expect("gateway rss");
+    let page = gateway_metrics(&lab);
+    let busy = metric(&page, "jvpn_packets_dropped_total{reason=\"send_busy\"}");
+    eprintln!(
+        "TRANSPORT frozen TCP peer: {} packets sent at it, gateway RSS {} → {} KiB, {busy} send_busy drops",
+        report["sent"],
+        before / 1024,
+        during / 1024
+    );
+    assert!(
+        busy > 0.0,
+        "the connection's queue filled and dropped: {page}"
+    );
+    assert!(
+        during < before + (64 << 20),
+        "the gateway grew by {} KiB",
+        (during - before) / 1024
+    );
+    lab.freeze("client", false).expect("thaw");
+    assert_eq!(ping(&lab, "c", SERVER, 3), 3, "{}", lab.diagnostics());
+    assert_eq!(
+        lab.status("client").expect("status")["session_id"].as_str(),
+        Some(id.as_str())
+    );
+    finish(lab);
+}
