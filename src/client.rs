@@ -81,6 +81,7 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
             id: TransportId(i as u32 + 1),
             path,
             gateway: c.endpoint,
+            name: c.name.clone(),
         });
     }
     let policy = Arc::new(setup.policy.clone());

@@ -239,6 +239,9 @@ pub enum OnEnd {
 pub struct CandidateSetup {
     /// The transport kind.
     pub protocol: Protocol,
+    /// The host name and port it was given as, if a name (resolved again when every
+    /// candidate of that name has failed).
+    pub name: Option<(String, u16)>,
     /// The gateway's address on this path.
     pub endpoint: SocketAddr,
     /// The local address to send from (a path is chosen by it), if set.
@@ -563,6 +566,16 @@ pub fn load_gateway(
     })
 }
 
+/// The host name and port of a transport address written with a name (not an IP).
+fn host_name(text: &str) -> Option<(String, u16)> {
+    let rest = text.split_once("://").map_or(text, |(_, r)| r);
+    if rest.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    let (host, port) = rest.rsplit_once(':')?;
+    Some((host.to_string(), port.parse().ok()?))
+}
+
 /// Parses a transport address: `udp://HOST:PORT`, `quic://HOST:PORT`,
 /// `tcp://HOST:PORT`, or a bare `HOST:PORT` (UDP). A HOST that is a name is resolved
 /// now (its first address).
@@ -662,6 +675,7 @@ pub fn load_client(
         };
         let candidate = CandidateSetup {
             protocol,
+            name: host_name(&c.endpoint),
             endpoint,
             bind,
         };

@@ -151,6 +151,11 @@ fn quoted(items: &[String]) -> String {
         .join(", ")
 }
 
+/// Where `ip netns exec` takes a namespace's own /etc files from.
+fn netns_etc(ns: &str) -> PathBuf {
+    PathBuf::from("/etc/netns").join(ns)
+}
+
 fn lab_dir(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("jvlab-{tag}"))
 }
@@ -389,6 +394,18 @@ impl Lab {
     /// Whether process `name` was started and has not been waited for.
     pub fn is_running(&self, name: &str) -> bool {
         self.processes.iter().any(|(n, _)| n == name)
+    }
+
+    /// Gives the namespace of `role` its own /etc/hosts (what `ip netns exec` mounts
+    /// over /etc/hosts for the programs it starts there); rewritten in place, so a
+    /// running program sees the change at its next lookup. Removed with the lab.
+    pub fn set_hosts(&self, role: &str, text: &str) -> Result<()> {
+        let dir = netns_etc(&self.ns(role));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, format!("127.0.0.1 localhost\n{text}"))
+            .with_context(|| format!("cannot write {}", hosts.display()))
     }
 
     /// The process id of `name`, if it runs.
@@ -749,6 +766,7 @@ impl Lab {
         }
         for ns in self.namespaces.drain(..) {
             let _ = ip(&["netns", "del", &ns]);
+            let _ = std::fs::remove_dir_all(netns_etc(&ns));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -798,6 +816,9 @@ impl Lab {
         }
         for ns in Lab::leftovers(tag) {
             let _ = ip(&["netns", "del", &ns]);
+        }
+        for role in ["c", "g", "s", "x"] {
+            let _ = std::fs::remove_dir_all(netns_etc(&format!("jv{tag}{role}")));
         }
         let _ = std::fs::remove_dir_all(lab_dir(tag));
     }

@@ -1446,12 +1446,27 @@ fn floods_leave_the_live_session_and_new_clients_served() {
 const QUIC_PORT: u16 = 51821;
 const TCP_PORT: u16 = 51822;
 
-/// A gateway and a client given only QUIC, then only TCP, work as a plain VPN of that
-/// kind: ping and a checked transfer through the tunnel.
+/// Bytes of the checked transfers over each transport kind: `JVPN_TRANSFER_BYTES`
+/// (bench/transports sets it for the figures), else 8 MB.
+fn transfer_bytes() -> u64 {
+    std::env::var("JVPN_TRANSFER_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|b| (1_000..=10_000_000_000).contains(b))
+        .unwrap_or(8_000_000)
+}
+
+/// A gateway and a client given only UDP, only QUIC, then only TCP, each work as a
+/// plain VPN of that kind: bound there, ping and a checked transfer through the tunnel.
 #[test]
-fn quic_only_and_tcp_only_are_plain_vpns() {
+fn each_transport_kind_alone_is_a_plain_vpn() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    for (tag, kind, port) in [("e17", "quic", QUIC_PORT), ("e18", "tcp", TCP_PORT)] {
+    let bytes = transfer_bytes();
+    for (tag, kind, port) in [
+        ("e21", "udp", netlab::PORT),
+        ("e17", "quic", QUIC_PORT),
+        ("e18", "tcp", TCP_PORT),
+    ] {
         let Some(mut lab) = lab(tag) else { return };
         let endpoint = format!("{kind}://{}:{port}", netlab::GATEWAY_A);
         lab.gateway_listen = vec![endpoint.clone()];
@@ -1469,9 +1484,9 @@ fn quic_only_and_tcp_only_are_plain_vpns() {
             "{kind}: {}",
             lab.diagnostics()
         );
-        let mbps = transfer(&mut lab, 8_000_000, None);
+        let mbps = transfer(&mut lab, bytes, None);
         eprintln!(
-            "TRANSPORT {kind} only: 8 MB client → server, every byte checked, {mbps:.0} Mbit/s"
+            "TRANSPORT {kind} only: {bytes} B client → server, every byte checked, {mbps:.0} Mbit/s"
         );
         finish(lab);
     }
@@ -1659,5 +1674,50 @@ fn a_tcp_peer_that_stops_reading_does_not_grow_the_gateway() {
         lab.status("client").expect("status")["session_id"].as_str(),
         Some(id.as_str())
     );
+    finish(lab);
+}
+
+/// A candidate given as a name: when every path to its address fails, the client
+/// resolves the name again and reaches the gateway at its new address, in the same
+/// session.
+#[test]
+fn a_gateway_name_is_resolved_again_when_its_address_stops_answering() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e22") else { return };
+    let name = "gw.jvlab.test";
+    lab.set_hosts("c", &format!("{} {name}\n", netlab::GATEWAY_A))
+        .expect("hosts");
+    lab.client_candidates = vec![format!("{name}:{}", netlab::PORT)];
+    let id = connect(&mut lab, FAST_POLICY, "exit");
+    // The name moves to path B's address, and path A goes silent.
+    lab.set_hosts("c", &format!("{} {name}\n", netlab::GATEWAY_B))
+        .expect("hosts");
+    lab.cut(Path2::A).expect("cut");
+    // The client's candidate points at the new address; the gateway sees the client
+    // come from path B (the socket's source follows the new route).
+    let new_gateway = format!("{}:{}", netlab::GATEWAY_B, netlab::PORT);
+    let moved = wait_until(Duration::from_secs(15), || {
+        let client_moved = lab
+            .status("client")
+            .is_some_and(|c| c["candidates"][0]["gateway"] == new_gateway.as_str());
+        let gateway_sees_b = lab.status("gw").is_some_and(|gw| {
+            gw["sessions"][0]["active_transport"]
+                .as_str()
+                .is_some_and(|t| t.contains(&format!("{}:", netlab::CLIENT_B)))
+        });
+        client_moved && gateway_sees_b && lab.attached_on(1)
+    });
+    assert!(
+        moved,
+        "the client did not find the new address\n{}\nclient: {:?}\ngateway: {}",
+        lab.diagnostics(),
+        transitions(&lab.events("client")),
+        lab.status("gw").unwrap_or_default()
+    );
+    assert_eq!(
+        lab.status("client").expect("status")["session_id"].as_str(),
+        Some(id.as_str())
+    );
+    assert_eq!(ping(&lab, "c", SERVER, 3), 3);
     finish(lab);
 }

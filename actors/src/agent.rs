@@ -148,6 +148,29 @@ pub struct Candidate {
     pub path: CandidatePath,
     /// The gateway address this candidate reaches.
     pub gateway: SocketAddr,
+    /// The name `gateway` was resolved from, and the port, if it was given as one: it is
+    /// resolved again when every candidate of that name has failed.
+    pub name: Option<(String, u16)>,
+}
+
+/// How often a name is resolved again, at most.
+pub const RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A gateway name and the candidates that reach it.
+struct Named {
+    host: String,
+    port: u16,
+    transports: Vec<TransportId>,
+    last: Option<Instant>,
+    in_flight: bool,
+}
+
+/// A name resolved (off the agent's thread).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Resolved {
+    host: String,
+    addrs: Vec<SocketAddr>,
 }
 
 /// How a candidate reaches the gateway.
@@ -212,6 +235,8 @@ pub struct ClientAgent {
     timer: DeadlineTimer,
     /// Index (into `transports`) of the candidate the next handshake goes out on.
     next_connect: usize,
+    /// The gateway names among the candidates.
+    names: Vec<Named>,
     reported_session: Option<SessionId>,
     sessions: u32,
     last_end: Option<ReasonCode>,
@@ -315,7 +340,26 @@ impl ClientAgent {
             Conn(ConnTransport),
         }
         let mut prepared = Vec::with_capacity(candidates.len());
-        for Candidate { id, path, gateway } in candidates {
+        let mut names: Vec<Named> = Vec::new();
+        for Candidate {
+            id,
+            path,
+            gateway,
+            name,
+        } in candidates
+        {
+            if let Some((host, port)) = name {
+                match names.iter_mut().find(|n| n.host == host && n.port == port) {
+                    Some(n) => n.transports.push(id),
+                    None => names.push(Named {
+                        host,
+                        port,
+                        transports: vec![id],
+                        last: None,
+                        in_flight: false,
+                    }),
+                }
+            }
             let deliver: Arc<dyn Deliver> = Arc::new(ToAgent {
                 agent: me.clone(),
                 id,
@@ -357,6 +401,7 @@ impl ClientAgent {
             status: status_tx,
             timer: DeadlineTimer::default(),
             next_connect: 0,
+            names,
             reported_session: None,
             sessions: 0,
             last_end: None,
@@ -484,10 +529,64 @@ impl ClientAgent {
         }
     }
 
+    /// Resolves again, off this thread, each gateway name whose every candidate has
+    /// failed (dead, or silent past the heartbeat limit; before the first session: a
+    /// handshake gone unanswered), at most every [`RESOLVE_EVERY`].
+    fn reresolve(&mut self, ctx: &mut Context<Self>, now: Instant) {
+        if self.names.is_empty() {
+            return;
+        }
+        let silent = self.client.policy().heartbeat_volatile();
+        let health = self
+            .client
+            .control()
+            .map(|c| c.transports(now))
+            .unwrap_or_default();
+        let waiting = self.client.session_id().is_none() && self.client.handshake_timed_out(now);
+        for named in &mut self.names {
+            let failed = |id: &TransportId| {
+                health
+                    .iter()
+                    .find(|(t, _)| t.id == *id)
+                    .is_some_and(|(_, h)| h.dead || h.heartbeat_age > silent)
+            };
+            let all_failed = if health.is_empty() {
+                waiting
+            } else {
+                named.transports.iter().all(failed)
+            };
+            let due = named
+                .last
+                .is_none_or(|at| now.saturating_duration_since(at) >= RESOLVE_EVERY);
+            if !all_failed || !due || named.in_flight {
+                continue;
+            }
+            named.last = Some(now);
+            named.in_flight = true;
+            let (host, port, me) = (named.host.clone(), named.port, ctx.address());
+            // getaddrinfo blocks: a thread of its own, bounded by the one in flight per
+            // name.
+            let spawned = std::thread::Builder::new()
+                .name("jvpn-resolve".into())
+                .spawn(move || {
+                    use std::net::ToSocketAddrs;
+                    let addrs = (host.as_str(), port)
+                        .to_socket_addrs()
+                        .map(Iterator::collect)
+                        .unwrap_or_default();
+                    me.do_send(Resolved { host, addrs });
+                });
+            if spawned.is_err() {
+                named.in_flight = false;
+            }
+        }
+    }
+
     /// After every message: send what the core wants sent, report events, handle the
     /// session's end, publish the status, re-arm the timer.
     fn settle(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
+        self.reresolve(ctx, now);
         if self.client.handshake_timed_out(now) && !self.stopping {
             self.connect(now);
         }
@@ -600,11 +699,11 @@ impl Handler<AgentSignal> for ClientAgent {
         let up = matches!(msg.signal, Signal::Recovered | Signal::Connected);
         let now = Instant::now();
         self.client.transport_status(msg.via, up, now);
-        // A connection came up while the client has no session: its handshake may have
-        // gone nowhere (no connection yet); send one there now rather than at the retry.
+        // A connection came up while the client's handshake waits on it: that handshake
+        // went nowhere (there was no connection yet); send it again now rather than at
+        // the retry. A handshake pending on another transport is left alone.
         if msg.signal == Signal::Connected
-            && self.client.state() == State::Birth
-            && self.client.session_id().is_none()
+            && self.client.handshake_via() == Some(msg.via)
             && !self.stopping
         {
             self.connect_on(Some(msg.via), now);
@@ -633,6 +732,43 @@ impl Handler<FromTunnel> for ClientAgent {
                 self.send_batch(via, batch);
             }
         });
+        self.settle(ctx);
+    }
+}
+
+impl Handler<Resolved> for ClientAgent {
+    type Result = ();
+
+    /// Each candidate of the name moves to its new address (the first of its family),
+    /// and is reported up, so that the core may reattach there.
+    fn handle(&mut self, msg: Resolved, ctx: &mut Context<Self>) {
+        let Some(named) = self.names.iter_mut().find(|n| n.host == msg.host) else {
+            return;
+        };
+        named.in_flight = false;
+        let ids = named.transports.clone();
+        let now = Instant::now();
+        for (id, gateway, _, handle) in &mut self.transports {
+            if !ids.contains(id) {
+                continue;
+            }
+            let Some(new) = msg
+                .addrs
+                .iter()
+                .find(|a| a.is_ipv4() == gateway.is_ipv4())
+                .copied()
+            else {
+                continue;
+            };
+            if new == *gateway {
+                continue;
+            }
+            // A socket that cannot be pointed there keeps its address (and stays failed).
+            if handle.retarget(new).is_ok() {
+                *gateway = new;
+                self.client.transport_status(*id, true, now);
+            }
+        }
         self.settle(ctx);
     }
 }

@@ -78,6 +78,9 @@ pub enum ConnError {
 /// The writing half of one connection; on a client, replaced at each reconnection.
 pub struct ConnSender {
     link: Mutex<Option<Link>>,
+    /// Where a client connects (its candidate's address, or the address its name
+    /// resolved to last); unused on the gateway.
+    target: Mutex<Option<SocketAddr>>,
     /// Whether the last send found no connection: a change is a signal.
     failing: AtomicBool,
     meter: TrafficMeter,
@@ -93,6 +96,7 @@ impl ConnSender {
     fn new(protocol: Protocol) -> Arc<Self> {
         Arc::new(ConnSender {
             link: Mutex::new(None),
+            target: Mutex::new(None),
             failing: AtomicBool::new(false),
             meter: TrafficMeter::new(Direction::Tx, protocol),
         })
@@ -106,6 +110,16 @@ impl ConnSender {
         if let Some(Link::Quic(conn)) = old {
             conn.close(0u32.into(), b"closed");
         }
+    }
+
+    /// Connects to `to` from now on, dropping the current connection.
+    pub(crate) fn retarget(&self, to: SocketAddr) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
+        self.set(None);
+    }
+
+    fn target(&self) -> Option<SocketAddr> {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn current(&self) -> Option<Link> {
@@ -319,6 +333,7 @@ impl ConnTransport {
     pub fn new(candidate: ConnCandidate, deliver: Arc<dyn Deliver>) -> Result<Self, ConnError> {
         let tls = Arc::new(tls::client_config(candidate.pin)?);
         let sender = ConnSender::new(candidate.protocol);
+        sender.retarget(candidate.gateway);
         let local = candidate
             .bind
             .unwrap_or_else(|| unspecified(candidate.gateway));
@@ -395,7 +410,9 @@ async fn keep_connected(
     let mut backoff = BACKOFF.0;
     // The QUIC endpoint lives as long as the transport: one socket, many connections.
     let mut endpoint: Option<quinn::Endpoint> = None;
+    let mut candidate = candidate;
     loop {
+        candidate.gateway = sender.target().unwrap_or(candidate.gateway);
         let attempt = tokio::time::timeout(
             candidate.connect_timeout,
             connect(&candidate, &tls, &mut endpoint),

@@ -11,7 +11,7 @@
 //! - [`agent::ClientAgent`]: the client's session and its candidate transports.
 //! - [`events`] and [`telemetry`]: the non-blocking event sink and the metrics.
 
-// Denied everywhere but in `tun_sys`, the two TUN system calls no safe wrapper offers.
+// Denied everywhere but in `sys`, the few system calls no safe wrapper offers.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,8 +22,8 @@ pub mod node;
 pub mod runtime;
 pub mod session;
 pub mod supervisor;
+mod sys;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod tun;
-mod tun_sys;

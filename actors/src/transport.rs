@@ -94,6 +94,23 @@ impl TransportHandle {
         }
     }
 
+    /// Points the transport at a new gateway address (its name resolved anew): a UDP
+    /// socket is connected there, a connection is made there from its next attempt on
+    /// (the current one, if any, is dropped).
+    pub fn retarget(&self, to: SocketAddr) -> io::Result<()> {
+        match &self.sender {
+            Writer::Udp(udp) => {
+                use std::os::fd::AsFd;
+                crate::sys::disconnect(udp.socket.as_fd())?;
+                udp.socket.connect(to)
+            }
+            Writer::Conn(conn) => {
+                conn.retarget(to);
+                Ok(())
+            }
+        }
+    }
+
     /// Sends one datagram to `to` (a connection has one peer: `to` is its address).
     pub fn send(&self, to: SocketAddr, datagram: &[u8]) -> Sent {
         match &self.sender {

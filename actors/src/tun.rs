@@ -24,8 +24,8 @@ use jvpn_core::offload::{coalesce, segments, VnetHeader, VNET_HDR_DATA_VALID, VN
 use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 
 use crate::runtime::{ActorKind, Close};
+use crate::sys::{self, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use crate::telemetry;
-use crate::tun_sys::{self, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 
 /// The most packets one wakeup reads before handing them on.
 pub const READ_BATCH: usize = 64;
@@ -385,10 +385,10 @@ impl KernelTun {
             },
         ) = config.addresses.v6()
         {
-            tun_sys::add_ipv6_address(&name, addr, prefix).map_err(|e| refused(v6, e))?;
+            sys::add_ipv6_address(&name, addr, prefix).map_err(|e| refused(v6, e))?;
         }
         let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
-        let offloads = tun_sys::set_offload(device.as_raw_fd(), flags).is_ok();
+        let offloads = sys::set_offload(device.as_raw_fd(), flags).is_ok();
         Ok(KernelTun {
             device,
             mtu: usize::from(config.mtu),
@@ -444,7 +444,7 @@ impl TunDevice for KernelTun {
     fn write(&self, packet: &[u8]) -> io::Result<()> {
         // The device's descriptor is non-blocking: a full queue fails at once.
         let parts = [IoSlice::new(&VNET_HDR_DATA_VALID), IoSlice::new(packet)];
-        tun_sys::write_gathered(self.device.as_raw_fd(), &parts).map(|_| ())
+        sys::write_gathered(self.device.as_raw_fd(), &parts).map(|_| ())
     }
 
     fn write_batch(&self, packets: &[&[u8]]) {
@@ -455,7 +455,7 @@ impl TunDevice for KernelTun {
         JOINED.with_borrow_mut(|buf| {
             coalesce(packets, buf, |write| {
                 let parts = [IoSlice::new(write)];
-                if tun_sys::write_gathered(self.device.as_raw_fd(), &parts).is_err() {
+                if sys::write_gathered(self.device.as_raw_fd(), &parts).is_err() {
                     telemetry::dropped("tun_write_failed");
                 }
             });

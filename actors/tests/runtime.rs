@@ -337,6 +337,7 @@ async fn start(options: Options) -> Net {
         candidates.push(Candidate {
             id: TransportId(i as u32 + 1),
             path: CandidatePath::Udp(socket),
+            name: None,
             gateway: relay.addr,
         });
         relays.push(relay);
@@ -454,6 +455,7 @@ impl Net {
             vec![Candidate {
                 id: TransportId(1),
                 path: CandidatePath::Udp(socket),
+                name: None,
                 gateway: self.gw_addrs[0],
             }],
             Some(Arc::new(device)),

@@ -103,6 +103,7 @@ async fn pair() -> Pair {
         vec![Candidate {
             id: TransportId(1),
             path: CandidatePath::Udp(socket),
+            name: None,
             gateway: gw_addr,
         }],
         Some(Arc::new(client_device)),

@@ -596,6 +596,14 @@ impl Client {
         Handled::Consumed
     }
 
+    /// The transport the pending handshake went out on, while one is pending.
+    pub fn handshake_via(&self) -> Option<TransportId> {
+        match &self.phase {
+            Phase::Handshaking { via, .. } => Some(via.id),
+            _ => None,
+        }
+    }
+
     /// The transport the next initiation should go on, when the client knows better
     /// than taking the candidates in turn (a cookie just came on it).
     pub fn retry_via(&self) -> Option<TransportId> {

@@ -1,8 +1,8 @@
-//! The system calls around a TUN device that no safe wrapper offers: turning on the
-//! device's segmentation offload (TUNSETOFFLOAD), a gathered write (the virtio-net
-//! header and the packet in one writev, without copying the packet), and giving the
-//! device an IPv6 address (the `tun` crate addresses it through an IPv4 socket only).
-//! The only unsafe code of the crate; each block states why it is sound.
+//! The system calls no safe wrapper offers: turning on a TUN device's segmentation
+//! offload (TUNSETOFFLOAD), a gathered write (the virtio-net header and the packet in
+//! one writev, without copying the packet), giving the device an IPv6 address (the
+//! `tun` crate addresses it through an IPv4 socket only), and disconnecting a UDP
+//! socket. The only unsafe code of the crate; each block states why it is sound.
 
 use std::io::{self, IoSlice};
 use std::net::Ipv6Addr;
@@ -68,4 +68,27 @@ pub fn add_ipv6_address(name: &str, addr: Ipv6Addr, prefix: u8) -> io::Result<()
     unsafe { set_ipv6_address(control.as_raw_fd(), &request) }
         .map(|_| ())
         .map_err(io::Error::from)
+}
+
+/// Disconnects the UDP socket `fd` (connect to AF_UNSPEC): it forgets its peer and,
+/// unless bound to them explicitly, its source address and port, so that connecting it
+/// elsewhere picks the source the new route gives (a connected socket keeps the first
+/// one it got).
+#[allow(unsafe_code)]
+pub fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: connect reads `len` bytes of a `struct sockaddr` at the pointer, which is
+    // `unspec`, alive and initialized for the call; `fd` is a descriptor the caller
+    // borrows from a socket it keeps open.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), &unspec, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
