@@ -211,6 +211,16 @@ fn traffic_flows_both_ways_and_reaches_the_network_behind_the_gateway() {
         "{page}"
     );
     assert!(page.contains("jvpn_packets_total"), "{page}");
+    // Nothing but the client's own traffic came through (an IPv4-only tunnel carries no
+    // IPv6 chatter of the kernel's).
+    assert_eq!(
+        metric(
+            &page,
+            "jvpn_packets_dropped_total{reason=\"spoofed_source\"}"
+        ),
+        0.0,
+        "{page}"
+    );
     finish(lab);
 }
 

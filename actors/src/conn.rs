@@ -33,8 +33,11 @@ use crate::telemetry::{self, Direction, TrafficMeter};
 use crate::tls::{self, TlsIdentity, TlsPin};
 use crate::transport::{Deliver, Incoming, Sent, Signal, TransportHandle};
 
-/// TCP frames waiting for a connection's writer, at most.
-pub const FRAME_QUEUE: usize = 1_024;
+/// TCP frames waiting for a connection's writer, at most (about 360 KiB of full-size
+/// packets).
+pub const FRAME_QUEUE: usize = 256;
+/// The read and write buffers of a TCP connection (a TLS record is at most 16 KiB).
+const STREAM_BUFFER: usize = 32 << 10;
 /// Datagrams (QUIC) or frames (TCP) handed on per wakeup, at most.
 const READ_BATCH: usize = 64;
 /// The gateway closes a connection nothing came on for this long (a client's standby
@@ -55,7 +58,10 @@ fn quic_mtu(peer: SocketAddr) -> u16 {
     }
 }
 /// Buffers of QUIC datagrams, each way.
-const QUIC_DATAGRAM_BUFFER: usize = 4 << 20;
+const QUIC_DATAGRAM_BUFFER: usize = 1 << 20;
+/// How long a client's closing QUIC connection lingers, so that what it was just given
+/// (the session's terminate) leaves before the close.
+const QUIC_CLOSE_LINGER: Duration = Duration::from_millis(100);
 /// A client's reconnection backoff, doubling from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// The TLS handshake of an accepted TCP connection must finish within this.
@@ -103,13 +109,16 @@ impl ConnSender {
     }
 
     fn set(&self, link: Option<Link>) {
-        let old = std::mem::replace(
-            &mut *self.link.lock().unwrap_or_else(|e| e.into_inner()),
-            link,
-        );
-        if let Some(Link::Quic(conn)) = old {
+        if let Some(Link::Quic(conn)) = self.replace(link) {
             conn.close(0u32.into(), b"closed");
         }
+    }
+
+    fn replace(&self, link: Option<Link>) -> Option<Link> {
+        std::mem::replace(
+            &mut *self.link.lock().unwrap_or_else(|e| e.into_inner()),
+            link,
+        )
     }
 
     /// Connects to `to` from now on, dropping the current connection.
@@ -219,7 +228,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
     received: &TrafficMeter,
     idle: Option<Duration>,
 ) {
-    let mut reader = BufReader::with_capacity(256 << 10, reader);
+    let mut reader = BufReader::with_capacity(STREAM_BUFFER, reader);
     loop {
         let first = match idle {
             Some(idle) => match tokio::time::timeout(idle, read_frame(&mut reader)).await {
@@ -264,7 +273,7 @@ async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<BytesMut
 /// Writes the frames queued for a connection until the queue closes or a write fails;
 /// flushes whenever the queue runs empty.
 async fn write_frames<W: AsyncWrite + Unpin>(writer: W, mut frames: mpsc::Receiver<Bytes>) {
-    let mut writer = BufWriter::with_capacity(256 << 10, writer);
+    let mut writer = BufWriter::with_capacity(STREAM_BUFFER, writer);
     while let Some(frame) = frames.recv().await {
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
@@ -379,13 +388,19 @@ impl Actor for ConnTransport {
 impl Handler<Close> for ConnTransport {
     type Result = ();
 
-    /// Closes the connection (a QUIC close, or the TCP writer's shutdown once what it
-    /// holds is written) and stops.
+    /// Closes the connection once what it was given has left (a QUIC close after a
+    /// short linger, or the TCP writer's shutdown once what it holds is written) and
+    /// stops.
     fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
         if let Some(running) = self.running.take() {
             ctx.cancel_future(running);
         }
-        self.sender.set(None);
+        if let Some(Link::Quic(conn)) = self.sender.replace(None) {
+            actix_rt::spawn(async move {
+                tokio::time::sleep(QUIC_CLOSE_LINGER).await;
+                conn.close(0u32.into(), b"closed");
+            });
+        }
         ctx.stop();
     }
 }

@@ -353,6 +353,12 @@ impl KernelTun {
             name: name.clone(),
             cause,
         })?;
+        // Without an IPv6 address the device carries no IPv6 at all (set before it is
+        // up): the kernel's own (router solicitations, MLD) would only be dropped by the
+        // peer as spoofed.
+        if config.addresses.v6().is_none() {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        }
         let refused = |address, cause| TunError::Address {
             name: name.clone(),
             address,
