@@ -2,7 +2,7 @@
 #
 #   docker build -t jvpn .
 #   docker run --cap-add NET_ADMIN --device /dev/net/tun \
-#       -p 51820:51820/udp -p 51821:51821/udp \
+#       -p 51820:51820/udp -p 443:443/udp -p 443:443/tcp \
 #       -v /etc/jvpn:/etc/jvpn:ro jvpn
 #
 # /etc/jvpn/gateway.toml as in config/gateway.toml; set `metrics.listen` to
@@ -21,7 +21,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/jvpn /usr/local/bin/jvpn
 COPY config/ /usr/share/jvpn/examples/
-EXPOSE 51820/udp 51821/udp 9477/tcp
+EXPOSE 51820/udp 443/udp 443/tcp 9477/tcp
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["jvpn"]
 CMD ["gateway", "--config", "/etc/jvpn/gateway.toml"]

@@ -27,8 +27,12 @@ use crate::netconf::Changes;
 use crate::service;
 use crate::views;
 
-/// How long one QUIC or TCP connection attempt may take.
-const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+/// How long one QUIC or TCP connection attempt may take: the policy's
+/// `heartbeat_volatile_ms` (a path that answers nothing for that long counts as
+/// failing anyway), and at least a second for the TLS handshake's round trips.
+fn connect_attempt(policy: &jvpn_core::policy::Policy) -> Duration {
+    policy.heartbeat_volatile().max(Duration::from_secs(1))
+}
 
 /// The agent's mailbox capacity.
 const AGENT_MAILBOX: usize = 1024;
@@ -73,7 +77,7 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                 bind: c.bind,
                 fwmark,
                 pin,
-                connect_timeout: CONNECT_ATTEMPT,
+                connect_timeout: connect_attempt(&setup.policy),
             }),
             (_, None) => anyhow::bail!("candidate {}: gateway_tls_pin is missing", i + 1),
         };

@@ -137,6 +137,8 @@ pub struct Lab {
     pub gateway_listen: Vec<String>,
     /// The client's candidate endpoints, in order (default: UDP on path A, then B).
     pub client_candidates: Vec<String>,
+    /// Where the client serves its metrics ("" for nowhere, the default).
+    pub client_metrics: String,
     /// Which families the tunnel carries: (IPv4, IPv6); (true, false) unless a test
     /// changes it before starting the gateway.
     pub tunnel_families: (bool, bool),
@@ -192,6 +194,7 @@ impl Lab {
             gateway_forwarding: "enable = true\n".into(),
             gateway_listen: vec![format!("{GATEWAY_A}:{PORT}"), format!("{GATEWAY_B}:{PORT}")],
             client_candidates: vec![format!("{GATEWAY_A}:{PORT}"), format!("{GATEWAY_B}:{PORT}")],
+            client_metrics: String::new(),
             tunnel_families: (true, false),
         };
         lab.build()?;
@@ -657,6 +660,7 @@ impl Lab {
              [tunnel]\nname = \"jv{tag}t\"\n\
              [routes]\n{routes}\
              [admin]\nsocket = \"{dir}/client.sock\"\n\
+             [metrics]\nlisten = \"{metrics}\"\n\
              [events]\noutput = \"{dir}/client-events.jsonl\"\n\
              {policy}\n",
             tag = self.tag,
@@ -669,6 +673,7 @@ impl Lab {
                 .collect::<String>(),
             dir = self.dir.display(),
             routes = self.client_routes,
+            metrics = self.client_metrics,
         );
         self.write("client.toml", &text)
     }

@@ -1731,3 +1731,183 @@ fn a_gateway_name_is_resolved_again_when_its_address_stops_answering() {
     assert_eq!(ping(&lab, "c", SERVER, 3), 3);
     finish(lab);
 }
+
+/// Percent-encodes a query string value.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every PromQL expression operators are given: the dashboard's panels
+/// (deploy/grafana/dashboards/jvpn.json, Grafana's `$__rate_interval` as 1m) and the
+/// alert rules (deploy/prometheus/alerts.yml, each `EXPR > N` as `EXPR > bool N`, so that
+/// a quiet system still gives a series).
+fn operator_queries() -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/dashboards/jvpn.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| {
+            t["expr"]
+                .as_str()
+                .map(|e| e.replace("$__rate_interval", "1m"))
+        })
+        .collect();
+    let rules = std::fs::read_to_string(root.join("prometheus/alerts.yml")).expect("rules");
+    for line in rules.lines() {
+        if let Some(expr) = line.trim().strip_prefix("expr: ") {
+            let (left, right) = expr.rsplit_once(" > ").expect("alerts are EXPR > N");
+            queries.push(format!("{left} > bool {right}"));
+        }
+    }
+    queries
+}
+
+/// A real Prometheus scrapes a live gateway and client while traffic flows and a jump
+/// happens: `promtool` accepts both metrics pages and the alert rules, and every
+/// expression of the dashboard and of the rules is valid and returns a series.
+#[test]
+fn the_dashboard_and_the_alert_rules_work_on_a_real_prometheus() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if which("prometheus").is_none() || which("promtool").is_none() {
+        let why = "prometheus and promtool (Debian package prometheus) are needed";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true: {why}");
+        }
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let Some(mut lab) = lab("e23") else { return };
+    lab.client_metrics = "0.0.0.0:9478".into();
+    connect(&mut lab, FAST_POLICY, "exit");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: gateway\n    static_configs:\n      - targets: [\"127.0.0.1:9477\"]\n  - job_name: client\n    static_configs:\n      - targets: [\"{client}:9478\"]\n",
+        rules = root.join("alerts.yml").display(),
+        client = netlab::CLIENT_A,
+    );
+    let config_path = lab.write("prometheus.yml", &config).expect("config");
+    let data = lab.dir().join("prometheus-data");
+    let g = lab.ns("g");
+    lab.spawn(
+        "prometheus",
+        &g,
+        &[
+            "prometheus",
+            &format!("--config.file={}", config_path.display()),
+            &format!("--storage.tsdb.path={}", data.display()),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+    )
+    .expect("prometheus");
+    // Traffic, and a jump (path A cut), while it scrapes.
+    assert_eq!(ping(&lab, "c", SERVER, 5), 5);
+    lab.cut(Path2::A).expect("cut");
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.attached_on(2)),
+        "{}",
+        lab.diagnostics()
+    );
+    assert_eq!(ping(&lab, "c", SERVER, 5), 5);
+    let bin = env!("CARGO_BIN_EXE_jvpn");
+    for (who, ns, addr) in [
+        ("gateway", lab.ns("g"), "127.0.0.1:9477"),
+        ("client", lab.ns("c"), "127.0.0.1:9478"),
+    ] {
+        let page = lab
+            .exec_ok(&ns, &[bin, "lab", "fetch", "--addr", addr])
+            .expect("metrics");
+        let file = lab.write(&format!("{who}.metrics"), &page).expect("write");
+        let check = lab
+            .exec(
+                &ns,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("promtool check metrics < {}", file.display()),
+                ],
+            )
+            .expect("promtool");
+        assert!(
+            check.status.success(),
+            "promtool check metrics ({who}): {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    let rules = lab
+        .exec(
+            &g,
+            &[
+                "promtool",
+                "check",
+                "rules",
+                &root.join("alerts.yml").display().to_string(),
+            ],
+        )
+        .expect("promtool");
+    assert!(
+        rules.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    // Evaluated once both targets have been scraped a few times.
+    let query = |q: &str| -> Option<Value> {
+        let path = format!("/api/v1/query?query={}", url_encode(q));
+        let body = lab
+            .exec_ok(
+                &g,
+                &[
+                    bin,
+                    "lab",
+                    "fetch",
+                    "--addr",
+                    "127.0.0.1:9090",
+                    "--path",
+                    &path,
+                ],
+            )
+            .ok()?;
+        serde_json::from_str(&body).ok()
+    };
+    let ready = wait_until(Duration::from_secs(20), || {
+        query("count(up == 1)").is_some_and(|v| v["data"]["result"][0]["value"][1] == "2")
+            && query("jvpn_reattach_latency_seconds_count").is_some_and(|v| {
+                v["data"]["result"]
+                    .as_array()
+                    .is_some_and(|r| !r.is_empty())
+            })
+    });
+    assert!(
+        ready,
+        "Prometheus did not scrape both: {:?}",
+        lab.output_of("prometheus")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let queries = operator_queries();
+    assert!(queries.len() >= 15, "{queries:?}");
+    for q in &queries {
+        let answer = query(q).unwrap_or_else(|| panic!("no answer to {q}"));
+        assert_eq!(answer["status"], "success", "{q}: {answer}");
+        let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
+        assert!(series > 0, "{q} returns no series");
+    }
+    eprintln!(
+        "PROMETHEUS {} expressions evaluated, each with a series",
+        queries.len()
+    );
+    lab.stop("prometheus", Duration::from_secs(5));
+    finish(lab);
+}
