@@ -172,10 +172,15 @@ impl Changes {
     ) -> Result<(), NetconfError> {
         let table = fwmark.to_string();
         let mark = format!("{fwmark:#x}");
+        // A kernel without IPv6 has nothing of it to leak (and no `ip -6` to take).
+        let has_v6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
         for (family, default, carried) in [
             ("-4", "0.0.0.0/0", tunnel.v4().is_some()),
             ("-6", "::/0", tunnel.v6().is_some()),
         ] {
+            if family == "-6" && !has_v6 {
+                continue;
+            }
             let route: &[&str] = if carried {
                 &[default, "dev", dev]
             } else {

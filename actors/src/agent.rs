@@ -170,6 +170,7 @@ struct Named {
 #[rtype(result = "()")]
 struct Resolved {
     host: String,
+    port: u16,
     addrs: Vec<SocketAddr>,
 }
 
@@ -574,7 +575,7 @@ impl ClientAgent {
                         .to_socket_addrs()
                         .map(Iterator::collect)
                         .unwrap_or_default();
-                    me.do_send(Resolved { host, addrs });
+                    me.do_send(Resolved { host, port, addrs });
                 });
             if spawned.is_err() {
                 named.in_flight = false;
@@ -742,7 +743,11 @@ impl Handler<Resolved> for ClientAgent {
     /// Each candidate of the name moves to its new address (the first of its family),
     /// and is reported up, so that the core may reattach there.
     fn handle(&mut self, msg: Resolved, ctx: &mut Context<Self>) {
-        let Some(named) = self.names.iter_mut().find(|n| n.host == msg.host) else {
+        let Some(named) = self
+            .names
+            .iter_mut()
+            .find(|n| n.host == msg.host && n.port == msg.port)
+        else {
             return;
         };
         named.in_flight = false;

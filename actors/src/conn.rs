@@ -66,6 +66,27 @@ const QUIC_CLOSE_LINGER: Duration = Duration::from_millis(100);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// The TLS handshake of an accepted TCP connection must finish within this.
 const TLS_ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one source address may hold open at the gateway (a client uses one per
+/// candidate; a few clients may share an address behind a NAT).
+pub const CONNECTIONS_PER_SOURCE: usize = 16;
+/// A TCP write that makes no progress for this long ends the connection (a peer that
+/// keeps its window shut).
+const WRITE_STALL: Duration = Duration::from_secs(10);
+/// TCP keepalive (idle, interval, probes) and user timeout: a silently dead peer is
+/// noticed in about 11 s, not after the kernel's 15 minutes of retransmissions.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(5), Duration::from_secs(2), 3);
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keepalive and user timeout on a TCP socket (best effort: a kernel that refuses them
+/// leaves the defaults).
+fn tcp_liveness(socket: socket2::SockRef<'_>) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE.0)
+        .with_interval(KEEPALIVE.1)
+        .with_retries(KEEPALIVE.2);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
 
 /// Why a connection transport could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -192,18 +213,24 @@ fn quic_transport(keep_alive: bool, peer: SocketAddr) -> Arc<quinn::TransportCon
     Arc::new(t)
 }
 
-/// Reads QUIC datagrams until the connection ends, handing them on in batches.
+/// Reads QUIC datagrams until the connection ends or (`idle`) stays silent that long,
+/// handing them on in batches.
 async fn read_quic(
     conn: quinn::Connection,
     handle: &TransportHandle,
     deliver: &Arc<dyn Deliver>,
     received: &TrafficMeter,
+    idle: Option<Duration>,
 ) {
     loop {
-        let first = match conn.read_datagram().await {
-            Ok(d) => d,
-            Err(_) => return,
+        let read = match idle {
+            Some(idle) => match tokio::time::timeout(idle, conn.read_datagram()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            None => conn.read_datagram().await,
         };
+        let Ok(first) = read else { return };
         let peer = conn.remote_address();
         let mut batch: Vec<Incoming> = vec![(peer, BytesMut::from(&first[..]))];
         while batch.len() < READ_BATCH {
@@ -243,7 +270,9 @@ async fn read_frames<R: AsyncRead + Unpin>(
         while batch.len() < READ_BATCH && frame_buffered(reader.buffer()) {
             match read_frame(&mut reader).now_or_never() {
                 Some(Ok(frame)) => batch.push((peer, frame)),
-                _ => break,
+                // A bad frame ends the connection, as it does first in a batch.
+                Some(Err(_)) => return,
+                None => break,
             }
         }
         let bytes = batch.iter().map(|(_, d)| d.len()).sum();
@@ -282,14 +311,20 @@ async fn write_frames<W: AsyncWrite + Unpin>(writer: W, mut frames: mpsc::Receiv
                 next = frames.try_recv().ok();
                 continue;
             };
-            if writer.write_all(&len.to_be_bytes()).await.is_err()
-                || writer.write_all(&frame).await.is_err()
-            {
+            let wrote = tokio::time::timeout(WRITE_STALL, async {
+                writer.write_all(&len.to_be_bytes()).await?;
+                writer.write_all(&frame).await
+            })
+            .await;
+            if !matches!(wrote, Ok(Ok(()))) {
                 return;
             }
             next = frames.try_recv().ok();
         }
-        if writer.flush().await.is_err() {
+        if !matches!(
+            tokio::time::timeout(WRITE_STALL, writer.flush()).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
     }
@@ -383,6 +418,12 @@ impl Actor for ConnTransport {
         );
         self.running = Some(ctx.spawn(actix::fut::wrap_future(run)));
     }
+
+    /// However it stopped (closed, crashed, or nobody holds it), its connection goes
+    /// with it: nobody would read it any more.
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.sender.set(None);
+    }
 }
 
 impl Handler<Close> for ConnTransport {
@@ -439,7 +480,7 @@ async fn keep_connected(
                 sender.failing.store(false, Ordering::Relaxed);
                 deliver.signal(&handle, Signal::Connected);
                 backoff = BACKOFF.0;
-                read_quic(conn, &handle, &deliver, &received).await;
+                read_quic(conn, &handle, &deliver, &received, None).await;
             }
             Ok(Ok(Connected::Tcp(link, reader))) => {
                 sender.set(Some(link));
@@ -524,6 +565,7 @@ async fn connect(
             }
             let stream = socket.connect(c.gateway).await?;
             stream.set_nodelay(true)?;
+            tcp_liveness(socket2::SockRef::from(&stream));
             let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
                 .connect(tls::server_name(), stream)
                 .await?;
@@ -563,6 +605,7 @@ impl ConnListeners {
     ) -> Result<ConnListeners, ConnError> {
         let (stop, stopped) = watch::channel(false);
         let open = Arc::new(AtomicUsize::new(0));
+        let by_source = Arc::new(Mutex::new(std::collections::HashMap::new()));
         let server = Arc::new(identity.server_config()?);
         let mut bound = Vec::new();
         let mut local = Vec::new();
@@ -600,6 +643,7 @@ impl ConnListeners {
             let serve = Serve {
                 deliver: Arc::clone(&deliver),
                 open: Arc::clone(&open),
+                by_source: Arc::clone(&by_source),
                 max: max_connections,
                 stopped: stopped.clone(),
             };
@@ -639,29 +683,52 @@ enum Bound {
 struct Serve {
     deliver: Arc<dyn Deliver>,
     open: Arc<AtomicUsize>,
+    /// Open connections by source address (only addresses that have some).
+    by_source: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     max: usize,
     stopped: watch::Receiver<bool>,
 }
 
-/// One open connection, counted until dropped.
-struct Open(Arc<AtomicUsize>);
+/// One open connection, counted (in all and for its source) until dropped.
+struct Open {
+    open: Arc<AtomicUsize>,
+    by_source: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    source: std::net::IpAddr,
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        let mut by_source = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
     }
 }
 
 impl Serve {
-    /// Counts a new connection in, if there is room.
-    fn admit(&self) -> Option<Open> {
-        let n = self.open.fetch_add(1, Ordering::Relaxed);
-        let slot = Open(Arc::clone(&self.open));
-        if n >= self.max {
+    /// Counts a new connection from `source` in, if there is room in all and for it.
+    fn admit(&self, source: std::net::IpAddr) -> Option<Open> {
+        let mut by_source = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = by_source.get(&source).copied().unwrap_or(0);
+        if mine >= CONNECTIONS_PER_SOURCE {
+            telemetry::dropped("connection_refused_source");
+            return None;
+        }
+        if self.open.load(Ordering::Relaxed) >= self.max {
             telemetry::dropped("connection_refused_full");
             return None;
         }
-        Some(slot)
+        self.open.fetch_add(1, Ordering::Relaxed);
+        by_source.insert(source, mine + 1);
+        Some(Open {
+            open: Arc::clone(&self.open),
+            by_source: Arc::clone(&self.by_source),
+            source,
+        })
     }
 
     async fn until_stopped(mut stopped: watch::Receiver<bool>) {
@@ -682,7 +749,7 @@ impl Serve {
                 _ = Self::until_stopped(self.stopped.clone()) => None,
             };
             let Some(incoming) = incoming else { break };
-            let Some(slot) = self.admit() else {
+            let Some(slot) = self.admit(incoming.remote_address().ip()) else {
                 incoming.refuse();
                 continue;
             };
@@ -702,7 +769,7 @@ impl Serve {
                     TransportHandle::connection(Protocol::Quic, local, Arc::clone(&sender));
                 let received = TrafficMeter::new(Direction::Rx, Protocol::Quic);
                 tokio::select! {
-                    _ = read_quic(conn, &handle, &serve.deliver, &received) => {}
+                    _ = read_quic(conn, &handle, &serve.deliver, &received, Some(IDLE_CLOSE)) => {}
                     _ = Self::until_stopped(serve.stopped.clone()) => {}
                 }
                 sender.set(None);
@@ -722,15 +789,20 @@ impl Serve {
             };
             let Some(accepted) = accepted else { break };
             let Ok((stream, peer)) = accepted else {
+                // Out of descriptors, most likely: wait rather than spin.
                 telemetry::dropped("accept_failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let Some(slot) = self.admit() else { continue };
+            let Some(slot) = self.admit(peer.ip()) else {
+                continue;
+            };
             let serve = self.clone();
             let acceptor = acceptor.clone();
             actix_rt::spawn(async move {
                 let _slot = slot;
                 let _ = stream.set_nodelay(true);
+                tcp_liveness(socket2::SockRef::from(&stream));
                 let Ok(Ok(stream)) =
                     tokio::time::timeout(TLS_ACCEPT_TIMEOUT, acceptor.accept(stream)).await
                 else {

@@ -162,15 +162,13 @@ impl SessionActor {
         }
     }
 
-    /// Remembers that the client was heard on `via` at `from`.
+    /// Remembers that the client was heard on `via` at `from`; the newest handle wins
+    /// (a client's QUIC or TCP connection made again arrives from the same address on a
+    /// new connection, and the old one is closed).
     fn heard_on(&mut self, from: Endpoint, via: &TransportHandle) {
         if let Some(i) = self.paths.iter().position(|(e, _)| *e == from) {
-            if let Some(entry) = self.paths.remove(i) {
-                self.paths.push_front(entry);
-            }
-            return;
-        }
-        if self.paths.len() >= PATHS_KEPT {
+            self.paths.remove(i);
+        } else if self.paths.len() >= PATHS_KEPT {
             self.paths.pop_back();
         }
         self.paths.push_front((from, via.clone()));

@@ -478,6 +478,8 @@ pub struct GatewayRouter {
     /// The gate of initiations (mac1, cookies under load, per-source budgets): one that
     /// fails it never reaches the supervisor's queue, let alone a Diffie-Hellman.
     gate: Mutex<HandshakeGate>,
+    /// The gate's mac1 key, checked before its lock is taken: junk costs no contention.
+    mac_key: jvpn_core::mac::MacKey,
     /// Handshakes waiting for the supervisor.
     waiting: Arc<AtomicUsize>,
     /// From how many waiting the node is under load.
@@ -498,6 +500,7 @@ impl GatewayRouter {
             registry,
             supervisor,
             reporter,
+            mac_key: gate.mac_key().clone(),
             gate: Mutex::new(gate),
             waiting: Arc::new(AtomicUsize::new(0)),
             load_threshold,
@@ -611,8 +614,12 @@ impl Deliver for GatewayRouter {
             for (from, datagram) in batch {
                 let header = match wire::parse(&datagram) {
                     Ok(Datagram::Session { header, .. }) => header,
-                    Ok(Datagram::HandshakeInit { .. }) => {
-                        handshakes.push((from, datagram));
+                    Ok(Datagram::HandshakeInit { macs, .. }) => {
+                        if self.mac_key.verify(macs.mac1_covered, macs.mac1) {
+                            handshakes.push((from, datagram));
+                        } else {
+                            telemetry::dropped(CoreDrop::HandshakeMac.as_str());
+                        }
                         continue;
                     }
                     Ok(_) => {

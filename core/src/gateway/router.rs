@@ -144,6 +144,9 @@ pub(super) struct SourceBuckets {
     buckets: Box<[TokenBucket]>,
     /// Bytes of an IPv4 and of an IPv6 address that make the prefix.
     prefix: (usize, usize),
+    /// A random key of the bucket hash, so that nobody can pick addresses that share a
+    /// known client's bucket.
+    seed: u32,
 }
 
 impl SourceBuckets {
@@ -151,6 +154,7 @@ impl SourceBuckets {
         SourceBuckets {
             buckets: vec![TokenBucket::default(); HintLimits::PREFIX_BUCKETS].into_boxed_slice(),
             prefix,
+            seed: getrandom::u32().unwrap_or(0),
         }
     }
 
@@ -175,7 +179,7 @@ impl SourceBuckets {
             4 => &octets[12..12 + len.min(4)],
             _ => &octets[..len.min(16)],
         };
-        let mut hash: u32 = 0x811c_9dc5;
+        let mut hash: u32 = 0x811c_9dc5 ^ self.seed;
         for b in std::iter::once(&family).chain(prefix) {
             hash = (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193);
         }
