@@ -47,12 +47,18 @@ pub struct HandshakeGate {
     /// across restarts, so a counter alone would repeat).
     nonce_prefix: Option<[u8; 8]>,
     nonce_counter: u32,
-    /// Diffie-Hellmans per source (under load, proven sources only). Cookie replies
-    /// have no budget, as in WireGuard: each is smaller than the initiation that asked
-    /// for it, and a budget would let a spoofed flood use up the one a real client
-    /// needs to get its cookie.
+    /// Diffie-Hellmans per source (under load, proven sources only).
     handshakes: SourceBuckets,
+    /// Cookie replies per source: each costs a hash, a seal and a send on the thread
+    /// that reads the socket, and a flood of them would crowd out the sessions' packets.
+    /// The table is large ([`COOKIE_BUCKETS`]) so that a flood from random spoofed
+    /// sources leaves nearly every bucket — and so a real client's — with tokens.
+    cookies: SourceBuckets,
 }
+
+/// Buckets of the cookie replies' budget: a flood must exceed a million spoofed packets
+/// a second to empty them all (20 tokens a second each).
+pub const COOKIE_BUCKETS: usize = 65_536;
 
 impl std::fmt::Debug for HandshakeGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,6 +79,7 @@ impl HandshakeGate {
             nonce_prefix: None,
             nonce_counter: 0,
             handshakes: SourceBuckets::new((4, 8)),
+            cookies: SourceBuckets::with_buckets((4, 8), COOKIE_BUCKETS),
         }
     }
 
@@ -103,7 +110,7 @@ impl HandshakeGate {
         let (per_second, burst) = (HandshakeLimits::PER_SECOND, HandshakeLimits::BURST);
         if under_load && !self.proven(from, macs, now) {
             // No secret yet (the OS's random source failed): no cookie can be trusted.
-            if self.rotated_at.is_none() {
+            if self.rotated_at.is_none() || !self.cookies.take(from.ip(), now, per_second, burst) {
                 return Verdict::Refuse(Drop::HandshakeRate);
             }
             let Some(nonce) = self.next_nonce() else {
@@ -292,5 +299,29 @@ mod tests {
         ));
         let after = t0 + UNDER_LOAD_FOR;
         assert_eq!(judge(&mut gate, here, &plain, false, after), Verdict::Admit);
+    }
+
+    /// Cookie replies to one address are bounded like handshakes: a flood with its
+    /// address gets the burst, then the rate; other addresses are not held back.
+    #[test]
+    fn cookie_replies_to_one_source_are_bounded() {
+        let gw = PublicKey([5; 32]);
+        let mut gate = HandshakeGate::new(&gw);
+        let t0 = Instant::now();
+        let victim: SocketAddr = "10.9.9.9:53".parse().expect("addr");
+        let plain = initiation(&gw, 1, None);
+        let cookie = |gate: &mut HandshakeGate, from, now| {
+            matches!(judge(gate, from, &plain, true, now), Verdict::Cookie(_))
+        };
+        let replies = (0..1_000u64)
+            .filter(|i| cookie(&mut gate, victim, t0 + Duration::from_micros(*i * 100)))
+            .count() as u32;
+        let most = HandshakeLimits::BURST + HandshakeLimits::PER_SECOND / 10 + 1;
+        assert!(
+            (HandshakeLimits::BURST..=most).contains(&replies),
+            "{replies} cookie replies in 100 ms"
+        );
+        let other: SocketAddr = "10.9.9.10:53".parse().expect("addr");
+        assert!(cookie(&mut gate, other, t0 + Duration::from_millis(100)));
     }
 }

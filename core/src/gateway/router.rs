@@ -151,8 +151,13 @@ pub(super) struct SourceBuckets {
 
 impl SourceBuckets {
     pub(super) fn new(prefix: (usize, usize)) -> Self {
+        Self::with_buckets(prefix, HintLimits::PREFIX_BUCKETS)
+    }
+
+    /// A table of `count` buckets (at least one).
+    pub(super) fn with_buckets(prefix: (usize, usize), count: usize) -> Self {
         SourceBuckets {
-            buckets: vec![TokenBucket::default(); HintLimits::PREFIX_BUCKETS].into_boxed_slice(),
+            buckets: vec![TokenBucket::default(); count.max(1)].into_boxed_slice(),
             prefix,
             seed: getrandom::u32().unwrap_or(0),
         }
