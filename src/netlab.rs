@@ -542,19 +542,24 @@ impl Lab {
             "table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n chain post {{ type nat hook postrouting priority srcnat; oifname \"{dev}\" udp dport {PORT} snat to {to}\n }}\n}}\n"
         );
         self.nft(&c, &script)?;
-        self.exec_ok(
-            &c,
-            &["conntrack", "-D", "-p", "udp", "--dport", &PORT.to_string()],
-        )
-        .or_else(|e| {
+        // A datagram from the gateway arriving between the flush and the client's next
+        // one would make a new entry in the other direction, which the NAT rule does not
+        // touch: flush until the entry shows the new mapping (bounded).
+        let shows = match to.split_once(':') {
+            Some((_, port)) => format!("dport={port}"),
+            None => format!("dst={to}"),
+        };
+        let port = PORT.to_string();
+        for _ in 0..20 {
             // conntrack exits 1 when nothing matched: nothing to forget.
-            if e.to_string().contains("0 flow entries") {
-                Ok(String::new())
-            } else {
-                Err(e)
+            let _ = self.exec(&c, &["conntrack", "-D", "-p", "udp", "--dport", &port]);
+            std::thread::sleep(Duration::from_millis(150));
+            let listed = self.exec(&c, &["conntrack", "-L", "-p", "udp", "--dport", &port])?;
+            if String::from_utf8_lossy(&listed.stdout).contains(&shows) {
+                return Ok(());
             }
-        })?;
-        Ok(())
+        }
+        bail!("the NAT's new mapping ({to}) did not take")
     }
 
     /// Sets the client's link on `path` down or up.
