@@ -110,13 +110,37 @@ pub fn text(v: &Value) -> String {
     }
 }
 
-fn render_transitions(out: &mut String, v: &Value) {
+/// A duration in milliseconds as a person reads it: "120 ms", "3.4 s", "5 min 12 s",
+/// "2 h 5 min"; "-" for none.
+fn duration(ms: &Value) -> String {
+    let Some(ms) = ms.as_f64().filter(|m| m.is_finite() && *m >= 0.0) else {
+        return "-".into();
+    };
+    let secs = (ms / 1_000.0) as u64;
+    match ms {
+        m if m < 1_000.0 => format!("{m:.0} ms"),
+        m if m < 60_000.0 => format!("{:.1} s", m / 1_000.0),
+        _ if secs < 3_600 => format!("{} min {} s", secs / 60, secs % 60),
+        _ => format!("{} h {} min", secs / 3_600, secs % 3_600 / 60),
+    }
+}
+
+/// How long ago the Unix-millisecond time `ts_ms` was, at `now_ms`.
+fn ago(ts_ms: &Value, now_ms: u64) -> String {
+    match ts_ms.as_u64() {
+        Some(ts) if ts <= now_ms => format!("{} ago", duration(&Value::from(now_ms - ts))),
+        Some(_) => "just now".into(),
+        None => "-".into(),
+    }
+}
+
+fn render_transitions(out: &mut String, v: &Value, now_ms: u64) {
     if let Some(list) = v.as_array() {
         for t in list {
             let _ = writeln!(
                 out,
-                "    {} {} -> {} ({})",
-                text(&t["ts_ms"]),
+                "    {:>14}  {} -> {} ({})",
+                ago(&t["ts_ms"], now_ms),
                 text(&t["from"]),
                 text(&t["to"]),
                 text(&t["reason_code"])
@@ -125,8 +149,17 @@ fn render_transitions(out: &mut String, v: &Value) {
     }
 }
 
-/// The human-readable form of a status answer.
+/// The human-readable form of a status answer, with times relative to now (`--json`
+/// keeps the answer's own Unix milliseconds).
 pub fn render(v: &Value) -> String {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    render_at(v, now_ms)
+}
+
+/// [`render`] at the Unix-millisecond time `now_ms`.
+pub fn render_at(v: &Value, now_ms: u64) -> String {
     let mut out = String::new();
     if v["ok"] == false {
         let _ = writeln!(out, "error: {}", text(&v["error"]));
@@ -158,7 +191,7 @@ pub fn render(v: &Value) -> String {
                     text(&s["tx_bytes"])
                 );
                 let _ = writeln!(out, "  last transitions:");
-                render_transitions(&mut out, &s["recent_transitions"]);
+                render_transitions(&mut out, &s["recent_transitions"], now_ms);
             }
         }
         Some("client") => {
@@ -179,15 +212,15 @@ pub fn render(v: &Value) -> String {
             );
             let _ = writeln!(
                 out,
-                "  last reattach: {} ms; sessions established: {}",
-                text(&v["last_reattach_ms"]),
+                "  last reattach took: {}; sessions established: {}",
+                duration(&v["last_reattach_ms"]),
                 text(&v["sessions_established"])
             );
             let _ = writeln!(out, "  candidates:");
             for c in v["candidates"].as_array().cloned().unwrap_or_default() {
                 let _ = writeln!(
                     out,
-                    "    {}{} {}: loss {} over {} samples, srtt {} ms, p95 {} ms, heard {} ms ago{}",
+                    "    {}{} {}: loss {} over {} samples, srtt {} ms, p95 {} ms, heard {} ago{}",
                     if c["active"] == true { "*" } else { " " },
                     text(&c["id"]),
                     text(&c["gateway"]),
@@ -195,16 +228,57 @@ pub fn render(v: &Value) -> String {
                     text(&c["samples"]),
                     text(&c["srtt_ms"]),
                     text(&c["rtt_p95_ms"]),
-                    text(&c["heartbeat_age_ms"]),
+                    duration(&c["heartbeat_age_ms"]),
                     if c["dead"] == true { ", DEAD" } else { "" }
                 );
             }
             let _ = writeln!(out, "  last transitions:");
-            render_transitions(&mut out, &v["recent_transitions"]);
+            render_transitions(&mut out, &v["recent_transitions"], now_ms);
         }
         _ => {
             let _ = writeln!(out, "{v}");
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_a_person_reads_them() {
+        let d = |ms: f64| duration(&json!(ms));
+        assert_eq!(d(0.0), "0 ms");
+        assert_eq!(d(120.4), "120 ms");
+        assert_eq!(d(3_400.0), "3.4 s");
+        assert_eq!(d(312_000.0), "5 min 12 s");
+        assert_eq!(d(7_500_000.0), "2 h 5 min");
+        assert_eq!(duration(&Value::Null), "-");
+        assert_eq!(duration(&json!(-5)), "-");
+        assert_eq!(ago(&json!(1_000), 181_000), "3 min 0 s ago");
+        assert_eq!(ago(&json!(2_000), 1_000), "just now");
+    }
+
+    /// Times in the text are relative to now; the JSON keeps the epoch milliseconds.
+    #[test]
+    fn a_status_shows_times_relative_to_now() {
+        let now = 1_800_000_000_000u64;
+        let answer = json!({
+            "ok": true, "role": "client", "session_id": "00000000000000aa",
+            "state": "ATTACHED", "state_version": 4, "tunnel_addresses": ["10.77.0.2/24"],
+            "active_transport": 1, "rx_bytes": 1, "tx_bytes": 2,
+            "last_reattach_ms": 312.0, "sessions_established": 1,
+            "candidates": [{"id": 1, "gateway": "192.0.2.1:51820", "active": true,
+                "loss_ratio": 0.0, "samples": 10, "srtt_ms": 0.8, "rtt_p95_ms": 1.2,
+                "heartbeat_age_ms": 120.0, "dead": false}],
+            "recent_transitions": [{"ts_ms": now - 180_000, "from": "BIRTH", "to": "ATTACHED",
+                "reason_code": "attached_to_transport"}],
+        });
+        let text = render_at(&answer, now);
+        assert!(text.contains("3 min 0 s ago  BIRTH -> ATTACHED"), "{text}");
+        assert!(text.contains("heard 120 ms ago"), "{text}");
+        assert!(text.contains("last reattach took: 312 ms"), "{text}");
+        assert!(!text.contains(&now.to_string()), "{text}");
+    }
 }

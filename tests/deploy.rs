@@ -1,0 +1,71 @@
+//! The operators' files under deploy/: the Grafana dashboard's structure (Grafana itself
+//! is not installable here; tests/e2e.rs evaluates its expressions on a real
+//! Prometheus), and that it uses the provisioned datasource.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde_json::Value;
+
+fn deploy(file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_dashboard_is_well_formed_and_uses_the_provisioned_datasource() {
+    let dashboard: Value =
+        serde_json::from_str(&deploy("grafana/dashboards/jvpn.json")).expect("JSON");
+    assert!(
+        dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36),
+        "schemaVersion"
+    );
+    assert_eq!(dashboard["uid"], "jvpn");
+    let datasource = deploy("grafana/provisioning/datasources/prometheus.yml");
+    assert!(datasource.contains("uid: jvpn-prometheus"), "{datasource}");
+    let provider = deploy("grafana/provisioning/dashboards/jvpn.yml");
+    assert!(
+        provider.contains("path: /var/lib/grafana/dashboards"),
+        "{provider}"
+    );
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let mut ids = HashSet::new();
+    for p in panels {
+        let title = p["title"].as_str().expect("every panel has a title");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("id")),
+            "{title}: id repeated"
+        );
+        assert_eq!(p["datasource"]["uid"], "jvpn-prometheus", "{title}");
+        for key in ["h", "w", "x", "y"] {
+            assert!(p["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no target");
+        let mut refs = HashSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().expect("refId")),
+                "{title}: refId repeated"
+            );
+            assert_eq!(t["datasource"]["uid"], "jvpn-prometheus", "{title}");
+            let expr = t["expr"].as_str().expect("expr");
+            assert!(expr.contains("jvpn_"), "{title}: {expr}");
+        }
+    }
+    // Every metric of spec/metrics.md is on the dashboard (packets only as bytes).
+    let spec =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("spec/metrics.md"))
+            .expect("spec");
+    let all = serde_json::to_string(&dashboard).expect("text");
+    for line in spec.lines().filter(|l| l.starts_with("| jvpn_")) {
+        let name = line.split('|').nth(1).unwrap_or_default().trim();
+        if name == "jvpn_packets_total" {
+            continue;
+        }
+        assert!(all.contains(name), "{name} is on no panel");
+    }
+}
