@@ -69,52 +69,9 @@ fn ping(lab: &Lab, from: &str, to: &str, count: u32) -> u32 {
 
 /// A checked TCP transfer from the client to the server; returns Mbit/s.
 fn transfer(lab: &mut Lab, bytes: u64, pace_ms: Option<u64>) -> f64 {
-    let s = lab.ns("s");
     let listen = format!("{SERVER}:5201");
-    let bytes_s = bytes.to_string();
-    lab.spawn_jvpn(
-        "sink",
-        &s,
-        &[
-            "lab",
-            "tcp-sink",
-            "--listen",
-            &listen,
-            "--bytes",
-            &bytes_s,
-            "--timeout",
-            "60",
-        ],
-    )
-    .expect("sink");
-    let mut args = vec![
-        "lab".to_string(),
-        "tcp-source".into(),
-        "--to".into(),
-        listen.clone(),
-        "--bytes".into(),
-        bytes_s.clone(),
-        "--timeout".into(),
-        "60".into(),
-    ];
-    if let Some(p) = pace_ms {
-        args.extend(["--pace-ms".to_string(), p.to_string()]);
-    }
-    let bin = env!("CARGO_BIN_EXE_jvpn");
-    let mut argv = vec![bin];
-    argv.extend(args.iter().map(String::as_str));
-    let out = lab.exec(&lab.ns("c"), &argv).expect("source");
-    assert!(
-        out.status.success(),
-        "the sender failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let code = lab.wait("sink", Duration::from_secs(30));
-    let (report, err) = lab.output_of("sink");
-    assert_eq!(code, Some(0), "the receiver failed: {err}");
-    let v: Value = serde_json::from_str(report.trim()).expect("sink report");
-    assert_eq!(v["bytes"].as_u64(), Some(bytes), "{report}");
-    v["mbit_per_s"].as_f64().unwrap_or(0.0)
+    start_transfer_between(lab, "", ("c", "s"), &listen, bytes, pace_ms);
+    await_transfer(lab, "", bytes)
 }
 
 fn t(a: &str, b: &str, r: &str) -> (String, String, String) {
@@ -283,9 +240,10 @@ fn start_transfer_between(
         .expect("source");
 }
 
-/// Waits for the transfer `name` (see [`start_transfer_between`]): both ends exit 0
-/// (the receiver checked every byte); returns the receiver's Mbit/s.
-fn await_transfer(lab: &mut Lab, name: &str) -> f64 {
+/// Waits for the transfer `name` of `bytes` (see [`start_transfer_between`]): both ends
+/// exit 0 (the receiver checked every byte) and the receiver counted them all; returns
+/// its Mbit/s.
+fn await_transfer(lab: &mut Lab, name: &str, bytes: u64) -> f64 {
     for end in ["source", "sink"] {
         let process = format!("{name}{end}");
         assert_eq!(
@@ -298,6 +256,7 @@ fn await_transfer(lab: &mut Lab, name: &str) -> f64 {
     }
     let (report, _) = lab.output_of(&format!("{name}sink"));
     let v: Value = serde_json::from_str(report.trim()).expect("sink report");
+    assert_eq!(v["bytes"].as_u64(), Some(bytes), "{report}");
     v["mbit_per_s"].as_f64().unwrap_or(0.0)
 }
 
@@ -992,7 +951,7 @@ fn ipv6_and_ipv4_share_one_dual_stack_tunnel_through_a_jump() {
     start_transfer_between(&mut lab, "v6down", ("s", "c"), &v6_down, 8_000_000, None);
     start_transfer_between(&mut lab, "v4up", ("c", "s"), &v4_up, 8_000_000, None);
     for name in ["v6up", "v6down", "v4up"] {
-        let mbps = await_transfer(&mut lab, name);
+        let mbps = await_transfer(&mut lab, name, 8_000_000);
         eprintln!("{name}: 8 MB, every byte checked, {mbps:.0} Mbit/s (three at once)");
     }
     // A jump while IPv6 flows.
@@ -1017,7 +976,7 @@ fn ipv6_and_ipv4_share_one_dual_stack_tunnel_through_a_jump() {
         gap.received,
         gap.sent
     );
-    await_transfer(&mut lab, "jump");
+    await_transfer(&mut lab, "jump", 4_000_000);
     let after = lab.status("client").expect("status");
     assert_eq!(after["session_id"].as_str(), Some(id.as_str()));
     assert_eq!(after["tunnel_addresses"], both);
@@ -1132,7 +1091,7 @@ fn an_ipv6_only_tunnel_carries_ipv6() {
     assert_eq!(ping(&lab, "c", SERVER6, 3), 3, "{}", lab.diagnostics());
     let listen = format!("[{SERVER6}]:5202");
     start_transfer_between(&mut lab, "", ("c", "s"), &listen, 4_000_000, None);
-    await_transfer(&mut lab, "");
+    await_transfer(&mut lab, "", 4_000_000);
     finish(lab);
 }
 
