@@ -161,7 +161,9 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                     &setup,
                     &mut changes,
                     &handles.agent,
-                ) {
+                )
+                .await
+                {
                     break Err(e);
                 }
                 tunnel = Some(assigned);
@@ -275,7 +277,7 @@ fn tell_changes(before: Option<&AgentStatus>, now: &AgentStatus, setup: &ClientS
 /// installs the routes. A route of a family the tunnel has no address of is refused
 /// (its packets would be dropped by the gateway as spoofed): so would the client's
 /// traffic silently leave outside the tunnel.
-fn bring_up(
+async fn bring_up(
     tunnel: &crate::config::TunnelSetup,
     assigned: TunnelAddrs,
     setup: &ClientSetup,
@@ -308,10 +310,12 @@ fn bring_up(
     }
     agent.do_send(UseDevice(Arc::new(device)));
     for (net, prefix) in &setup.networks {
-        changes.route(*net, *prefix, &tunnel.name)?;
+        changes.route(*net, *prefix, &tunnel.name).await?;
     }
     if setup.full_tunnel {
-        changes.full_tunnel(&tunnel.name, setup.fwmark, assigned)?;
+        changes
+            .full_tunnel(&tunnel.name, setup.fwmark, assigned)
+            .await?;
     }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! `jvpn`: the Jumping VPN command line.
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use jvpn::admin::{self, Request};
-use jvpn::{config, lab, policy_file, simulate, views};
+use jvpn::{config, policy_file, simulate, views};
 use jvpn_core::crypto::Keypair;
 use jvpn_core::ids::NodeId;
 use jvpn_core::policy::Policy;
@@ -109,101 +108,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "default")]
         policy: jvpn::demo::DemoPolicy,
         /// How path A is cut.
-        #[arg(long, value_enum, default_value = "firewall")]
+        #[arg(long, value_enum, default_value = "route")]
         cut: jvpn::demo::DemoCut,
         /// Repeat this many times and print the median ping gap (1 to 20).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         runs: u32,
-    },
-    /// Tools for the network lab of the demo and the end-to-end tests.
-    #[command(hide = true, subcommand)]
-    Lab(LabCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum LabCommand {
-    /// Receive and check a TCP byte stream.
-    TcpSink {
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long)]
-        bytes: u64,
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        timeout: u64,
-    },
-    /// Send a TCP byte stream.
-    TcpSource {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long)]
-        bytes: u64,
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        timeout: u64,
-        /// Spread the transfer over this many milliseconds.
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-        pace_ms: Option<u64>,
-    },
-    /// Print (hex) the first UDP datagram to a port whose payload starts with a byte.
-    Capture {
-        #[arg(long)]
-        port: u16,
-        #[arg(long)]
-        first_byte: u8,
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        timeout: u64,
-    },
-    /// Flood a gateway as an attacker would (bounded in time and count); print a JSON
-    /// count of what was sent and what came back.
-    Flood {
-        #[arg(long, value_enum)]
-        kind: lab::FloodKind,
-        #[arg(long)]
-        to: SocketAddr,
-        /// The first source address (port 0 for any).
-        #[arg(long)]
-        from: SocketAddr,
-        /// Consecutive source addresses to use in turn (the sender's own).
-        #[arg(long, default_value_t = 1)]
-        sources: u32,
-        #[arg(long)]
-        gateway_key: Option<String>,
-        /// The live session's id (16 hex digits).
-        #[arg(long)]
-        session_id: Option<String>,
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=120))]
-        seconds: u64,
-        #[arg(long, default_value_t = 50_000_000)]
-        max_packets: u64,
-        /// Packets per second at most (0: as fast as one thread can).
-        #[arg(long, default_value_t = 0)]
-        pps: u64,
-    },
-    /// Watch interfaces for packets that went around the tunnel; print a JSON count.
-    WatchLeaks {
-        /// The interfaces to watch (comma-separated).
-        #[arg(long, value_delimiter = ',', required = true)]
-        links: Vec<String>,
-        /// The transport's UDP port (its packets are not leaks).
-        #[arg(long, default_value_t = 51820)]
-        port: u16,
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
-        seconds: u64,
-    },
-    /// Print the body of an HTTP GET (e.g. the metrics page).
-    Fetch {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long, default_value = "/metrics")]
-        path: String,
-    },
-    /// Send one UDP datagram (hex) from an address.
-    UdpSend {
-        #[arg(long)]
-        bind: SocketAddr,
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long)]
-        hex: String,
     },
 }
 
@@ -285,91 +194,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo { policy, cut, runs } => {
             jvpn::demo::run(policy, cut, runs)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::TcpSink {
-            listen,
-            bytes,
-            timeout,
-        }) => {
-            lab::tcp_sink(listen, bytes, Duration::from_secs(timeout))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::TcpSource {
-            to,
-            bytes,
-            timeout,
-            pace_ms,
-        }) => {
-            lab::tcp_source(
-                to,
-                bytes,
-                Duration::from_secs(timeout),
-                pace_ms.map(Duration::from_millis),
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::Capture {
-            port,
-            first_byte,
-            timeout,
-        }) => {
-            lab::capture(port, first_byte, Duration::from_secs(timeout))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::Flood {
-            kind,
-            to,
-            from,
-            sources,
-            gateway_key,
-            session_id,
-            seconds,
-            max_packets,
-            pps,
-        }) => {
-            let gateway = match gateway_key {
-                Some(k) => Some(
-                    k.trim()
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("--gateway-key: not a public key"))?,
-                ),
-                None => None,
-            };
-            let session = match session_id {
-                Some(id) => Some(
-                    u64::from_str_radix(&id, 16)
-                        .map_err(|_| anyhow::anyhow!("--session-id: 16 hex digits"))?,
-                ),
-                None => None,
-            };
-            lab::flood(&lab::Flood {
-                kind,
-                to,
-                from,
-                sources,
-                gateway,
-                session,
-                duration: Duration::from_secs(seconds),
-                max_packets,
-                pps,
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::WatchLeaks {
-            links,
-            port,
-            seconds,
-        }) => {
-            lab::watch_leaks(&links, port, Duration::from_secs(seconds))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::Fetch { addr, path }) => {
-            lab::fetch(addr, &path, Duration::from_secs(5))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Lab(LabCommand::UdpSend { bind, to, hex }) => {
-            lab::udp_send(bind, to, &hex)?;
             Ok(ExitCode::SUCCESS)
         }
         command => run_offline(command).map(|()| ExitCode::SUCCESS),

@@ -1,7 +1,8 @@
 //! Changes to the host's network configuration (routes, policy rules, forwarding,
 //! masquerade), each recorded with its undo and undone in reverse order on exit, so the
-//! process leaves the host as it found it. Done with iproute2 and nftables, as
-//! wg-quick does.
+//! process leaves the host as it found it. Routes and rules go through netlink
+//! ([`crate::netlink`], off the caller's thread); masquerade, the one thing netlink
+//! does not do, through nftables, only when it is asked for.
 
 use std::net::IpAddr;
 use std::process::Command;
@@ -9,6 +10,8 @@ use std::process::Command;
 use jvpn_core::wire::TunnelAddrs;
 
 use thiserror::Error;
+
+use crate::netlink::{self, NetlinkError, Route, RouteVia, Rule, MAIN_TABLE};
 
 /// The network address of `addr/prefix` (host bits cleared).
 pub fn network_of(addr: IpAddr, prefix: u8) -> IpAddr {
@@ -32,15 +35,18 @@ pub fn network_of(addr: IpAddr, prefix: u8) -> IpAddr {
 #[derive(Debug, Error)]
 pub enum NetconfError {
     /// The tool could not be run.
-    #[error("cannot run `{command}` (is {tool} installed?): {source}")]
+    #[error("cannot run `{command}`: {source} (the Debian package {package} adds it)")]
     Spawn {
         /// The command line.
         command: String,
-        /// The program.
-        tool: String,
+        /// The package that has the program.
+        package: &'static str,
         /// Why.
         source: std::io::Error,
     },
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// The tool refused.
     #[error("`{command}` failed: {stderr}")]
     Failed {
@@ -61,6 +67,8 @@ pub enum NetconfError {
 
 enum Undo {
     Command(Vec<String>),
+    Route(Route),
+    Rule(Rule),
     Sysctl { path: String, value: String },
 }
 
@@ -70,17 +78,14 @@ pub struct Changes {
     undo: Vec<Undo>,
 }
 
-/// Runs `argv`, returning its error output on failure.
-pub fn run(argv: &[&str]) -> Result<(), NetconfError> {
-    run_with_input(argv, None)
-}
-
-fn run_with_input(argv: &[&str], input: Option<&str>) -> Result<(), NetconfError> {
+/// Runs `argv` (a program of the Debian package `package`), returning its error output
+/// on failure.
+fn run(argv: &[&str], input: Option<&str>, package: &'static str) -> Result<(), NetconfError> {
     use std::io::Write;
     let command = argv.join(" ");
     let spawn_err = |source| NetconfError::Spawn {
         command: command.clone(),
-        tool: argv.first().copied().unwrap_or_default().to_string(),
+        package,
         source,
     };
     let (program, args) = argv.split_first().ok_or_else(|| NetconfError::Failed {
@@ -113,19 +118,26 @@ fn run_with_input(argv: &[&str], input: Option<&str>) -> Result<(), NetconfError
 }
 
 impl Changes {
-    /// Runs `argv`; on success remembers `undo` to run on exit.
-    pub fn apply(&mut self, argv: &[&str], undo: &[&str]) -> Result<(), NetconfError> {
-        run(argv)?;
+    /// Loads an nftables script; on success remembers `undo`.
+    fn apply_nft(&mut self, script: &str, undo: &[&str]) -> Result<(), NetconfError> {
+        run(&["nft", "-f", "-"], Some(script), "nftables")?;
         self.undo
             .push(Undo::Command(undo.iter().map(|s| s.to_string()).collect()));
         Ok(())
     }
 
-    /// Loads an nftables script; on success remembers `undo`.
-    pub fn apply_nft(&mut self, script: &str, undo: &[&str]) -> Result<(), NetconfError> {
-        run_with_input(&["nft", "-f", "-"], Some(script))?;
-        self.undo
-            .push(Undo::Command(undo.iter().map(|s| s.to_string()).collect()));
+    /// Adds `route`; on success remembers its removal.
+    async fn add_route(&mut self, route: Route) -> Result<(), NetconfError> {
+        let added = route.clone();
+        netlink::call(move |h| async move { netlink::add_route(&h, &added).await }).await?;
+        self.undo.push(Undo::Route(route));
+        Ok(())
+    }
+
+    /// Adds `rule`; on success remembers its removal.
+    async fn add_rule(&mut self, rule: Rule) -> Result<(), NetconfError> {
+        netlink::call(move |h| async move { netlink::add_rule(&h, rule).await }).await?;
+        self.undo.push(Undo::Rule(rule));
         Ok(())
     }
 
@@ -147,15 +159,16 @@ impl Changes {
         Ok(())
     }
 
-    /// Routes `net/prefix` into the device `dev`.
-    pub fn route(&mut self, net: IpAddr, prefix: u8, dev: &str) -> Result<(), NetconfError> {
-        let dst = format!("{net}/{prefix}");
-        // `add`, not `replace`: an existing route is left alone (and the error says so),
-        // never overwritten and then deleted by the undo.
-        self.apply(
-            &["ip", "route", "add", &dst, "dev", dev],
-            &["ip", "route", "del", &dst, "dev", dev],
-        )
+    /// Routes `net/prefix` into the device `dev`. An existing route is left alone (and
+    /// the error says so), never overwritten and then deleted by the undo.
+    pub async fn route(&mut self, net: IpAddr, prefix: u8, dev: &str) -> Result<(), NetconfError> {
+        self.add_route(Route {
+            dst: net,
+            prefix,
+            via: RouteVia::Device(dev.to_string()),
+            table: MAIN_TABLE,
+        })
+        .await
     }
 
     /// Sends everything into `dev` except the packets marked `fwmark` (the transports'
@@ -164,54 +177,39 @@ impl Changes {
     /// networks). Both families: a family the tunnel has no address of gets an
     /// `unreachable` default in that table instead, so that its traffic fails at once
     /// rather than leave outside the tunnel (a leak the user would not see).
-    pub fn full_tunnel(
+    pub async fn full_tunnel(
         &mut self,
         dev: &str,
         fwmark: u32,
         tunnel: TunnelAddrs,
     ) -> Result<(), NetconfError> {
-        let table = fwmark.to_string();
-        let mark = format!("{fwmark:#x}");
-        // A kernel without IPv6 has nothing of it to leak (and no `ip -6` to take).
+        // A kernel without IPv6 has nothing of it to leak (and no IPv6 table to fill).
         let has_v6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
-        for (family, default, carried) in [
-            ("-4", "0.0.0.0/0", tunnel.v4().is_some()),
-            ("-6", "::/0", tunnel.v6().is_some()),
+        for (v6, default, carried) in [
+            (false, IpAddr::from([0u8; 4]), tunnel.v4().is_some()),
+            (true, IpAddr::from([0u8; 16]), tunnel.v6().is_some()),
         ] {
-            if family == "-6" && !has_v6 {
+            if v6 && !has_v6 {
                 continue;
             }
-            let route: &[&str] = if carried {
-                &[default, "dev", dev]
-            } else {
-                &["unreachable", default]
-            };
-            let with = |verb: &'static str| {
-                let mut argv = vec!["ip", family, "route", verb];
-                argv.extend_from_slice(route);
-                argv.extend(["table", &table]);
-                argv
-            };
-            self.apply(&with("add"), &with("del"))?;
-            let rule = |verb| {
-                [
-                    "ip", family, "rule", verb, "not", "fwmark", &mark, "table", &table,
-                ]
-            };
-            self.apply(&rule("add"), &rule("del"))?;
-            let suppress = |verb| {
-                [
-                    "ip",
-                    family,
-                    "rule",
-                    verb,
-                    "table",
-                    "main",
-                    "suppress_prefixlength",
-                    "0",
-                ]
-            };
-            self.apply(&suppress("add"), &suppress("del"))?;
+            self.add_route(Route {
+                dst: default,
+                prefix: 0,
+                via: if carried {
+                    RouteVia::Device(dev.to_string())
+                } else {
+                    RouteVia::Unreachable
+                },
+                table: fwmark,
+            })
+            .await?;
+            self.add_rule(Rule::UnmarkedTo {
+                v6,
+                mark: fwmark,
+                table: fwmark,
+            })
+            .await?;
+            self.add_rule(Rule::MainWithoutDefault { v6 }).await?;
         }
         Ok(())
     }
@@ -229,26 +227,33 @@ impl Changes {
     }
 
     /// Undoes every change, newest first. Failures are reported on standard error (the
-    /// process is exiting; there is nobody else to tell).
+    /// process is exiting; there is nobody else to tell). Blocks until done.
     pub fn undo_all(&mut self) {
         while let Some(undo) = self.undo.pop() {
-            let result = match &undo {
-                Undo::Command(argv) => {
-                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-                    run(&argv)
-                }
-                Undo::Sysctl { path, value } => {
-                    std::fs::write(path, value).map_err(|source| NetconfError::Sysctl {
-                        path: path.clone(),
-                        source,
+            let result =
+                match undo {
+                    Undo::Command(argv) => {
+                        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                        run(&argv, None, "nftables")
+                    }
+                    Undo::Route(route) => netlink::blocking(None, move |h| async move {
+                        netlink::del_route(&h, &route).await
                     })
-                }
-            };
+                    .map_err(NetconfError::from),
+                    Undo::Rule(rule) => netlink::blocking(None, move |h| async move {
+                        netlink::del_rule(&h, rule).await
+                    })
+                    .map_err(NetconfError::from),
+                    Undo::Sysctl { path, value } => {
+                        std::fs::write(&path, value).map_err(|source| NetconfError::Sysctl {
+                            path: path.clone(),
+                            source,
+                        })
+                    }
+                };
             match result {
                 // Gone with its device already (a route on the removed TUN).
-                Err(NetconfError::Failed { stderr, .. })
-                    if stderr.contains("Cannot find device")
-                        || stderr.contains("No such process") => {}
+                Err(NetconfError::Netlink(e)) if e.is_gone() => {}
                 Err(e) => eprintln!("jvpn: cleanup: {e}"),
                 Ok(()) => {}
             }

@@ -14,17 +14,25 @@
 //! Every name starts with `jv` and every address is in 10.0.0.0/8, inside namespaces the
 //! lab creates; dropping the lab stops its processes and deletes its namespaces (and
 //! with them every interface, route and firewall rule in them).
+//!
+//! It needs nothing but root and the kernel: namespaces, links, addresses and routes
+//! are made over netlink ([`crate::netlink`]), and a program is started in a namespace
+//! from a thread that entered it. The end-to-end tests extend it with their tools
+//! (firewall cuts, NAT, floods, leak watching) in the dev-only crate `jvpn-lab`.
 
 use std::fs::File;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use jvpn_core::crypto::Keypair;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
-use crate::netconf;
+use crate::netlink::{self, Route, RouteVia, MAIN_TABLE};
 
 /// The gateway's addresses on the two paths.
 pub const GATEWAY_A: &str = "10.201.1.1";
@@ -83,7 +91,8 @@ pub enum Path2 {
 }
 
 impl Path2 {
-    fn letter(self) -> &'static str {
+    /// "a" or "b", as in the names of the path's links.
+    pub fn letter(self) -> &'static str {
         match self {
             Path2::A => "a",
             Path2::B => "b",
@@ -99,8 +108,7 @@ impl Path2 {
     }
 }
 
-/// Whether this process can build a lab: root, /dev/net/tun, iproute2. `Err` says why
-/// not.
+/// Whether this process can build a lab: root and /dev/net/tun. `Err` says why not.
 pub fn check_prerequisites() -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid = status
@@ -114,7 +122,6 @@ pub fn check_prerequisites() -> Result<()> {
     if !Path::new("/dev/net/tun").exists() {
         bail!("/dev/net/tun is missing (load the tun module, or give the container the device)");
     }
-    netconf::run(&["ip", "-V"]).context("iproute2 (`ip`) is needed")?;
     Ok(())
 }
 
@@ -142,6 +149,10 @@ pub struct Lab {
     /// Which families the tunnel carries: (IPv4, IPv6); (true, false) unless a test
     /// changes it before starting the gateway.
     pub tunnel_families: (bool, bool),
+    /// A program that starts others in a namespace, given the namespace's name and the
+    /// command (e.g. `ip netns exec`, which also gives them the namespace's own /etc
+    /// files); empty, the default: the lab enters the namespace itself.
+    pub launcher: Vec<String>,
 }
 
 /// A TOML list of strings.
@@ -153,8 +164,9 @@ fn quoted(items: &[String]) -> String {
         .join(", ")
 }
 
-/// Where `ip netns exec` takes a namespace's own /etc files from.
-fn netns_etc(ns: &str) -> PathBuf {
+/// Where `ip netns exec` takes a namespace's own /etc files from (the tests' lab gives
+/// a namespace its own /etc/hosts there).
+pub fn netns_etc(ns: &str) -> PathBuf {
     PathBuf::from("/etc/netns").join(ns)
 }
 
@@ -162,10 +174,19 @@ fn lab_dir(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("jvlab-{tag}"))
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let mut argv = vec!["ip"];
-    argv.extend_from_slice(args);
-    Ok(netconf::run(&argv)?)
+/// Runs netlink requests `work` in the namespace `ns`.
+pub fn in_ns<T, F, Fut>(ns: &str, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, netlink::NetlinkError>>,
+{
+    Ok(netlink::blocking(Some(ns), work)?)
+}
+
+/// Parses one of the lab's address constants.
+pub fn addr(text: &str) -> IpAddr {
+    text.parse().unwrap_or(IpAddr::from([0u8; 4]))
 }
 
 impl Lab {
@@ -196,6 +217,7 @@ impl Lab {
             client_candidates: vec![format!("{GATEWAY_A}:{PORT}"), format!("{GATEWAY_B}:{PORT}")],
             client_metrics: String::new(),
             tunnel_families: (true, false),
+            launcher: Vec::new(),
         };
         lab.build()?;
         Ok(lab)
@@ -216,141 +238,84 @@ impl Lab {
         format!("jv{}c{}", self.tag, path.letter())
     }
 
+    /// Creates the namespace `ns` (replacing a stale one of that name) with its
+    /// loopback up; it is deleted with the lab.
+    pub fn add_namespace(&mut self, ns: &str) -> Result<()> {
+        if Path::new(rtnetlink::NETNS_PATH).join(ns).exists() {
+            let _ = netlink::del_netns(ns);
+        }
+        netlink::add_netns(ns)?;
+        self.namespaces.push(ns.to_string());
+        in_ns(
+            ns,
+            |h| async move { netlink::set_link(&h, "lo", true).await },
+        )
+    }
+
+    /// Joins `ns1` and `ns2` by a veth pair `if1`–`if2` with the addresses `a1` and
+    /// `a2` (address and prefix length, any number of each), both ends up.
+    pub fn add_link(
+        &mut self,
+        (ns1, if1, a1): (&str, &str, &[(IpAddr, u8)]),
+        (ns2, if2, a2): (&str, &str, &[(IpAddr, u8)]),
+    ) -> Result<()> {
+        let (i1, i2, n2) = (if1.to_string(), if2.to_string(), ns2.to_string());
+        in_ns(ns1, move |h| async move {
+            netlink::add_veth(&h, &i1, &i2, &n2).await
+        })?;
+        for (ns, dev, addrs) in [(ns1, if1, a1), (ns2, if2, a2)] {
+            let (dev, addrs) = (dev.to_string(), addrs.to_vec());
+            in_ns(ns, move |h| async move {
+                for (a, prefix) in addrs {
+                    netlink::add_address(&h, &dev, a, prefix).await?;
+                }
+                netlink::set_link(&h, &dev, true).await
+            })?;
+        }
+        Ok(())
+    }
+
     fn build(&mut self) -> Result<()> {
         for role in ["c", "g", "s"] {
-            let ns = self.ns(role);
-            let _ = ip(&["netns", "del", &ns]);
-            ip(&["netns", "add", &ns])?;
-            self.namespaces.push(ns.clone());
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.add_namespace(&self.ns(role))?;
         }
         let (c, g, s) = (self.ns("c"), self.ns("g"), self.ns("s"));
+        let tag = self.tag.clone();
         let links = [
-            (
-                &c,
-                format!("jv{}ca", self.tag),
-                CLIENT_A,
-                &g,
-                format!("jv{}ga", self.tag),
-                GATEWAY_A,
-            ),
-            (
-                &c,
-                format!("jv{}cb", self.tag),
-                CLIENT_B,
-                &g,
-                format!("jv{}gb", self.tag),
-                GATEWAY_B,
-            ),
-            (
-                &g,
-                format!("jv{}gs", self.tag),
-                GATEWAY_INSIDE,
-                &s,
-                format!("jv{}sg", self.tag),
-                SERVER,
-            ),
+            (&c, "ca", CLIENT_A, &g, "ga", GATEWAY_A),
+            (&c, "cb", CLIENT_B, &g, "gb", GATEWAY_B),
+            (&g, "gs", GATEWAY_INSIDE, &s, "sg", SERVER),
         ];
-        for (i, (ns1, if1, a1, ns2, if2, a2)) in links.iter().enumerate() {
-            ip(&[
-                "link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2,
-            ])?;
-            ip(&["-n", ns1, "addr", "add", &format!("{a1}/24"), "dev", if1])?;
-            ip(&["-n", ns2, "addr", "add", &format!("{a2}/24"), "dev", if2])?;
-            // `nodad`: usable at once, not after a second of duplicate detection.
-            for (ns, dev, a6) in [
-                (ns1, if1, IPV6_LINKS[2 * i]),
-                (ns2, if2, IPV6_LINKS[2 * i + 1]),
-            ] {
-                ip(&[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{a6}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ])?;
-            }
-            ip(&["-n", ns1, "link", "set", if1, "up"])?;
-            ip(&["-n", ns2, "link", "set", if2, "up"])?;
+        for (i, (ns1, if1, a1, ns2, if2, a2)) in links.into_iter().enumerate() {
+            self.add_link(
+                (
+                    ns1,
+                    &format!("jv{tag}{if1}"),
+                    &[(addr(a1), 24), (addr(IPV6_LINKS[2 * i]), 64)],
+                ),
+                (
+                    ns2,
+                    &format!("jv{tag}{if2}"),
+                    &[(addr(a2), 24), (addr(IPV6_LINKS[2 * i + 1]), 64)],
+                ),
+            )?;
         }
         // The server answers the tunnel network through the gateway (no masquerade).
-        ip(&[
-            "-n",
-            &s,
-            "route",
-            "add",
-            "10.77.0.0/24",
-            "via",
-            GATEWAY_INSIDE,
-        ])?;
-        ip(&["-n", &s, "route", "add", "fd77::/64", "via", IPV6_LINKS[4]])?;
-        Ok(())
-    }
-
-    /// Adds an attacker: namespace "x", linked to the gateway on 10.203.0.0/16, owning
-    /// `sources` consecutive addresses from [`ATTACKER_FIRST`] and the bystander's
-    /// address [`BYSTANDER`] (replies to that address are what a spoofed bystander would
-    /// receive). The gateway reaches it directly; the attacker reaches the gateway's
-    /// path addresses through it.
-    pub fn add_attacker(&mut self, sources: u32) -> Result<()> {
-        if sources == 0 || sources > 1_024 {
-            bail!("attacker sources: 1 to 1024");
-        }
-        let (x, g) = (self.ns("x"), self.ns("g"));
-        let _ = ip(&["netns", "del", &x]);
-        ip(&["netns", "add", &x])?;
-        self.namespaces.push(x.clone());
-        ip(&["-n", &x, "link", "set", "lo", "up"])?;
-        let (gx, xg) = (format!("jv{}gx", self.tag), format!("jv{}xg", self.tag));
-        ip(&[
-            "link", "add", &gx, "netns", &g, "type", "veth", "peer", "name", &xg, "netns", &x,
-        ])?;
-        ip(&[
-            "-n",
-            &g,
-            "addr",
-            "add",
-            &format!("{GATEWAY_X}/16"),
-            "dev",
-            &gx,
-        ])?;
-        let mut batch = format!("addr add {BYSTANDER}/16 dev {xg}\n");
-        let first: std::net::Ipv4Addr = ATTACKER_FIRST.parse()?;
-        for i in 0..sources {
-            let a = std::net::Ipv4Addr::from(u32::from(first) + i);
-            batch.push_str(&format!("addr add {a}/16 dev {xg}\n"));
-        }
-        let file = self.write("attacker.batch", &batch)?.display().to_string();
-        ip(&["-n", &x, "-batch", &file])?;
-        ip(&["-n", &g, "link", "set", &gx, "up"])?;
-        ip(&["-n", &x, "link", "set", &xg, "up"])?;
-        ip(&["-n", &x, "route", "add", "10.201.0.0/16", "via", GATEWAY_X])?;
-        Ok(())
-    }
-
-    /// Runs `argv` in namespace `ns` and waits for it.
-    pub fn exec(&self, ns: &str, argv: &[&str]) -> Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(argv)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {argv:?} in {ns}"))
-    }
-
-    /// Runs `argv` in `ns`; fails with its error output unless it succeeds.
-    pub fn exec_ok(&self, ns: &str, argv: &[&str]) -> Result<String> {
-        let out = self.exec(ns, argv)?;
-        if !out.status.success() {
-            bail!(
-                "{argv:?} in {ns} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        in_ns(&s, |h| async move {
+            for (dst, prefix, gw) in [
+                ("10.77.0.0", 24, GATEWAY_INSIDE),
+                ("fd77::", 64, IPV6_LINKS[4]),
+            ] {
+                let route = Route {
+                    dst: addr(dst),
+                    prefix,
+                    via: RouteVia::Gateway(addr(gw)),
+                    table: MAIN_TABLE,
+                };
+                netlink::add_route(&h, &route).await?;
+            }
+            Ok(())
+        })
     }
 
     /// Starts `argv` in `ns` in the background, its output into `<name>.out` and
@@ -358,14 +323,30 @@ impl Lab {
     pub fn spawn(&mut self, name: &str, ns: &str, argv: &[&str]) -> Result<()> {
         let out = File::create(self.dir.join(format!("{name}.out")))?;
         let err = File::create(self.dir.join(format!("{name}.err")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(argv)
+        let mut full: Vec<&str> = self.launcher.iter().map(String::as_str).collect();
+        if !full.is_empty() {
+            full.push(ns);
+        }
+        full.extend_from_slice(argv);
+        let (program, args) = full.split_first().context("an empty command")?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
+            .stderr(err);
+        // A child starts in the network namespace of the thread that forks it.
+        let ns_name = ns.to_string();
+        let child = std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<Child> {
+                    netlink::enter_netns(&ns_name)?;
+                    Ok(command.spawn()?)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the spawning thread failed")))
+        })
+        .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
         self.processes.push((name.to_string(), child));
         Ok(())
     }
@@ -399,53 +380,12 @@ impl Lab {
         self.processes.iter().any(|(n, _)| n == name)
     }
 
-    /// Gives the namespace of `role` its own /etc/hosts (what `ip netns exec` mounts
-    /// over /etc/hosts for the programs it starts there); rewritten in place, so a
-    /// running program sees the change at its next lookup. Removed with the lab.
-    pub fn set_hosts(&self, role: &str, text: &str) -> Result<()> {
-        let dir = netns_etc(&self.ns(role));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let hosts = dir.join("hosts");
-        std::fs::write(&hosts, format!("127.0.0.1 localhost\n{text}"))
-            .with_context(|| format!("cannot write {}", hosts.display()))
-    }
-
     /// The process id of `name`, if it runs.
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.processes
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, c)| c.id())
-    }
-
-    /// Freezes process `name` (SIGSTOP) or lets it go on (SIGCONT): a peer that stops
-    /// reading.
-    pub fn freeze(&self, name: &str, frozen: bool) -> Result<()> {
-        let pid = self
-            .pid(name)
-            .with_context(|| format!("no process {name}"))?;
-        let signal = if frozen { "-STOP" } else { "-CONT" };
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill {signal} {pid} failed");
-        }
-        Ok(())
-    }
-
-    /// The resident memory of process `name`, bytes.
-    pub fn rss(&self, name: &str) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(name)?)).ok()?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
     }
 
     /// Kills process `name` at once (SIGKILL): a crash, nothing cleaned up by it.
@@ -480,117 +420,46 @@ impl Lab {
         Ok(path)
     }
 
-    /// Drops the VPN's packets on `path` at the gateway (both directions), as a
-    /// middlebox would: the sockets see nothing, only silence.
-    pub fn cut(&self, path: Path2) -> Result<()> {
-        let g = self.ns("g");
-        let table = format!("jvcut{}", path.letter());
-        let script = format!(
-            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} drop\n }}\n chain out {{ type filter hook output priority -10; udp sport {PORT} ip saddr {gw} drop\n }}\n}}\n",
-            gw = path.gateway()
-        );
-        self.nft(&g, &script)
-    }
-
-    /// Drops `percent`% of the VPN's packets arriving at the gateway on `path`, at random.
-    pub fn lossy(&self, path: Path2, percent: u8) -> Result<()> {
-        let g = self.ns("g");
-        let table = format!("jvloss{}", path.letter());
-        let script = format!(
-            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} numgen random mod 100 < {percent} drop\n }}\n}}\n",
-            gw = path.gateway()
-        );
-        self.nft(&g, &script)
-    }
-
-    /// Removes the rules of [`Lab::cut`] and [`Lab::lossy`] on `path`.
-    pub fn heal(&self, path: Path2) -> Result<()> {
-        let g = self.ns("g");
-        for table in [
-            format!("jvcut{}", path.letter()),
-            format!("jvloss{}", path.letter()),
-        ] {
-            let _ = self.exec(&g, &["nft", "delete", "table", "inet", &table]);
-        }
-        Ok(())
-    }
-
-    fn nft(&self, ns: &str, script: &str) -> Result<()> {
-        let file = self.write("rules.nft", script)?;
-        let file = file.display().to_string();
-        self.exec_ok(ns, &["nft", "-f", &file]).map(|_| ())
-    }
-
-    /// A NAT in front of the client on `path` gives its VPN datagrams a new mapping, as a
-    /// home router's NAT does when it reboots or its table expires: their source becomes
-    /// `to` (`ADDR` or `ADDR:PORT`; the address is added to the client's link if it is
-    /// not its own), and the old mapping is forgotten (`conntrack -D`), so the very next
-    /// datagram leaves with the new one. The client's sockets notice nothing.
-    pub fn rebind(&self, path: Path2, to: &str) -> Result<()> {
-        let c = self.ns("c");
-        let dev = self.client_link(path);
-        let addr = to.split(':').next().unwrap_or(to);
-        let own = match path {
-            Path2::A => CLIENT_A,
-            Path2::B => CLIENT_B,
-        };
-        if addr != own {
-            let _ = ip(&["-n", &c, "addr", "add", &format!("{addr}/24"), "dev", &dev]);
-        }
-        let table = format!("jvnat{}", path.letter());
-        let script = format!(
-            "table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n chain post {{ type nat hook postrouting priority srcnat; oifname \"{dev}\" udp dport {PORT} snat to {to}\n }}\n}}\n"
-        );
-        self.nft(&c, &script)?;
-        // A datagram from the gateway arriving between the flush and the client's next
-        // one would make a new entry in the other direction, which the NAT rule does not
-        // touch: flush until the entry shows the new mapping (bounded).
-        let shows = match to.split_once(':') {
-            Some((_, port)) => format!("dport={port}"),
-            None => format!("dst={to}"),
-        };
-        let port = PORT.to_string();
-        for _ in 0..20 {
-            // conntrack exits 1 when nothing matched: nothing to forget.
-            let _ = self.exec(&c, &["conntrack", "-D", "-p", "udp", "--dport", &port]);
-            std::thread::sleep(Duration::from_millis(150));
-            let listed = self.exec(&c, &["conntrack", "-L", "-p", "udp", "--dport", &port])?;
-            if String::from_utf8_lossy(&listed.stdout).contains(&shows) {
-                return Ok(());
-            }
-        }
-        bail!("the NAT's new mapping ({to}) did not take")
-    }
-
     /// Sets the client's link on `path` down or up.
     pub fn link(&self, path: Path2, up: bool) -> Result<()> {
-        let c = self.ns("c");
         let dev = self.client_link(path);
-        ip(&[
-            "-n",
-            &c,
-            "link",
-            "set",
-            &dev,
-            if up { "up" } else { "down" },
-        ])?;
-        if up {
-            // Its address and connected route come back with the link.
-            let _ = ip(&[
-                "-n",
-                &c,
-                "addr",
-                "replace",
-                &format!(
-                    "{}/24",
-                    match path {
-                        Path2::A => CLIENT_A,
-                        Path2::B => CLIENT_B,
-                    }
-                ),
-                "dev",
-                &dev,
-            ]);
+        let own = addr(match path {
+            Path2::A => CLIENT_A,
+            Path2::B => CLIENT_B,
+        });
+        in_ns(&self.ns("c"), move |h| async move {
+            netlink::set_link(&h, &dev, up).await?;
+            if up {
+                // Its address and connected route come back with the link, unless the
+                // kernel kept them.
+                match netlink::add_address(&h, &dev, own, 24).await {
+                    Err(e) if !e.is_exists() => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Cuts path A or B the way a broken network does, with nothing but routes: each
+    /// side's packets to the other's address on that path are thrown away (a
+    /// `blackhole` route in both namespaces). Nothing comes back: silence.
+    pub fn blackhole(&self, path: Path2) -> Result<()> {
+        let (own, peer) = match path {
+            Path2::A => (CLIENT_A, GATEWAY_A),
+            Path2::B => (CLIENT_B, GATEWAY_B),
+        };
+        for (ns, dst) in [(self.ns("c"), peer), (self.ns("g"), own)] {
+            let route = Route {
+                dst: addr(dst),
+                prefix: 32,
+                via: RouteVia::Blackhole,
+                table: MAIN_TABLE,
+            };
+            in_ns(
+                &ns,
+                move |h| async move { netlink::add_route(&h, &route).await },
+            )?;
         }
         Ok(())
     }
@@ -617,32 +486,6 @@ impl Lab {
             client_tunnel = self.tunnel_list(CLIENT_TUNNEL, CLIENT_TUNNEL6),
         );
         self.write("gateway.toml", &text)
-    }
-
-    /// Drops every packet to or from the gateway's `protocol` ("udp" or "tcp") `port`,
-    /// both ways, at the gateway, as a network that blocks it would.
-    pub fn block(&self, protocol: &str, port: u16) -> Result<()> {
-        let g = self.ns("g");
-        let script = format!(
-            "table inet jvblock{protocol}{port} {{\n chain in {{ type filter hook input priority -10; {protocol} dport {port} drop\n }}\n chain out {{ type filter hook output priority -10; {protocol} sport {port} drop\n }}\n}}\n"
-        );
-        self.nft(&g, &script)
-    }
-
-    /// Removes the rules of [`Lab::block`].
-    pub fn unblock(&self, protocol: &str, port: u16) -> Result<()> {
-        let g = self.ns("g");
-        self.exec_ok(
-            &g,
-            &[
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                &format!("jvblock{protocol}{port}"),
-            ],
-        )
-        .map(|_| ())
     }
 
     /// A TOML list of the tunnel's addresses of the families the lab's tunnel carries.
@@ -711,9 +554,11 @@ impl Lab {
 
     /// Whether interface `dev` exists in namespace `ns`.
     pub fn link_exists(&self, ns: &str, dev: &str) -> bool {
-        self.exec(ns, &["ip", "link", "show", dev])
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        let dev = dev.to_string();
+        in_ns(ns, move |h| async move {
+            netlink::link_index(&h, &dev, "link show").await
+        })
+        .is_ok()
     }
 
     /// The last lines of the gateway's and the client's error output, for failures.
@@ -775,7 +620,7 @@ impl Lab {
             terminate(&mut child, Duration::from_secs(3));
         }
         for ns in self.namespaces.drain(..) {
-            let _ = ip(&["netns", "del", &ns]);
+            let _ = netlink::del_netns(&ns);
             let _ = std::fs::remove_dir_all(netns_etc(&ns));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -800,32 +645,21 @@ impl Lab {
 
     /// Namespaces of this lab that still exist (none after teardown).
     pub fn leftovers(tag: &str) -> Vec<String> {
-        let out = Command::new("ip").args(["netns", "list"]).output();
-        let ours: Vec<String> = ["c", "g", "s", "x"]
+        ["c", "g", "s", "x"]
             .iter()
             .map(|r| format!("jv{tag}{r}"))
-            .collect();
-        out.map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|n| ours.iter().any(|o| o == n))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+            .filter(|ns| Path::new(rtnetlink::NETNS_PATH).join(ns).exists())
+            .collect()
     }
 
     /// Removes whatever a lab `tag` left (processes, namespaces, directory), for a
     /// process interrupted before it could drop its lab.
     pub fn purge(tag: &str) {
         for pid in Lab::leftover_processes(tag) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            signal(pid, Signal::SIGKILL);
         }
         for ns in Lab::leftovers(tag) {
-            let _ = ip(&["netns", "del", &ns]);
+            let _ = netlink::del_netns(&ns);
         }
         for role in ["c", "g", "s", "x"] {
             let _ = std::fs::remove_dir_all(netns_etc(&format!("jv{tag}{role}")));
@@ -842,10 +676,7 @@ impl Drop for Lab {
 
 /// SIGTERM, then SIGKILL after `limit`; the exit code if it exited by itself.
 fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
-    // `ip netns exec` execs the program: the child's pid is the program's.
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    signal(child.id(), Signal::SIGTERM);
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -856,6 +687,13 @@ fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// Sends `sig` to the process `pid`, if it is still there.
+pub fn signal(pid: u32, sig: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
 }
 
 /// Polls `cond` every 50 ms for at most `limit`; whether it held.
@@ -904,15 +742,24 @@ pub struct PingGap {
 /// Reads `ping -n` output (interval `interval`): which sequence numbers came back, and the
 /// longest gap between two that did.
 pub fn ping_gap(output: &str, sent: u32, interval: Duration) -> PingGap {
-    let mut seqs: Vec<u32> = output
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("icmp_seq="))
-                .and_then(|n| n.parse().ok())
-        })
+    let replies = output.lines().filter(|l| l.contains("bytes from"));
+    let field = |l: &str, key: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key).map(str::to_string))
+    };
+    let seqs = replies
+        .clone()
+        .filter_map(|l| field(l, "icmp_seq=")?.parse().ok())
         .collect();
+    let rtts = replies
+        .filter_map(|l| field(l, "time=")?.parse().ok())
+        .collect();
+    gap_of(seqs, rtts, sent, interval)
+}
+
+/// The gap and round-trip times of a probe run: `seqs` the sequence numbers (from 1)
+/// that came back, `rtts_ms` their round-trip times, `sent` probes every `interval`.
+pub fn gap_of(mut seqs: Vec<u32>, mut rtts_ms: Vec<f64>, sent: u32, interval: Duration) -> PingGap {
     seqs.sort_unstable();
     seqs.dedup();
     let mut longest = 0u32;
@@ -922,23 +769,14 @@ pub fn ping_gap(output: &str, sent: u32, interval: Duration) -> PingGap {
         previous = *s;
     }
     longest = longest.max(sent.saturating_sub(previous));
-    let mut rtts: Vec<f64> = output
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("time="))
-                .and_then(|t| t.parse().ok())
-        })
-        .collect();
-    rtts.sort_by(f64::total_cmp);
-    let rtt_avg_ms = if rtts.is_empty() {
+    rtts_ms.sort_by(f64::total_cmp);
+    let rtt_avg_ms = if rtts_ms.is_empty() {
         0.0
     } else {
-        rtts.iter().sum::<f64>() / rtts.len() as f64
+        rtts_ms.iter().sum::<f64>() / rtts_ms.len() as f64
     };
-    let rtt_p99_ms = rtts
-        .get((rtts.len() * 99 / 100).min(rtts.len().saturating_sub(1)))
+    let rtt_p99_ms = rtts_ms
+        .get((rtts_ms.len() * 99 / 100).min(rtts_ms.len().saturating_sub(1)))
         .copied()
         .unwrap_or(0.0);
     PingGap {

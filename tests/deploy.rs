@@ -1,5 +1,5 @@
 //! The operators' files under deploy/: the Grafana dashboard's structure (Grafana itself
-//! is not installable here; tests/e2e.rs evaluates its expressions on a real
+//! is not installable here; lab/tests/e2e.rs evaluates its expressions on a real
 //! Prometheus), and that it uses the provisioned datasource.
 
 use std::collections::HashSet;

@@ -1,21 +1,33 @@
 //! End to end over the real kernel network stack: `jvpn gateway` and `jvpn client` in
 //! network namespaces joined by two veth paths, real TUN devices on both sides, a server
 //! behind the gateway, and real traffic (ping, and TCP transfers whose every byte is
-//! checked). See src/netlab.rs for the topology.
+//! checked). See src/netlab.rs for the topology and lab/src/lib.rs for the test tools.
 //!
 //! Needs root and /dev/net/tun. Under CI=true a missing prerequisite fails the run;
 //! otherwise these tests are skipped with the reason printed. They run one at a time
 //! (each owns the machine's timing while it runs).
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use jvpn::netlab::{
     self, transitions, wait_until, Lab, Path2, CLIENT_TUNNEL, CLIENT_TUNNEL6, GATEWAY_A,
     GATEWAY_A6, GATEWAY_TUNNEL6, SERVER, SERVER6,
 };
+use jvpn_lab::LabTools;
 use serde_json::Value;
+
+/// The `jvpn` binary under test (built by the same `cargo test`).
+fn jvpn() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| jvpn_lab::jvpn_bin().display().to_string())
+}
+
+/// The lab's tools (`jvpn-lab`, dev-only).
+fn tool() -> &'static str {
+    env!("CARGO_BIN_EXE_jvpn-lab")
+}
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -32,7 +44,12 @@ fn lab(tag: &str) -> Option<Lab> {
         eprintln!("skipping the end-to-end test: {e:#}");
         return None;
     }
-    let bin = Path::new(env!("CARGO_BIN_EXE_jvpn"));
+    let bin = Path::new(jvpn());
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo test builds it)",
+        bin.display()
+    );
     Some(Lab::new(tag, bin).expect("the lab"))
 }
 
@@ -150,10 +167,9 @@ fn traffic_flows_both_ways_and_reaches_the_network_behind_the_gateway() {
         serde_json::json!([format!("{CLIENT_TUNNEL}/24")])
     );
     // The operator's view: the gateway's metrics page, from inside its namespace.
-    let bin = env!("CARGO_BIN_EXE_jvpn");
     let g = lab.ns("g");
     let page = lab
-        .exec_ok(&g, &[bin, "lab", "fetch", "--addr", "127.0.0.1:9477"])
+        .exec_ok(&g, &[tool(), "fetch", "--addr", "127.0.0.1:9477"])
         .expect("metrics page");
     // The value of the first series whose rendering starts with `series`.
     let value = |series: &str| {
@@ -210,7 +226,7 @@ fn start_transfer_between(
     let b = bytes.to_string();
     let (to, from) = (lab.ns(to), lab.ns(from));
     let sink = [
-        "lab",
+        tool(),
         "tcp-sink",
         "--listen",
         listen,
@@ -219,12 +235,11 @@ fn start_transfer_between(
         "--timeout",
         "60",
     ];
-    lab.spawn_jvpn(&format!("{name}sink"), &to, &sink)
-        .expect("sink");
+    lab.spawn(&format!("{name}sink"), &to, &sink).expect("sink");
     std::thread::sleep(Duration::from_millis(200));
     let pace = pace_ms.map(|p| p.to_string());
     let mut source = vec![
-        "lab",
+        tool(),
         "tcp-source",
         "--to",
         listen,
@@ -236,7 +251,7 @@ fn start_transfer_between(
     if let Some(p) = &pace {
         source.extend(["--pace-ms", p]);
     }
-    lab.spawn_jvpn(&format!("{name}source"), &from, &source)
+    lab.spawn(&format!("{name}source"), &from, &source)
         .expect("source");
 }
 
@@ -566,7 +581,7 @@ fn an_operator_terminates_a_session_from_the_command_line() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e5") else { return };
     let id = connect(&mut lab, FAST_POLICY, "exit");
-    let bin = env!("CARGO_BIN_EXE_jvpn");
+    let bin = jvpn();
     let sock = lab.socket("gw").display().to_string();
     let listed = std::process::Command::new(bin)
         .args(["sessions", "--socket", &sock])
@@ -625,11 +640,11 @@ fn a_replayed_reattach_request_from_another_address_is_refused() {
     // Capture the reattach request the client sends on path B when path A dies.
     let g = lab.ns("g");
     let port = netlab::PORT.to_string();
-    lab.spawn_jvpn(
+    lab.spawn(
         "capture",
         &g,
         &[
-            "lab",
+            tool(),
             "capture",
             "--port",
             &port,
@@ -660,12 +675,10 @@ fn a_replayed_reattach_request_from_another_address_is_refused() {
     let c = lab.ns("c");
     let bind = format!("{}:40000", netlab::CLIENT_B);
     let to = format!("{}:{}", netlab::GATEWAY_B, netlab::PORT);
-    let bin = env!("CARGO_BIN_EXE_jvpn");
     lab.exec_ok(
         &c,
         &[
-            bin,
-            "lab",
+            tool(),
             "udp-send",
             "--bind",
             &bind,
@@ -742,7 +755,7 @@ fn a_restarted_gateway_gets_a_new_session_explicitly() {
 #[test]
 fn a_wrong_gateway_key_and_a_bad_config_fail_fast_and_clearly() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let bin = env!("CARGO_BIN_EXE_jvpn");
+    let bin = jvpn();
     // A bad file: refused before anything is created.
     let dir = std::env::temp_dir().join(format!("jvbad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -1005,10 +1018,10 @@ fn nothing_leaks_around_a_full_tunnel(tag: &str, tunnel_v6: bool) {
         lab.client_link(Path2::B)
     );
     let watch = |lab: &mut Lab, name: &str| {
-        lab.spawn_jvpn(
+        lab.spawn(
             name,
             &c,
-            &["lab", "watch-leaks", "--links", &links, "--seconds", "4"],
+            &[tool(), "watch-leaks", "--links", &links, "--seconds", "4"],
         )
         .expect("watch");
         std::thread::sleep(Duration::from_millis(300));
@@ -1207,12 +1220,8 @@ fn attack_pps() -> String {
 
 /// The gateway's metrics page.
 fn gateway_metrics(lab: &Lab) -> String {
-    let bin = env!("CARGO_BIN_EXE_jvpn");
-    lab.exec_ok(
-        &lab.ns("g"),
-        &[bin, "lab", "fetch", "--addr", "127.0.0.1:9477"],
-    )
-    .expect("metrics page")
+    lab.exec_ok(&lab.ns("g"), &[tool(), "fetch", "--addr", "127.0.0.1:9477"])
+        .expect("metrics page")
 }
 
 /// The sum of the series on `page` whose rendering starts with `series`.
@@ -1223,7 +1232,7 @@ fn metric(page: &str, series: &str) -> f64 {
         .sum()
 }
 
-/// Starts a flood from the attacker's namespace (see `jvpn lab flood`), bounded by
+/// Starts a flood from the attacker's namespace (see `jvpn-lab flood`), bounded by
 /// `seconds`; its report comes from [`flood_report`].
 fn start_flood(lab: &mut Lab, kind: &str, from: &str, sources: u32, extra: &[&str], seconds: u64) {
     let x = lab.ns("x");
@@ -1231,7 +1240,7 @@ fn start_flood(lab: &mut Lab, kind: &str, from: &str, sources: u32, extra: &[&st
     let from = format!("{from}:0");
     let (sources, seconds, pps) = (sources.to_string(), seconds.to_string(), attack_pps());
     let mut args = vec![
-        "lab",
+        tool(),
         "flood",
         "--pps",
         &pps,
@@ -1247,7 +1256,7 @@ fn start_flood(lab: &mut Lab, kind: &str, from: &str, sources: u32, extra: &[&st
         &seconds,
     ];
     args.extend_from_slice(extra);
-    lab.spawn_jvpn("flood", &x, &args).expect("flood");
+    lab.spawn("flood", &x, &args).expect("flood");
 }
 
 fn flood_report(lab: &mut Lab) -> Value {
@@ -1601,8 +1610,7 @@ fn a_tcp_peer_that_stops_reading_does_not_grow_the_gateway() {
         .exec(
             &s,
             &[
-                env!("CARGO_BIN_EXE_jvpn"),
-                "lab",
+                tool(),
                 "flood",
                 "--kind",
                 "unknown-session",
@@ -1708,7 +1716,7 @@ fn url_encode(text: &str) -> String {
 /// alert rules (deploy/prometheus/alerts.yml, each `EXPR > N` as `EXPR > bool N`, so that
 /// a quiet system still gives a series).
 fn operator_queries() -> Vec<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("grafana/dashboards/jvpn.json")).expect("dashboard"),
     )
@@ -1751,7 +1759,7 @@ fn the_dashboard_and_the_alert_rules_work_on_a_real_prometheus() {
     let Some(mut lab) = lab("e23") else { return };
     lab.client_metrics = "0.0.0.0:9478".into();
     connect(&mut lab, FAST_POLICY, "exit");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: gateway\n    static_configs:\n      - targets: [\"127.0.0.1:9477\"]\n  - job_name: client\n    static_configs:\n      - targets: [\"{client}:9478\"]\n",
         rules = root.join("alerts.yml").display(),
@@ -1780,13 +1788,12 @@ fn the_dashboard_and_the_alert_rules_work_on_a_real_prometheus() {
         lab.diagnostics()
     );
     assert_eq!(ping(&lab, "c", SERVER, 5), 5);
-    let bin = env!("CARGO_BIN_EXE_jvpn");
     for (who, ns, addr) in [
         ("gateway", lab.ns("g"), "127.0.0.1:9477"),
         ("client", lab.ns("c"), "127.0.0.1:9478"),
     ] {
         let page = lab
-            .exec_ok(&ns, &[bin, "lab", "fetch", "--addr", addr])
+            .exec_ok(&ns, &[tool(), "fetch", "--addr", addr])
             .expect("metrics");
         let file = lab.write(&format!("{who}.metrics"), &page).expect("write");
         let check = lab
@@ -1828,15 +1835,7 @@ fn the_dashboard_and_the_alert_rules_work_on_a_real_prometheus() {
         let body = lab
             .exec_ok(
                 &g,
-                &[
-                    bin,
-                    "lab",
-                    "fetch",
-                    "--addr",
-                    "127.0.0.1:9090",
-                    "--path",
-                    &path,
-                ],
+                &[tool(), "fetch", "--addr", "127.0.0.1:9090", "--path", &path],
             )
             .ok()?;
         serde_json::from_str(&body).ok()
@@ -1869,4 +1868,53 @@ fn the_dashboard_and_the_alert_rules_work_on_a_real_prometheus() {
     );
     lab.stop("prometheus", Duration::from_secs(5));
     finish(lab);
+}
+
+/// `jvpn demo` needs nothing but the binary, root and /dev/net/tun: run with an empty
+/// environment and no PATH at all (no `ip`, `nft` or `ping` to be found), it builds its
+/// lab over netlink, probes through the tunnel with its own UDP echoes, cuts path A with
+/// routes, shows the jump, and leaves nothing behind.
+#[test]
+fn the_demo_needs_nothing_but_the_binary() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // The prerequisites check (and its skip or CI failure) of every lab test.
+    let Some(lab) = lab("e30") else { return };
+    drop(lab);
+    for cut in ["route", "link"] {
+        let out = std::process::Command::new(jvpn())
+            .args(["demo", "--policy", "fast", "--cut", cut])
+            .env_clear()
+            .env("PATH", "/nonexistent")
+            .output()
+            .expect("jvpn demo");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "demo --cut {cut}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("(same id: true)"), "{text}");
+        assert!(
+            text.contains("TransportSwitch {\"id\":1,\"protocol\":\"udp\"} -> {\"id\":2"),
+            "{text}"
+        );
+        let answered = text
+            .split("probes: ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        assert!(
+            answered >= 200,
+            "only {answered} of 240 probes answered\n{text}"
+        );
+        println!(
+            "DEMO cut {cut}: {}",
+            text.lines()
+                .rev()
+                .find(|l| l.contains("probe gap"))
+                .unwrap_or("")
+        );
+        assert_gone("dm1");
+    }
 }

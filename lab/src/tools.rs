@@ -1,4 +1,4 @@
-//! Test-lab tools (hidden `jvpn lab ...` commands) used by the demo and the end-to-end
+//! The lab tools (`jvpn-lab ...`) the end-to-end tests and the benchmarks run
 //! tests inside network namespaces: a TCP transfer of a deterministic byte stream whose
 //! every byte the receiver checks, reporting the throughput.
 

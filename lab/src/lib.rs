@@ -1,0 +1,256 @@
+//! Dev-only: what the end-to-end tests and the benchmarks add to the demo's network lab
+//! (`jvpn::netlab`): firewall cuts and loss (nftables), a NAT that rebinds
+//! (nftables + conntrack), blocked ports, an attacker namespace, programs run to
+//! completion in a namespace (iproute2's `ip netns exec`), and the tools of the
+//! `jvpn-lab` binary ([`tools`]). None of it is in the product binary.
+
+pub mod tools;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use jvpn::netlab::{
+    addr, in_ns, netns_etc, signal, Lab, Path2, ATTACKER_FIRST, BYSTANDER, CLIENT_A, CLIENT_B,
+    GATEWAY_X, PORT,
+};
+use jvpn::netlink::{self, Route, RouteVia, MAIN_TABLE};
+use nix::sys::signal::Signal;
+
+/// The `jvpn-lab` binary next to the test or benchmark that runs (built with it).
+pub fn lab_bin() -> PathBuf {
+    sibling_bin("jvpn-lab")
+}
+
+/// The `jvpn` binary of the same build (`cargo test` builds it with the workspace).
+pub fn jvpn_bin() -> PathBuf {
+    sibling_bin("jvpn")
+}
+
+/// `target/<profile>/<name>`, from the running test executable in
+/// `target/<profile>/deps/`.
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// The test lab's additions to [`Lab`].
+pub trait LabTools {
+    /// Runs `argv` in namespace `ns` and waits for it.
+    fn exec(&self, ns: &str, argv: &[&str]) -> Result<Output>;
+    /// Runs `argv` in `ns`; fails with its error output unless it succeeds.
+    fn exec_ok(&self, ns: &str, argv: &[&str]) -> Result<String>;
+    /// Adds an attacker: namespace "x", linked to the gateway on 10.203.0.0/16, owning
+    /// `sources` consecutive addresses from [`ATTACKER_FIRST`] and the bystander's
+    /// address [`BYSTANDER`] (replies to that address are what a spoofed bystander
+    /// would receive). The gateway reaches it directly; the attacker reaches the
+    /// gateway's path addresses through it.
+    fn add_attacker(&mut self, sources: u32) -> Result<()>;
+    /// Gives the namespace of `role` its own /etc/hosts (what `ip netns exec` mounts
+    /// over /etc/hosts for the programs it starts there; programs are started that way
+    /// from now on); rewritten in place, so a running program sees the change at its
+    /// next lookup. Removed with the lab.
+    fn set_hosts(&mut self, role: &str, text: &str) -> Result<()>;
+    /// Freezes process `name` (SIGSTOP) or lets it go on (SIGCONT): a peer that stops
+    /// reading.
+    fn freeze(&self, name: &str, frozen: bool) -> Result<()>;
+    /// The resident memory of process `name`, bytes.
+    fn rss(&self, name: &str) -> Option<u64>;
+    /// Drops the VPN's packets on `path` at the gateway (both directions), as a
+    /// middlebox would: the sockets see nothing, only silence.
+    fn cut(&self, path: Path2) -> Result<()>;
+    /// Drops `percent`% of the VPN's packets arriving at the gateway on `path`, at
+    /// random.
+    fn lossy(&self, path: Path2, percent: u8) -> Result<()>;
+    /// Removes the rules of [`LabTools::cut`] and [`LabTools::lossy`] on `path`.
+    fn heal(&self, path: Path2) -> Result<()>;
+    /// A NAT in front of the client on `path` gives its VPN datagrams a new mapping, as
+    /// a home router's NAT does when it reboots or its table expires: their source
+    /// becomes `to` (`ADDR` or `ADDR:PORT`; the address is added to the client's link if
+    /// it is not its own), and the old mapping is forgotten (`conntrack -D`), so the
+    /// very next datagram leaves with the new one. The client's sockets notice nothing.
+    fn rebind(&self, path: Path2, to: &str) -> Result<()>;
+    /// Drops every packet to or from the gateway's `protocol` ("udp" or "tcp") `port`,
+    /// both ways, at the gateway, as a network that blocks it would.
+    fn block(&self, protocol: &str, port: u16) -> Result<()>;
+    /// Removes the rules of [`LabTools::block`].
+    fn unblock(&self, protocol: &str, port: u16) -> Result<()>;
+}
+
+fn nft(lab: &Lab, ns: &str, script: &str) -> Result<()> {
+    let file = lab.write("rules.nft", script)?;
+    let file = file.display().to_string();
+    lab.exec_ok(ns, &["nft", "-f", &file]).map(|_| ())
+}
+
+impl LabTools for Lab {
+    fn exec(&self, ns: &str, argv: &[&str]) -> Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {argv:?} in {ns}"))
+    }
+
+    fn exec_ok(&self, ns: &str, argv: &[&str]) -> Result<String> {
+        let out = self.exec(ns, argv)?;
+        if !out.status.success() {
+            bail!(
+                "{argv:?} in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn add_attacker(&mut self, sources: u32) -> Result<()> {
+        if sources == 0 || sources > 1_024 {
+            bail!("attacker sources: 1 to 1024");
+        }
+        let (x, g) = (self.ns("x"), self.ns("g"));
+        self.add_namespace(&x)?;
+        let (gx, xg) = (format!("{g}x"), format!("{x}g"));
+        let first = u32::from(ATTACKER_FIRST.parse::<Ipv4Addr>()?);
+        let mut own = vec![(addr(BYSTANDER), 16)];
+        own.extend((0..sources).map(|i| (IpAddr::from(Ipv4Addr::from(first + i)), 16)));
+        self.add_link((&g, &gx, &[(addr(GATEWAY_X), 16)]), (&x, &xg, &own))?;
+        in_ns(&x, |h| async move {
+            let route = Route {
+                dst: addr("10.201.0.0"),
+                prefix: 16,
+                via: RouteVia::Gateway(addr(GATEWAY_X)),
+                table: MAIN_TABLE,
+            };
+            netlink::add_route(&h, &route).await
+        })
+    }
+
+    fn set_hosts(&mut self, role: &str, text: &str) -> Result<()> {
+        let dir = netns_etc(&self.ns(role));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, format!("127.0.0.1 localhost\n{text}"))
+            .with_context(|| format!("cannot write {}", hosts.display()))?;
+        self.launcher = vec!["ip".into(), "netns".into(), "exec".into()];
+        Ok(())
+    }
+
+    fn freeze(&self, name: &str, frozen: bool) -> Result<()> {
+        let pid = self
+            .pid(name)
+            .with_context(|| format!("no process {name}"))?;
+        signal(
+            pid,
+            if frozen {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            },
+        );
+        Ok(())
+    }
+
+    fn rss(&self, name: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(name)?)).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
+    fn cut(&self, path: Path2) -> Result<()> {
+        let table = format!("jvcut{}", path.letter());
+        let script = format!(
+            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} drop\n }}\n chain out {{ type filter hook output priority -10; udp sport {PORT} ip saddr {gw} drop\n }}\n}}\n",
+            gw = path.gateway()
+        );
+        nft(self, &self.ns("g"), &script)
+    }
+
+    fn lossy(&self, path: Path2, percent: u8) -> Result<()> {
+        let table = format!("jvloss{}", path.letter());
+        let script = format!(
+            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} numgen random mod 100 < {percent} drop\n }}\n}}\n",
+            gw = path.gateway()
+        );
+        nft(self, &self.ns("g"), &script)
+    }
+
+    fn heal(&self, path: Path2) -> Result<()> {
+        let g = self.ns("g");
+        for table in [
+            format!("jvcut{}", path.letter()),
+            format!("jvloss{}", path.letter()),
+        ] {
+            let _ = self.exec(&g, &["nft", "delete", "table", "inet", &table]);
+        }
+        Ok(())
+    }
+
+    fn rebind(&self, path: Path2, to: &str) -> Result<()> {
+        let c = self.ns("c");
+        let dev = self.client_link(path);
+        let address = to.split(':').next().unwrap_or(to);
+        let own = match path {
+            Path2::A => CLIENT_A,
+            Path2::B => CLIENT_B,
+        };
+        if address != own {
+            let (dev, a) = (dev.clone(), addr(address));
+            in_ns(&c, move |h| async move {
+                match netlink::add_address(&h, &dev, a, 24).await {
+                    Err(e) if !e.is_exists() => Err(e),
+                    _ => Ok(()),
+                }
+            })?;
+        }
+        let table = format!("jvnat{}", path.letter());
+        let script = format!(
+            "table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n chain post {{ type nat hook postrouting priority srcnat; oifname \"{dev}\" udp dport {PORT} snat to {to}\n }}\n}}\n"
+        );
+        nft(self, &c, &script)?;
+        // A datagram from the gateway arriving between the flush and the client's next
+        // one would make a new entry in the other direction, which the NAT rule does not
+        // touch: flush until the entry shows the new mapping (bounded).
+        let shows = match to.split_once(':') {
+            Some((_, port)) => format!("dport={port}"),
+            None => format!("dst={to}"),
+        };
+        let port = PORT.to_string();
+        for _ in 0..20 {
+            // conntrack exits 1 when nothing matched: nothing to forget.
+            let _ = self.exec(&c, &["conntrack", "-D", "-p", "udp", "--dport", &port]);
+            std::thread::sleep(Duration::from_millis(150));
+            let listed = self.exec(&c, &["conntrack", "-L", "-p", "udp", "--dport", &port])?;
+            if String::from_utf8_lossy(&listed.stdout).contains(&shows) {
+                return Ok(());
+            }
+        }
+        bail!("the NAT's new mapping ({to}) did not take")
+    }
+
+    fn block(&self, protocol: &str, port: u16) -> Result<()> {
+        let script = format!(
+            "table inet jvblock{protocol}{port} {{\n chain in {{ type filter hook input priority -10; {protocol} dport {port} drop\n }}\n chain out {{ type filter hook output priority -10; {protocol} sport {port} drop\n }}\n}}\n"
+        );
+        nft(self, &self.ns("g"), &script)
+    }
+
+    fn unblock(&self, protocol: &str, port: u16) -> Result<()> {
+        let table = format!("jvblock{protocol}{port}");
+        self.exec_ok(&self.ns("g"), &["nft", "delete", "table", "inet", &table])
+            .map(|_| ())
+    }
+}
