@@ -92,6 +92,7 @@ fn run(argv: &[&str], input: Option<&str>, package: &'static str) -> Result<(), 
         command: String::new(),
         stderr: "empty command".into(),
     })?;
+    pass_net_admin_to_children();
     let mut child = Command::new(program)
         .args(args)
         .stdin(if input.is_some() {
@@ -114,6 +115,21 @@ fn run(argv: &[&str], input: Option<&str>, package: &'static str) -> Result<(), 
             command,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+}
+
+/// A process that is not root but holds CAP_NET_ADMIN (the container image gives the
+/// binary that capability and no other, to an unprivileged user) would not pass it on to
+/// `nft`, which has no capabilities of its own: raise it into this thread's ambient set,
+/// which a child started from this thread keeps.
+fn pass_net_admin_to_children() {
+    use caps::{CapSet, Capability};
+    if nix::unistd::geteuid().is_root() {
+        return;
+    }
+    if caps::has_cap(None, CapSet::Permitted, Capability::CAP_NET_ADMIN).unwrap_or(false) {
+        let _ = caps::raise(None, CapSet::Inheritable, Capability::CAP_NET_ADMIN);
+        let _ = caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN);
     }
 }
 

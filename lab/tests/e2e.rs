@@ -1918,3 +1918,214 @@ fn the_demo_needs_nothing_but_the_binary() {
         assert_gone("dm1");
     }
 }
+
+/// The JSON list (exec form) of the Dockerfile's instruction `instruction`, after
+/// `within` when given (HEALTHCHECK's `CMD`); continuation lines joined.
+fn dockerfile_list(text: &str, instruction: &str, within: Option<&str>) -> Vec<String> {
+    let joined = text.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(&format!("{instruction} ")))
+        .unwrap_or_else(|| panic!("the Dockerfile has no {instruction}"));
+    let rest = match within {
+        Some(word) => {
+            &line[line
+                .find(word)
+                .unwrap_or_else(|| panic!("{instruction}: no {word}"))..]
+        }
+        None => line,
+    };
+    let list = &rest[rest
+        .find('[')
+        .unwrap_or_else(|| panic!("{instruction}: exec form"))..];
+    serde_json::from_str(list).unwrap_or_else(|e| panic!("{instruction}: {e}"))
+}
+
+/// The image's entrypoint contract, without a docker engine: the gateway started as the
+/// image starts it (its ENTRYPOINT and CMD, as the USER of the Dockerfile, with the file
+/// capability the image gives the binary and a bounding set of NET_ADMIN alone, as
+/// `--cap-drop ALL --cap-add NET_ADMIN` leaves it) creates its TUN device, sets
+/// forwarding and masquerade, serves a client, answers the HEALTHCHECK command (run as
+/// that user too), and on the STOPSIGNAL ends the session explicitly
+/// (operator_terminated, the client is told) and exits 0, leaving nothing behind.
+#[test]
+fn the_container_entrypoint_runs_unprivileged_and_stops_cleanly() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e31") else { return };
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Dockerfile"))
+            .expect("Dockerfile");
+    let user = dockerfile
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("USER "))
+        .expect("the image names its user");
+    let (uid, gid) = user.trim().split_once(':').expect("USER uid:gid");
+    assert_ne!(uid, "0", "the image runs as root");
+    assert!(dockerfile.contains("setcap cap_net_admin=ep /usr/local/bin/jvpn"));
+    assert!(dockerfile.lines().any(|l| l.trim() == "STOPSIGNAL SIGTERM"));
+    let entrypoint = dockerfile_list(&dockerfile, "ENTRYPOINT", None);
+    let cmd = dockerfile_list(&dockerfile, "CMD", None);
+    let health = dockerfile_list(&dockerfile, "HEALTHCHECK", Some(" CMD "));
+    assert_eq!(entrypoint, ["jvpn"]);
+    // The image's binary: a copy with the image's file capability.
+    let dir = lab.dir().to_path_buf();
+    let bin = dir.join("jvpn");
+    std::fs::copy(jvpn(), &bin).expect("copy jvpn");
+    let (uid_n, gid_n): (u32, u32) = (uid.parse().expect("uid"), gid.parse().expect("gid"));
+    std::os::unix::fs::chown(&dir, Some(uid_n), Some(gid_n)).expect("chown");
+    let setcap = std::process::Command::new("setcap")
+        .args(["cap_net_admin=ep", &bin.display().to_string()])
+        .status()
+        .expect("setcap (Debian libcap2-bin)");
+    assert!(setcap.success());
+    let as_user = |argv: &[String]| -> Vec<String> {
+        let mut full: Vec<String> = [
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all,+net_admin",
+            "--",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        full.push(bin.display().to_string());
+        full.extend(argv.iter().skip(1).cloned());
+        full
+    };
+    let g = lab.ns("g");
+    lab.gateway_forwarding = format!("enable = true\nmasquerade_out = \"{g}s\"\n");
+    let config = lab
+        .gateway_config(FAST_POLICY)
+        .expect("config")
+        .display()
+        .to_string();
+    // CMD with the test's configuration in place of /etc/jvpn/gateway.toml.
+    let mut argv: Vec<String> = entrypoint.clone();
+    argv.extend(cmd.iter().map(|a| {
+        if a == "/etc/jvpn/gateway.toml" {
+            config.clone()
+        } else {
+            a.clone()
+        }
+    }));
+    assert!(argv.contains(&config), "CMD names /etc/jvpn/gateway.toml");
+    let argv = as_user(&argv);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    lab.spawn("gateway", &g, &argv).expect("gateway");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.status("gw").is_some()),
+        "the unprivileged gateway did not come up\n{}",
+        lab.diagnostics()
+    );
+    // It runs as the image's user with NET_ADMIN (bit 12) as its only capability.
+    let pid = lab.pid("gateway").expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), uid, "{status}");
+    assert_eq!(field("CapEff:"), format!("{:016x}", 1u64 << 12), "{status}");
+    assert_eq!(field("CapBnd:"), format!("{:016x}", 1u64 << 12), "{status}");
+    let tables = lab.exec_ok(&g, &["nft", "list", "tables"]).expect("nft");
+    assert!(tables.contains("jvpn_nat_"), "no masquerade: {tables}");
+    // The health check, as the image runs it (as the same user).
+    let socket = lab.socket("gw").display().to_string();
+    let health: Vec<String> = health
+        .iter()
+        .map(|a| {
+            if a == "/run/jvpn/gateway.sock" {
+                socket.clone()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    assert!(
+        health.contains(&socket),
+        "HEALTHCHECK asks /run/jvpn/gateway.sock"
+    );
+    let check = lab
+        .exec(
+            &g,
+            &as_user(&health)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .expect("health check");
+    assert!(check.status.success(), "health check: {check:?}");
+    // A client, through the tunnel, to the server behind the (masquerading) gateway.
+    let key = lab.gateway_key.public().to_string();
+    let client_config = lab
+        .client_config("exit", &key, FAST_POLICY)
+        .expect("client config")
+        .display()
+        .to_string();
+    let c = lab.ns("c");
+    lab.spawn(
+        "client",
+        &c,
+        &[
+            jvpn(),
+            "client",
+            "--config",
+            &client_config,
+            "--connect-timeout",
+            "10",
+        ],
+    )
+    .expect("client");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .status("client")
+            .is_some_and(|s| s["state"] == "ATTACHED")
+            && lab.link_exists(&c, &lab.tun_name())),
+        "{}",
+        lab.diagnostics()
+    );
+    assert_eq!(ping(&lab, "c", SERVER, 3), 3);
+    // docker stop.
+    assert_eq!(
+        lab.stop("gateway", Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        lab.diagnostics()
+    );
+    let ended = lab.events("gw").iter().any(|e| {
+        e["event_type"] == "SessionStateChange"
+            && e["new_state"] == "TERMINATED"
+            && e["reason_code"] == "operator_terminated"
+    });
+    assert!(ended, "the gateway did not end the session explicitly");
+    // The client was told (not left to find out by silence): it exits on the end.
+    assert!(
+        lab.wait("client", Duration::from_secs(5)).is_some(),
+        "the client was not told\n{}",
+        lab.diagnostics()
+    );
+    let client_ended = lab
+        .events("client")
+        .iter()
+        .any(|e| e["new_state"] == "TERMINATED" && e["reason_code"] == "operator_terminated");
+    assert!(client_ended, "{:?}", lab.events("client"));
+    assert!(
+        !lab.link_exists(&g, &lab.tun_name()),
+        "the gateway's TUN outlived it"
+    );
+    let tables = lab.exec_ok(&g, &["nft", "list", "tables"]).expect("nft");
+    assert!(
+        !tables.contains("jvpn_nat_"),
+        "masquerade left behind: {tables}"
+    );
+    let tag = tag_of(&lab);
+    drop(lab);
+    assert_gone(&tag);
+}
