@@ -3,6 +3,7 @@
 //! admin socket, metrics and events; everything it changed is undone on exit.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use jvpn_actors::agent::{
-    AgentStatus, Candidate, CandidatePath, ClientAgent, Describe, EndSession, OnSessionEnd,
-    Shutdown, UseDevice,
+    AgentStatus, ApplyPolicy, Candidate, CandidatePath, ClientAgent, Describe, EndSession,
+    OnSessionEnd, Shutdown, UseDevice,
 };
 use jvpn_actors::conn::ConnCandidate;
 use jvpn_actors::runtime::Reporter;
@@ -24,6 +25,7 @@ use jvpn_core::wire::TunnelAddrs;
 use crate::admin::{self, Answer, Request};
 use crate::config::{CandidateSetup, ClientSetup, OnEnd, IPV6_MIN_MTU};
 use crate::netconf::Changes;
+use crate::reload::{self, Reload};
 use crate::service;
 use crate::views;
 
@@ -40,8 +42,9 @@ const AGENT_MAILBOX: usize = 1024;
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the client until a stop signal or, when so configured, its session's end.
-pub fn run(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode> {
-    actix_rt::System::new().block_on(serve(setup, connect_timeout))
+/// SIGHUP reloads `config` (see [`crate::reload`]).
+pub fn run(setup: ClientSetup, config: PathBuf, connect_timeout: Duration) -> Result<ExitCode> {
+    actix_rt::System::new().block_on(serve(setup, config, connect_timeout))
 }
 
 fn socket_for(c: &CandidateSetup, fwmark: Option<u32>) -> Result<UdpSocket> {
@@ -62,8 +65,13 @@ fn socket_for(c: &CandidateSetup, fwmark: Option<u32>) -> Result<UdpSocket> {
     Ok(socket)
 }
 
-async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode> {
+async fn serve(
+    mut setup: ClientSetup,
+    config: PathBuf,
+    connect_timeout: Duration,
+) -> Result<ExitCode> {
     let mut stop = service::StopSignal::install()?;
+    let mut hangup = service::ReloadSignal::install()?;
     service::metrics(setup.metrics)?;
     let sink = service::event_sink(&setup.events)?;
     let fwmark = setup.full_tunnel.then_some(setup.fwmark);
@@ -172,6 +180,10 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                     now.session_id.map(|s| s.to_string()).unwrap_or_default(),
                     setup.tunnel.name,
                 );
+                service::notify(&format!(
+                    "READY=1\nSTATUS=session {} attached, tunnel {assigned}",
+                    now.session_id.map(|s| s.to_string()).unwrap_or_default()
+                ));
             }
         }
         if now.stopped {
@@ -205,8 +217,10 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
                 eprintln!("jvpn client: {name}: ending the session (the gateway is told)");
                 break Ok(ExitCode::SUCCESS);
             }
+            () = hangup.wait() => reload(&config, &mut setup, &handles.agent).await,
         }
     };
+    service::notify("STOPPING=1");
     // However the loop ended, the session ends explicitly and the gateway is told before
     // the runtime goes: the agent sends its Terminate, then closes its transports, which
     // send what they hold before they end.
@@ -230,6 +244,41 @@ async fn serve(setup: ClientSetup, connect_timeout: Duration) -> Result<ExitCode
     changes.undo_all();
     service::close_events(sink, "client");
     outcome
+}
+
+/// SIGHUP: reads `config` again and puts a new policy in force on the live session, or
+/// says why nothing changed (one line on standard error either way).
+async fn reload(config: &Path, setup: &mut ClientSetup, agent: &actix::Addr<ClientAgent>) {
+    service::notify(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={}",
+        service::monotonic_usec()
+    ));
+    let told = match crate::config::load_client(config, None) {
+        Err(e) => format!("{e}; nothing changed"),
+        Ok(new) => match reload::plan(setup, &new) {
+            Reload::Nothing => "nothing changed".into(),
+            Reload::NeedsRestart(keys) => format!(
+                "{} changed, which needs a new session: restart the client to use it; nothing changed",
+                keys.join(", ")
+            ),
+            Reload::SameVersion(version) => format!(
+                "the policy changed but its version is still {version:?}, so the events could not tell the two apart: raise policy.version; nothing changed"
+            ),
+            Reload::Apply(policy) => {
+                let (old, version) = (setup.policy.version().to_string(), policy.version().to_string());
+                match agent.send(ApplyPolicy(Arc::new((*policy).clone()))).await {
+                    Ok(Ok(())) => {
+                        setup.policy = *policy;
+                        format!("policy {old} -> {version} in force, on the live session too")
+                    }
+                    Ok(Err(why)) => format!("{why}; nothing changed"),
+                    Err(e) => format!("the client does not answer ({e}); nothing changed"),
+                }
+            }
+        },
+    };
+    eprintln!("jvpn client: reload of {}: {told}", config.display());
+    service::notify("READY=1");
 }
 
 /// One human line on standard error for each thing a person wants to know of (the JSON

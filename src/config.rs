@@ -215,7 +215,7 @@ pub struct GatewaySetup {
 }
 
 /// A TUN device to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelSetup {
     /// Interface name.
     pub name: String,

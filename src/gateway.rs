@@ -151,7 +151,9 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         setup.tunnel.name,
         setup.admin_socket.display(),
     );
+    service::notify("READY=1");
     let signal = signal.wait().await;
+    service::notify("STOPPING=1");
     eprintln!("jvpn gateway: {signal}: ending every session (operator_terminated)");
     let left = node.stop(STOP_GRACE).await;
     if left > 0 {

@@ -12,6 +12,7 @@ pub mod netconf;
 pub mod netlab;
 pub mod netlink;
 pub mod policy_file;
+pub mod reload;
 pub mod service;
 pub mod simulate;
 pub mod views;

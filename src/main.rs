@@ -68,6 +68,7 @@ enum Command {
     /// Run a client: connect through the candidate paths, create the TUN device with
     /// the address the gateway assigns, install the routes; until Ctrl-C / SIGTERM (or
     /// the session's end, when `on_session_end = "exit"`). Undoes every change on exit.
+    /// SIGHUP reloads the file: a new policy version takes effect on the live session.
     Client {
         /// The configuration file (TOML; see config/client.toml).
         #[arg(long)]
@@ -152,7 +153,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             connect_timeout,
         } => {
             let setup = config::load_client(&config, None)?;
-            jvpn::client::run(setup, Duration::from_secs(connect_timeout))
+            jvpn::client::run(setup, config, Duration::from_secs(connect_timeout))
         }
         Command::Status { socket, json } => {
             let answer = ask(&socket.unwrap_or_else(default_socket), &Request::Status)?;

@@ -89,6 +89,58 @@ impl StopSignal {
     }
 }
 
+/// Tells the service manager how the service is (systemd's `sd_notify` protocol: one
+/// datagram of `KEY=value` lines to the socket named by `NOTIFY_SOCKET`, a path or, with
+/// a leading `@`, an abstract name). Nothing when not started by one; a failure is
+/// reported once on standard error and never stops the service.
+pub fn notify(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Err(e) = send_notify(&target, state) {
+        static TOLD: std::sync::Once = std::sync::Once::new();
+        TOLD.call_once(|| eprintln!("jvpn: cannot notify the service manager: {e}"));
+    }
+}
+
+fn send_notify(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(target))?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
+/// The `MONOTONIC_USEC` a `RELOADING=1` notification carries: CLOCK_MONOTONIC now.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// SIGHUP: reload the configuration.
+pub struct ReloadSignal(tokio::signal::unix::Signal);
+
+impl ReloadSignal {
+    /// Starts watching. Must run inside the runtime.
+    pub fn install() -> Result<ReloadSignal> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(ReloadSignal(
+            signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
+        ))
+    }
+
+    /// Resolves at the next SIGHUP.
+    pub async fn wait(&mut self) {
+        self.0.recv().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

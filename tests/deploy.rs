@@ -1,6 +1,6 @@
 //! The operators' files under deploy/: the Grafana dashboard's structure (Grafana itself
 //! is not installable here; lab/tests/e2e.rs evaluates its expressions on a real
-//! Prometheus), and that it uses the provisioned datasource.
+//! Prometheus), and that it uses the provisioned datasource; the client's systemd unit.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -68,4 +68,67 @@ fn the_dashboard_is_well_formed_and_uses_the_provisioned_datasource() {
         }
         assert!(all.contains(name), "{name} is on no panel");
     }
+}
+
+/// The values of `key` in a systemd unit.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_client_unit_is_a_notify_service_with_net_admin_alone_and_a_command_line_that_parses() {
+    let unit = deploy("systemd/jvpn-client.service");
+    let one = |key: &str| {
+        let values = unit_values(&unit, key);
+        assert_eq!(values.len(), 1, "{key}: {values:?}");
+        values[0].clone()
+    };
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(one("AmbientCapabilities"), "CAP_NET_ADMIN");
+    assert_eq!(one("CapabilityBoundingSet"), "CAP_NET_ADMIN");
+    assert_eq!(one("DeviceAllow"), "/dev/net/tun rw");
+    assert_eq!(one("Restart"), "on-failure");
+    assert_eq!(one("KillSignal"), "SIGTERM");
+    // The command line is one the binary accepts: with a missing file, the error is
+    // about the file, not the arguments.
+    let exec = one("ExecStart").replace("${CREDENTIALS_DIRECTORY}", "/nonexistent-jvpn");
+    let mut argv = exec.split_whitespace();
+    assert_eq!(argv.next(), Some("/usr/local/bin/jvpn"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jvpn"))
+        .args(argv)
+        .output()
+        .expect("jvpn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent-jvpn/client.toml"), "{err}");
+    // systemd's own check of the unit, where systemd is installed.
+    let Ok(verify) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze is not installed: the unit's own check is skipped");
+        return;
+    };
+    assert!(verify.status.success());
+    let dir = tempfile::tempdir().expect("dir");
+    let copy = dir.path().join("jvpn-client.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/jvpn", env!("CARGO_BIN_EXE_jvpn")),
+    )
+    .expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -14,6 +14,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use jvpn_core::policy::Policy;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -784,6 +786,26 @@ impl Handler<Shutdown> for ClientAgent {
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         self.stopping = true;
         self.end_session(ctx);
+    }
+}
+
+/// Put a reloaded policy in force, for the live session too (see
+/// `Client::apply_policy`); the answer says why not when it does not fit.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct ApplyPolicy(pub Arc<Policy>);
+
+impl Handler<ApplyPolicy> for ClientAgent {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, msg: ApplyPolicy, ctx: &mut Context<Self>) -> Self::Result {
+        let version = msg.0.version().to_string();
+        self.client
+            .apply_policy(msg.0, Instant::now())
+            .map_err(|e| e.to_string())?;
+        self.reporter.set_policy_version(version);
+        self.settle(ctx);
+        Ok(())
     }
 }
 

@@ -91,6 +91,11 @@ impl Reporter {
         &self.node
     }
 
+    /// Stamps later events with `version` (a reloaded policy took effect).
+    pub fn set_policy_version(&mut self, version: String) {
+        self.policy_version = version;
+    }
+
     /// Reports one event of `session`.
     pub fn report(&self, session: SessionId, event: SessionEvent) {
         telemetry::observe(&event.body);

@@ -243,7 +243,8 @@ pub fn observe(event: &EventBody) {
         }
         EventBody::TransitionRejected { .. }
         | EventBody::TransportAttached { .. }
-        | EventBody::ReattachAttempt { .. } => {}
+        | EventBody::ReattachAttempt { .. }
+        | EventBody::PolicyApplied { .. } => {}
     }
 }
 

@@ -69,6 +69,9 @@ pub enum ClientError {
     /// The handshake could not be built.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// A reloaded policy does not fit the configured transports; nothing changed.
+    #[error("the new policy {0}: that needs a new configuration of the candidates and a restart")]
+    PolicyDoesNotFit(String),
 }
 
 /// A datagram to send.
@@ -554,6 +557,38 @@ impl Client {
             Phase::Idle { retry_at } => *retry_at,
             Phase::Ended(_) => None,
         }
+    }
+
+    /// Puts a reloaded `policy` in force, for the live session too (without dropping
+    /// it: see [`SessionControl::apply_policy`]) and for every later one. Refused,
+    /// changing nothing, when a configured transport would break it (a protocol it no
+    /// longer allows, more candidates than it allows).
+    pub fn apply_policy(&mut self, policy: Arc<Policy>, now: Instant) -> Result<(), ClientError> {
+        if let Some(t) = self
+            .config
+            .transports
+            .iter()
+            .find(|t| !policy.allows(t.protocol))
+        {
+            return Err(ClientError::PolicyDoesNotFit(format!(
+                "does not allow {}, the protocol of candidate {}",
+                t.protocol, t.id.0
+            )));
+        }
+        if self.config.transports.len() > policy.max_candidate_count() {
+            return Err(ClientError::PolicyDoesNotFit(format!(
+                "allows {} candidates, and {} are configured",
+                policy.max_candidate_count(),
+                self.config.transports.len()
+            )));
+        }
+        self.limits = KeyLimits::from_policy(&policy);
+        self.config.policy = Arc::clone(&policy);
+        if let Phase::Established(e) = &mut self.phase {
+            e.channel.set_limits(self.limits);
+            e.control.apply_policy(policy, now);
+        }
+        Ok(())
     }
 
     /// The next event, oldest first.

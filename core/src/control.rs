@@ -472,6 +472,25 @@ impl SessionControl {
         self.evaluate(now);
     }
 
+    /// Puts `policy` in force for this session from `now` on (a reloaded
+    /// configuration): every later timer, budget and decision uses it, and what already
+    /// happened stands (switches already made count against the new budget). Recorded
+    /// as a `PolicyApplied` event; the state and its version do not change.
+    pub fn apply_policy(&mut self, policy: Arc<Policy>, now: Instant) {
+        let now = self.begin(now);
+        let previous_version = self.policy.version().to_string();
+        self.policy = policy;
+        let new_version = self.policy.version().to_string();
+        self.push_event(
+            now,
+            EventBody::PolicyApplied {
+                previous_version,
+                new_version,
+            },
+        );
+        self.evaluate(now);
+    }
+
     // ---- outputs ------------------------------------------------------------------
 
     /// The next event, oldest first.

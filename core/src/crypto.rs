@@ -424,6 +424,14 @@ pub struct Channel {
     next: Option<EpochKeys>,
 }
 
+impl Channel {
+    /// Puts new limits in force (a reloaded policy): the age and count limits apply to
+    /// the keys in use from now on; a replay window's size applies from the next epoch.
+    pub fn set_limits(&mut self, limits: KeyLimits) {
+        self.limits = limits;
+    }
+}
+
 impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

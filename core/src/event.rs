@@ -142,6 +142,14 @@ pub enum EventBody {
         /// Why.
         reason_code: ReasonCode,
     },
+    /// A reloaded policy took effect on the live session (the event's envelope carries
+    /// the new version already).
+    PolicyApplied {
+        /// The version in force before.
+        previous_version: String,
+        /// The version in force from now on.
+        new_version: String,
+    },
 }
 
 impl EventBody {
@@ -161,6 +169,7 @@ impl EventBody {
             EventBody::KeyRotated { .. } => "KeyRotated",
             EventBody::KeyExpired { .. } => "KeyExpired",
             EventBody::RekeyDenied { .. } => "RekeyDenied",
+            EventBody::PolicyApplied { .. } => "PolicyApplied",
         }
     }
 }

@@ -483,3 +483,43 @@ fn removing_the_candidate_in_flight_fails_the_recovery() {
         Some(&(Recovering, Degraded, ReasonCode::NoCandidateTransports))
     );
 }
+
+#[test]
+fn a_reloaded_policy_takes_effect_on_the_live_session_without_a_transition() {
+    let mut sim = Sim::udp(Policy::default(), &[1, 2]).expect("sim");
+    sim.run_until_ms(10_000);
+    assert_eq!(sim.ctl.state(), Attached);
+    let version = sim.ctl.version();
+    let shorter = policy(|p| {
+        p.version = Some("2.0".into());
+        p.session.transport_lost_ttl_ms = Some(5_000);
+    });
+    let now = sim.now;
+    sim.ctl.apply_policy(std::sync::Arc::new(shorter), now);
+    assert_eq!(
+        sim.ctl.version(),
+        version,
+        "a policy change is no transition"
+    );
+    assert_eq!(sim.ctl.policy().version(), "2.0");
+    // Both paths go silent: the new TTL (5 s), not the old one (15 s), ends it.
+    sim.set_loss(1, Loss::All);
+    sim.set_loss(2, Loss::All);
+    sim.run_until_ms(40_000);
+    let applied = sim.events.iter().find_map(|e| match &e.body {
+        EventBody::PolicyApplied {
+            previous_version,
+            new_version,
+        } => Some((previous_version.clone(), new_version.clone())),
+        _ => None,
+    });
+    assert_eq!(applied, Some(("1.0".to_string(), "2.0".to_string())));
+    let ended = sim
+        .first_ms(|b| matches!(b, EventBody::SessionTerminated { .. }))
+        .expect("terminated");
+    assert!((15_000..=16_000).contains(&ended), "ended at {ended} ms");
+    assert!(sim
+        .transitions()
+        .iter()
+        .any(|(_, to, r)| *to == Terminated && *r == ReasonCode::TransportTtlExceeded));
+}

@@ -2129,3 +2129,146 @@ fn the_container_entrypoint_runs_unprivileged_and_stops_cleanly() {
     drop(lab);
     assert_gone(&tag);
 }
+
+/// The datagrams a service manager would receive on `socket` within `limit`, joined.
+fn notifications(
+    socket: &std::os::unix::net::UnixDatagram,
+    limit: Duration,
+    until: &str,
+) -> String {
+    let deadline = Instant::now() + limit;
+    let mut all = String::new();
+    let mut buf = [0u8; 512];
+    while !all.contains(until) {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        socket.set_read_timeout(Some(left)).expect("timeout");
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                all.push_str(&String::from_utf8_lossy(&buf[..n]));
+                all.push('\n');
+            }
+            Err(_) => break,
+        }
+    }
+    all
+}
+
+/// The workstation service: the client tells its service manager (systemd's notify
+/// protocol) when it is ready, reloading and stopping; on SIGHUP it reads its file
+/// again and puts a new policy version in force on the live session (same session, no
+/// transition, a PolicyApplied event, later events carry the new version, and a jump
+/// runs under it); a change that needs a new session is refused, saying so.
+#[test]
+fn the_client_service_reloads_its_policy_on_sighup_and_tells_its_manager() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e32") else { return };
+    lab.start_gateway(FAST_POLICY).expect("gateway");
+    let notify_path = lab.dir().join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    let key = lab.gateway_key.public().to_string();
+    let config = lab
+        .client_config("exit", &key, FAST_POLICY)
+        .expect("config")
+        .display()
+        .to_string();
+    let c = lab.ns("c");
+    let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
+    lab.spawn(
+        "client",
+        &c,
+        &["env", &notify_env, jvpn(), "client", "--config", &config],
+    )
+    .expect("client");
+    let ready = notifications(&manager, Duration::from_secs(10), "READY=1");
+    assert!(ready.contains("READY=1"), "{ready}\n{}", lab.diagnostics());
+    let status = lab.status("client").expect("status");
+    assert_eq!(status["state"], "ATTACHED", "ready before attached");
+    let id = status["session_id"].as_str().expect("id").to_string();
+    let pid = lab.pid("client").expect("pid");
+
+    // A new policy version: in force at once, on the same session.
+    lab.client_config(
+        "exit",
+        &key,
+        &format!("[policy]\nversion = \"2.0\"\n{FAST_POLICY}"),
+    )
+    .expect("config 2.0");
+    netlab::signal(pid, nix::sys::signal::Signal::SIGHUP);
+    let reload = notifications(&manager, Duration::from_secs(5), "READY=1");
+    assert!(reload.contains("RELOADING=1\nMONOTONIC_USEC="), "{reload}");
+    assert!(reload.contains("READY=1"), "{reload}");
+    assert!(
+        wait_until(Duration::from_secs(3), || lab
+            .output_of("client")
+            .1
+            .contains("policy 1.0 -> 2.0 in force")),
+        "{}",
+        lab.diagnostics()
+    );
+    let mut applied = None;
+    wait_until(Duration::from_secs(3), || {
+        applied = lab
+            .events("client")
+            .into_iter()
+            .find(|e| e["event_type"] == "PolicyApplied");
+        applied.is_some()
+    });
+    let applied = applied.expect("a PolicyApplied event");
+    assert_eq!(applied["previous_version"], "1.0");
+    assert_eq!(applied["new_version"], "2.0");
+    assert_eq!(applied["policy_version"], "2.0");
+    assert_eq!(applied["session_id"], id.as_str());
+
+    // A change that needs a new session: refused, and said.
+    lab.client_candidates.reverse();
+    lab.client_config(
+        "exit",
+        &key,
+        &format!("[policy]\nversion = \"3.0\"\n{FAST_POLICY}"),
+    )
+    .expect("config with new candidates");
+    netlab::signal(pid, nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            lab.output_of("client").1.contains(
+            "candidates changed, which needs a new session: restart the client to use it; nothing changed"
+        )
+        }),
+        "{}",
+        lab.diagnostics()
+    );
+
+    // The live session runs under 2.0: its jump is reported so.
+    lab.cut(Path2::A).expect("cut");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.attached_on(2)),
+        "{}",
+        lab.diagnostics()
+    );
+    let mut events = Vec::new();
+    wait_until(Duration::from_secs(3), || {
+        events = lab.events("client");
+        events.iter().any(|e| e["event_type"] == "TransportSwitch")
+    });
+    let switch = events
+        .iter()
+        .find(|e| e["event_type"] == "TransportSwitch")
+        .expect("switch");
+    assert_eq!(switch["policy_version"], "2.0");
+    assert_eq!(switch["session_id"], id.as_str());
+    assert!(
+        !events.iter().any(|e| e["new_state"] == "TERMINATED"),
+        "the reloads ended the session"
+    );
+    assert_eq!(
+        lab.status("client").expect("status")["session_id"],
+        id.as_str()
+    );
+
+    assert_eq!(lab.stop("client", Duration::from_secs(5)), Some(0));
+    let stopping = notifications(&manager, Duration::from_secs(2), "STOPPING=1");
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    finish(lab);
+}
