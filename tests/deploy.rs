@@ -132,3 +132,35 @@ fn the_client_unit_is_a_notify_service_with_net_admin_alone_and_a_command_line_t
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The names in the first column of spec/`file`'s table rows that start with `prefix`.
+fn spec_names(file: &str, starts: impl Fn(&str) -> bool) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("spec")
+        .join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| l.strip_prefix("| ")?.split(" |").next())
+        .filter(|name| starts(name))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_readme_lists_every_metric_and_every_event_type() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let metrics = spec_names("metrics.md", |n| n.starts_with("jvpn_"));
+    let events = spec_names("events.md", |n| {
+        n.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && !n.contains(' ')
+    });
+    assert!(metrics.len() >= 19, "{metrics:?}");
+    assert!(events.len() >= 14, "{events:?}");
+    for name in metrics.iter().chain(&events) {
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README misses {name}"
+        );
+    }
+}
