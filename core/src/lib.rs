@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod cluster;
 pub mod control;
 pub mod crypto;
 pub mod event;

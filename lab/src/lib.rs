@@ -254,3 +254,95 @@ impl LabTools for Lab {
             .map(|_| ())
     }
 }
+
+/// A lab, or `None` (with the reason printed) when this machine cannot build one and
+/// CI is not set. Under CI=true it panics instead: the tests must run there.
+pub fn lab_or_skip(tag: &str) -> Option<Lab> {
+    if let Err(e) = jvpn::netlab::check_prerequisites() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true: the end-to-end tests must run, but cannot: {e:#}");
+        }
+        eprintln!("skipping the end-to-end test: {e:#}");
+        return None;
+    }
+    let bin = jvpn_bin();
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo test builds it)",
+        bin.display()
+    );
+    Some(Lab::new(tag, &bin).expect("the lab"))
+}
+
+/// Runs `work` to completion on a runtime of its own, on a thread inside the network
+/// namespace `ns`: every socket it opens is in that namespace.
+pub fn run_in_ns<T, F, Fut>(ns: &str, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let ns = ns.to_string();
+    std::thread::spawn(move || -> Result<T> {
+        netlink::enter_netns(&ns)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(runtime.block_on(work()))
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "the thread in {} panicked",
+            "the namespace"
+        ))
+    })
+}
+
+/// Starts etcd (Debian `etcd-server`) as process `name` in the namespace `ns`, serving
+/// clients on `ip:2379`, its data in the lab directory; waits until it answers. Returns
+/// its client URL. Stopped and removed with the lab.
+pub fn start_etcd(lab: &mut Lab, name: &str, ns: &str, ip: &str) -> Result<String> {
+    let data = lab.dir().join(format!("{name}.data"));
+    let client = format!("http://{ip}:2379");
+    let peer = format!("http://{ip}:2380");
+    let data = data.display().to_string();
+    lab.spawn(
+        name,
+        ns,
+        &[
+            "etcd",
+            "--name",
+            name,
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("{name}={peer}"),
+            "--log-level",
+            "warn",
+        ],
+    )
+    .context("cannot start etcd (Debian etcd-server)")?;
+    let addr: std::net::SocketAddr = format!("{ip}:2379").parse()?;
+    let ready = run_in_ns(ns, move || async move {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    })?;
+    if !ready {
+        bail!("etcd did not come up: {:?}", lab.output_of(name));
+    }
+    Ok(client)
+}

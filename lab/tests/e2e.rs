@@ -34,23 +34,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// The policy the scenarios run under: fast enough that a test takes seconds.
 const FAST_POLICY: &str = "[policy.volatility]\nheartbeat_interval_ms = 100\nheartbeat_volatile_ms = 600\nprobe_interval_ms = 200\nloss_window_ms = 1000\nvolatile_to_degraded_ms = 2000\n[policy.switching]\nswitch_cooldown_ms = 1000\n[policy.session]\ntransport_lost_ttl_ms = 4000\n";
 
-/// A lab, or `None` (with the reason printed) when this machine cannot build one and
-/// CI is not set. Under CI=true it panics instead: the tests must run there.
+/// A lab, or `None` (see [`jvpn_lab::lab_or_skip`]).
 fn lab(tag: &str) -> Option<Lab> {
-    if let Err(e) = netlab::check_prerequisites() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true: the end-to-end tests must run, but cannot: {e:#}");
-        }
-        eprintln!("skipping the end-to-end test: {e:#}");
-        return None;
-    }
-    let bin = Path::new(jvpn());
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace (cargo test builds it)",
-        bin.display()
-    );
-    Some(Lab::new(tag, bin).expect("the lab"))
+    jvpn_lab::lab_or_skip(tag)
 }
 
 fn tag_of(lab: &Lab) -> String {

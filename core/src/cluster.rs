@@ -1,0 +1,262 @@
+//! What a gateway cluster shares about a session, sans-IO: the record each session has in
+//! the cluster's table, and its keys sealed under the cluster key, so that a node that
+//! never saw the session's handshake can take it over (spec/cluster.md).
+//!
+//! The keys never reach the table in clear: they are sealed with ChaCha20-Poly1305 under
+//! the cluster key (32 bytes every node has from its configuration), a random nonce per
+//! seal, and the session id as associated data, so that a sealed blob moved to another
+//! record does not open.
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::ids::{NodeId, SessionId};
+
+/// The largest record the table accepts, bytes (a record is a few hundred).
+pub const MAX_RECORD_LEN: usize = 4096;
+
+/// Counters an owner reserves at a time for what it sends (see [`ClusterRecord`]).
+pub const COUNTER_BLOCK: u64 = 1 << 24;
+
+/// Why cluster data was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClusterError {
+    /// The cluster key is not 32 bytes of base64.
+    #[error("the cluster key is not 32 bytes of standard base64 (44 characters, as `jvpn keygen` prints)")]
+    BadKey,
+    /// Sealed keys did not open: another cluster key, another session, or tampering.
+    #[error("the session's sealed keys do not open under this cluster key")]
+    Unsealing,
+    /// A record could not be read.
+    #[error("malformed session record: {0}")]
+    Malformed(String),
+    /// No random source.
+    #[error("no random source: {0}")]
+    Random(String),
+}
+
+/// The key every node of a cluster seals session keys with.
+pub struct ClusterKey(LessSafeKey);
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(<hidden>)")
+    }
+}
+
+impl ClusterKey {
+    /// The key from its base64 text (surrounding whitespace ignored).
+    pub fn from_base64(text: &str) -> Result<ClusterKey, ClusterError> {
+        use base64::Engine;
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|_| ClusterError::BadKey)?,
+        );
+        if bytes.len() != 32 {
+            return Err(ClusterError::BadKey);
+        }
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).map_err(|_| ClusterError::BadKey)?;
+        Ok(ClusterKey(LessSafeKey::new(key)))
+    }
+}
+
+/// A session's current keys, as a node that takes the session over needs them.
+pub struct SessionSecrets {
+    /// The key epoch they belong to.
+    pub epoch: u32,
+    /// The gateway's sending key.
+    pub send: Zeroizing<[u8; 32]>,
+    /// The gateway's receiving key.
+    pub recv: Zeroizing<[u8; 32]>,
+}
+
+const NONCE_LEN: usize = 12;
+const SECRETS_LEN: usize = 4 + 32 + 32;
+const TAG_LEN: usize = 16;
+/// The length of sealed secrets: nonce, sealed epoch and keys, tag.
+pub const SEALED_LEN: usize = NONCE_LEN + SECRETS_LEN + TAG_LEN;
+
+impl SessionSecrets {
+    /// Seals these secrets of `session` under `key`.
+    pub fn seal(&self, key: &ClusterKey, session: SessionId) -> Result<Vec<u8>, ClusterError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| ClusterError::Random(e.to_string()))?;
+        let mut out = Vec::with_capacity(SEALED_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.send[..]);
+        out.extend_from_slice(&self.recv[..]);
+        let mut body = Zeroizing::new(out.split_off(NONCE_LEN));
+        key.0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(session.0.to_be_bytes()),
+                &mut *body,
+            )
+            .map_err(|_| ClusterError::Unsealing)?;
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Opens secrets of `session` sealed by [`SessionSecrets::seal`].
+    pub fn open(
+        key: &ClusterKey,
+        session: SessionId,
+        sealed: &[u8],
+    ) -> Result<SessionSecrets, ClusterError> {
+        if sealed.len() != SEALED_LEN {
+            return Err(ClusterError::Unsealing);
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| ClusterError::Unsealing)?;
+        let mut body = Zeroizing::new(body.to_vec());
+        let plain = key
+            .0
+            .open_in_place(nonce, Aad::from(session.0.to_be_bytes()), &mut body)
+            .map_err(|_| ClusterError::Unsealing)?;
+        let mut epoch = [0u8; 4];
+        let mut send = Zeroizing::new([0u8; 32]);
+        let mut recv = Zeroizing::new([0u8; 32]);
+        epoch.copy_from_slice(&plain[..4]);
+        send.copy_from_slice(&plain[4..36]);
+        recv.copy_from_slice(&plain[36..68]);
+        Ok(SessionSecrets {
+            epoch: u32::from_be_bytes(epoch),
+            send,
+            recv,
+        })
+    }
+}
+
+/// A session as the cluster's table holds it: one record per session, written only by
+/// its owner (or by a node taking it over, conditioned on the record's revision).
+///
+/// Times are wall-clock milliseconds (the nodes' monotonic clocks do not compare).
+/// `send_reserved_until` is the first counter the owner may not send with: an owner
+/// reserves [`COUNTER_BLOCK`] counters at a time by writing the record, and a node that
+/// takes the session over starts sending above every reservation, so no counter is ever
+/// used twice under one key across nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Identity; never changes.
+    pub session_id: SessionId,
+    /// The node that forwards the session's packets.
+    pub owner: NodeId,
+    /// A node that asked the owner to hand the session over, if any.
+    pub handover_to: Option<NodeId>,
+    /// The client's static key (base64).
+    pub client: String,
+    /// State name (spec/state-machine.md) and version, as last written by the owner.
+    pub state: String,
+    /// Mutations so far.
+    pub state_version: u64,
+    /// The bound transport (`udp://ADDR`, …) as last written by the owner.
+    pub binding: Option<String>,
+    /// The session's keys, sealed under the cluster key (base64).
+    pub sealed_keys: String,
+    /// The first counter the owner may not send with.
+    pub send_reserved_until: u64,
+    /// When the session began (wall clock, ms).
+    pub created_ms: u64,
+    /// When the session ends by lifetime (wall clock, ms).
+    pub lifetime_deadline_ms: u64,
+    /// When the session ends unless its client is heard before (wall clock, ms).
+    pub transport_lost_deadline_ms: u64,
+}
+
+impl ClusterRecord {
+    /// The record as the table stores it (JSON).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A record read from the table, bounded and checked.
+    pub fn decode(bytes: &[u8]) -> Result<ClusterRecord, ClusterError> {
+        if bytes.len() > MAX_RECORD_LEN {
+            return Err(ClusterError::Malformed(format!(
+                "{} bytes, more than {MAX_RECORD_LEN}",
+                bytes.len()
+            )));
+        }
+        serde_json::from_slice(bytes).map_err(|e| ClusterError::Malformed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::PublicKey;
+
+    fn key(byte: u8) -> ClusterKey {
+        use base64::Engine;
+        ClusterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32]))
+            .expect("key")
+    }
+
+    fn secrets() -> SessionSecrets {
+        SessionSecrets {
+            epoch: 3,
+            send: Zeroizing::new([7; 32]),
+            recv: Zeroizing::new([9; 32]),
+        }
+    }
+
+    #[test]
+    fn sealed_keys_open_only_under_their_key_and_for_their_session() {
+        let sealed = secrets().seal(&key(1), SessionId(42)).expect("seal");
+        assert_eq!(sealed.len(), SEALED_LEN);
+        let opened = SessionSecrets::open(&key(1), SessionId(42), &sealed).expect("open");
+        assert_eq!(opened.epoch, 3);
+        assert_eq!(*opened.send, [7; 32]);
+        assert_eq!(*opened.recv, [9; 32]);
+        assert!(!sealed.windows(32).any(|w| w == [7; 32]), "a key in clear");
+        assert!(SessionSecrets::open(&key(2), SessionId(42), &sealed).is_err());
+        assert!(SessionSecrets::open(&key(1), SessionId(43), &sealed).is_err());
+        let mut flipped = sealed.clone();
+        flipped[20] ^= 1;
+        assert!(SessionSecrets::open(&key(1), SessionId(42), &flipped).is_err());
+        assert!(SessionSecrets::open(&key(1), SessionId(42), &sealed[..50]).is_err());
+        // Two seals of the same keys differ (a fresh nonce each).
+        assert_ne!(
+            sealed,
+            secrets().seal(&key(1), SessionId(42)).expect("seal")
+        );
+    }
+
+    #[test]
+    fn bad_cluster_keys_are_refused() {
+        assert_eq!(
+            ClusterKey::from_base64("short").err(),
+            Some(ClusterError::BadKey)
+        );
+        assert_eq!(
+            ClusterKey::from_base64("AAAA").err(),
+            Some(ClusterError::BadKey)
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_oversized_or_malformed_ones_are_refused() {
+        let record = ClusterRecord {
+            session_id: SessionId(0x5e55),
+            owner: NodeId("gw-1".into()),
+            handover_to: None,
+            client: PublicKey([1; 32]).to_string(),
+            state: "ATTACHED".into(),
+            state_version: 4,
+            binding: Some("udp://10.201.1.2:40000".into()),
+            sealed_keys: "x".into(),
+            send_reserved_until: COUNTER_BLOCK,
+            created_ms: 1,
+            lifetime_deadline_ms: 2,
+            transport_lost_deadline_ms: 3,
+        };
+        let bytes = record.encode();
+        assert_eq!(ClusterRecord::decode(&bytes), Ok(record));
+        assert!(ClusterRecord::decode(b"{\"session_id\":1}").is_err());
+        assert!(ClusterRecord::decode(&vec![b' '; MAX_RECORD_LEN + 1]).is_err());
+    }
+}
