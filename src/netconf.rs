@@ -288,6 +288,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_missing_program_is_named_with_the_package_that_adds_it() {
+        let e = run(&["jvpn-no-such-program", "-f", "-"], Some(""), "nftables")
+            .expect_err("no such program");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot run `jvpn-no-such-program -f -`: No such file or directory")
+                && text.ends_with("(the Debian package nftables adds it)"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_network_of_an_address_clears_its_host_bits() {
         let a: IpAddr = "10.77.0.1".parse().expect("v4");
         assert_eq!(

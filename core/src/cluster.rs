@@ -153,6 +153,9 @@ pub struct ClusterRecord {
     pub state: String,
     /// Mutations so far.
     pub state_version: u64,
+    /// The version under which the binding was accepted (what the client's reattach
+    /// names).
+    pub bound_at: u64,
     /// The bound transport (`udp://ADDR`, …) as last written by the owner.
     pub binding: Option<String>,
     /// The session's keys, sealed under the cluster key (base64).
@@ -247,6 +250,7 @@ mod tests {
             client: PublicKey([1; 32]).to_string(),
             state: "ATTACHED".into(),
             state_version: 4,
+            bound_at: 4,
             binding: Some("udp://10.201.1.2:40000".into()),
             sealed_keys: "x".into(),
             send_reserved_until: COUNTER_BLOCK,

@@ -329,6 +329,9 @@ struct EpochKeys {
     send: Zeroizing<[u8; 32]>,
     recv: Zeroizing<[u8; 32]>,
     next_counter: u64,
+    /// The first counter these keys may not send with: the end of this node's
+    /// reservation in a cluster (spec/cluster.md), else never reached.
+    send_limit: u64,
     received: u64,
     replay: ReplayWindow,
     created: Instant,
@@ -341,6 +344,7 @@ impl EpochKeys {
             send: keys.send,
             recv: keys.recv,
             next_counter: 0,
+            send_limit: u64::MAX,
             received: 0,
             replay: ReplayWindow::new(limits.replay_window),
             created: now,
@@ -375,6 +379,10 @@ pub enum SealError {
     /// The current keys are past their time or packet limit; a rekey must finish first.
     #[error("the session keys have expired")]
     KeysExpired,
+    /// This node's reservation of counters is used up (a cluster node that has not
+    /// renewed it, or no longer owns the session).
+    #[error("the counters reserved for this node are used up")]
+    Unreserved,
 }
 
 /// Why a session packet was not opened. Every case changes nothing.
@@ -459,6 +467,55 @@ impl Channel {
         }
     }
 
+    /// The channel of a session taken over from another node (spec/cluster.md): its
+    /// current keys from `secrets`, sending from counter `send_from` (above every
+    /// counter another node reserved) up to `send_limit`, and accepting only counters
+    /// above `recv_after` (the client's reattach request is the first it opens).
+    pub fn adopt(
+        session_id: SessionId,
+        secrets: &crate::cluster::SessionSecrets,
+        limits: KeyLimits,
+        (send_from, send_limit): (u64, u64),
+        recv_after: u64,
+        now: Instant,
+    ) -> Self {
+        let keys = DirectionalKeys {
+            send: secrets.send.clone(),
+            recv: secrets.recv.clone(),
+        };
+        let mut current = EpochKeys::new(secrets.epoch, keys, &limits, now);
+        current.next_counter = send_from;
+        current.send_limit = send_limit;
+        current.replay = ReplayWindow::seen_through(limits.replay_window, recv_after);
+        Channel {
+            session_id,
+            current,
+            limits,
+            previous: None,
+            next: None,
+        }
+    }
+
+    /// The current keys, for sealing into the cluster's record of the session.
+    pub fn secrets(&self) -> crate::cluster::SessionSecrets {
+        crate::cluster::SessionSecrets {
+            epoch: self.current.epoch,
+            send: self.current.send.clone(),
+            recv: self.current.recv.clone(),
+        }
+    }
+
+    /// The counter the next packet under the current keys is sent with.
+    pub fn next_send_counter(&self) -> u64 {
+        self.current.next_counter
+    }
+
+    /// Sets the first counter the current keys may not send with (a cluster node's
+    /// reservation; a rekey's new keys start without one).
+    pub fn set_send_limit(&mut self, limit: u64) {
+        self.current.send_limit = limit;
+    }
+
     /// The session these keys belong to.
     pub fn session_id(&self) -> SessionId {
         self.session_id
@@ -520,6 +577,9 @@ impl Channel {
     ) -> Result<u64, SealError> {
         if self.current.expired(&self.limits, now) {
             return Err(SealError::KeysExpired);
+        }
+        if self.current.next_counter >= self.current.send_limit {
+            return Err(SealError::Unreserved);
         }
         let counter = self.current.next_counter;
         self.current.next_counter += 1;

@@ -56,6 +56,24 @@ impl State {
     }
 }
 
+impl std::str::FromStr for State {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            State::Birth,
+            State::Attached,
+            State::Volatile,
+            State::Degraded,
+            State::Recovering,
+            State::Terminated,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+        .ok_or_else(|| format!("no state named {s:?}"))
+    }
+}
+
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -303,6 +321,12 @@ impl StateMachine {
             state: State::Birth,
             version: StateVersion(0),
         }
+    }
+
+    /// A session taken over from another node (spec/cluster.md): it goes on from the
+    /// state and version its record holds, not from BIRTH.
+    pub fn resume(state: State, version: StateVersion) -> Self {
+        StateMachine { state, version }
     }
 
     /// The current state.

@@ -29,6 +29,15 @@ impl Journal {
         Self::default()
     }
 
+    /// A session taken over from another node, at the state and version of its record,
+    /// with no events.
+    pub fn resume(state: State, version: StateVersion) -> Self {
+        Journal {
+            fsm: StateMachine::resume(state, version),
+            ..Journal::default()
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> State {
         self.fsm.state()

@@ -42,6 +42,23 @@ impl ReplayWindow {
         }
     }
 
+    /// A window that has seen every counter up to and including `floor` (and no later
+    /// one): what a node taking a session over starts from, so that no packet the client
+    /// sent before its reattach can be replayed to it.
+    pub fn seen_through(window_bits: u32, floor: u64) -> Self {
+        let mut w = ReplayWindow::new(window_bits);
+        w.highest = Some(floor);
+        w.blocks.fill(u64::MAX);
+        let (block, _) = w.position(floor);
+        let bit = floor % BLOCK_BITS;
+        w.blocks[block] = if bit == BLOCK_BITS - 1 {
+            u64::MAX
+        } else {
+            (1u64 << (bit + 1)) - 1
+        };
+        w
+    }
+
     /// The number of counters the window spans.
     pub fn width(&self) -> u64 {
         self.window
@@ -127,6 +144,22 @@ mod tests {
             self.seen.insert(c);
             self.highest = Some(self.highest.map_or(c, |h| h.max(c)));
             Ok(())
+        }
+    }
+
+    #[test]
+    fn a_window_seen_through_a_floor_refuses_it_and_everything_before_and_takes_what_follows() {
+        for floor in [0u64, 5, 63, 64, 1_000, 1 << 24] {
+            let mut w = ReplayWindow::seen_through(2048, floor);
+            for old in [floor, floor.saturating_sub(1), floor.saturating_sub(100), 0] {
+                assert!(w.check(old).is_err(), "floor {floor}: {old} accepted");
+            }
+            // Later counters, out of order, each once.
+            assert_eq!(w.commit(floor + 3), Ok(()));
+            assert_eq!(w.commit(floor + 1), Ok(()), "floor {floor}");
+            assert_eq!(w.commit(floor + 2), Ok(()));
+            assert!(w.commit(floor + 1).is_err());
+            assert!(w.check(floor).is_err());
         }
     }
 

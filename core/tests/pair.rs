@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jvpn_core::client::{Client, ClientConfig, ClientReceived};
+use jvpn_core::cluster::ClusterKey;
 use jvpn_core::crypto::{plaintext, Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE};
 use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
@@ -96,6 +97,8 @@ struct World {
     gw_events: Vec<(SessionId, SessionEvent)>,
     client_events: Vec<SessionEvent>,
     client_key: Keypair,
+    /// The first gateway's configuration.
+    config: GatewayConfig,
 }
 
 impl World {
@@ -105,29 +108,26 @@ impl World {
         let gw_key = Keypair::generate().expect("keys");
         let client_key = Keypair::generate().expect("keys");
         let store = Arc::new(MemoryStore::new(16, 3));
-        let gw = Gateway::new(
-            GatewayConfig {
-                keypair: gw_key.clone(),
-                node_id: NodeId("gw-1".into()),
-                policy: Arc::clone(&policy),
-                clients: vec![AuthorizedClient {
-                    public: client_key.public(),
-                    tunnel: TunnelAddrs::new([
-                        TunnelAddr {
-                            addr: IpAddr::V4(TUNNEL),
-                            prefix: 24,
-                        },
-                        TunnelAddr {
-                            addr: IpAddr::V6(TUNNEL6),
-                            prefix: 64,
-                        },
-                    ])
-                    .expect("one address of each family"),
-                }],
-            },
-            store.clone(),
-            WallClock::new(t0, UNIX_T0),
-        );
+        let config = GatewayConfig {
+            keypair: gw_key.clone(),
+            node_id: NodeId("gw-1".into()),
+            policy: Arc::clone(&policy),
+            clients: vec![AuthorizedClient {
+                public: client_key.public(),
+                tunnel: TunnelAddrs::new([
+                    TunnelAddr {
+                        addr: IpAddr::V4(TUNNEL),
+                        prefix: 24,
+                    },
+                    TunnelAddr {
+                        addr: IpAddr::V6(TUNNEL6),
+                        prefix: 64,
+                    },
+                ])
+                .expect("one address of each family"),
+            }],
+        };
+        let gw = Gateway::new(config.clone(), store.clone(), WallClock::new(t0, UNIX_T0));
         let client = Client::new(
             ClientConfig {
                 keypair: client_key.clone(),
@@ -151,6 +151,15 @@ impl World {
             gw_events: Vec::new(),
             client_events: Vec::new(),
             client_key,
+            config,
+        }
+    }
+
+    /// The first gateway's configuration under another node id.
+    fn gw_config(&self, node: NodeId) -> GatewayConfig {
+        GatewayConfig {
+            node_id: node,
+            ..self.config.clone()
         }
     }
 
@@ -1455,4 +1464,201 @@ fn a_session_whose_table_record_is_gone_still_ends_at_its_ttl() {
         Some((State::Terminated, ReasonCode::TransportTtlExceeded))
     );
     assert!(w.store.is_empty());
+}
+
+/// A session moves to another node of the cluster: the second node takes it over
+/// from the record the first one exported (its keys sealed under the cluster key) on
+/// the client's reattach, with no new handshake: same session id and tunnel addresses,
+/// the state machine going on from the record's version, the path validated as for any
+/// reattach. It sends above the first node's reservation (no counter is used twice
+/// under one key), refuses the client's packets from before the move (no replay), and
+/// the first node lets go without ending the session.
+#[test]
+fn a_session_moves_to_another_node_with_its_keys_and_without_a_handshake() {
+    const RESERVED: u64 = 1_000;
+    let mut w = World::new(Policy::default());
+    let key = {
+        use base64::Engine;
+        ClusterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([5u8; 32]))
+            .expect("cluster key")
+    };
+    let client_key = w.client_key.clone();
+    let mut raw = RawClient::connect(&mut w, &client_key, 1);
+    let id = raw.session;
+    w.gw.reserve_until(id, RESERVED);
+    let mut before = Vec::new();
+    for n in 0..3 {
+        let mut out = Vec::new();
+        raw.channel
+            .seal(
+                &Control::Data(&ip_packet(TUNNEL, REMOTE, n)),
+                w.now,
+                &mut out,
+            )
+            .expect("seal");
+        let now = w.now;
+        assert!(matches!(
+            w.gw.handle_datagram(endpoint(1), &out, now),
+            Received::ToTunnel(_)
+        ));
+        before.push(out);
+    }
+    let record =
+        w.gw.export(id, &key, RESERVED)
+            .expect("the session is here")
+            .expect("exported");
+    let mut second = Gateway::new(
+        w.gw_config(NodeId("gw-2".into())),
+        Arc::new(MemoryStore::new(16, 3)),
+        WallClock::new(w.t0, UNIX_T0),
+    );
+
+    // The client reattaches on path 2, which leads to the second node.
+    w.now += ms(500);
+    let now = w.now;
+    let request = raw.reattach(now, UNIX_T0 + 500, raw.binding_version, 2);
+    let Ok(Datagram::Session { header, .. }) = parse(&request) else {
+        panic!("a session packet");
+    };
+    second.adopt(&record, &key, &header, now).expect("takeover");
+    assert!(w.gw.hand_over(id), "the first node lets go");
+    let challenge = match second.handle_datagram(endpoint(2), &request, now) {
+        Received::Reply(b) => b.to_vec(),
+        other => panic!("no challenge: {other:?}"),
+    };
+    let Ok(Datagram::Session { header, .. }) = parse(&challenge) else {
+        panic!("not a session packet");
+    };
+    assert!(header.counter >= RESERVED, "counter {}", header.counter);
+    let mut opened = challenge.clone();
+    raw.channel
+        .open_in_place(&header, &mut opened, now)
+        .expect("the client opens the second node's challenge");
+    let Ok(Control::PathChallenge { token }) = Control::decode(header.ptype, plaintext(&opened))
+    else {
+        panic!("not a path challenge");
+    };
+    let mut response = Vec::new();
+    raw.channel
+        .seal(&Control::PathResponse { token }, now, &mut response)
+        .expect("seal");
+    let _ = second.handle_datagram(endpoint(2), &response, now);
+    let events = second.drain_events();
+    let moved = second.session(id).expect("the second node has it");
+    assert_eq!(moved.binding(), Some(endpoint(2)));
+    assert_eq!(moved.state(), State::Attached);
+    assert_eq!(moved.tunnel(), w.config.clients[0].tunnel);
+    assert!(
+        moved.version().0 > record.state_version,
+        "the state machine went on"
+    );
+    let moves = transitions(events.iter().map(|(_, e)| e));
+    assert_eq!(
+        moves.last(),
+        Some(&(
+            State::Recovering,
+            State::Attached,
+            ReasonCode::ReattachSuccess
+        )),
+        "{moves:?}"
+    );
+    assert!(events
+        .iter()
+        .any(|(_, e)| matches!(e.body, EventBody::TransportSwitch { explicit: true, .. })));
+    w.drain();
+    let ended = |events: &[(SessionId, SessionEvent)]| {
+        events
+            .iter()
+            .any(|(_, e)| matches!(e.body, EventBody::SessionTerminated { .. }))
+    };
+    assert!(!ended(&w.gw_events) && !ended(&events), "nobody ended it");
+
+    // Traffic both ways through the second node; the first routes nothing of it.
+    let mut out = Vec::new();
+    raw.channel
+        .seal(
+            &Control::Data(&ip_packet(TUNNEL, REMOTE, 77)),
+            now,
+            &mut out,
+        )
+        .expect("seal");
+    let Received::ToTunnel(p) = second.handle_datagram(endpoint(2), &out, now) else {
+        panic!("not delivered");
+    };
+    assert_eq!(payload_of(p), 77);
+    let (to, bytes) = second
+        .handle_tunnel_packet(&ip_packet(REMOTE, TUNNEL, 78), now)
+        .expect("routed by the second node");
+    assert_eq!(to, endpoint(2));
+    let mut bytes = bytes.to_vec();
+    let Ok(Datagram::Session { header, .. }) = parse(&bytes) else {
+        panic!("a session packet");
+    };
+    assert!(header.counter > RESERVED, "counter {}", header.counter);
+    raw.channel
+        .open_in_place(&header, &mut bytes, now)
+        .expect("the client opens it");
+    assert_eq!(payload_of(plaintext(&bytes)), 78);
+    assert_eq!(
+        w.gw.handle_tunnel_packet(&ip_packet(REMOTE, TUNNEL, 79), now)
+            .map(|(e, _)| e),
+        Err(Drop::NoRoute)
+    );
+
+    // Packets the client sent before the move, replayed to the second node: refused.
+    for old in &before {
+        assert!(matches!(
+            second.handle_datagram(endpoint(2), old, now),
+            Received::Dropped(Drop::Replay)
+        ));
+    }
+    // A record opened under another cluster key, or taken over twice: refused.
+    let other = {
+        use base64::Engine;
+        ClusterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([6u8; 32]))
+            .expect("cluster key")
+    };
+    let mut third = Gateway::new(
+        w.gw_config(NodeId("gw-3".into())),
+        Arc::new(MemoryStore::new(16, 3)),
+        WallClock::new(w.t0, UNIX_T0),
+    );
+    assert!(third
+        .adopt(&record, &other, &header_of(&request), now)
+        .is_err());
+    assert!(third.session(id).is_none());
+    assert!(second
+        .adopt(&record, &key, &header_of(&request), now)
+        .is_err());
+}
+
+fn header_of(datagram: &[u8]) -> jvpn_core::wire::SessionHeader {
+    match parse(datagram) {
+        Ok(Datagram::Session { header, .. }) => header,
+        _ => panic!("a session packet"),
+    }
+}
+
+/// A node never sends beyond its reservation of counters: once it is used up, the
+/// session's packets are not sealed (and a node that took the session over starts
+/// above it).
+#[test]
+fn a_node_does_not_send_beyond_its_reservation() {
+    let mut w = World::connected(Policy::default());
+    let id = w.session();
+    let next = w.gw.session(id).expect("session").next_send_counter();
+    w.gw.reserve_until(id, next + 2);
+    let now = w.now;
+    for n in 0..2 {
+        assert!(w
+            .gw
+            .handle_tunnel_packet(&ip_packet(REMOTE, TUNNEL, n), now)
+            .is_ok());
+    }
+    assert_eq!(
+        w.gw.handle_tunnel_packet(&ip_packet(REMOTE, TUNNEL, 2), now)
+            .map(|(e, _)| e),
+        Err(Drop::Unreserved),
+        "sealed beyond the reservation"
+    );
 }

@@ -21,6 +21,7 @@ fn record(id: u64, owner: &str) -> ClusterRecord {
         client: "fTvmLaY9K6CrY+3BrRi2XB7IEhGZvsDSh3pIyDsV0WY=".into(),
         state: "ATTACHED".into(),
         state_version: 1,
+        bound_at: 1,
         binding: Some("udp://10.201.1.2:40000".into()),
         sealed_keys: String::new(),
         send_reserved_until: COUNTER_BLOCK,

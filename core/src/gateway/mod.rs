@@ -20,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cluster::{ClusterError, ClusterKey, ClusterRecord, SessionSecrets};
 use crate::crypto::Keypair;
 use crate::crypto::PublicKey;
 use crate::event::{SessionEvent, WallClock};
@@ -78,6 +79,8 @@ pub enum Drop {
     NoRoute,
     /// The session's keys are expired.
     KeysExpired,
+    /// The counters this node reserved for the session are used up (spec/cluster.md).
+    Unreserved,
     /// A packet type that makes no sense at the gateway (e.g. an ack).
     Unexpected,
     /// A path response from another endpoint than the one challenged.
@@ -112,6 +115,7 @@ impl Drop {
             Drop::SpoofedSource => "spoofed_source",
             Drop::NoRoute => "no_route",
             Drop::KeysExpired => "keys_expired",
+            Drop::Unreserved => "counters_unreserved",
             Drop::Unexpected => "unexpected",
             Drop::PathMismatch => "path_mismatch",
             Drop::SessionEnded => "session_ended",
@@ -236,6 +240,88 @@ impl Gateway {
     /// Drops counted so far, by reason.
     pub fn drops(&self) -> &HashMap<Drop, u64> {
         &self.drops
+    }
+
+    /// Takes over the session of `record` from the node that owned it
+    /// (spec/cluster.md). The driver calls this when a reattach request (`header`) of a
+    /// session this node does not have arrives and the cluster's table has its record;
+    /// then it hands the request to [`Gateway::handle_datagram`] again, and the session
+    /// goes on here from the record's state and version, its counters above the
+    /// record's reservation and the request's. Refused, changing nothing, when the
+    /// session is here already, its client is not authorized here, or its keys do not
+    /// open under `key`.
+    pub fn adopt(
+        &mut self,
+        record: &ClusterRecord,
+        key: &ClusterKey,
+        header: &wire::SessionHeader,
+        now: Instant,
+    ) -> Result<(), ClusterError> {
+        let id = record.session_id;
+        if id != header.session_id || self.router.get(id).is_some() {
+            return Err(ClusterError::Malformed(format!(
+                "session {id} is not one to take over here"
+            )));
+        }
+        let client: PublicKey = record
+            .client
+            .parse()
+            .map_err(|_| ClusterError::Malformed("its client key".into()))?;
+        let sealed = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(&record.sealed_keys)
+                .map_err(|_| ClusterError::Unsealing)?
+        };
+        let secrets = SessionSecrets::open(key, id, &sealed)?;
+        let clock = self.clock;
+        self.responder.adopt(
+            &mut self.router,
+            client,
+            |tunnel, policy, node, limits| {
+                GatewaySession::adopt(
+                    record,
+                    &secrets,
+                    (client, tunnel),
+                    Arc::clone(policy),
+                    node.clone(),
+                    limits,
+                    &clock,
+                    header.counter.saturating_sub(1),
+                    now,
+                )
+            },
+            |session| session,
+        )?;
+        Ok(())
+    }
+
+    /// Session `id` as the cluster's table holds it, this node's reservation of
+    /// counters ending at `send_reserved_until`.
+    pub fn export(
+        &self,
+        id: SessionId,
+        key: &ClusterKey,
+        send_reserved_until: u64,
+    ) -> Option<Result<ClusterRecord, ClusterError>> {
+        Some(
+            self.router
+                .get(id)?
+                .export(&self.clock, key, send_reserved_until),
+        )
+    }
+
+    /// Session `id` may send only with counters below `limit` (this node's reservation).
+    pub fn reserve_until(&mut self, id: SessionId, limit: u64) {
+        if let Some(session) = self.router.get_mut(id) {
+            session.reserve_until(limit);
+        }
+    }
+
+    /// Lets go of session `id`, which another node took over: it is forgotten here
+    /// without an end (spec/cluster.md). Whether it was here.
+    pub fn hand_over(&mut self, id: SessionId) -> bool {
+        self.responder.hand_over(&mut self.router, id).is_some()
     }
 
     /// Handles one datagram from `from`.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::crypto::{KeyLimits, Keypair, PublicKey, Response, HANDSHAKE_PROLOGUE};
+use crate::crypto::{Channel, KeyLimits, Keypair, PublicKey, Response, HANDSHAKE_PROLOGUE};
 use crate::event::TransportRef;
 use crate::fsm::State;
 use crate::ids::{NodeId, SessionId, StateVersion};
@@ -21,9 +21,10 @@ use crate::wire::{
     encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddrs, MAC_LEN,
 };
 
-use super::router::{Route, Router};
+use super::router::{Registration, Route, Router};
 use super::session::GatewaySession;
 use super::{Endpoint, GatewayConfig};
+use crate::cluster::ClusterError;
 use crate::fsm::TerminationCause;
 
 struct ClientEntry {
@@ -174,8 +175,7 @@ impl Responder {
             tunnel,
             Arc::clone(&self.policy),
             self.node.clone(),
-            keys,
-            self.limits,
+            Channel::new(session_id, keys, self.limits, now),
             now,
         );
         if !session.attach(self.store.as_ref(), from, transport, now) {
@@ -197,6 +197,53 @@ impl Responder {
             replaces: previous,
         };
         Ok((accepted, &self.out))
+    }
+
+    /// A session of `client` taken over from another node (spec/cluster.md): routed here
+    /// under `client`'s tunnel addresses, written to this node's table, and the client's
+    /// live session from now on. `build` makes the session from the client's addresses.
+    /// Refused, changing nothing, when the client is not authorized here or the table
+    /// refuses the record.
+    pub fn adopt<H>(
+        &mut self,
+        router: &mut Router<H>,
+        client: PublicKey,
+        build: impl FnOnce(
+            TunnelAddrs,
+            &Arc<Policy>,
+            &NodeId,
+            KeyLimits,
+        ) -> Result<GatewaySession, ClusterError>,
+        wrap: impl FnOnce(GatewaySession) -> H,
+    ) -> Result<SessionId, ClusterError> {
+        let tunnel = self.clients.get(&client).map(|c| c.tunnel).ok_or_else(|| {
+            ClusterError::Malformed("its client is not authorized on this node".into())
+        })?;
+        let session = build(tunnel, &self.policy, &self.node, self.limits)?;
+        let id = session.id();
+        self.store
+            .create(session.table_record())
+            .map_err(|e| ClusterError::Malformed(format!("this node's table refused it: {e}")))?;
+        router.register(id, tunnel, client, wrap(session), Registration::New);
+        if let Some(entry) = self.clients.get_mut(&client) {
+            entry.session = Some(id);
+        }
+        Ok(id)
+    }
+
+    /// Lets go of session `id`, which another node took over: its route and this node's
+    /// record go, with no end (no TERMINATED, no event; it lives on at the new owner).
+    pub fn hand_over<H>(&mut self, router: &mut Router<H>, id: SessionId) -> Option<Route<H>> {
+        let route = router.forget(id)?;
+        if let Some(c) = self.clients.get_mut(&route.client) {
+            if c.session == Some(id) {
+                c.session = None;
+            }
+        }
+        if let Some(record) = self.store.get(id) {
+            let _ = self.store.remove(id, record.state_version);
+        }
+        Some(route)
     }
 
     /// The client's live session, as far as handshakes go (the newest it established).

@@ -303,6 +303,19 @@ impl<H> Router<H> {
         Some(route)
     }
 
+    /// Removes session `id`, which goes on at another node (spec/cluster.md): unlike
+    /// [`Router::unregister`], nothing of it is remembered, so that its packets are not
+    /// answered as those of an ended session.
+    pub fn forget(&mut self, id: SessionId) -> Option<Route<H>> {
+        let route = self.sessions.remove(&id)?;
+        for a in route.tunnel.iter() {
+            if self.by_tunnel.get(&a.addr) == Some(&id) {
+                self.by_tunnel.remove(&a.addr);
+            }
+        }
+        Some(route)
+    }
+
     /// The route of session `id`.
     pub fn get(&self, id: SessionId) -> Option<&H> {
         self.sessions.get(&id).map(|r| &r.handle)

@@ -15,9 +15,10 @@ use super::{source_address, Drop, Endpoint, Received};
 /// be served is still due, and a driver must not spin on it. The lifetime and the
 /// transport-lost TTL still end the session (at most this much late), whatever the table.
 pub const TABLE_RETRY: Duration = Duration::from_millis(100);
+use crate::cluster::{ClusterError, ClusterKey, ClusterRecord, SessionSecrets, COUNTER_BLOCK};
 use crate::crypto::{
-    plaintext, rekey_prologue, Channel, DirectionalKeys, KeyEvent, KeyLimits, Keypair, OpenError,
-    PublicKey, Response,
+    plaintext, rekey_prologue, Channel, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey,
+    Response, SealError,
 };
 use crate::event::{EventBody, ReattachOutcome, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{FsmEvent, Instability, State, TerminationCause};
@@ -141,8 +142,7 @@ impl GatewaySession {
         tunnel: TunnelAddrs,
         policy: Arc<Policy>,
         node: NodeId,
-        keys: DirectionalKeys,
-        limits: KeyLimits,
+        channel: Channel,
         now: Instant,
     ) -> Self {
         GatewaySession {
@@ -152,7 +152,7 @@ impl GatewaySession {
             limiter: SwitchLimiter::new(&policy),
             policy,
             node,
-            channel: Channel::new(id, keys, limits, now),
+            channel,
             journal: Journal::new(),
             created_at: now,
             last_heard: now,
@@ -191,6 +191,105 @@ impl GatewaySession {
             Some(Some((from, transport))),
             now,
         )
+    }
+
+    /// The session as the cluster's table holds it (spec/cluster.md): its keys sealed
+    /// under `key`, its times on the wall clock, and `send_reserved_until`, the end of
+    /// this node's reservation of counters.
+    pub fn export(
+        &self,
+        clock: &WallClock,
+        key: &ClusterKey,
+        send_reserved_until: u64,
+    ) -> Result<ClusterRecord, ClusterError> {
+        let sealed = self.channel.secrets().seal(key, self.id)?;
+        let p = &self.policy;
+        Ok(ClusterRecord {
+            session_id: self.id,
+            owner: self.node.clone(),
+            handover_to: None,
+            client: self.client.to_string(),
+            state: self.state().as_str().to_string(),
+            state_version: self.version().0,
+            bound_at: self.bound_at.0,
+            binding: self
+                .binding
+                .map(|(e, _)| format!("{}://{}", e.protocol, e.addr)),
+            sealed_keys: {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(sealed)
+            },
+            send_reserved_until,
+            created_ms: clock.ts_ms(self.created_at),
+            lifetime_deadline_ms: clock.ts_ms(self.created_at + p.max_lifetime()),
+            transport_lost_deadline_ms: clock.ts_ms(self.last_heard + p.transport_lost_ttl()),
+        })
+    }
+
+    /// A session taken over from the node that owned it (spec/cluster.md), from its
+    /// `record` and its opened `secrets`: it goes on at the record's state and version,
+    /// bound to nothing on this node until the client's reattach (whose counter,
+    /// `recv_after` + 1, is the first it opens) moves it here. It sends from the
+    /// record's reservation on, within one block.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adopt(
+        record: &ClusterRecord,
+        secrets: &SessionSecrets,
+        (client, tunnel): (PublicKey, TunnelAddrs),
+        policy: Arc<Policy>,
+        node: NodeId,
+        limits: KeyLimits,
+        clock: &WallClock,
+        recv_after: u64,
+        now: Instant,
+    ) -> Result<GatewaySession, ClusterError> {
+        let state: State = record.state.parse().map_err(ClusterError::Malformed)?;
+        // The wall-clock times back onto this node's monotonic clock.
+        let wall_now = clock.ts_ms(now);
+        let at = |ms: u64| {
+            now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
+                .unwrap_or(now)
+                + Duration::from_millis(ms.saturating_sub(wall_now))
+        };
+        let created_at = at(record.created_ms);
+        let last_heard = at(record.transport_lost_deadline_ms)
+            .checked_sub(policy.transport_lost_ttl())
+            .unwrap_or(created_at)
+            .max(created_at);
+        let from = record.send_reserved_until;
+        let channel = Channel::adopt(
+            record.session_id,
+            secrets,
+            limits,
+            (from, from.saturating_add(COUNTER_BLOCK)),
+            recv_after,
+            now,
+        );
+        let mut session = GatewaySession::new(
+            record.session_id,
+            client,
+            tunnel,
+            policy,
+            node,
+            channel,
+            now,
+        );
+        session.journal = Journal::resume(state, StateVersion(record.state_version));
+        session.bound_at = StateVersion(record.bound_at);
+        session.created_at = created_at;
+        session.last_heard = last_heard;
+        Ok(session)
+    }
+
+    /// Sets the first counter the current keys may not send with: the end of this
+    /// node's reservation (spec/cluster.md).
+    pub fn reserve_until(&mut self, limit: u64) {
+        self.channel.set_send_limit(limit);
+    }
+
+    /// The counter of the next packet this session sends.
+    pub fn next_send_counter(&self) -> u64 {
+        self.channel.next_send_counter()
     }
 
     /// The session's id.
@@ -406,7 +505,10 @@ impl GatewaySession {
         let (endpoint, _) = self.binding.ok_or(Drop::UnboundTransport)?;
         self.channel
             .seal_append(&Control::Data(packet), now, out)
-            .map_err(|_| Drop::KeysExpired)?;
+            .map_err(|e| match e {
+                SealError::KeysExpired => Drop::KeysExpired,
+                SealError::Unreserved => Drop::Unreserved,
+            })?;
         Ok(endpoint)
     }
 
@@ -1015,6 +1117,11 @@ impl GatewaySession {
         true
     }
 
+    /// The session's record for this node's own table, as it stands.
+    pub(super) fn table_record(&self) -> SessionRecord {
+        self.record(self.state(), self.version(), self.binding, self.bound_at)
+    }
+
     fn record(
         &self,
         state: State,
@@ -1044,7 +1151,8 @@ impl GatewaySession {
     fn reply(&mut self, control: &Control<'_>, now: Instant) -> Outcome {
         match self.channel.seal(control, now, &mut self.out) {
             Ok(_) => Outcome::Reply,
-            Err(_) => Outcome::Drop(Drop::KeysExpired),
+            Err(SealError::KeysExpired) => Outcome::Drop(Drop::KeysExpired),
+            Err(SealError::Unreserved) => Outcome::Drop(Drop::Unreserved),
         }
     }
 }
