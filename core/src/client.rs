@@ -26,8 +26,8 @@ use crate::mac::{Cookie, CookieKey, MacKey, SealedCookie};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::wire::{
-    self, encode_initiation, Control, Datagram, InitPayload, ReattachRequest, RespPayload,
-    Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN,
+    self, encode_initiation, Control, Datagram, InitPayload, PacketType, ReattachRequest,
+    RespPayload, Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN,
 };
 
 /// How long a handshake or rekey waits for its answer before it may be retried.
@@ -415,6 +415,20 @@ impl Client {
         };
         if header.session_id != e.session_id {
             return Handled::Drop(ClientDrop::NotOurs);
+        }
+        if header.ptype == PacketType::StandbyProbeAck {
+            let handled = match e.channel.open_standby_in_place(&header, datagram, now) {
+                Ok(()) => match Control::decode(header.ptype, plaintext(datagram)) {
+                    Ok(Control::ProbeAck { seq }) => {
+                        let _ = e.control.probe_acked(via, seq, now);
+                        Handled::Consumed
+                    }
+                    _ => Handled::Drop(ClientDrop::Malformed),
+                },
+                Err(_) => Handled::Drop(ClientDrop::Unauthenticated),
+            };
+            self.settle();
+            return handled;
         }
         let handled = match e.channel.open_in_place(&header, datagram, now) {
             Ok(key_event) => {

@@ -13,6 +13,7 @@ use thiserror::Error;
 use zeroize::Zeroizing;
 
 use crate::ids::{NodeId, SessionId};
+use crate::wire::{Control, PacketType, SessionHeader, HEADER_LEN};
 
 /// The largest record the table accepts, bytes (a record is a few hundred).
 pub const MAX_RECORD_LEN: usize = 4096;
@@ -129,6 +130,52 @@ impl SessionSecrets {
             recv,
         })
     }
+}
+
+/// A standby node's answer to a client's probe of a session another node owns
+/// (spec/cluster.md): `packet` is the probe (opened in place with `secrets`, the
+/// session's keys from its record); the answer, a `StandbyProbeAck` sealed under the
+/// session's sending key with a random nonce of its own, is written to `out`. The
+/// session's counters are not touched: the owner remains their one user. `None` when
+/// the packet is not a probe of this session under these keys.
+pub fn standby_probe_ack(
+    secrets: &SessionSecrets,
+    header: &SessionHeader,
+    packet: &mut [u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    if header.ptype != PacketType::Probe || header.key_epoch != secrets.epoch as u8 {
+        return None;
+    }
+    if packet.len() < crate::wire::OVERHEAD {
+        return None;
+    }
+    let (aad, sealed) = packet.split_at_mut(HEADER_LEN);
+    crate::crypto::open_with(
+        &secrets.recv,
+        crate::crypto::nonce(header.counter),
+        aad,
+        sealed,
+    )
+    .ok()?;
+    let Ok(Control::Probe { seq }) =
+        Control::decode(header.ptype, crate::crypto::plaintext(packet))
+    else {
+        return None;
+    };
+    let random = getrandom::u64().ok()?;
+    out.clear();
+    out.extend_from_slice(
+        &SessionHeader {
+            ptype: PacketType::StandbyProbeAck,
+            key_epoch: header.key_epoch,
+            session_id: header.session_id,
+            counter: random,
+        }
+        .encode(),
+    );
+    Control::ProbeAck { seq }.encode(out);
+    crate::crypto::seal_with(&secrets.send, crate::crypto::standby_nonce(random), out).ok()
 }
 
 /// A session as the cluster's table holds it: one record per session, written only by

@@ -366,11 +366,43 @@ fn aead_key(bytes: &[u8; 32]) -> LessSafeKey {
     }
 }
 
-fn nonce(counter: u64) -> Nonce {
+pub(crate) fn nonce(counter: u64) -> Nonce {
     // Noise's ChaChaPoly nonce: 32 zero bits, then the 64-bit counter, little-endian.
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
     Nonce::assume_unique_for_key(n)
+}
+
+/// The nonce of a standby node's probe answer (spec/cluster.md): four 0xFF bytes, then
+/// the random number its header's counter field carries. A session packet's nonce
+/// starts with four zero bytes, so the two never meet under one key.
+pub(crate) fn standby_nonce(random: u64) -> Nonce {
+    let mut n = [0xFFu8; 12];
+    n[4..].copy_from_slice(&random.to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+/// Opens `sealed` (after a `header` of `HEADER_LEN` bytes in `aad`) with `key`.
+pub(crate) fn open_with(
+    key: &[u8; 32],
+    nonce: Nonce,
+    aad: &[u8],
+    sealed: &mut [u8],
+) -> Result<(), OpenError> {
+    aead_key(key)
+        .open_in_place(nonce, Aad::from(aad), sealed)
+        .map(drop)
+        .map_err(|_| OpenError::Auth)
+}
+
+/// Seals `body` (already after `header` in `out`) with `key`, appending the tag.
+pub(crate) fn seal_with(key: &[u8; 32], nonce: Nonce, out: &mut Vec<u8>) -> Result<(), OpenError> {
+    let (aad, body) = out.split_at_mut(HEADER_LEN);
+    let tag = aead_key(key)
+        .seal_in_place_separate_tag(nonce, Aad::from(&*aad), body)
+        .map_err(|_| OpenError::Auth)?;
+    out.extend_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// Why a session packet could not be sealed.
@@ -659,6 +691,38 @@ impl Channel {
             return Ok(self.promote_next(now));
         }
         Ok(KeyEvent::None)
+    }
+
+    /// Opens a standby node's probe answer (see [`standby_nonce`]): under the keys of its
+    /// epoch, outside the replay window (the answer names the probe it answers, which
+    /// the caller matches to one outstanding).
+    pub fn open_standby_in_place(
+        &self,
+        header: &SessionHeader,
+        packet: &mut [u8],
+        now: Instant,
+    ) -> Result<(), OpenError> {
+        if header.session_id != self.session_id {
+            return Err(OpenError::WrongSession(header.session_id));
+        }
+        let epoch = header.key_epoch;
+        let keys = [
+            Some(&self.current),
+            self.next.as_ref(),
+            self.previous
+                .as_ref()
+                .filter(|(_, until)| now < *until)
+                .map(|(k, _)| k),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|k| k.epoch as u8 == epoch)
+        .ok_or(OpenError::UnknownEpoch(epoch))?;
+        if packet.len() < wire::OVERHEAD {
+            return Err(OpenError::Auth);
+        }
+        let (aad, sealed) = packet.split_at_mut(HEADER_LEN);
+        open_with(&keys.recv, standby_nonce(header.counter), aad, sealed)
     }
 
     /// Initiator of a rekey: the new keys become current at once (the responder already

@@ -88,6 +88,10 @@ pub enum PacketType {
     /// The gateway, under load, answers an initiation with a cookie instead of a
     /// handshake.
     CookieReply = 17,
+    /// Answer to a probe from a node of the gateway's cluster that does not own the
+    /// session (spec/cluster.md): sealed under the session's keys with a nonce of its
+    /// own (the counter field carries a random number), outside the replay window.
+    StandbyProbeAck = 18,
 }
 
 impl PacketType {
@@ -112,6 +116,7 @@ impl PacketType {
             15 => P::PathChallenge,
             16 => P::PathResponse,
             17 => P::CookieReply,
+            18 => P::StandbyProbeAck,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -137,6 +142,7 @@ impl PacketType {
             P::PathChallenge => "path_challenge",
             P::PathResponse => "path_response",
             P::CookieReply => "cookie_reply",
+            P::StandbyProbeAck => "standby_probe_ack",
         }
     }
 }
@@ -915,7 +921,7 @@ impl<'a> Control<'a> {
             P::Probe => Control::Probe {
                 seq: Reader::exact(bytes, 8, "probe")?.u64()?,
             },
-            P::ProbeAck => Control::ProbeAck {
+            P::ProbeAck | P::StandbyProbeAck => Control::ProbeAck {
                 seq: Reader::exact(bytes, 8, "probe ack")?.u64()?,
             },
             P::PathChallenge => Control::PathChallenge {

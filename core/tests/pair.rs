@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jvpn_core::client::{Client, ClientConfig, ClientReceived};
-use jvpn_core::cluster::ClusterKey;
+use jvpn_core::cluster::{standby_probe_ack, ClusterKey, ClusterRecord, SessionSecrets};
 use jvpn_core::crypto::{plaintext, Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE};
 use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
@@ -99,6 +99,19 @@ struct World {
     client_key: Keypair,
     /// The first gateway's configuration.
     config: GatewayConfig,
+    /// A second node of the first one's cluster, reached on path 2 when present (see
+    /// [`World::two_nodes`]).
+    second: Option<SecondNode>,
+}
+
+/// A second node of the cluster and what a cluster driver would give it: the cluster
+/// key, and the first node's reservation to take sessions over from.
+struct SecondNode {
+    gw: Gateway,
+    key: ClusterKey,
+    reserved: u64,
+    events: Vec<(SessionId, SessionEvent)>,
+    standby_acks: u32,
 }
 
 impl World {
@@ -152,7 +165,81 @@ impl World {
             client_events: Vec::new(),
             client_key,
             config,
+            second: None,
         }
+    }
+
+    /// A world whose path 2 leads to a second node of the first one's cluster (same
+    /// static key and clients, a table of its own), driven as a cluster driver would
+    /// drive it from the shared table (spec/cluster.md): it answers probes of sessions
+    /// the first node owns as a standby, and takes a session over on its client's
+    /// reattach, the first node letting go.
+    fn two_nodes(policy: Policy, reserved: u64) -> World {
+        let mut w = World::new(policy);
+        let gw = Gateway::new(
+            w.gw_config(NodeId("gw-2".into())),
+            Arc::new(MemoryStore::new(16, 3)),
+            WallClock::new(w.t0, UNIX_T0),
+        );
+        w.second = Some(SecondNode {
+            gw,
+            key: cluster_key(5),
+            reserved,
+            events: Vec::new(),
+            standby_acks: 0,
+        });
+        w
+    }
+
+    /// The second node gets a datagram on path 2.
+    fn second_node_receives(&mut self, bytes: &[u8]) {
+        let now = self.now;
+        let from = self.seen_from(2);
+        let Some(node) = self.second.as_mut() else {
+            return;
+        };
+        let mut reply = None;
+        if let Ok(Datagram::Session { header, .. }) = parse(bytes) {
+            let id = header.session_id;
+            // The record the first node keeps in the shared table.
+            let record = (node.gw.session(id).is_none())
+                .then(|| self.gw.export(id, &node.key, node.reserved))
+                .flatten()
+                .and_then(Result::ok);
+            match (record, header.ptype) {
+                (Some(record), PacketType::Probe) => {
+                    let secrets = open_secrets(&record, &node.key);
+                    let mut probe = bytes.to_vec();
+                    let mut out = Vec::new();
+                    if standby_probe_ack(&secrets, &header, &mut probe, &mut out).is_some() {
+                        node.standby_acks += 1;
+                        reply = Some(out);
+                    }
+                }
+                (Some(record), PacketType::ReattachRequest) => {
+                    node.gw
+                        .adopt(&record, &node.key, &header, now)
+                        .expect("takeover");
+                    assert!(self.gw.hand_over(id), "the first node lets go");
+                }
+                _ => {}
+            }
+        }
+        if reply.is_none() {
+            reply = match node.gw.handle_datagram(from, bytes, now) {
+                Received::Reply(b) => Some(b.to_vec()),
+                Received::ToTunnel(p) => {
+                    self.to_gw_tunnel.push(p.to_vec());
+                    None
+                }
+                Received::Consumed | Received::Dropped(_) => None,
+            };
+        }
+        node.events.extend(node.gw.drain_events());
+        if let Some(reply) = reply {
+            self.gateway_send(2, &reply);
+        }
+        self.drain();
     }
 
     /// The first gateway's configuration under another node id.
@@ -181,6 +268,9 @@ impl World {
         self.sent.push((via, bytes.to_vec()));
         if !self.up[via as usize - 1] {
             return;
+        }
+        if via == 2 && self.second.is_some() {
+            return self.second_node_receives(bytes);
         }
         let now = self.now;
         let from = self.seen_from(via);
@@ -242,7 +332,8 @@ impl World {
     fn run_until_ms(&mut self, at: u64) {
         let end = self.t0 + ms(at);
         for _ in 0..1_000_000 {
-            let next = [self.client.next_deadline(), self.gw.next_deadline()]
+            let second = self.second.as_ref().and_then(|n| n.gw.next_deadline());
+            let next = [self.client.next_deadline(), self.gw.next_deadline(), second]
                 .into_iter()
                 .flatten()
                 .filter(|t| *t <= end)
@@ -251,6 +342,10 @@ impl World {
             self.now = self.now.max(next);
             let now = self.now;
             self.gw.handle_timeout(now);
+            if let Some(node) = self.second.as_mut() {
+                node.gw.handle_timeout(now);
+                node.events.extend(node.gw.drain_events());
+            }
             self.client.handle_timeout(now);
             self.pump();
         }
@@ -1630,6 +1725,103 @@ fn a_session_moves_to_another_node_with_its_keys_and_without_a_handshake() {
     assert!(second
         .adopt(&record, &key, &header_of(&request), now)
         .is_err());
+}
+
+fn cluster_key(byte: u8) -> ClusterKey {
+    use base64::Engine;
+    ClusterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32]))
+        .expect("cluster key")
+}
+
+fn open_secrets(record: &ClusterRecord, key: &ClusterKey) -> SessionSecrets {
+    use base64::Engine;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(&record.sealed_keys)
+        .expect("base64");
+    SessionSecrets::open(key, record.session_id, &sealed).expect("open")
+}
+
+/// The whole move, driven by the client: its probes of path 2 are answered by the
+/// second node as a standby (without the session's counters), so when path 1 dies it
+/// jumps there; the second node takes the session over on the reattach, the first lets
+/// go, and traffic goes on — same session, no handshake, nothing ended.
+#[test]
+fn a_client_moves_its_session_to_another_node_when_its_path_dies() {
+    let mut w = World::two_nodes(Policy::default(), 1_000);
+    let init = w
+        .client
+        .connect(TransportId(1), w.now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    w.client_send(1, &init);
+    let id = w.session();
+    let tunnel = w.client.tunnel();
+    w.gw.reserve_until(id, 1_000);
+    w.run_until_ms(5_000);
+    let acks = w.second.as_ref().map_or(0, |n| n.standby_acks);
+    assert!(acks > 0, "the standby answered no probe");
+    assert_eq!(w.client.state(), State::Attached);
+
+    w.up[0] = false;
+    w.run_until_ms(20_000);
+    assert_eq!(w.session(), id, "same session");
+    assert_eq!(w.client.tunnel(), tunnel);
+    assert_eq!(
+        w.client.state(),
+        State::Attached,
+        "{:?}",
+        w.client_transitions()
+    );
+    assert!(w.gw.session(id).is_none(), "the first node let go");
+    let node = w.second.as_ref().expect("second node");
+    let moved = node.gw.session(id).expect("the second node has it");
+    assert_eq!(moved.binding(), Some(endpoint(2)));
+    assert!(moved.next_send_counter() > 1_000);
+    let ended = |events: &[(SessionId, SessionEvent)]| {
+        events
+            .iter()
+            .any(|(_, e)| matches!(e.body, EventBody::SessionTerminated { .. }))
+    };
+    assert!(!ended(&w.gw_events) && !ended(&node.events));
+    let now = w.now;
+    let t = w
+        .client
+        .send_data(&ip_packet(TUNNEL, REMOTE, 99), now)
+        .expect("send");
+    assert_eq!(t.via, TransportId(2));
+    let bytes = t.bytes.to_vec();
+    let delivered = w.to_gw_tunnel.len();
+    w.client_send(2, &bytes);
+    assert_eq!(w.to_gw_tunnel.len(), delivered + 1);
+    assert_eq!(payload_of(w.to_gw_tunnel.last().expect("packet")), 99);
+}
+
+/// A standby's probe answer proves the path, nothing more: a forged one, one for
+/// another session, or one under other keys is refused by the client.
+#[test]
+fn a_standby_answer_is_authenticated() {
+    let mut w = World::connected(Policy::default());
+    let id = w.session();
+    let key = cluster_key(5);
+    let record = w.gw.export(id, &key, 1_000).expect("here").expect("record");
+    let secrets = open_secrets(&record, &key);
+    // A probe as the client would send it: take one from its queue.
+    let now = w.now;
+    let header = jvpn_core::wire::SessionHeader {
+        ptype: PacketType::StandbyProbeAck,
+        key_epoch: 0,
+        session_id: id,
+        counter: 42,
+    };
+    let mut forged = header.encode().to_vec();
+    forged.extend_from_slice(&[0u8; 24]);
+    let got = w.client.handle_datagram(TransportId(2), &forged, now);
+    assert!(matches!(got, ClientReceived::Dropped(_)), "{got:?}");
+    // A wrong-type packet is not answered by a standby.
+    let mut not_probe = forged.clone();
+    let h = header_of(&not_probe);
+    assert!(standby_probe_ack(&secrets, &h, &mut not_probe, &mut Vec::new()).is_none());
 }
 
 fn header_of(datagram: &[u8]) -> jvpn_core::wire::SessionHeader {
