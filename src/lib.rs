@@ -4,6 +4,7 @@
 //! extend in the dev-only crate `jvpn-lab`).
 
 pub mod admin;
+pub mod announce;
 pub mod client;
 pub mod config;
 pub mod demo;

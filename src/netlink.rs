@@ -14,6 +14,8 @@ use std::os::fd::AsRawFd;
 
 use futures_util::StreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::neighbour::NeighbourFlags;
 use rtnetlink::packet_route::route::{RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::packet_route::AddressFamily;
@@ -314,6 +316,59 @@ pub async fn link_index(h: &Handle, name: &str, op: &str) -> Result<u32, Netlink
             name: name.to_string(),
         }),
     }
+}
+
+/// The hardware (MAC) address of the link `name`.
+pub async fn link_mac(h: &Handle, name: &str) -> Result<[u8; 6], NetlinkError> {
+    let op = format!("link show {name}");
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    let link = match links.next().await {
+        Some(Ok(link)) => link,
+        Some(Err(e)) => return Err(kernel(op)(e)),
+        None => {
+            return Err(NetlinkError::NoLink {
+                op,
+                name: name.to_string(),
+            })
+        }
+    };
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+            _ => None,
+        })
+        .ok_or(NetlinkError::Failed {
+            op,
+            detail: "the link has no Ethernet address".into(),
+        })
+}
+
+/// Answers ARP for `addr` on the link `dev` as if it were this host's (a proxy entry,
+/// as `ip neigh add proxy ADDR dev DEV`); the link must forward.
+pub async fn add_proxy_neighbour(h: &Handle, dev: &str, addr: IpAddr) -> Result<(), NetlinkError> {
+    let op = format!("neigh add proxy {addr} dev {dev}");
+    let index = link_index(h, dev, &op).await?;
+    h.neighbours()
+        .add(index, addr)
+        .flags(NeighbourFlags::Proxy)
+        .replace()
+        .execute()
+        .await
+        .map_err(kernel(op))
+}
+
+/// Removes the proxy entry of `addr` on `dev`.
+pub async fn del_proxy_neighbour(h: &Handle, dev: &str, addr: IpAddr) -> Result<(), NetlinkError> {
+    let op = format!("neigh del proxy {addr} dev {dev}");
+    let index = link_index(h, dev, &op).await?;
+    let mut request = h.neighbours().add(index, addr).flags(NeighbourFlags::Proxy);
+    let message = request.message_mut().clone();
+    h.neighbours()
+        .del(message)
+        .execute()
+        .await
+        .map_err(kernel(op))
 }
 
 /// Sets the link `name` up or down.

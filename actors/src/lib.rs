@@ -27,3 +27,5 @@ pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod tun;
+
+pub use sys::send_frame;

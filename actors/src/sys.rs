@@ -1,8 +1,9 @@
 //! The system calls no safe wrapper offers: turning on a TUN device's segmentation
 //! offload (TUNSETOFFLOAD), a gathered write (the virtio-net header and the packet in
 //! one writev, without copying the packet), giving the device an IPv6 address (the
-//! `tun` crate addresses it through an IPv4 socket only), and disconnecting a UDP
-//! socket. The only unsafe code of the crate; each block states why it is sound.
+//! `tun` crate addresses it through an IPv4 socket only), disconnecting a UDP socket, and
+//! sending a raw Ethernet frame (a gratuitous ARP). The only unsafe code of the crate;
+//! each block states why it is sound.
 
 use std::io::{self, IoSlice};
 use std::net::Ipv6Addr;
@@ -68,6 +69,50 @@ pub fn add_ipv6_address(name: &str, addr: Ipv6Addr, prefix: u8) -> io::Result<()
     unsafe { set_ipv6_address(control.as_raw_fd(), &request) }
         .map(|_| ())
         .map_err(io::Error::from)
+}
+
+/// Sends one Ethernet frame of EtherType `ethertype` to `dst` (a MAC address) out of
+/// the link `ifindex`, as is (a packet socket: the frame carries its own Ethernet
+/// header). Needs CAP_NET_RAW, or CAP_NET_ADMIN in a namespace the process created.
+#[allow(unsafe_code)]
+pub fn send_frame(ifindex: u32, ethertype: u16, dst: [u8; 6], frame: &[u8]) -> io::Result<()> {
+    let socket = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut addr = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as libc::c_ushort,
+        sll_protocol: ethertype.to_be(),
+        sll_ifindex: libc::c_int::try_from(ifindex)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 6,
+        sll_addr: [0; 8],
+    };
+    addr.sll_addr[..6].copy_from_slice(&dst);
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: sendto reads `frame.len()` bytes at `frame`'s pointer and `len` bytes of a
+    // `struct sockaddr_ll` at `addr`, both alive and initialized for the call; the
+    // descriptor is the packet socket opened above and owned until this returns.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            len,
+        )
+    };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Disconnects the UDP socket `fd` (connect to AF_UNSPEC): it forgets its peer and,

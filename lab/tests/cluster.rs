@@ -186,3 +186,174 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
     })
     .expect("the checks");
 }
+
+/// The MAC address of `dev` in `ns`.
+fn mac_of(ns: &str, dev: &str) -> String {
+    let dev = dev.to_string();
+    let mac = jvpn::netlab::in_ns(ns, move |h| async move {
+        jvpn::netlink::link_mac(&h, &dev).await
+    })
+    .expect("mac");
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Where the inside host's neighbour table sends `ip` (its lladdr), if anywhere.
+fn host_sends_to(lab: &jvpn::netlab::Lab, host: &str, ip: &str) -> Option<String> {
+    use jvpn_lab::LabTools;
+    let out = lab.exec_ok(host, &["ip", "neigh", "show", ip]).ok()?;
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next().map(str::to_string)
+}
+
+/// A tunnel address follows the node that owns its session on the network behind the
+/// cluster, as VRRP's address does: the owner answers ARP for it (a proxy entry), and a
+/// node that takes it over announces it with a gratuitous ARP, which moves an inside
+/// host's existing neighbour entry to the new node at once; the previous owner stops
+/// answering.
+#[test]
+fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
+    use jvpn::netlab::{addr, in_ns};
+    use jvpn::netlink::{self, Route, RouteVia, MAIN_TABLE};
+    use jvpn_lab::LabTools;
+    use std::net::Ipv4Addr;
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab_or_skip("c3") else {
+        return;
+    };
+    let (host, n1, n2) = (lab.ns("h"), lab.ns("n1"), lab.ns("n2"));
+    for ns in [&host, &n1, &n2] {
+        lab.add_namespace(ns).expect("namespace");
+    }
+    let bridge = format!("{host}br");
+    let b = bridge.clone();
+    in_ns(&host, move |h| async move {
+        h.link()
+            .add(rtnetlink::LinkBridge::new(&b).up().build())
+            .execute()
+            .await
+            .map_err(|e| netlink::NetlinkError::Failed {
+                op: format!("link add {b} type bridge"),
+                detail: e.to_string(),
+            })
+    })
+    .expect("bridge");
+    for (i, node) in [&n1, &n2].into_iter().enumerate() {
+        let (inside, port) = (format!("{node}e"), format!("{host}{}", i + 1));
+        let own = addr(&format!("10.210.0.{}", i + 1));
+        lab.add_link((node, &inside, &[(own, 24)]), (&host, &port, &[]))
+            .expect("link");
+        let (b, p) = (bridge.clone(), port.clone());
+        in_ns(&host, move |h| async move {
+            let br = netlink::link_index(&h, &b, "bridge").await?;
+            let port = netlink::link_index(&h, &p, "port").await?;
+            h.link()
+                .set(
+                    rtnetlink::LinkUnspec::new_with_index(port)
+                        .controller(br)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| netlink::NetlinkError::Failed {
+                    op: format!("link set {p} master {b}"),
+                    detail: e.to_string(),
+                })
+        })
+        .expect("enslave");
+        lab.exec_ok(node, &["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"])
+            .expect("forwarding");
+        // Each node routes the tunnel network into a device of its own (its TUN in a
+        // gateway; loopback here), which proxy ARP requires.
+        in_ns(node, move |h| async move {
+            let route = Route {
+                dst: addr("10.77.0.0"),
+                prefix: 24,
+                via: RouteVia::Device("lo".into()),
+                table: MAIN_TABLE,
+            };
+            netlink::add_route(&h, &route).await
+        })
+        .expect("the tunnel network's route");
+    }
+    let b = bridge.clone();
+    in_ns(&host, move |h| async move {
+        netlink::add_address(&h, &b, addr("10.210.0.10"), 24).await?;
+        let route = Route {
+            dst: addr("10.77.0.0"),
+            prefix: 24,
+            via: RouteVia::Device(b.clone()),
+            table: MAIN_TABLE,
+        };
+        netlink::add_route(&h, &route).await
+    })
+    .expect("host address and on-link route");
+    let tunnel = Ipv4Addr::new(10, 77, 0, 2);
+    let (mac1, mac2) = (
+        mac_of(&n1, &format!("{n1}e")),
+        mac_of(&n2, &format!("{n2}e")),
+    );
+
+    // Node 1 owns the session: the host resolves the address to node 1.
+    let dev1 = format!("{n1}e");
+    run_in_ns(&n1, move || async move {
+        jvpn::announce::announce(&dev1, tunnel).await
+    })
+    .expect("thread")
+    .expect("announce on node 1");
+    let _ = lab.exec(&host, &["ping", "-c", "1", "-W", "1", "10.77.0.2"]);
+    assert_eq!(host_sends_to(&lab, &host, "10.77.0.2"), Some(mac1.clone()));
+
+    // Node 2 takes it over (past the neighbour entry's 1 s lock time): node 1 withdraws,
+    // node 2 announces, and the host's entry moves without asking again.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let dev1 = format!("{n1}e");
+    run_in_ns(&n1, move || async move {
+        jvpn::announce::withdraw(&dev1, tunnel).await
+    })
+    .expect("thread")
+    .expect("withdraw on node 1");
+    let dev2 = format!("{n2}e");
+    run_in_ns(&n2, move || async move {
+        jvpn::announce::announce(&dev2, tunnel).await
+    })
+    .expect("thread")
+    .expect("announce on node 2");
+    let moved = jvpn::netlab::wait_until(Duration::from_secs(1), || {
+        host_sends_to(&lab, &host, "10.77.0.2").as_deref() == Some(mac2.as_str())
+    });
+    assert!(
+        moved,
+        "the host still sends to {:?}",
+        host_sends_to(&lab, &host, "10.77.0.2")
+    );
+    // Node 1 no longer answers: with node 2 gone too, the address stops resolving.
+    let dev2 = format!("{n2}e");
+    run_in_ns(&n2, move || async move {
+        jvpn::announce::withdraw(&dev2, tunnel).await
+    })
+    .expect("thread")
+    .expect("withdraw on node 2");
+    let b = bridge.clone();
+    in_ns(&host, move |h| async move {
+        let index = netlink::link_index(&h, &b, "bridge").await?;
+        let mut flush = h.neighbours().add(index, addr("10.77.0.2"));
+        let message = flush.message_mut().clone();
+        h.neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|e| netlink::NetlinkError::Failed {
+                op: "neigh del".into(),
+                detail: e.to_string(),
+            })
+    })
+    .expect("forget the entry");
+    let _ = lab.exec(&host, &["ping", "-c", "1", "-W", "1", "10.77.0.2"]);
+    assert_eq!(host_sends_to(&lab, &host, "10.77.0.2"), None);
+    assert_eq!(mac1.len(), 17);
+}
