@@ -41,7 +41,8 @@ impl DemoPolicy {
 /// How the active path is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DemoCut {
-    /// Blackhole routes throw away path A's packets on both sides: silence.
+    /// A blackhole route at the gateway throws away its answers on path A: the client
+    /// hears silence, which its heartbeats notice.
     Route,
     /// The client's link on path A goes down.
     Link,

@@ -441,27 +441,25 @@ impl Lab {
         })
     }
 
-    /// Cuts path A or B the way a broken network does, with nothing but routes: each
-    /// side's packets to the other's address on that path are thrown away (a
-    /// `blackhole` route in both namespaces). Nothing comes back: silence.
+    /// Cuts path A or B the way a network that dies somewhere in the middle does, with
+    /// nothing but a route: the gateway's packets to the client's address on that path
+    /// are thrown away (a `blackhole` route in the gateway's namespace). The client's
+    /// own sends still succeed; nothing comes back: silence, which only the session's
+    /// heartbeats notice.
     pub fn blackhole(&self, path: Path2) -> Result<()> {
-        let (own, peer) = match path {
-            Path2::A => (CLIENT_A, GATEWAY_A),
-            Path2::B => (CLIENT_B, GATEWAY_B),
+        let client = match path {
+            Path2::A => CLIENT_A,
+            Path2::B => CLIENT_B,
         };
-        for (ns, dst) in [(self.ns("c"), peer), (self.ns("g"), own)] {
-            let route = Route {
-                dst: addr(dst),
-                prefix: 32,
-                via: RouteVia::Blackhole,
-                table: MAIN_TABLE,
-            };
-            in_ns(
-                &ns,
-                move |h| async move { netlink::add_route(&h, &route).await },
-            )?;
-        }
-        Ok(())
+        let route = Route {
+            dst: addr(client),
+            prefix: 32,
+            via: RouteVia::Blackhole,
+            table: MAIN_TABLE,
+        };
+        in_ns(&self.ns("g"), move |h| async move {
+            netlink::add_route(&h, &route).await
+        })
     }
 
     /// Writes the gateway's configuration (policy overrides as TOML lines of the
