@@ -70,7 +70,7 @@ pub struct EtcdOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Written (created or replaced).
-    Put(Versioned<ClusterRecord>),
+    Put(Box<Versioned<ClusterRecord>>),
     /// Removed.
     Deleted(SessionId),
 }
@@ -141,15 +141,25 @@ impl EtcdTable {
         Ok(lease)
     }
 
-    /// Renews `lease` once; the seconds it has left (0: it expired, the node is no
-    /// longer listed).
-    pub async fn keep_alive(&self, lease: i64) -> Result<i64, TableError> {
-        let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await?;
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(answer) => Ok(answer.ttl()),
-            None => Err(TableError::Unavailable("the lease stream closed".into())),
-        }
+    /// Renews `lease` once, within `limit`; the seconds it has left (0: it expired, the
+    /// node is no longer listed). A renewal that takes longer is `Unavailable`: the
+    /// caller's fencing delay counts from the last one that succeeded.
+    pub async fn keep_alive(&self, lease: i64, limit: Duration) -> Result<i64, TableError> {
+        let renew = async {
+            let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            match stream.message().await? {
+                Some(answer) => Ok(answer.ttl()),
+                None => Err(TableError::Unavailable("the lease stream closed".into())),
+            }
+        };
+        tokio::time::timeout(limit, renew)
+            .await
+            .unwrap_or_else(|_| {
+                Err(TableError::Unavailable(format!(
+                    "no renewal within {limit:?}"
+                )))
+            })
     }
 
     /// The nodes whose lease is alive.
@@ -178,8 +188,9 @@ impl EtcdTable {
         }
     }
 
-    /// Every record.
-    pub async fn list(&self) -> Result<Vec<Versioned<ClusterRecord>>, TableError> {
+    /// Every record, and the table's revision they were read at (a watch from it
+    /// misses nothing).
+    pub async fn list(&self) -> Result<(Vec<Versioned<ClusterRecord>>, i64), TableError> {
         let answer = self
             .client
             .clone()
@@ -188,7 +199,8 @@ impl EtcdTable {
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        answer
+        let revision = answer.header().map(|h| h.revision()).unwrap_or(0);
+        let records = answer
             .kvs()
             .iter()
             .map(|kv| {
@@ -197,7 +209,8 @@ impl EtcdTable {
                     revision: kv.mod_revision(),
                 })
             })
-            .collect()
+            .collect::<Result<_, TableError>>()?;
+        Ok((records, revision))
     }
 
     /// Writes `record` if the session's key is at `expected` (`None`: absent); returns
@@ -207,6 +220,9 @@ impl EtcdTable {
         expected: Option<i64>,
         record: &ClusterRecord,
     ) -> Result<i64, TableError> {
+        if expected.is_some_and(|r| r <= 0) {
+            return Err(TableError::Conflict { current: None });
+        }
         let key = self.session_key(record.session_id);
         let compare = match expected {
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
@@ -239,6 +255,9 @@ impl EtcdTable {
 
     /// Removes the record if it is still at `expected`.
     pub async fn remove(&self, id: SessionId, expected: i64) -> Result<(), TableError> {
+        if expected <= 0 {
+            return Err(TableError::Conflict { current: None });
+        }
         let key = self.session_key(id);
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -276,15 +295,23 @@ impl EtcdTable {
             .await?;
         let prefix = self.sessions_prefix();
         while let Some(answer) = stream.message().await? {
+            if answer.canceled() {
+                // Compacted past `after`, or cancelled by etcd: the caller lists again.
+                return Err(TableError::Unavailable(format!(
+                    "the watch was cancelled ({}; compacted to {})",
+                    answer.cancel_reason(),
+                    answer.compact_revision()
+                )));
+            }
             for event in answer.events() {
                 let Some(kv) = event.kv() else { continue };
                 let change = match event.event_type() {
                     EventType::Put => ClusterRecord::decode(kv.value())
                         .map(|value| {
-                            Change::Put(Versioned {
+                            Change::Put(Box::new(Versioned {
                                 value,
                                 revision: kv.mod_revision(),
-                            })
+                            }))
                         })
                         .map_err(TableError::from),
                     EventType::Delete => {

@@ -130,6 +130,9 @@ struct Probing {
     transport: TransportRef,
     next_at: Instant,
     seq: u64,
+    /// The last probe sent (its seq and packet counter) until a standby node answers
+    /// it: such an answer fits this one probe only, once.
+    standby_fits: Option<(u64, u64)>,
 }
 
 struct Established {
@@ -419,9 +422,16 @@ impl Client {
         if header.ptype == PacketType::StandbyProbeAck {
             let handled = match e.channel.open_standby_in_place(&header, datagram, now) {
                 Ok(()) => match Control::decode(header.ptype, plaintext(datagram)) {
-                    Ok(Control::ProbeAck { seq }) => {
-                        let _ = e.control.probe_acked(via, seq, now);
-                        Handled::Consumed
+                    Ok(Control::StandbyProbeAck { seq, probe_counter }) => {
+                        let probing = e.probing.iter_mut().find(|p| p.transport.id == via);
+                        match probing {
+                            Some(p) if p.standby_fits == Some((seq, probe_counter)) => {
+                                p.standby_fits = None;
+                                let _ = e.control.probe_acked(via, seq, now);
+                                Handled::Consumed
+                            }
+                            _ => Handled::Drop(ClientDrop::Unexpected),
+                        }
                     }
                     _ => Handled::Drop(ClientDrop::Malformed),
                 },
@@ -705,6 +715,7 @@ impl Client {
                     transport: *t,
                     next_at: now + policy.heartbeat_interval(),
                     seq: 0,
+                    standby_fits: None,
                 });
             }
         }
@@ -888,6 +899,7 @@ fn handle_control(
         }
         Control::Heartbeat { .. }
         | Control::Probe { .. }
+        | Control::StandbyProbeAck { .. }
         | Control::ReattachRequest(_)
         | Control::PathResponse { .. }
         | Control::RekeyInit(_) => Handled::Drop(ClientDrop::Unexpected),
@@ -955,7 +967,8 @@ fn send_probe(
     } else {
         Control::Probe { seq }
     };
-    e.channel.seal(&control, now, out).ok()?;
+    let counter = e.channel.seal(&control, now, out).ok()?;
+    probing.standby_fits = (Some(id) != active).then_some((seq, counter));
     let _ = e.control.probe_sent(id, seq, now);
     collect_actions(e);
     Some(id)

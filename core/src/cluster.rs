@@ -13,7 +13,7 @@ use thiserror::Error;
 use zeroize::Zeroizing;
 
 use crate::ids::{NodeId, SessionId};
-use crate::wire::{Control, PacketType, SessionHeader, HEADER_LEN};
+use crate::wire::{Control, PacketType, SessionHeader};
 
 /// The largest record the table accepts, bytes (a record is a few hundred).
 pub const MAX_RECORD_LEN: usize = 4096;
@@ -33,6 +33,9 @@ pub enum ClusterError {
     /// A record could not be read.
     #[error("malformed session record: {0}")]
     Malformed(String),
+    /// The record is well formed but cannot be taken over here (why).
+    #[error("the session cannot be taken over here: {0}")]
+    Refused(String),
     /// No random source.
     #[error("no random source: {0}")]
     Random(String),
@@ -135,9 +138,12 @@ impl SessionSecrets {
 /// A standby node's answer to a client's probe of a session another node owns
 /// (spec/cluster.md): `packet` is the probe (opened in place with `secrets`, the
 /// session's keys from its record); the answer, a `StandbyProbeAck` sealed under the
-/// session's sending key with a random nonce of its own, is written to `out`. The
-/// session's counters are not touched: the owner remains their one user. `None` when
-/// the packet is not a probe of this session under these keys.
+/// session's sending key with a random nonce of its own and naming the probe by its
+/// seq and counter, is written to `out`. The session's counters are not touched: the
+/// owner remains their one user. `None` when the packet is not a probe of this session
+/// under these keys; `packet` is left opened in place when it was one. The driver
+/// bounds how often it answers a session (each answer costs an AEAD and uses a random
+/// nonce).
 pub fn standby_probe_ack(
     secrets: &SessionSecrets,
     header: &SessionHeader,
@@ -147,17 +153,9 @@ pub fn standby_probe_ack(
     if header.ptype != PacketType::Probe || header.key_epoch != secrets.epoch as u8 {
         return None;
     }
-    if packet.len() < crate::wire::OVERHEAD {
+    if !crate::crypto::opens(&secrets.recv, header, packet) {
         return None;
     }
-    let (aad, sealed) = packet.split_at_mut(HEADER_LEN);
-    crate::crypto::open_with(
-        &secrets.recv,
-        crate::crypto::nonce(header.counter),
-        aad,
-        sealed,
-    )
-    .ok()?;
     let Ok(Control::Probe { seq }) =
         Control::decode(header.ptype, crate::crypto::plaintext(packet))
     else {
@@ -174,7 +172,11 @@ pub fn standby_probe_ack(
         }
         .encode(),
     );
-    Control::ProbeAck { seq }.encode(out);
+    Control::StandbyProbeAck {
+        seq,
+        probe_counter: header.counter,
+    }
+    .encode(out);
     crate::crypto::seal_with(&secrets.send, crate::crypto::standby_nonce(random), out).ok()
 }
 
@@ -207,8 +209,13 @@ pub struct ClusterRecord {
     pub binding: Option<String>,
     /// The session's keys, sealed under the cluster key (base64).
     pub sealed_keys: String,
-    /// The first counter the owner may not send with.
+    /// The first counter the owner may not send with (under the current keys).
     pub send_reserved_until: u64,
+    /// When the current keys were made (wall clock, ms): their age limits carry over.
+    pub keys_created_ms: u64,
+    /// The highest counter the owner accepted from the client under the current keys:
+    /// nothing at or below it is accepted by a node that takes the session over.
+    pub recv_highest: Option<u64>,
     /// When the session began (wall clock, ms).
     pub created_ms: u64,
     /// When the session ends by lifetime (wall clock, ms).
@@ -301,6 +308,8 @@ mod tests {
             binding: Some("udp://10.201.1.2:40000".into()),
             sealed_keys: "x".into(),
             send_reserved_until: COUNTER_BLOCK,
+            keys_created_ms: 1,
+            recv_highest: Some(9),
             created_ms: 1,
             lifetime_deadline_ms: 2,
             transport_lost_deadline_ms: 3,

@@ -395,6 +395,16 @@ pub(crate) fn open_with(
         .map_err(|_| OpenError::Auth)
 }
 
+/// Whether the session packet `packet` (its `header` parsed) opens under `key` at its
+/// own counter; `packet` is opened in place when it does.
+pub(crate) fn opens(key: &[u8; 32], header: &SessionHeader, packet: &mut [u8]) -> bool {
+    if packet.len() < wire::OVERHEAD {
+        return false;
+    }
+    let (aad, sealed) = packet.split_at_mut(HEADER_LEN);
+    open_with(key, nonce(header.counter), aad, sealed).is_ok()
+}
+
 /// Seals `body` (already after `header` in `out`) with `key`, appending the tag.
 pub(crate) fn seal_with(key: &[u8; 32], nonce: Nonce, out: &mut Vec<u8>) -> Result<(), OpenError> {
     let (aad, body) = out.split_at_mut(HEADER_LEN);
@@ -459,6 +469,9 @@ pub struct Rotation {
 pub struct Channel {
     session_id: SessionId,
     limits: KeyLimits,
+    /// The send limit new epochs' keys start with: unlimited for a lone node; one block
+    /// of counters in a cluster, until the node reserves more (spec/cluster.md).
+    new_epoch_limit: u64,
     current: EpochKeys,
     previous: Option<(EpochKeys, Instant)>,
     next: Option<EpochKeys>,
@@ -494,6 +507,7 @@ impl Channel {
             session_id,
             current: EpochKeys::new(0, keys, &limits, now),
             limits,
+            new_epoch_limit: u64::MAX,
             previous: None,
             next: None,
         }
@@ -508,24 +522,42 @@ impl Channel {
         secrets: &crate::cluster::SessionSecrets,
         limits: KeyLimits,
         (send_from, send_limit): (u64, u64),
-        recv_after: u64,
-        now: Instant,
+        recv_after: Option<u64>,
+        created: Instant,
     ) -> Self {
         let keys = DirectionalKeys {
             send: secrets.send.clone(),
             recv: secrets.recv.clone(),
         };
-        let mut current = EpochKeys::new(secrets.epoch, keys, &limits, now);
+        let mut current = EpochKeys::new(secrets.epoch, keys, &limits, created);
         current.next_counter = send_from;
         current.send_limit = send_limit;
-        current.replay = ReplayWindow::seen_through(limits.replay_window, recv_after);
+        if let Some(floor) = recv_after {
+            current.replay = ReplayWindow::seen_through(limits.replay_window, floor);
+        }
         Channel {
             session_id,
             current,
             limits,
+            new_epoch_limit: crate::cluster::COUNTER_BLOCK,
             previous: None,
             next: None,
         }
+    }
+
+    /// When the current keys were made.
+    pub fn keys_created(&self) -> Instant {
+        self.current.created
+    }
+
+    /// The highest counter accepted under the current keys.
+    pub fn recv_highest(&self) -> Option<u64> {
+        self.current.replay.highest()
+    }
+
+    /// The first counter the current keys may not send with.
+    pub fn send_limit(&self) -> u64 {
+        self.current.send_limit
     }
 
     /// The current keys, for sealing into the cluster's record of the session.
@@ -543,9 +575,14 @@ impl Channel {
     }
 
     /// Sets the first counter the current keys may not send with (a cluster node's
-    /// reservation; a rekey's new keys start without one).
+    /// reservation). From then on the keys of every new epoch start limited to one
+    /// block of counters, until the node reserves more for them.
     pub fn set_send_limit(&mut self, limit: u64) {
         self.current.send_limit = limit;
+        self.new_epoch_limit = crate::cluster::COUNTER_BLOCK;
+        if let Some(next) = self.next.as_mut() {
+            next.send_limit = next.send_limit.min(crate::cluster::COUNTER_BLOCK);
+        }
     }
 
     /// The session these keys belong to.
@@ -729,7 +766,8 @@ impl Channel {
     /// has them); the old ones open late packets for the overlap.
     pub fn rotate(&mut self, keys: DirectionalKeys, now: Instant) -> Rotation {
         let epoch = self.current.epoch.wrapping_add(1);
-        let new = EpochKeys::new(epoch, keys, &self.limits, now);
+        let mut new = EpochKeys::new(epoch, keys, &self.limits, now);
+        new.send_limit = self.new_epoch_limit;
         self.next = None;
         self.make_current(new, now)
     }
@@ -748,7 +786,9 @@ impl Channel {
     /// first packet the initiator seals under them.
     pub fn install_next(&mut self, keys: DirectionalKeys, now: Instant) -> u32 {
         let epoch = self.current.epoch.wrapping_add(1);
-        self.next = Some(EpochKeys::new(epoch, keys, &self.limits, now));
+        let mut next = EpochKeys::new(epoch, keys, &self.limits, now);
+        next.send_limit = self.new_epoch_limit;
+        self.next = Some(next);
         epoch
     }
 
@@ -809,6 +849,26 @@ mod tests {
         let (payload, cl_keys) = init.finish(&msg2).expect("finish");
         assert_eq!(payload, b"welcome");
         (client, gateway, cl_keys, gw_keys)
+    }
+
+    #[test]
+    fn a_clustered_channel_limits_every_new_epoch_to_one_block_until_reserved() {
+        let (_, gw) = pair();
+        let mut gw = gw;
+        let now = Instant::now();
+        assert_eq!(gw.send_limit(), u64::MAX, "a lone node is unlimited");
+        gw.set_send_limit(10);
+        assert_eq!(gw.send_limit(), 10);
+        let (_, _, _, keys) = handshake();
+        gw.install_next(keys, now);
+        let (_, _, _, keys) = handshake();
+        gw.rotate(keys, now);
+        assert_eq!(
+            gw.send_limit(),
+            crate::cluster::COUNTER_BLOCK,
+            "a new epoch starts within one block"
+        );
+        assert_eq!(gw.next_send_counter(), 0);
     }
 
     fn pair() -> (Channel, Channel) {

@@ -59,6 +59,11 @@ impl ReplayWindow {
         w
     }
 
+    /// The highest counter accepted so far.
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+
     /// The number of counters the window spans.
     pub fn width(&self) -> u64 {
         self.window

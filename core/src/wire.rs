@@ -806,6 +806,15 @@ pub enum Control<'a> {
         /// The probe's seq.
         seq: u64,
     },
+    /// A standby node's answer to a probe (spec/cluster.md): it names the probe by its
+    /// seq and by the counter it was sealed with, which no other probe under the
+    /// session's keys had, so the answer fits that one probe on that one transport.
+    StandbyProbeAck {
+        /// The probe's seq.
+        seq: u64,
+        /// The probe's packet counter.
+        probe_counter: u64,
+    },
     /// Bind the transport this arrives on.
     ReattachRequest(ReattachRequest),
     /// The reattach was accepted.
@@ -854,6 +863,7 @@ impl<'a> Control<'a> {
             Control::HeartbeatAck { .. } => PacketType::HeartbeatAck,
             Control::Probe { .. } => PacketType::Probe,
             Control::ProbeAck { .. } => PacketType::ProbeAck,
+            Control::StandbyProbeAck { .. } => PacketType::StandbyProbeAck,
             Control::ReattachRequest(_) => PacketType::ReattachRequest,
             Control::ReattachAck { .. } => PacketType::ReattachAck,
             Control::ReattachDeny { .. } => PacketType::ReattachDeny,
@@ -882,6 +892,10 @@ impl<'a> Control<'a> {
             } => {
                 out.extend_from_slice(&seq.to_be_bytes());
                 out.extend_from_slice(&binding_version.0.to_be_bytes());
+            }
+            Control::StandbyProbeAck { seq, probe_counter } => {
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&probe_counter.to_be_bytes());
             }
             Control::ReattachRequest(r) => {
                 out.extend_from_slice(&r.timestamp_ms.to_be_bytes());
@@ -921,9 +935,16 @@ impl<'a> Control<'a> {
             P::Probe => Control::Probe {
                 seq: Reader::exact(bytes, 8, "probe")?.u64()?,
             },
-            P::ProbeAck | P::StandbyProbeAck => Control::ProbeAck {
+            P::ProbeAck => Control::ProbeAck {
                 seq: Reader::exact(bytes, 8, "probe ack")?.u64()?,
             },
+            P::StandbyProbeAck => {
+                let mut r = Reader::exact(bytes, 16, "standby probe ack")?;
+                Control::StandbyProbeAck {
+                    seq: r.u64()?,
+                    probe_counter: r.u64()?,
+                }
+            }
             P::PathChallenge => Control::PathChallenge {
                 token: Reader::exact(bytes, 8, "path challenge")?.u64()?,
             },

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jvpn_core::client::{Client, ClientConfig, ClientReceived};
-use jvpn_core::cluster::{standby_probe_ack, ClusterKey, ClusterRecord, SessionSecrets};
+use jvpn_core::cluster::{
+    standby_probe_ack, ClusterKey, ClusterRecord, SessionSecrets, COUNTER_BLOCK,
+};
 use jvpn_core::crypto::{plaintext, Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE};
 use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
@@ -99,19 +101,30 @@ struct World {
     client_key: Keypair,
     /// The first gateway's configuration.
     config: GatewayConfig,
+    /// Standby probe answers the client accepted.
+    standby_accepted: u32,
     /// A second node of the first one's cluster, reached on path 2 when present (see
     /// [`World::two_nodes`]).
     second: Option<SecondNode>,
 }
 
 /// A second node of the cluster and what a cluster driver would give it: the cluster
-/// key, and the first node's reservation to take sessions over from.
+/// key.
 struct SecondNode {
     gw: Gateway,
     key: ClusterKey,
-    reserved: u64,
     events: Vec<(SessionId, SessionEvent)>,
     standby_acks: u32,
+}
+
+/// Whether the client accepted `datagram` on `via` (consumed it, as an answer it
+/// waited for, rather than dropping it).
+fn client_accepts(w: &mut World, via: u32, datagram: &[u8]) -> bool {
+    let now = w.now;
+    matches!(
+        w.client.handle_datagram(TransportId(via), datagram, now),
+        ClientReceived::Consumed
+    )
 }
 
 impl World {
@@ -165,6 +178,7 @@ impl World {
             client_events: Vec::new(),
             client_key,
             config,
+            standby_accepted: 0,
             second: None,
         }
     }
@@ -174,7 +188,7 @@ impl World {
     /// drive it from the shared table (spec/cluster.md): it answers probes of sessions
     /// the first node owns as a standby, and takes a session over on its client's
     /// reattach, the first node letting go.
-    fn two_nodes(policy: Policy, reserved: u64) -> World {
+    fn two_nodes(policy: Policy) -> World {
         let mut w = World::new(policy);
         let gw = Gateway::new(
             w.gw_config(NodeId("gw-2".into())),
@@ -184,7 +198,6 @@ impl World {
         w.second = Some(SecondNode {
             gw,
             key: cluster_key(5),
-            reserved,
             events: Vec::new(),
             standby_acks: 0,
         });
@@ -203,7 +216,7 @@ impl World {
             let id = header.session_id;
             // The record the first node keeps in the shared table.
             let record = (node.gw.session(id).is_none())
-                .then(|| self.gw.export(id, &node.key, node.reserved))
+                .then(|| self.gw.export(id, &node.key))
                 .flatten()
                 .and_then(Result::ok);
             match (record, header.ptype) {
@@ -217,10 +230,15 @@ impl World {
                     }
                 }
                 (Some(record), PacketType::ReattachRequest) => {
-                    node.gw
-                        .adopt(&record, &node.key, &header, now)
-                        .expect("takeover");
+                    // The driver won the table's swap that reserves the next block.
+                    let limit = record.send_reserved_until + COUNTER_BLOCK;
+                    let challenge = node
+                        .gw
+                        .adopt(&record, &node.key, from, bytes, limit, now)
+                        .expect("takeover")
+                        .to_vec();
                     assert!(self.gw.hand_over(id), "the first node lets go");
+                    reply = Some(challenge);
                 }
                 _ => {}
             }
@@ -301,10 +319,11 @@ impl World {
             return;
         }
         let now = self.now;
-        if let ClientReceived::ToTunnel(p) =
-            self.client.handle_datagram(TransportId(via), bytes, now)
-        {
-            self.to_client_tunnel.push(p.to_vec());
+        let standby = matches!(parse(bytes), Ok(Datagram::Session { header, .. }) if header.ptype == PacketType::StandbyProbeAck);
+        match self.client.handle_datagram(TransportId(via), bytes, now) {
+            ClientReceived::ToTunnel(p) => self.to_client_tunnel.push(p.to_vec()),
+            ClientReceived::Consumed if standby => self.standby_accepted += 1,
+            _ => {}
         }
         self.pump();
     }
@@ -1599,9 +1618,10 @@ fn a_session_moves_to_another_node_with_its_keys_and_without_a_handshake() {
         before.push(out);
     }
     let record =
-        w.gw.export(id, &key, RESERVED)
+        w.gw.export(id, &key)
             .expect("the session is here")
             .expect("exported");
+    assert_eq!(record.send_reserved_until, RESERVED);
     let mut second = Gateway::new(
         w.gw_config(NodeId("gw-2".into())),
         Arc::new(MemoryStore::new(16, 3)),
@@ -1612,15 +1632,20 @@ fn a_session_moves_to_another_node_with_its_keys_and_without_a_handshake() {
     w.now += ms(500);
     let now = w.now;
     let request = raw.reattach(now, UNIX_T0 + 500, raw.binding_version, 2);
-    let Ok(Datagram::Session { header, .. }) = parse(&request) else {
-        panic!("a session packet");
-    };
-    second.adopt(&record, &key, &header, now).expect("takeover");
+    // Not before the request is the client's: a forged one changes nothing.
+    let mut forged = request.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let limit = RESERVED + COUNTER_BLOCK;
+    assert!(second
+        .adopt(&record, &key, endpoint(2), &forged, limit, now)
+        .is_err());
+    assert!(second.session(id).is_none());
+    let challenge = second
+        .adopt(&record, &key, endpoint(2), &request, limit, now)
+        .expect("takeover")
+        .to_vec();
     assert!(w.gw.hand_over(id), "the first node lets go");
-    let challenge = match second.handle_datagram(endpoint(2), &request, now) {
-        Received::Reply(b) => b.to_vec(),
-        other => panic!("no challenge: {other:?}"),
-    };
     let Ok(Datagram::Session { header, .. }) = parse(&challenge) else {
         panic!("not a session packet");
     };
@@ -1719,12 +1744,27 @@ fn a_session_moves_to_another_node_with_its_keys_and_without_a_handshake() {
         WallClock::new(w.t0, UNIX_T0),
     );
     assert!(third
-        .adopt(&record, &other, &header_of(&request), now)
+        .adopt(&record, &other, endpoint(2), &request, limit, now)
         .is_err());
     assert!(third.session(id).is_none());
     assert!(second
-        .adopt(&record, &key, &header_of(&request), now)
+        .adopt(&record, &key, endpoint(2), &request, limit, now)
         .is_err());
+    // The same request replayed to a third node: refused (its counter is at or below
+    // what the record says the owner accepted, once the owner wrote it), and no
+    // session is left behind there.
+    let after = second.export(id, &key).expect("here").expect("record");
+    assert!(third
+        .adopt(
+            &after,
+            &key,
+            endpoint(2),
+            &request,
+            after.send_reserved_until + COUNTER_BLOCK,
+            now
+        )
+        .is_err());
+    assert!(third.session(id).is_none());
 }
 
 fn cluster_key(byte: u8) -> ClusterKey {
@@ -1747,7 +1787,7 @@ fn open_secrets(record: &ClusterRecord, key: &ClusterKey) -> SessionSecrets {
 /// go, and traffic goes on — same session, no handshake, nothing ended.
 #[test]
 fn a_client_moves_its_session_to_another_node_when_its_path_dies() {
-    let mut w = World::two_nodes(Policy::default(), 1_000);
+    let mut w = World::two_nodes(Policy::default());
     let init = w
         .client
         .connect(TransportId(1), w.now)
@@ -1759,8 +1799,12 @@ fn a_client_moves_its_session_to_another_node_when_its_path_dies() {
     let tunnel = w.client.tunnel();
     w.gw.reserve_until(id, 1_000);
     w.run_until_ms(5_000);
-    let acks = w.second.as_ref().map_or(0, |n| n.standby_acks);
-    assert!(acks > 0, "the standby answered no probe");
+    let sent = w.second.as_ref().map_or(0, |n| n.standby_acks);
+    assert!(sent > 0, "the standby answered no probe");
+    assert!(
+        w.standby_accepted > 0,
+        "the client accepted no standby answer"
+    );
     assert_eq!(w.client.state(), State::Attached);
 
     w.up[0] = false;
@@ -1797,31 +1841,82 @@ fn a_client_moves_its_session_to_another_node_when_its_path_dies() {
     assert_eq!(payload_of(w.to_gw_tunnel.last().expect("packet")), 99);
 }
 
-/// A standby's probe answer proves the path, nothing more: a forged one, one for
-/// another session, or one under other keys is refused by the client.
+/// A standby's probe answer proves the path it answers on, once, and nothing more: a
+/// genuine one is accepted once; altered, replayed, sent on another transport, or
+/// sealed under other keys, it is refused.
 #[test]
-fn a_standby_answer_is_authenticated() {
-    let mut w = World::connected(Policy::default());
+fn a_standby_answer_is_authenticated_and_fits_one_probe() {
+    let mut w = World::two_nodes(Policy::default());
+    let init = w
+        .client
+        .connect(TransportId(1), w.now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    w.client_send(1, &init);
     let id = w.session();
+    w.gw.reserve_until(id, 1_000);
+    // Capture the standby's answers instead of delivering them.
+    w.up[1] = false;
     let key = cluster_key(5);
-    let record = w.gw.export(id, &key, 1_000).expect("here").expect("record");
+    let record = w.gw.export(id, &key).expect("here").expect("record");
     let secrets = open_secrets(&record, &key);
-    // A probe as the client would send it: take one from its queue.
-    let now = w.now;
-    let header = jvpn_core::wire::SessionHeader {
-        ptype: PacketType::StandbyProbeAck,
-        key_epoch: 0,
-        session_id: id,
-        counter: 42,
-    };
-    let mut forged = header.encode().to_vec();
-    forged.extend_from_slice(&[0u8; 24]);
-    let got = w.client.handle_datagram(TransportId(2), &forged, now);
-    assert!(matches!(got, ClientReceived::Dropped(_)), "{got:?}");
-    // A wrong-type packet is not answered by a standby.
-    let mut not_probe = forged.clone();
-    let h = header_of(&not_probe);
-    assert!(standby_probe_ack(&secrets, &h, &mut not_probe, &mut Vec::new()).is_none());
+    let mut answers = Vec::new();
+    for (via, bytes) in std::mem::take(&mut w.sent) {
+        if via != 2 {
+            continue;
+        }
+        if let Ok(Datagram::Session { header, .. }) = parse(&bytes) {
+            let mut probe = bytes.clone();
+            let mut out = Vec::new();
+            if standby_probe_ack(&secrets, &header, &mut probe, &mut out).is_some() {
+                answers.push(out);
+            }
+        }
+    }
+    assert!(answers.is_empty(), "no probe sent yet");
+    w.run_until_ms(3_000);
+    for (via, bytes) in std::mem::take(&mut w.sent) {
+        if via != 2 {
+            continue;
+        }
+        if let Ok(Datagram::Session { header, .. }) = parse(&bytes) {
+            let mut probe = bytes.clone();
+            let mut out = Vec::new();
+            if standby_probe_ack(&secrets, &header, &mut probe, &mut out).is_some() {
+                answers.push(out);
+            }
+        }
+    }
+    let latest = answers.last().expect("a probe on path 2").clone();
+    // Altered: refused.
+    let mut altered = latest.clone();
+    let at = altered.len() - 3;
+    altered[at] ^= 1;
+    assert!(!client_accepts(&mut w, 2, &altered));
+    // On another transport: refused.
+    assert!(!client_accepts(&mut w, 1, &latest));
+    // Genuine, on its transport: accepted once; replayed: refused.
+    assert!(client_accepts(&mut w, 2, &latest));
+    assert!(!client_accepts(&mut w, 2, &latest));
+    // An older answer (for an earlier probe): refused.
+    if answers.len() > 1 {
+        assert!(!client_accepts(&mut w, 2, &answers[0]));
+    }
+    // Under other keys: refused.
+    let mut other = World::connected(Policy::default());
+    other.gw.reserve_until(other.session(), 1_000);
+    let foreign = other
+        .gw
+        .export(other.session(), &key)
+        .expect("here")
+        .expect("record");
+    let foreign_secrets = open_secrets(&foreign, &key);
+    assert!(foreign_secrets.send[..] != secrets.send[..]);
+    let header = header_of(&latest);
+    let mut forged = Vec::new();
+    let mut probe_like = latest.clone();
+    assert!(standby_probe_ack(&foreign_secrets, &header, &mut probe_like, &mut forged).is_none());
 }
 
 fn header_of(datagram: &[u8]) -> jvpn_core::wire::SessionHeader {

@@ -25,6 +25,8 @@ fn record(id: u64, owner: &str) -> ClusterRecord {
         binding: Some("udp://10.201.1.2:40000".into()),
         sealed_keys: String::new(),
         send_reserved_until: COUNTER_BLOCK,
+        keys_created_ms: 1,
+        recv_highest: None,
         created_ms: 1,
         lifetime_deadline_ms: 2,
         transport_lost_deadline_ms: 3,
@@ -125,15 +127,27 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
         let table = EtcdTable::connect(&options(&endpoint))
             .await
             .expect("connect");
+        // Watched from the revision an (empty) listing was read at: nothing after it
+        // is missed, however soon it comes.
+        let (listed, at) = table.list().await.expect("list");
+        assert!(listed.is_empty());
         let (tx, mut changes) = tokio::sync::mpsc::channel(16);
         let watcher = table.clone();
-        tokio::spawn(async move { watcher.watch(0, tx).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::spawn(async move { watcher.watch(at, tx).await });
 
         let first = table.create(&record(7, "gw-a")).await.expect("create");
         assert!(matches!(
             table.create(&record(7, "gw-b")).await,
             Err(TableError::Conflict { current: Some(c) }) if c.value.owner == NodeId("gw-a".into())
+        ));
+        // Revision 0 names no record: refused, never an unconditional write.
+        assert!(matches!(
+            table.swap(0, &record(7, "gw-x")).await,
+            Err(TableError::Conflict { .. })
+        ));
+        assert!(matches!(
+            table.remove(SessionId(7), 0).await,
+            Err(TableError::Conflict { .. })
         ));
         let second = table.swap(first, &record(7, "gw-b")).await.expect("swap");
         assert!(second > first);
@@ -172,7 +186,13 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
             table.live_nodes().await.expect("nodes"),
             [NodeId("gw-a".into())]
         );
-        assert!(table.keep_alive(lease).await.expect("keep alive") > 0);
+        assert!(
+            table
+                .keep_alive(lease, Duration::from_secs(2))
+                .await
+                .expect("keep alive")
+                > 0
+        );
         // No more renewals: the node drops out once the lease runs out.
         let mut listed = true;
         for _ in 0..50 {

@@ -243,25 +243,35 @@ impl Gateway {
     }
 
     /// Takes over the session of `record` from the node that owned it
-    /// (spec/cluster.md). The driver calls this when a reattach request (`header`) of a
-    /// session this node does not have arrives and the cluster's table has its record;
-    /// then it hands the request to [`Gateway::handle_datagram`] again, and the session
-    /// goes on here from the record's state and version, its counters above the
-    /// record's reservation and the request's. Refused, changing nothing, when the
-    /// session is here already, its client is not authorized here, or its keys do not
-    /// open under `key`.
+    /// (spec/cluster.md), on its client's reattach request `datagram` from `from`: the
+    /// request must open under the record's keys (sealed under `key`) and pass every
+    /// check of a reattach (spec/wire-format.md); the session then goes on here from the
+    /// record's state and version, sending above the previous owner's reservation up
+    /// to `send_limit` — this node's reservation, which the driver won in the cluster's
+    /// table before calling this — and the answer to send back (the path challenge) is
+    /// returned. Refused, changing nothing, when the session is here already or is
+    /// ended, its client is not authorized here or has another live session here, the
+    /// request does not open or is refused.
     pub fn adopt(
         &mut self,
         record: &ClusterRecord,
         key: &ClusterKey,
-        header: &wire::SessionHeader,
+        from: Endpoint,
+        datagram: &[u8],
+        send_limit: u64,
         now: Instant,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<&[u8], ClusterError> {
         let id = record.session_id;
-        if id != header.session_id || self.router.get(id).is_some() {
-            return Err(ClusterError::Malformed(format!(
-                "session {id} is not one to take over here"
-            )));
+        let header = match wire::parse(datagram) {
+            Ok(Datagram::Session { header, .. })
+                if header.session_id == id && header.ptype == wire::PacketType::ReattachRequest =>
+            {
+                header
+            }
+            _ => return Err(ClusterError::Refused("not a reattach request of it".into())),
+        };
+        if self.router.get(id).is_some() {
+            return Err(ClusterError::Refused("it is here already".into()));
         }
         let client: PublicKey = record
             .client
@@ -274,6 +284,15 @@ impl Gateway {
                 .map_err(|_| ClusterError::Unsealing)?
         };
         let secrets = SessionSecrets::open(key, id, &sealed)?;
+        // The request must be the client's before anything is built.
+        let mut probe = datagram.to_vec();
+        if header.key_epoch != secrets.epoch as u8
+            || !crate::crypto::opens(&secrets.recv, &header, &mut probe)
+        {
+            return Err(ClusterError::Refused(
+                "the request does not open under its keys".into(),
+            ));
+        }
         let clock = self.clock;
         self.responder.adopt(
             &mut self.router,
@@ -287,28 +306,35 @@ impl Gateway {
                     node.clone(),
                     limits,
                     &clock,
-                    header.counter.saturating_sub(1),
+                    (header.counter, send_limit),
                     now,
                 )
             },
             |session| session,
         )?;
-        Ok(())
+        let (refused, answer) = match self.handle_datagram(from, datagram, now) {
+            Received::Reply(b) => (None, b.to_vec()),
+            Received::Dropped(d) => (Some(d.as_str()), Vec::new()),
+            Received::ToTunnel(_) | Received::Consumed => (Some("not answered"), Vec::new()),
+        };
+        if let Some(why) = refused {
+            // Judged and refused (its events say why): as if it had never come here.
+            self.responder.hand_over(&mut self.router, id);
+            return Err(ClusterError::Refused(format!(
+                "the reattach was refused ({why})"
+            )));
+        }
+        self.out = answer;
+        Ok(&self.out)
     }
 
-    /// Session `id` as the cluster's table holds it, this node's reservation of
-    /// counters ending at `send_reserved_until`.
+    /// Session `id` as the cluster's table holds it.
     pub fn export(
         &self,
         id: SessionId,
         key: &ClusterKey,
-        send_reserved_until: u64,
     ) -> Option<Result<ClusterRecord, ClusterError>> {
-        Some(
-            self.router
-                .get(id)?
-                .export(&self.clock, key, send_reserved_until),
-        )
+        Some(self.router.get(id)?.export(&self.clock, key))
     }
 
     /// Session `id` may send only with counters below `limit` (this node's reservation).

@@ -216,14 +216,20 @@ impl Responder {
         ) -> Result<GatewaySession, ClusterError>,
         wrap: impl FnOnce(GatewaySession) -> H,
     ) -> Result<SessionId, ClusterError> {
-        let tunnel = self.clients.get(&client).map(|c| c.tunnel).ok_or_else(|| {
-            ClusterError::Malformed("its client is not authorized on this node".into())
+        let entry = self.clients.get(&client).ok_or_else(|| {
+            ClusterError::Refused("its client is not authorized on this node".into())
         })?;
+        if entry.session.is_some_and(|live| router.get(live).is_some()) {
+            return Err(ClusterError::Refused(
+                "its client has another live session on this node".into(),
+            ));
+        }
+        let tunnel = entry.tunnel;
         let session = build(tunnel, &self.policy, &self.node, self.limits)?;
         let id = session.id();
         self.store
             .create(session.table_record())
-            .map_err(|e| ClusterError::Malformed(format!("this node's table refused it: {e}")))?;
+            .map_err(|e| ClusterError::Refused(format!("this node's table refused it: {e}")))?;
         router.register(id, tunnel, client, wrap(session), Registration::New);
         if let Some(entry) = self.clients.get_mut(&client) {
             entry.session = Some(id);

@@ -15,7 +15,7 @@ use super::{source_address, Drop, Endpoint, Received};
 /// be served is still due, and a driver must not spin on it. The lifetime and the
 /// transport-lost TTL still end the session (at most this much late), whatever the table.
 pub const TABLE_RETRY: Duration = Duration::from_millis(100);
-use crate::cluster::{ClusterError, ClusterKey, ClusterRecord, SessionSecrets, COUNTER_BLOCK};
+use crate::cluster::{ClusterError, ClusterKey, ClusterRecord, SessionSecrets};
 use crate::crypto::{
     plaintext, rekey_prologue, Channel, KeyEvent, KeyLimits, Keypair, OpenError, PublicKey,
     Response, SealError,
@@ -193,14 +193,14 @@ impl GatewaySession {
         )
     }
 
-    /// The session as the cluster's table holds it (spec/cluster.md): its keys sealed
-    /// under `key`, its times on the wall clock, and `send_reserved_until`, the end of
-    /// this node's reservation of counters.
+    /// The session as the cluster's table holds it (spec/cluster.md): its current keys
+    /// sealed under `key` with their reservation of counters (the first this node may
+    /// not send with), their creation and the highest counter accepted under them; its
+    /// times on the wall clock.
     pub fn export(
         &self,
         clock: &WallClock,
         key: &ClusterKey,
-        send_reserved_until: u64,
     ) -> Result<ClusterRecord, ClusterError> {
         let sealed = self.channel.secrets().seal(key, self.id)?;
         let p = &self.policy;
@@ -219,7 +219,9 @@ impl GatewaySession {
                 use base64::Engine;
                 base64::engine::general_purpose::STANDARD.encode(sealed)
             },
-            send_reserved_until,
+            send_reserved_until: self.channel.send_limit(),
+            keys_created_ms: clock.ts_ms(self.channel.keys_created()),
+            recv_highest: self.channel.recv_highest(),
             created_ms: clock.ts_ms(self.created_at),
             lifetime_deadline_ms: clock.ts_ms(self.created_at + p.max_lifetime()),
             transport_lost_deadline_ms: clock.ts_ms(self.last_heard + p.transport_lost_ttl()),
@@ -228,9 +230,11 @@ impl GatewaySession {
 
     /// A session taken over from the node that owned it (spec/cluster.md), from its
     /// `record` and its opened `secrets`: it goes on at the record's state and version,
-    /// bound to nothing on this node until the client's reattach (whose counter,
-    /// `recv_after` + 1, is the first it opens) moves it here. It sends from the
-    /// record's reservation on, within one block.
+    /// bound to nothing on this node until the client's reattach moves it here. It
+    /// sends from the record's reservation up to `send_limit` (this node's, won in the
+    /// table), accepts only counters above both the previous owner's highest and
+    /// `reattach_counter` less one, and keeps the record's deadlines and key age
+    /// (times in the future are taken as now).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn adopt(
         record: &ClusterRecord,
@@ -240,30 +244,50 @@ impl GatewaySession {
         node: NodeId,
         limits: KeyLimits,
         clock: &WallClock,
-        recv_after: u64,
+        (reattach_counter, send_limit): (u64, u64),
         now: Instant,
     ) -> Result<GatewaySession, ClusterError> {
         let state: State = record.state.parse().map_err(ClusterError::Malformed)?;
-        // The wall-clock times back onto this node's monotonic clock.
+        if matches!(state, State::Birth | State::Terminated) {
+            return Err(ClusterError::Refused(format!("the session is {state}")));
+        }
+        let from = record.send_reserved_until;
+        if from >= send_limit {
+            return Err(ClusterError::Refused(format!(
+                "no counters reserved above {from}"
+            )));
+        }
+        // The wall-clock times back onto this node's monotonic clock; what happened
+        // (creation, the last time the client was heard, the keys' making) never later
+        // than now.
         let wall_now = clock.ts_ms(now);
         let at = |ms: u64| {
-            now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)))
-                .unwrap_or(now)
-                + Duration::from_millis(ms.saturating_sub(wall_now))
+            if ms >= wall_now {
+                now.checked_add(Duration::from_millis(ms - wall_now))
+            } else {
+                now.checked_sub(Duration::from_millis(wall_now - ms))
+            }
         };
-        let created_at = at(record.created_ms);
+        let past = |ms: u64| at(ms).unwrap_or(now).min(now);
+        let created_at = at(record.lifetime_deadline_ms)
+            .and_then(|deadline| deadline.checked_sub(policy.max_lifetime()))
+            .unwrap_or_else(|| past(record.created_ms))
+            .min(now);
         let last_heard = at(record.transport_lost_deadline_ms)
-            .checked_sub(policy.transport_lost_ttl())
+            .and_then(|deadline| deadline.checked_sub(policy.transport_lost_ttl()))
             .unwrap_or(created_at)
-            .max(created_at);
-        let from = record.send_reserved_until;
+            .clamp(created_at, now);
+        let floor = [record.recv_highest, reattach_counter.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .max();
         let channel = Channel::adopt(
             record.session_id,
             secrets,
             limits,
-            (from, from.saturating_add(COUNTER_BLOCK)),
-            recv_after,
-            now,
+            (from, send_limit),
+            floor,
+            past(record.keys_created_ms),
         );
         let mut session = GatewaySession::new(
             record.session_id,
@@ -665,6 +689,7 @@ impl GatewaySession {
             Control::ReattachRequest(_)
             | Control::HeartbeatAck { .. }
             | Control::ProbeAck { .. }
+            | Control::StandbyProbeAck { .. }
             | Control::ReattachAck { .. }
             | Control::ReattachDeny { .. }
             | Control::RekeyResp(_)
