@@ -12,9 +12,10 @@
 #
 # The contract (checked without docker by the end-to-end test
 # `the_container_entrypoint_runs_unprivileged_and_stops_cleanly`): the gateway runs as
-# uid 10001 with CAP_NET_ADMIN and no other capability (a file capability on the binary,
-# effective only if the container is given NET_ADMIN); the health check asks the admin
-# socket; `docker stop` (SIGTERM) ends every session explicitly (operator_terminated,
+# uid 10001 with CAP_NET_ADMIN and no other capability (a file capability on the binary:
+# a container without NET_ADMIN cannot start it at all — the kernel refuses to run a
+# binary whose capability is not in the bounding set — so even `jvpn keygen` in the
+# image needs `--cap-add NET_ADMIN`); the health check asks the admin socket; `docker stop` (SIGTERM) ends every session explicitly (operator_terminated,
 # the clients are told) and the process exits 0.
 
 FROM rust:1-bookworm AS build

@@ -217,7 +217,7 @@ async fn serve(
                 eprintln!("jvpn client: {name}: ending the session (the gateway is told)");
                 break Ok(ExitCode::SUCCESS);
             }
-            () = hangup.wait() => reload(&config, &mut setup, &handles.agent).await,
+            () = hangup.wait() => reload(&config, &mut setup, &handles.agent, tunnel.is_some()).await,
         }
     };
     service::notify("STOPPING=1");
@@ -248,7 +248,13 @@ async fn serve(
 
 /// SIGHUP: reads `config` again and puts a new policy in force on the live session, or
 /// says why nothing changed (one line on standard error either way).
-async fn reload(config: &Path, setup: &mut ClientSetup, agent: &actix::Addr<ClientAgent>) {
+/// `ready`: the first session is up (the service manager was told READY once already).
+async fn reload(
+    config: &Path,
+    setup: &mut ClientSetup,
+    agent: &actix::Addr<ClientAgent>,
+    ready: bool,
+) {
     service::notify(&format!(
         "RELOADING=1\nMONOTONIC_USEC={}",
         service::monotonic_usec()
@@ -267,9 +273,14 @@ async fn reload(config: &Path, setup: &mut ClientSetup, agent: &actix::Addr<Clie
             Reload::Apply(policy) => {
                 let (old, version) = (setup.policy.version().to_string(), policy.version().to_string());
                 match agent.send(ApplyPolicy(Arc::new((*policy).clone()))).await {
-                    Ok(Ok(())) => {
+                    Ok(Ok(live)) => {
                         setup.policy = *policy;
-                        format!("policy {old} -> {version} in force, on the live session too")
+                        let which = if live {
+                            "the live session runs under it"
+                        } else {
+                            "for the next session (none is live)"
+                        };
+                        format!("policy {old} -> {version} in force, {which}")
                     }
                     Ok(Err(why)) => format!("{why}; nothing changed"),
                     Err(e) => format!("the client does not answer ({e}); nothing changed"),
@@ -278,7 +289,9 @@ async fn reload(config: &Path, setup: &mut ClientSetup, agent: &actix::Addr<Clie
         },
     };
     eprintln!("jvpn client: reload of {}: {told}", config.display());
-    service::notify("READY=1");
+    if ready {
+        service::notify("READY=1");
+    }
 }
 
 /// One human line on standard error for each thing a person wants to know of (the JSON

@@ -111,13 +111,8 @@ impl Drop for Echo {
 /// A UDP socket bound to `addr` in the namespace `ns` (a socket stays in the namespace
 /// it was made in).
 fn bound_in(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || -> Result<UdpSocket> {
-        netlink::enter_netns(&ns)?;
-        UdpSocket::bind(addr).with_context(|| format!("cannot bind {addr} in {ns}"))
-    })
-    .join()
-    .unwrap_or_else(|_| Err(anyhow::anyhow!("the socket thread failed")))
+    netlink::in_netns_thread(ns, || UdpSocket::bind(addr))
+        .with_context(|| format!("cannot bind {addr} in {ns}"))
 }
 
 /// Sends `count` numbered UDP probes to the echo server `to` from the namespace `ns`,

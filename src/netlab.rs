@@ -336,17 +336,8 @@ impl Lab {
             .stdout(out)
             .stderr(err);
         // A child starts in the network namespace of the thread that forks it.
-        let ns_name = ns.to_string();
-        let child = std::thread::scope(|scope| {
-            scope
-                .spawn(move || -> Result<Child> {
-                    netlink::enter_netns(&ns_name)?;
-                    Ok(command.spawn()?)
-                })
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("the spawning thread failed")))
-        })
-        .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
+        let child = netlink::in_netns_thread(ns, || command.spawn())
+            .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
         self.processes.push((name.to_string(), child));
         Ok(())
     }
@@ -423,18 +414,20 @@ impl Lab {
     /// Sets the client's link on `path` down or up.
     pub fn link(&self, path: Path2, up: bool) -> Result<()> {
         let dev = self.client_link(path);
-        let own = addr(match path {
-            Path2::A => CLIENT_A,
-            Path2::B => CLIENT_B,
-        });
+        let (own, own6) = match path {
+            Path2::A => (addr(CLIENT_A), addr(IPV6_LINKS[0])),
+            Path2::B => (addr(CLIENT_B), addr(IPV6_LINKS[2])),
+        };
         in_ns(&self.ns("c"), move |h| async move {
             netlink::set_link(&h, &dev, up).await?;
             if up {
-                // Its address and connected route come back with the link, unless the
-                // kernel kept them.
-                match netlink::add_address(&h, &dev, own, 24).await {
-                    Err(e) if !e.is_exists() => return Err(e),
-                    _ => {}
+                // Its addresses and connected routes come back with the link, unless
+                // the kernel kept them (it keeps IPv4 addresses, not IPv6 ones).
+                for (a, prefix) in [(own, 24), (own6, 64)] {
+                    match netlink::add_address(&h, &dev, a, prefix).await {
+                        Err(e) if !e.is_exists() => return Err(e),
+                        _ => {}
+                    }
                 }
             }
             Ok(())

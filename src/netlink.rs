@@ -158,20 +158,18 @@ pub enum Rule {
     },
 }
 
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Rule::UnmarkedTo { v6, mark, table } => write!(
-                f,
-                "{}rule not fwmark {mark:#x} table {table}",
-                if *v6 { "-6 " } else { "" }
-            ),
-            Rule::MainWithoutDefault { v6 } => write!(
-                f,
-                "{}rule table main suppress_prefixlength 0",
-                if *v6 { "-6 " } else { "" }
-            ),
-        }
+impl Rule {
+    /// The request in iproute2's words, `verb` being "add" or "del".
+    fn op(&self, verb: &str) -> String {
+        let (v6, selector) = match self {
+            Rule::UnmarkedTo { v6, mark, table } => {
+                (*v6, format!("not fwmark {mark:#x} table {table}"))
+            }
+            Rule::MainWithoutDefault { v6 } => {
+                (*v6, "table main suppress_prefixlength 0".to_string())
+            }
+        };
+        format!("{}rule {verb} {selector}", if v6 { "-6 " } else { "" })
     }
 }
 
@@ -256,6 +254,32 @@ where
             .map_err(|e| failed("netlink", format!("cannot open a netlink socket: {e}")))?;
         tokio::spawn(connection);
         work(handle).await
+    })
+}
+
+/// Runs `work` on a thread of its own that entered the network namespace `name` first:
+/// a socket it opens, or a process it starts, is in that namespace. The caller's thread
+/// stays where it is.
+pub fn in_netns_thread<T: Send>(
+    name: &str,
+    work: impl FnOnce() -> std::io::Result<T> + Send,
+) -> Result<T, NetlinkError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(name)?;
+                work().map_err(|source| NetlinkError::Kernel {
+                    op: format!("in netns {name}"),
+                    source,
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(NetlinkError::Failed {
+                    op: format!("in netns {name}"),
+                    detail: "the thread failed".into(),
+                })
+            })
     })
 }
 
@@ -509,10 +533,7 @@ pub async fn add_rule(h: &Handle, rule: Rule) -> Result<(), NetlinkError> {
     let message = rule_message(rule);
     let mut request = h.rule().add();
     *request.message_mut() = message;
-    request
-        .execute()
-        .await
-        .map_err(kernel(format!("{rule} (add)")))
+    request.execute().await.map_err(kernel(rule.op("add")))
 }
 
 /// Removes `rule`.
@@ -521,7 +542,7 @@ pub async fn del_rule(h: &Handle, rule: Rule) -> Result<(), NetlinkError> {
         .del(rule_message(rule))
         .execute()
         .await
-        .map_err(kernel(format!("{rule} (del)")))
+        .map_err(kernel(rule.op("del")))
 }
 
 #[cfg(test)]
@@ -550,8 +571,8 @@ mod tests {
                 mark: 51820,
                 table: 51820
             }
-            .to_string(),
-            "-6 rule not fwmark 0xca6c table 51820"
+            .op("add"),
+            "-6 rule add not fwmark 0xca6c table 51820"
         );
     }
 }

@@ -24,22 +24,36 @@ pub enum Reload {
 
 /// Decides what a reload from `old` to `new` does.
 pub fn plan(old: &ClientSetup, new: &ClientSetup) -> Reload {
+    // Every field named, so that a new one cannot be added without deciding here
+    // whether a reload may change it.
+    let ClientSetup {
+        keypair,
+        gateway,
+        gateway_tls_pin,
+        on_end,
+        candidates,
+        tunnel,
+        networks,
+        full_tunnel,
+        fwmark,
+        admin_socket,
+        metrics,
+        events,
+        policy: _,
+    } = new;
     let changed: Vec<&'static str> = [
-        ("private_key", old.keypair.public() != new.keypair.public()),
-        ("gateway_public_key", old.gateway != new.gateway),
-        (
-            "gateway_tls_pin",
-            old.gateway_tls_pin != new.gateway_tls_pin,
-        ),
-        ("on_session_end", old.on_end != new.on_end),
-        ("candidates", old.candidates != new.candidates),
-        ("tunnel", old.tunnel != new.tunnel),
-        ("routes.networks", old.networks != new.networks),
-        ("routes.full_tunnel", old.full_tunnel != new.full_tunnel),
-        ("routes.fwmark", old.fwmark != new.fwmark),
-        ("admin.socket", old.admin_socket != new.admin_socket),
-        ("metrics.listen", old.metrics != new.metrics),
-        ("events", old.events != new.events),
+        ("private_key", old.keypair.public() != keypair.public()),
+        ("gateway_public_key", old.gateway != *gateway),
+        ("gateway_tls_pin", old.gateway_tls_pin != *gateway_tls_pin),
+        ("on_session_end", old.on_end != *on_end),
+        ("candidates", old.candidates != *candidates),
+        ("tunnel", old.tunnel != *tunnel),
+        ("routes.networks", old.networks != *networks),
+        ("routes.full_tunnel", old.full_tunnel != *full_tunnel),
+        ("routes.fwmark", old.fwmark != *fwmark),
+        ("admin.socket", old.admin_socket != *admin_socket),
+        ("metrics.listen", old.metrics != *metrics),
+        ("events", old.events != *events),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))

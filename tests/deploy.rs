@@ -93,23 +93,47 @@ fn the_client_unit_is_a_notify_service_with_net_admin_alone_and_a_command_line_t
     assert_eq!(one("DeviceAllow"), "/dev/net/tun rw");
     assert_eq!(one("Restart"), "on-failure");
     assert_eq!(one("KillSignal"), "SIGTERM");
-    // The command line is one the binary accepts: with a missing file, the error is
-    // about the file, not the arguments.
-    let exec = one("ExecStart").replace("${CREDENTIALS_DIRECTORY}", "/nonexistent-jvpn");
+    // The key is a credential, named by the environment; the configuration is read in
+    // place (a credential is a copy made at start: a reload would not see an edit).
+    assert_eq!(one("LoadCredential"), "client.key:/etc/jvpn/client.key");
+    assert_eq!(one("Environment"), "JVPN_PRIVATE_KEY_FILE=%d/client.key");
+    let exec = one("ExecStart");
+    assert!(exec.contains("--config /etc/jvpn/client.toml"), "{exec}");
+    // The command line is one the binary accepts, and the environment's key file takes
+    // the place of the file's: with the key present and no gateway running, the client
+    // gets past its configuration and gives up on the connection only.
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("client.key");
+    let keygen = std::process::Command::new(env!("CARGO_BIN_EXE_jvpn"))
+        .arg("keygen")
+        .output()
+        .expect("keygen");
+    std::fs::write(&key, &keygen.stdout).expect("key");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/client.toml");
+    let exec = exec
+        .replace("/etc/jvpn/client.toml", &sample.display().to_string())
+        .replace("--connect-timeout 60", "--connect-timeout 1");
     let mut argv = exec.split_whitespace();
     assert_eq!(argv.next(), Some("/usr/local/bin/jvpn"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_jvpn"))
         .args(argv)
+        .env("JVPN_PRIVATE_KEY_FILE", &key)
+        .env("JVPN_ADMIN__SOCKET", dir.path().join("client.sock"))
+        .env("JVPN_EVENTS__OUTPUT", dir.path().join("events.jsonl"))
         .output()
         .expect("jvpn");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("/nonexistent-jvpn/client.toml"), "{err}");
+    assert!(err.contains("no session with the gateway"), "{err}");
     // systemd's own check of the unit, where systemd is installed.
     let Ok(verify) = std::process::Command::new("systemd-analyze")
         .arg("--version")
         .output()
     else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: systemd-analyze (Debian systemd) is missing"
+        );
         eprintln!("systemd-analyze is not installed: the unit's own check is skipped");
         return;
     };

@@ -792,20 +792,22 @@ impl Handler<Shutdown> for ClientAgent {
 /// Put a reloaded policy in force, for the live session too (see
 /// `Client::apply_policy`); the answer says why not when it does not fit.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<bool, String>")]
 pub struct ApplyPolicy(pub Arc<Policy>);
 
 impl Handler<ApplyPolicy> for ClientAgent {
-    type Result = Result<(), String>;
+    /// Whether a live session took it.
+    type Result = Result<bool, String>;
 
     fn handle(&mut self, msg: ApplyPolicy, ctx: &mut Context<Self>) -> Self::Result {
         let version = msg.0.version().to_string();
-        self.client
+        let live = self
+            .client
             .apply_policy(msg.0, Instant::now())
             .map_err(|e| e.to_string())?;
         self.reporter.set_policy_version(version);
         self.settle(ctx);
-        Ok(())
+        Ok(live)
     }
 }
 

@@ -584,10 +584,12 @@ impl Client {
     }
 
     /// Puts a reloaded `policy` in force, for the live session too (without dropping
-    /// it: see [`SessionControl::apply_policy`]) and for every later one. Refused,
-    /// changing nothing, when a configured transport would break it (a protocol it no
-    /// longer allows, more candidates than it allows).
-    pub fn apply_policy(&mut self, policy: Arc<Policy>, now: Instant) -> Result<(), ClientError> {
+    /// it: see [`SessionControl::apply_policy`]) and for every later one; whether a live
+    /// session took it. Refused, changing nothing, when a configured transport would
+    /// break it (a protocol it no longer allows, more candidates than it allows), or
+    /// when its `reject_after` is shorter than the age of the keys in use (they would
+    /// expire at once, and traffic stop until a rekey).
+    pub fn apply_policy(&mut self, policy: Arc<Policy>, now: Instant) -> Result<bool, ClientError> {
         if let Some(t) = self
             .config
             .transports
@@ -606,13 +608,23 @@ impl Client {
                 self.config.transports.len()
             )));
         }
+        if let Phase::Established(e) = &self.phase {
+            let age = now.saturating_duration_since(e.channel.keys_created());
+            if policy.reject_after() <= age {
+                return Err(ClientError::PolicyDoesNotFit(format!(
+                    "rejects keys after {:?}, and the keys in use are {age:?} old",
+                    policy.reject_after()
+                )));
+            }
+        }
         self.limits = KeyLimits::from_policy(&policy);
         self.config.policy = Arc::clone(&policy);
         if let Phase::Established(e) = &mut self.phase {
             e.channel.set_limits(self.limits);
             e.control.apply_policy(policy, now);
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The next event, oldest first.

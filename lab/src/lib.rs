@@ -208,7 +208,10 @@ impl LabTools for Lab {
             Path2::B => CLIENT_B,
         };
         if address != own {
-            let (dev, a) = (dev.clone(), addr(address));
+            let a: IpAddr = address
+                .parse()
+                .with_context(|| format!("rebind to {to:?}: not ADDR or ADDR:PORT"))?;
+            let dev = dev.clone();
             in_ns(&c, move |h| async move {
                 match netlink::add_address(&h, &dev, a, 24).await {
                     Err(e) if !e.is_exists() => Err(e),

@@ -1984,6 +1984,10 @@ fn the_container_entrypoint_runs_unprivileged_and_stops_cleanly() {
     };
     let g = lab.ns("g");
     lab.gateway_forwarding = format!("enable = true\nmasquerade_out = \"{g}s\"\n");
+    // The server has no route back to the tunnel network: only the masquerade brings
+    // its answers back.
+    lab.exec_ok(&lab.ns("s"), &["ip", "route", "del", "10.77.0.0/24"])
+        .expect("route");
     let config = lab
         .gateway_config(FAST_POLICY)
         .expect("config")
@@ -2169,8 +2173,14 @@ fn the_client_service_reloads_its_policy_on_sighup_and_tells_its_manager() {
     .expect("client");
     let ready = notifications(&manager, Duration::from_secs(10), "READY=1");
     assert!(ready.contains("READY=1"), "{ready}\n{}", lab.diagnostics());
+    // Told at once, when it came: by then the tunnel is up.
+    assert!(
+        lab.link_exists(&c, &lab.tun_name()),
+        "READY before the TUN device was up"
+    );
     let status = lab.status("client").expect("status");
     assert_eq!(status["state"], "ATTACHED", "ready before attached");
+    let version = status["state_version"].clone();
     let id = status["session_id"].as_str().expect("id").to_string();
     let pid = lab.pid("client").expect("pid");
 
@@ -2206,6 +2216,16 @@ fn the_client_service_reloads_its_policy_on_sighup_and_tells_its_manager() {
     assert_eq!(applied["new_version"], "2.0");
     assert_eq!(applied["policy_version"], "2.0");
     assert_eq!(applied["session_id"], id.as_str());
+    // No transition: the state and its version are as before.
+    let status = lab.status("client").expect("status");
+    assert_eq!(status["state"], "ATTACHED");
+    assert_eq!(status["state_version"], version);
+    assert!(
+        !lab.events("client")
+            .iter()
+            .any(|e| e["event_type"] == "SessionStateChange" && e["policy_version"] == "2.0"),
+        "a transition came with the reload"
+    );
 
     // A change that needs a new session: refused, and said.
     lab.client_candidates.reverse();
