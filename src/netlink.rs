@@ -300,25 +300,62 @@ pub fn enter_netns(name: &str) -> Result<(), NetlinkError> {
     })
 }
 
-/// Creates the named network namespace (as `ip netns add`).
+/// Creates the named network namespace, as `ip netns add` does: a thread of its own
+/// moves into a new namespace, which is then bind-mounted on /run/netns/NAME so that it
+/// lives on without any process in it (no fork of this multi-threaded process).
 pub fn add_netns(name: &str) -> Result<(), NetlinkError> {
-    let name = name.to_string();
-    blocking(None, move |_| async move {
-        rtnetlink::NetworkNamespace::add(name.clone())
-            .await
-            .map_err(kernel(format!("netns add {name}")))
+    use nix::mount::{mount, MsFlags};
+    let op = format!("netns add {name}");
+    let err = |source: std::io::Error| NetlinkError::Kernel {
+        op: op.clone(),
+        source,
+    };
+    let dir = std::path::Path::new(rtnetlink::NETNS_PATH);
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let path = dir.join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(err)?;
+    let made = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> nix::Result<()> {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+                mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &path,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+            })
+            .join()
+            .unwrap_or(Err(nix::errno::Errno::EIO))
+    });
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(&path);
+        err(e.into())
     })
 }
 
 /// Removes the named network namespace (as `ip netns del`); its links go with it once
-/// no process is left in it.
+/// no process is left in it. A namespace that is not there is `is_gone`.
 pub fn del_netns(name: &str) -> Result<(), NetlinkError> {
-    let name = name.to_string();
-    blocking(None, move |_| async move {
-        rtnetlink::NetworkNamespace::del(name.clone())
-            .await
-            .map_err(kernel(format!("netns del {name}")))
-    })
+    use nix::mount::{umount2, MntFlags};
+    let op = format!("netns del {name}");
+    let path = std::path::Path::new(rtnetlink::NETNS_PATH).join(name);
+    let unmounted = umount2(&path, MntFlags::MNT_DETACH);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(NetlinkError::Kernel {
+            op,
+            source: match unmounted {
+                Err(u) if e.kind() != std::io::ErrorKind::NotFound => u.into(),
+                _ => e,
+            },
+        }),
+    }
 }
 
 /// The index of the link `name`.
