@@ -242,6 +242,79 @@ impl ClusterRecord {
     }
 }
 
+/// A node's hold on its lease in the cluster's table, and when it must fence itself
+/// (spec/cluster.md "Leases and fencing"). The node renews every third of the lease's
+/// TTL; when no renewal has succeeded for `fence_after`, it stops forwarding every
+/// session (it can no longer prove it owns them) — and since `fence_after` is shorter
+/// than the TTL by at least [`FENCE_MARGIN`], it has stopped before the lease expires
+/// and any other node may take its sessions. Once fenced it stays fenced: its sessions
+/// may be another node's by now, so it starts again with a new lease.
+#[derive(Debug, Clone)]
+pub struct LeaseHold {
+    ttl: std::time::Duration,
+    fence_after: std::time::Duration,
+    last_renewed: std::time::Instant,
+    fenced: bool,
+}
+
+/// How much earlier than the lease's expiry a node fences itself, at least: room for
+/// the clocks of etcd and the node to disagree and for the fencing to take effect.
+pub const FENCE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl LeaseHold {
+    /// A lease of `ttl` granted at `now`, fenced after `fence_after` without a renewal.
+    /// Refused unless `fence_after` + [`FENCE_MARGIN`] ≤ `ttl` and a renewal every third
+    /// of the TTL fits before the fencing (at least two tries).
+    pub fn new(
+        ttl: std::time::Duration,
+        fence_after: std::time::Duration,
+        now: std::time::Instant,
+    ) -> Result<LeaseHold, String> {
+        if fence_after + FENCE_MARGIN > ttl {
+            return Err(format!(
+                "the fencing delay ({fence_after:?}) must be at least {FENCE_MARGIN:?} shorter than the lease TTL ({ttl:?})"
+            ));
+        }
+        if fence_after < ttl / 3 * 2 {
+            return Err(format!(
+                "the fencing delay ({fence_after:?}) must leave room for two renewals (every {:?})",
+                ttl / 3
+            ));
+        }
+        Ok(LeaseHold {
+            ttl,
+            fence_after,
+            last_renewed: now,
+            fenced: false,
+        })
+    }
+
+    /// A renewal succeeded at `now`. A fenced node stays fenced.
+    pub fn renewed(&mut self, now: std::time::Instant) {
+        if !self.fenced {
+            self.last_renewed = self.last_renewed.max(now);
+        }
+    }
+
+    /// When to renew next.
+    pub fn next_renewal(&self) -> std::time::Instant {
+        self.last_renewed + self.ttl / 3
+    }
+
+    /// When the node fences itself unless a renewal succeeds before.
+    pub fn fence_deadline(&self) -> std::time::Instant {
+        self.last_renewed + self.fence_after
+    }
+
+    /// Whether the node must not forward any session at `now` (and from then on).
+    pub fn fenced(&mut self, now: std::time::Instant) -> bool {
+        if now >= self.fence_deadline() {
+            self.fenced = true;
+        }
+        self.fenced
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +354,29 @@ mod tests {
             sealed,
             secrets().seal(&key(1), SessionId(42)).expect("seal")
         );
+    }
+
+    #[test]
+    fn a_node_fences_itself_before_its_lease_can_expire_and_stays_fenced() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert!(LeaseHold::new(s(6), s(6), t0).is_err(), "no margin");
+        assert!(LeaseHold::new(s(6), s(2), t0).is_err(), "no room to renew");
+        let mut hold = LeaseHold::new(s(6), s(4), t0).expect("valid");
+        assert_eq!(hold.next_renewal(), t0 + s(2));
+        // Renewals keep it going.
+        hold.renewed(t0 + s(2));
+        assert!(!hold.fenced(t0 + s(5)));
+        assert_eq!(hold.fence_deadline(), t0 + s(6));
+        // Then etcd stops answering: fenced 4 s after the last renewal, 2 s before the
+        // lease (granted or last renewed at t0 + 2 s, 6 s TTL) expires.
+        assert!(!hold.fenced(t0 + s(6) - Duration::from_millis(1)));
+        assert!(hold.fenced(t0 + s(6)));
+        assert!(hold.fence_deadline() + FENCE_MARGIN <= t0 + s(2) + s(6));
+        // A late renewal does not undo it.
+        hold.renewed(t0 + s(7));
+        assert!(hold.fenced(t0 + s(7)));
     }
 
     #[test]
