@@ -60,17 +60,10 @@ impl std::str::FromStr for State {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [
-            State::Birth,
-            State::Attached,
-            State::Volatile,
-            State::Degraded,
-            State::Recovering,
-            State::Terminated,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == s)
-        .ok_or_else(|| format!("no state named {s:?}"))
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("no state named {s:?}"))
     }
 }
 
