@@ -87,7 +87,7 @@ enum Command {
         json: bool,
     },
     /// List a running gateway's sessions, one per line: id, state, version, tunnel
-    /// address, transport.
+    /// addresses, transport, owner node.
     Sessions {
         /// The admin socket.
         #[arg(long, default_value = "/run/jvpn/gateway.sock")]
@@ -170,12 +170,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(sessions) => {
                     for s in sessions {
                         println!(
-                            "{} {} {} {} {}",
+                            "{} {} {} {} {} {}",
                             s["session_id"].as_str().unwrap_or("-"),
                             s["state"].as_str().unwrap_or("-"),
                             s["state_version"],
                             views::text(&s["tunnel_addresses"]),
                             views::text(&s["active_transport"]),
+                            s["owner"].as_str().unwrap_or("-"),
                         );
                     }
                 }

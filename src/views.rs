@@ -35,6 +35,8 @@ pub fn gateway(node_id: &str, sessions: &[SessionStatus]) -> Value {
         .map(|s| {
             json!({
                 "session_id": s.id.to_string(),
+                // The node that forwards it: this one, for every session it lists.
+                "owner": node_id,
                 "state": s.state.as_str(),
                 "state_version": s.state_version,
                 "tunnel_addresses": addresses(Some(s.tunnel)),
@@ -175,7 +177,12 @@ pub fn render_at(v: &Value, now_ms: u64) -> String {
                 sessions.len()
             );
             for s in &sessions {
-                let _ = writeln!(out, "\nsession {}", text(&s["session_id"]));
+                let _ = writeln!(
+                    out,
+                    "\nsession {} (owner {})",
+                    text(&s["session_id"]),
+                    text(&s["owner"])
+                );
                 let _ = writeln!(
                     out,
                     "  state: {} (version {})",

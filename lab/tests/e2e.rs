@@ -573,7 +573,15 @@ fn an_operator_terminates_a_session_from_the_command_line() {
         .args(["sessions", "--socket", &sock])
         .output()
         .expect("jvpn sessions");
-    assert!(String::from_utf8_lossy(&listed.stdout).starts_with(&format!("{id} ATTACHED")));
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(listed.starts_with(&format!("{id} ATTACHED")), "{listed}");
+    // The owner is the node that answers: the lab's gateway.
+    assert!(
+        listed
+            .trim_end()
+            .ends_with(&format!(" gw-{}", tag_of(&lab))),
+        "{listed}"
+    );
     let shown = std::process::Command::new(bin)
         .args([
             "status",
