@@ -315,6 +315,157 @@ impl LeaseHold {
     }
 }
 
+/// This node's copy of the cluster's table, as its watch reports it (spec/cluster.md
+/// "A node's view of the table"): the newest revision of each record wins, a late or
+/// repeated report changes nothing, and it holds at most `capacity` records. From it a
+/// node decides what to do with a packet of a session it does not have, and learns
+/// when a session it forwards was asked of it or taken from it.
+#[derive(Debug)]
+pub struct ClusterView {
+    me: NodeId,
+    capacity: usize,
+    records: std::collections::HashMap<SessionId, (ClusterRecord, i64)>,
+    live: std::collections::HashSet<NodeId>,
+    /// Records not kept because the view was full.
+    pub overflowed: u64,
+}
+
+/// What a change of the table means for this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Another node asks for a session this node forwards: hand it over.
+    HandoverAsked {
+        /// The session.
+        session: SessionId,
+        /// Who asks.
+        to: NodeId,
+    },
+    /// A session this node forwarded is another node's now (or gone): stop forwarding
+    /// it, without ending it.
+    Lost(SessionId),
+}
+
+/// What to do with a packet of a session this node does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unknown {
+    /// Nothing in the table: answer as for any unknown session.
+    NotInTable,
+    /// A probe of another node's session: answer it as a standby.
+    Standby(Box<ClusterRecord>),
+    /// A reattach whose owner is gone (no live lease): take the session over with a
+    /// swap from this revision.
+    TakeOver(Box<ClusterRecord>, i64),
+    /// A reattach whose owner lives: ask it to hand the session over (a swap of
+    /// `handover_to` from this revision), and wait for it.
+    AskOwner(Box<ClusterRecord>, i64),
+    /// Anything else (data, heartbeats of a session being moved): drop it.
+    Ignore,
+}
+
+impl ClusterView {
+    /// An empty view for node `me`.
+    pub fn new(me: NodeId, capacity: usize) -> Self {
+        ClusterView {
+            me,
+            capacity,
+            records: std::collections::HashMap::new(),
+            live: std::collections::HashSet::new(),
+            overflowed: 0,
+        }
+    }
+
+    /// Replaces everything with a listing (after a watch was lost).
+    pub fn reset(&mut self, records: Vec<(ClusterRecord, i64)>) {
+        self.records.clear();
+        for (record, revision) in records {
+            let _ = self.put(record, revision);
+        }
+    }
+
+    /// The nodes whose lease lives.
+    pub fn set_live(&mut self, nodes: impl IntoIterator<Item = NodeId>) {
+        self.live = nodes.into_iter().collect();
+    }
+
+    /// A record written at `revision`; what it means for this node. Older than what
+    /// the view has: ignored.
+    pub fn put(&mut self, record: ClusterRecord, revision: i64) -> Option<Notice> {
+        let id = record.session_id;
+        let previous = match self.records.get(&id) {
+            Some((_, known)) if *known >= revision => return None,
+            Some((old, _)) => Some(old.owner.clone()),
+            None if self.records.len() >= self.capacity => {
+                self.overflowed += 1;
+                return None;
+            }
+            None => None,
+        };
+        let notice = if record.owner == self.me {
+            record
+                .handover_to
+                .as_ref()
+                .filter(|to| **to != self.me)
+                .map(|to| Notice::HandoverAsked {
+                    session: id,
+                    to: to.clone(),
+                })
+        } else if previous.as_ref() == Some(&self.me) {
+            Some(Notice::Lost(id))
+        } else {
+            None
+        };
+        self.records.insert(id, (record, revision));
+        notice
+    }
+
+    /// A record removed at `revision`.
+    pub fn remove(&mut self, id: SessionId, revision: i64) -> Option<Notice> {
+        match self.records.get(&id) {
+            Some((_, known)) if *known >= revision => None,
+            Some(_) => {
+                let (record, _) = self.records.remove(&id)?;
+                (record.owner == self.me).then_some(Notice::Lost(id))
+            }
+            None => None,
+        }
+    }
+
+    /// The record of `id` and its revision, if the view has it.
+    pub fn get(&self, id: SessionId) -> Option<&(ClusterRecord, i64)> {
+        self.records.get(&id)
+    }
+
+    /// What to do with a packet of type `ptype` of session `id`, which this node does
+    /// not have. A record naming this node is one a previous run of it left: a reattach
+    /// takes it over like any other, from the table.
+    pub fn unknown(&self, id: SessionId, ptype: PacketType) -> Unknown {
+        let Some((record, revision)) = self.records.get(&id) else {
+            return Unknown::NotInTable;
+        };
+        let owner_lives = record.owner != self.me && self.live.contains(&record.owner);
+        match ptype {
+            PacketType::Probe if record.owner != self.me => {
+                Unknown::Standby(Box::new(record.clone()))
+            }
+            PacketType::ReattachRequest if owner_lives => {
+                Unknown::AskOwner(Box::new(record.clone()), *revision)
+            }
+            PacketType::ReattachRequest => Unknown::TakeOver(Box::new(record.clone()), *revision),
+            _ => Unknown::Ignore,
+        }
+    }
+
+    /// How many records the view holds.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether the view holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +528,110 @@ mod tests {
         // A late renewal does not undo it.
         hold.renewed(t0 + s(7));
         assert!(hold.fenced(t0 + s(7)));
+    }
+
+    fn owned_by(id: u64, owner: &str) -> ClusterRecord {
+        ClusterRecord {
+            session_id: SessionId(id),
+            owner: NodeId(owner.into()),
+            handover_to: None,
+            client: String::new(),
+            state: "ATTACHED".into(),
+            state_version: 1,
+            bound_at: 1,
+            binding: None,
+            sealed_keys: String::new(),
+            send_reserved_until: COUNTER_BLOCK,
+            keys_created_ms: 0,
+            recv_highest: None,
+            created_ms: 0,
+            lifetime_deadline_ms: 0,
+            transport_lost_deadline_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_view_keeps_the_newest_revision_and_tells_a_node_what_it_lost_or_is_asked() {
+        let me = NodeId("gw-1".into());
+        let mut view = ClusterView::new(me.clone(), 2);
+        assert_eq!(view.put(owned_by(1, "gw-1"), 10), None);
+        // A late report of an older revision changes nothing.
+        assert_eq!(view.put(owned_by(1, "gw-2"), 9), None);
+        assert_eq!(
+            view.get(SessionId(1)).map(|(r, _)| r.owner.clone()),
+            Some(me.clone())
+        );
+        // Asked for it.
+        let mut asked = owned_by(1, "gw-1");
+        asked.handover_to = Some(NodeId("gw-2".into()));
+        assert_eq!(
+            view.put(asked, 11),
+            Some(Notice::HandoverAsked {
+                session: SessionId(1),
+                to: NodeId("gw-2".into())
+            })
+        );
+        // Taken.
+        assert_eq!(
+            view.put(owned_by(1, "gw-2"), 12),
+            Some(Notice::Lost(SessionId(1)))
+        );
+        // Another node's session moving between others: nothing for this node.
+        assert_eq!(view.put(owned_by(2, "gw-3"), 13), None);
+        assert_eq!(view.put(owned_by(2, "gw-2"), 14), None);
+        // Full: a third record is counted, not kept.
+        assert_eq!(view.put(owned_by(3, "gw-3"), 15), None);
+        assert_eq!((view.len(), view.overflowed), (2, 1));
+        // A removal of an own session is a loss; an older removal is ignored.
+        assert_eq!(view.put(owned_by(4, "gw-1"), 16), None, "full");
+        view.reset(vec![(owned_by(5, "gw-1"), 20)]);
+        assert_eq!(view.remove(SessionId(5), 19), None);
+        assert_eq!(
+            view.remove(SessionId(5), 21),
+            Some(Notice::Lost(SessionId(5)))
+        );
+        assert!(view.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_session_is_answered_as_a_standby_taken_over_or_asked_for() {
+        let me = NodeId("gw-1".into());
+        let mut view = ClusterView::new(me, 8);
+        view.put(owned_by(1, "gw-2"), 10);
+        view.put(owned_by(2, "gw-1"), 11);
+        view.set_live([NodeId("gw-1".into()), NodeId("gw-2".into())]);
+        assert_eq!(
+            view.unknown(SessionId(9), PacketType::Probe),
+            Unknown::NotInTable
+        );
+        assert!(matches!(
+            view.unknown(SessionId(1), PacketType::Probe),
+            Unknown::Standby(_)
+        ));
+        assert!(matches!(
+            view.unknown(SessionId(1), PacketType::ReattachRequest),
+            Unknown::AskOwner(_, 10)
+        ));
+        assert_eq!(
+            view.unknown(SessionId(1), PacketType::Data),
+            Unknown::Ignore
+        );
+        // Its owner's lease is gone: taken over directly.
+        view.set_live([NodeId("gw-1".into())]);
+        assert!(matches!(
+            view.unknown(SessionId(1), PacketType::ReattachRequest),
+            Unknown::TakeOver(_, 10)
+        ));
+        // A record a previous run of this node left: a reattach takes it back from the
+        // table; a probe of it is not answered as a standby.
+        assert!(matches!(
+            view.unknown(SessionId(2), PacketType::ReattachRequest),
+            Unknown::TakeOver(_, 11)
+        ));
+        assert_eq!(
+            view.unknown(SessionId(2), PacketType::Probe),
+            Unknown::Ignore
+        );
     }
 
     #[test]
