@@ -83,7 +83,9 @@ mod libc_errno {
     pub const ENODEV: i32 = 19;
 }
 
-fn kernel(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+/// Maps an rtnetlink error of the request `op` (in iproute2's words) to a typed one:
+/// the kernel's answer as an OS error when it gave one.
+pub fn kernel(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     move |e| match e {
         rtnetlink::Error::NetlinkError(m) => NetlinkError::Kernel {
             op: op.into(),

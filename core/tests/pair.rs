@@ -871,6 +871,25 @@ impl RawClient {
         }
     }
 
+    /// Opens a gateway's path challenge and seals the answer to it.
+    fn answer_challenge(&mut self, challenge: &[u8], now: Instant) -> Vec<u8> {
+        let header = header_of(challenge);
+        let mut opened = challenge.to_vec();
+        self.channel
+            .open_in_place(&header, &mut opened, now)
+            .expect("open challenge");
+        let Ok(Control::PathChallenge { token }) =
+            Control::decode(header.ptype, plaintext(&opened))
+        else {
+            panic!("not a path challenge");
+        };
+        let mut response = Vec::new();
+        self.channel
+            .seal(&Control::PathResponse { token }, now, &mut response)
+            .expect("seal");
+        response
+    }
+
     fn reattach(
         &mut self,
         now: Instant,
@@ -908,21 +927,7 @@ fn reattach_with_challenge(
         Received::Reply(b) => b.to_vec(),
         other => panic!("no challenge: {other:?}"),
     };
-    let Ok(Datagram::Session { header, .. }) = parse(&challenge) else {
-        panic!("not a session packet");
-    };
-    let mut opened = challenge.clone();
-    raw.channel
-        .open_in_place(&header, &mut opened, now)
-        .expect("open challenge");
-    let Ok(Control::PathChallenge { token }) = Control::decode(header.ptype, plaintext(&opened))
-    else {
-        panic!("not a path challenge");
-    };
-    let mut response = Vec::new();
-    raw.channel
-        .seal(&Control::PathResponse { token }, now, &mut response)
-        .expect("seal");
+    let response = raw.answer_challenge(&challenge, now);
     let _ = w.gw.handle_datagram(endpoint(answer_from), &response, now);
     w.drain();
     let binding = w.gw.session(raw.session).and_then(|s| s.binding());
@@ -1646,22 +1651,9 @@ fn a_session_moves_to_another_node_with_its_keys_and_without_a_handshake() {
         .expect("takeover")
         .to_vec();
     assert!(w.gw.hand_over(id), "the first node lets go");
-    let Ok(Datagram::Session { header, .. }) = parse(&challenge) else {
-        panic!("not a session packet");
-    };
-    assert!(header.counter >= RESERVED, "counter {}", header.counter);
-    let mut opened = challenge.clone();
-    raw.channel
-        .open_in_place(&header, &mut opened, now)
-        .expect("the client opens the second node's challenge");
-    let Ok(Control::PathChallenge { token }) = Control::decode(header.ptype, plaintext(&opened))
-    else {
-        panic!("not a path challenge");
-    };
-    let mut response = Vec::new();
-    raw.channel
-        .seal(&Control::PathResponse { token }, now, &mut response)
-        .expect("seal");
+    let counter = header_of(&challenge).counter;
+    assert!(counter >= RESERVED, "counter {counter}");
+    let response = raw.answer_challenge(&challenge, now);
     let _ = second.handle_datagram(endpoint(2), &response, now);
     let events = second.drain_events();
     let moved = second.session(id).expect("the second node has it");

@@ -256,10 +256,7 @@ fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
             .add(rtnetlink::LinkBridge::new(&b).up().build())
             .execute()
             .await
-            .map_err(|e| netlink::NetlinkError::Failed {
-                op: format!("link add {b} type bridge"),
-                detail: e.to_string(),
-            })
+            .map_err(netlink::kernel(format!("link add {b} type bridge")))
     })
     .expect("bridge");
     for (i, node) in [&n1, &n2].into_iter().enumerate() {
@@ -279,10 +276,7 @@ fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
                 )
                 .execute()
                 .await
-                .map_err(|e| netlink::NetlinkError::Failed {
-                    op: format!("link set {p} master {b}"),
-                    detail: e.to_string(),
-                })
+                .map_err(netlink::kernel(format!("link set {p} master {b}")))
         })
         .expect("enslave");
         lab.exec_ok(node, &["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"])
@@ -367,10 +361,7 @@ fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
             .del(message)
             .execute()
             .await
-            .map_err(|e| netlink::NetlinkError::Failed {
-                op: "neigh del".into(),
-                detail: e.to_string(),
-            })
+            .map_err(netlink::kernel("neigh del"))
     })
     .expect("forget the entry");
     let _ = lab.exec(&host, &["ping", "-c", "1", "-W", "1", "10.77.0.2"]);
