@@ -6,7 +6,9 @@
 //! after their neighbour entry goes stale. The node that lets the session go withdraws
 //! its proxy entry.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use jvpn_core::wire::TunnelAddrs;
 
 use crate::netlink::{self, NetlinkError};
 
@@ -58,6 +60,67 @@ pub async fn withdraw(dev: &str, ip: Ipv4Addr) -> Result<(), NetlinkError> {
     {
         Err(e) if e.is_gone() => Ok(()),
         other => other,
+    }
+}
+
+/// Announces and withdraws tunnel addresses on one interface for the gateway's
+/// sessions, in the order asked, on a thread of its own: the supervisor that asks never
+/// waits for the kernel. At most [`ANNOUNCEMENTS_QUEUED`] wait; past that a request is
+/// counted (`announce_queue_full`) and dropped. IPv4 only: IPv6 tunnel addresses would
+/// need proxy NDP, which is not built.
+pub struct NeighbourAnnouncer {
+    queue: std::sync::mpsc::SyncSender<(bool, Ipv4Addr)>,
+}
+
+/// Requests waiting for the announcer's thread, at most.
+pub const ANNOUNCEMENTS_QUEUED: usize = 4_096;
+
+impl NeighbourAnnouncer {
+    /// An announcer on `dev`.
+    pub fn start(dev: String) -> std::io::Result<NeighbourAnnouncer> {
+        let (queue, requests) = std::sync::mpsc::sync_channel(ANNOUNCEMENTS_QUEUED);
+        std::thread::Builder::new()
+            .name("jvpn-announce".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    eprintln!("jvpn gateway: the announcer has no runtime: addresses are not announced on {dev}");
+                    return;
+                };
+                for (up, ip) in requests {
+                    let done = if up {
+                        runtime.block_on(announce(&dev, ip))
+                    } else {
+                        runtime.block_on(withdraw(&dev, ip))
+                    };
+                    if let Err(e) = done {
+                        eprintln!("jvpn gateway: {e}");
+                    }
+                }
+            })?;
+        Ok(NeighbourAnnouncer { queue })
+    }
+
+    fn ask(&self, up: bool, tunnel: TunnelAddrs) {
+        for net in tunnel.iter() {
+            if let IpAddr::V4(ip) = net.addr {
+                if self.queue.try_send((up, ip)).is_err() {
+                    jvpn_actors::telemetry::dropped("announce_queue_full");
+                }
+            }
+        }
+    }
+}
+
+impl jvpn_actors::supervisor::Announce for NeighbourAnnouncer {
+    fn announce(&self, tunnel: TunnelAddrs) {
+        self.ask(true, tunnel);
+    }
+
+    fn withdraw(&self, tunnel: TunnelAddrs) {
+        self.ask(false, tunnel);
     }
 }
 

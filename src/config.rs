@@ -129,6 +129,24 @@ struct ForwardingSection {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+struct ClusterSection {
+    store: String,
+    endpoints: Vec<String>,
+    prefix: String,
+    key_file: PathBuf,
+    announce_interface: String,
+    lease_ttl_ms: u64,
+    fence_after_ms: u64,
+    request_timeout_ms: u64,
+    tls_ca_file: PathBuf,
+    tls_cert_file: PathBuf,
+    tls_key_file: PathBuf,
+    user: String,
+    password_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct ClientEntry {
     name: String,
     public_key: String,
@@ -148,6 +166,7 @@ struct GatewayFile {
     admin: AdminSection,
     metrics: MetricsSection,
     events: EventsSection,
+    cluster: ClusterSection,
     #[serde(default)]
     clients: Vec<ClientEntry>,
     policy: PolicyConfig,
@@ -212,6 +231,22 @@ pub struct GatewaySetup {
     pub clients: Vec<(String, AuthorizedClient)>,
     /// The policy.
     pub policy: Policy,
+    /// The cluster this node is part of (none: a lone node, `store = "memory"`).
+    pub cluster: Option<ClusterSetup>,
+}
+
+/// A node's part in a gateway cluster (`[cluster]`, `store = "etcd"`).
+pub struct ClusterSetup {
+    /// How to reach etcd.
+    pub store: jvpn_cluster::EtcdOptions,
+    /// The key session keys are sealed under in the table.
+    pub key: std::sync::Arc<jvpn_core::cluster::ClusterKey>,
+    /// The inside interface the node answers ARP on for its sessions' tunnel addresses.
+    pub announce_interface: Option<String>,
+    /// The node's lease in etcd.
+    pub lease_ttl: std::time::Duration,
+    /// No renewal for this long: the node fences itself.
+    pub fence_after: std::time::Duration,
 }
 
 /// A TUN device to create.
@@ -387,6 +422,7 @@ const GATEWAY_KEYS: &[&str] = &[
     "admin",
     "metrics",
     "events",
+    "cluster",
     "clients",
     "policy",
 ];
@@ -427,11 +463,24 @@ pub fn load_gateway(
         ("session_capacity", 1024.into()),
         ("forwarding.enable", false.into()),
         ("forwarding.masquerade_out", "".into()),
+        ("cluster.store", "memory".into()),
+        ("cluster.endpoints", Vec::<String>::new().into()),
+        ("cluster.prefix", "/jvpn".into()),
+        ("cluster.key_file", "".into()),
+        ("cluster.announce_interface", "".into()),
+        ("cluster.lease_ttl_ms", 6000.into()),
+        ("cluster.fence_after_ms", 4000.into()),
+        ("cluster.request_timeout_ms", 2000.into()),
+        ("cluster.tls_ca_file", "".into()),
+        ("cluster.tls_cert_file", "".into()),
+        ("cluster.tls_key_file", "".into()),
+        ("cluster.user", "".into()),
+        ("cluster.password_file", "".into()),
     ]);
     let raw: GatewayFile = read(
         file,
         &pairs,
-        &["listen", "tunnel.address"],
+        &["listen", "tunnel.address", "cluster.endpoints"],
         GATEWAY_KEYS,
         env,
     )?;
@@ -563,7 +612,189 @@ pub fn load_gateway(
         events: events(&raw.events.output),
         clients,
         policy,
+        cluster: cluster(file, raw.cluster)?,
     })
+}
+
+/// `path` relative to the configuration file's directory; none when empty.
+fn beside(file: &Path, path: PathBuf) -> Option<PathBuf> {
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    Some(if path.is_relative() {
+        file.parent().unwrap_or(Path::new(".")).join(path)
+    } else {
+        path
+    })
+}
+
+/// The most a certificate or password file of `[cluster]` is read.
+const CLUSTER_FILE_MAX: u64 = 64 * 1024;
+
+fn read_small(file: &Path, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let shown = path.display();
+    let opened = std::fs::File::open(path)
+        .map_err(|e| invalid(file, key, format!("cannot read {shown}: {e}")))?;
+    let mut bytes = Vec::new();
+    opened
+        .take(CLUSTER_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| invalid(file, key, format!("cannot read {shown}: {e}")))?;
+    if bytes.len() as u64 > CLUSTER_FILE_MAX {
+        return Err(invalid(
+            file,
+            key,
+            format!("{shown} is longer than {CLUSTER_FILE_MAX} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The `[cluster]` section, checked.
+fn cluster(file: &Path, raw: ClusterSection) -> Result<Option<ClusterSetup>, ConfigError> {
+    let bad = |key: &str, problem: String| invalid(file, &format!("cluster.{key}"), problem);
+    match raw.store.as_str() {
+        "memory" => return Ok(None),
+        "etcd" => {}
+        other => {
+            return Err(bad(
+                "store",
+                format!("{other:?}: \"memory\" (one node) or \"etcd\" (a cluster)"),
+            ))
+        }
+    }
+    if raw.endpoints.is_empty() || raw.endpoints.len() > 16 {
+        return Err(bad(
+            "endpoints",
+            format!(
+                "{} given; 1 to 16 etcd client URLs (\"http://10.0.9.1:2379\") with store = \"etcd\"",
+                raw.endpoints.len()
+            ),
+        ));
+    }
+    let mut tls_needed = false;
+    for (i, e) in raw.endpoints.iter().enumerate() {
+        let rest = match (e.strip_prefix("http://"), e.strip_prefix("https://")) {
+            (Some(rest), _) => rest,
+            (None, Some(rest)) => {
+                tls_needed = true;
+                rest
+            }
+            _ => {
+                return Err(bad(
+                    &format!("endpoints[{i}]"),
+                    format!("{e:?}: an etcd client URL, http://HOST:PORT or https://HOST:PORT"),
+                ))
+            }
+        };
+        if host_name(rest).is_none() && rest.parse::<SocketAddr>().is_err() {
+            return Err(bad(
+                &format!("endpoints[{i}]"),
+                format!("{e:?}: HOST:PORT after the scheme"),
+            ));
+        }
+    }
+    let prefix = raw.prefix.trim_end_matches('/');
+    if !raw.prefix.starts_with('/')
+        || prefix.is_empty()
+        || raw.prefix.len() > 128
+        || raw
+            .prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad(
+            "prefix",
+            format!("{:?}: a key prefix such as \"/jvpn\" (starts with /, 2 to 128 characters, no spaces)", raw.prefix),
+        ));
+    }
+    let Some(key_path) = beside(file, raw.key_file) else {
+        return Err(bad(
+            "key_file",
+            "required with store = \"etcd\": a file holding the cluster key (32 bytes of base64, as `jvpn keygen` prints), the same on every node".into(),
+        ));
+    };
+    let key_text = read_key_file(&key_path).map_err(|why| bad("key_file", why))?;
+    let key = jvpn_core::cluster::ClusterKey::from_base64(&key_text)
+        .map_err(|e| bad("key_file", format!("{}: {e}", key_path.display())))?;
+    let announce_interface = non_empty(raw.announce_interface);
+    if let Some(dev) = announce_interface.as_deref().filter(|d| !interface_name(d)) {
+        return Err(bad(
+            "announce_interface",
+            format!("{dev:?}: an interface name, {INTERFACE_NAME}; or \"\" for none"),
+        ));
+    }
+    if !raw.lease_ttl_ms.is_multiple_of(1000) || !(3_000..=300_000).contains(&raw.lease_ttl_ms) {
+        return Err(bad(
+            "lease_ttl_ms",
+            format!(
+                "{}: whole seconds (etcd's leases), 3000 to 300000",
+                raw.lease_ttl_ms
+            ),
+        ));
+    }
+    let lease_ttl = std::time::Duration::from_millis(raw.lease_ttl_ms);
+    let fence_after = std::time::Duration::from_millis(raw.fence_after_ms);
+    jvpn_core::cluster::LeaseHold::new(lease_ttl, fence_after, std::time::Instant::now())
+        .map_err(|why| bad("fence_after_ms", why))?;
+    if !(100..=30_000).contains(&raw.request_timeout_ms) {
+        return Err(bad(
+            "request_timeout_ms",
+            format!("{}: 100 to 30000", raw.request_timeout_ms),
+        ));
+    }
+    let tls_ca = beside(file, raw.tls_ca_file)
+        .map(|p| read_small(file, "cluster.tls_ca_file", &p))
+        .transpose()?;
+    if tls_needed && tls_ca.is_none() {
+        return Err(bad(
+            "tls_ca_file",
+            "required with https:// endpoints: the CA certificate (PEM) that signs etcd's".into(),
+        ));
+    }
+    let tls_identity = match (beside(file, raw.tls_cert_file), beside(file, raw.tls_key_file)) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((
+            read_small(file, "cluster.tls_cert_file", &cert)?,
+            read_small(file, "cluster.tls_key_file", &key)?,
+        )),
+        _ => {
+            return Err(bad(
+                "tls_cert_file",
+                "give both `tls_cert_file` and `tls_key_file` (a client certificate and its key), or neither".into(),
+            ))
+        }
+    };
+    let user = match (non_empty(raw.user), beside(file, raw.password_file)) {
+        (None, None) => None,
+        (Some(user), Some(path)) => {
+            let password = read_small(file, "cluster.password_file", &path)?;
+            let password = String::from_utf8(password)
+                .map_err(|_| bad("password_file", "not UTF-8 text".into()))?;
+            Some((user, password.trim_end_matches(['\r', '\n']).to_string()))
+        }
+        _ => {
+            return Err(bad(
+                "user",
+                "give both `user` and `password_file` (etcd's authentication), or neither".into(),
+            ))
+        }
+    };
+    Ok(Some(ClusterSetup {
+        store: jvpn_cluster::EtcdOptions {
+            endpoints: raw.endpoints,
+            prefix: prefix.to_string(),
+            user,
+            tls_ca,
+            tls_identity,
+            timeout: std::time::Duration::from_millis(raw.request_timeout_ms),
+        },
+        key: std::sync::Arc::new(key),
+        announce_interface,
+        lease_ttl,
+        fence_after,
+    }))
 }
 
 /// The host name and port of a transport address written with a name (not an IP).

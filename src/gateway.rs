@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use jvpn_actors::cluster::ClusterSettings;
 use jvpn_actors::conn::ConnListen;
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::Reporter;
@@ -90,6 +91,39 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         }
     }
     let node_id = NodeId(setup.node_id.clone());
+    let transport_lost_ttl = setup.policy.transport_lost_ttl();
+    let (cluster, announcer) = match setup.cluster {
+        Some(c) => {
+            let announcer: Option<Arc<dyn jvpn_actors::supervisor::Announce>> =
+                match c.announce_interface {
+                    Some(dev) => Some(Arc::new(
+                        crate::announce::NeighbourAnnouncer::start(dev)
+                            .context("cannot start the announcer thread")?,
+                    )),
+                    None => None,
+                };
+            eprintln!(
+                "jvpn gateway: cluster on etcd {} (prefix {}), lease {:?}, fenced after {:?} without a renewal",
+                c.store.endpoints.join(","),
+                c.store.prefix,
+                c.lease_ttl,
+                c.fence_after
+            );
+            let settings = ClusterSettings {
+                store: c.store,
+                key: c.key,
+                lease_ttl: c.lease_ttl,
+                fence_after: c.fence_after,
+                transport_lost_ttl,
+                view_capacity: setup
+                    .session_capacity
+                    .saturating_mul(8)
+                    .clamp(1_024, 1_000_000),
+            };
+            (Some(settings), announcer)
+        }
+        None => (None, None),
+    };
     let policy = Arc::new(setup.policy);
     let public = setup.keypair.public();
     let store = Arc::new(MemoryStore::new(
@@ -116,6 +150,8 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         reporter,
         limits: NodeLimits::default(),
         arbiters: cores,
+        cluster,
+        announcer,
     })
     .context("cannot start the gateway node")?;
     let supervisor = node.supervisor.clone();

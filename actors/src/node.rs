@@ -10,10 +10,12 @@ use actix::prelude::*;
 use jvpn_core::gateway::{GatewayConfig, HandshakeGate, Responder};
 use jvpn_core::store::SessionStore;
 
+use crate::cluster::{ClusterLink, ClusterNode, ClusterSettings};
 use crate::conn::{ConnListen, ConnListeners};
 use crate::runtime::{Close, Reporter};
 use crate::supervisor::{
-    GatewayRouter, NodeLimits, NodeSupervisor, Registry, StopSessions, StopSupervisor,
+    Announce, GatewayRouter, JoinCluster, NodeLimits, NodeSupervisor, Registry, StopSessions,
+    StopSupervisor,
 };
 use crate::tls::TlsIdentity;
 use crate::transport::{Deliver, PreparedUdp, UdpTransport};
@@ -41,6 +43,10 @@ pub struct GatewayNodeConfig {
     /// Arbiters (threads) for session actors; 0 runs them on the supervisor's own
     /// (which answers handshakes on a thread of its own in any case).
     pub arbiters: usize,
+    /// The cluster the node is part of (none: a lone node, its table in memory).
+    pub cluster: Option<ClusterSettings>,
+    /// Announces the tunnel addresses of its sessions on the inside network.
+    pub announcer: Option<Arc<dyn Announce>>,
 }
 
 /// A running gateway node.
@@ -55,8 +61,11 @@ pub struct GatewayNode {
     pub tun: Addr<TunActor>,
     /// The QUIC and TCP listeners, with every connection they accepted.
     pub connections: Option<ConnListeners>,
+    /// The cluster, when the node is part of one.
+    pub cluster: Option<ClusterLink>,
     arbiters: Vec<Arbiter>,
     handshakes: Arbiter,
+    cluster_arbiter: Option<Arbiter>,
 }
 
 impl GatewayNode {
@@ -78,23 +87,56 @@ impl GatewayNode {
         // that carry sessions' packets: a flood of them cannot starve forwarding.
         let handshakes = Arbiter::new();
         let device = config.device;
+        let node_id = config.gateway.node_id.clone();
         let supervisor = {
             let responder = Responder::new(config.gateway, config.store);
             let registry = Arc::clone(&registry);
             let handles = arbiters.iter().map(Arbiter::handle).collect();
             let (limits, reporter, device) =
                 (config.limits, config.reporter.clone(), Arc::clone(&device));
+            let announcer = config.announcer.clone();
             NodeSupervisor::start_in_arbiter(&handshakes.handle(), move |_| {
                 NodeSupervisor::new(responder, registry, handles, limits, reporter, device)
+                    .with_announcer(announcer)
             })
         };
-        let router = Arc::new(GatewayRouter::new(
-            Arc::clone(&registry),
-            supervisor.clone(),
-            config.reporter,
-            gate,
-            load_threshold,
-        ));
+        // The cluster's actor on a thread of its own: the store's client and its
+        // requests never share a thread with packets or handshakes.
+        let (cluster, cluster_arbiter) = match config.cluster {
+            Some(settings) => {
+                let arbiter = Arbiter::new();
+                let me = node_id;
+                let view = Arc::new(std::sync::RwLock::new(
+                    jvpn_core::cluster::ClusterView::new(me.clone(), settings.view_capacity),
+                ));
+                let key = Arc::clone(&settings.key);
+                let node = {
+                    let (view, supervisor, reporter) = (
+                        Arc::clone(&view),
+                        supervisor.clone(),
+                        config.reporter.clone(),
+                    );
+                    ClusterNode::start_in_arbiter(&arbiter.handle(), move |_| {
+                        ClusterNode::new(me, settings, view, supervisor, reporter)
+                    })
+                };
+                let link = ClusterLink { node, key, view };
+                // Before any handshake: the supervisor's first message.
+                supervisor.do_send(JoinCluster(link.clone()));
+                (Some(link), Some(arbiter))
+            }
+            None => (None, None),
+        };
+        let router = Arc::new(
+            GatewayRouter::new(
+                Arc::clone(&registry),
+                supervisor.clone(),
+                config.reporter,
+                gate,
+                load_threshold,
+            )
+            .with_cluster(cluster.clone()),
+        );
         let transports = prepared
             .into_iter()
             .map(|(local, t)| {
@@ -124,8 +166,10 @@ impl GatewayNode {
             transports,
             tun,
             connections,
+            cluster,
             arbiters,
             handshakes,
+            cluster_arbiter,
         })
     }
 
@@ -153,6 +197,9 @@ impl GatewayNode {
             a.stop();
         }
         self.handshakes.stop();
+        if let Some(a) = self.cluster_arbiter {
+            a.stop();
+        }
         left
     }
 }

@@ -26,6 +26,8 @@ pub enum ActorKind {
     Tun,
     /// The node supervisor.
     Supervisor,
+    /// The node's part in a gateway cluster.
+    Cluster,
 }
 
 impl ActorKind {
@@ -36,6 +38,7 @@ impl ActorKind {
             ActorKind::Transport => "transport",
             ActorKind::Tun => "tun",
             ActorKind::Supervisor => "supervisor",
+            ActorKind::Cluster => "cluster",
         }
     }
 }

@@ -51,6 +51,23 @@ pub struct SessionEnv {
     /// The node's router, told when a session's binding moves (packets from elsewhere
     /// are budgeted before they reach the session).
     pub registry: Arc<Registry>,
+    /// The cluster, when the node is part of one: each session writes its record to
+    /// the cluster's table behind its changes.
+    pub cluster: Option<crate::cluster::ClusterLink>,
+}
+
+/// Stops forwarding the session without ending it (spec/cluster.md): another node
+/// forwards it now (`to`), or this node was fenced. With `write`, its final record is
+/// written with `to` as its owner. Reported as a `SessionMoved` event.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct LeaveNode {
+    /// The node it goes to.
+    pub to: Option<jvpn_core::ids::NodeId>,
+    /// session_moved or node_fenced.
+    pub reason: ReasonCode,
+    /// Whether its final record is written here.
+    pub write: bool,
 }
 
 /// Datagrams for this session, read in one wakeup of one transport.
@@ -135,6 +152,9 @@ pub struct SessionActor {
     tx_bytes: u64,
     /// The version of the binding last published to the router.
     published_binding: StateVersion,
+    /// What the record last written to the cluster's table showed: state version, key
+    /// epoch, binding version and the reservation asked for.
+    synced: Option<(u64, u32, u64, u64)>,
 }
 
 impl SessionActor {
@@ -159,7 +179,45 @@ impl SessionActor {
             rx_bytes: 0,
             tx_bytes: 0,
             published_binding: StateVersion(0),
+            synced: None,
         }
+    }
+
+    /// Writes the session's record to the cluster's table when what it shows changed
+    /// (a transition, a rekey, a new binding) or the session's counters are running
+    /// out of its reservation (it asks for the next block).
+    fn sync(&mut self, ctx: &mut Context<Self>) {
+        let (Some(link), Some(session)) = (self.env.cluster.as_ref(), self.session.as_ref()) else {
+            return;
+        };
+        let limit = session.send_limit();
+        let wanted = jvpn_core::cluster::reservation_wanted(session.next_send_counter(), limit);
+        let shows = (
+            session.version().0,
+            session.key_epoch(),
+            session.bound_at().0,
+            wanted.unwrap_or(limit),
+        );
+        if self.synced == Some(shows) {
+            return;
+        }
+        let mut record = match session.export(self.env.reporter.clock(), &link.key) {
+            Ok(record) => record,
+            Err(e) => {
+                eprintln!("jvpn gateway: cannot export session {}: {e}", self.id);
+                return;
+            }
+        };
+        self.synced = Some(shows);
+        if let Some(until) = wanted {
+            record.send_reserved_until = until;
+        }
+        // Unbounded on purpose: one record per change, and changes are bounded by the
+        // policy (the cluster's actor keeps only the newest per session).
+        link.node.do_send(crate::cluster::Sync {
+            record,
+            reserved: wanted.map(|_| (shows.1, ctx.address().recipient())),
+        });
     }
 
     /// Remembers that the client was heard on `via` at `from`; the newest handle wins
@@ -194,6 +252,7 @@ impl SessionActor {
             self.env.registry.set_binding(self.id, session.binding());
         }
         let next = session.next_deadline();
+        self.sync(ctx);
         self.timer.arm(ctx, next, |act, ctx| {
             act.timer.fired();
             if let Some(s) = act.session.as_mut() {
@@ -369,6 +428,59 @@ impl Handler<GetStatus> for SessionActor {
             rx_bytes: self.rx_bytes,
             tx_bytes: self.tx_bytes,
         })
+    }
+}
+
+impl Handler<crate::cluster::Reserved> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::cluster::Reserved, ctx: &mut Context<Self>) {
+        if let Some(session) = self.session.as_mut() {
+            if session.key_epoch() == msg.epoch && msg.until > session.send_limit() {
+                session.reserve_until(msg.until);
+            }
+        }
+        self.settle(ctx);
+    }
+}
+
+impl Handler<LeaveNode> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeaveNode, ctx: &mut Context<Self>) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let node = self.env.reporter.node().clone();
+        if msg.write {
+            if let (Some(link), Some(to)) = (self.env.cluster.as_ref(), msg.to.clone()) {
+                match session.export(self.env.reporter.clock(), &link.key) {
+                    Ok(mut record) => {
+                        record.owner = to;
+                        record.handover_to = None;
+                        link.node.do_send(crate::cluster::HandedOver(record));
+                    }
+                    Err(e) => eprintln!("jvpn gateway: cannot export session {}: {e}", self.id),
+                }
+            }
+        }
+        if msg.reason != ReasonCode::NodeFenced {
+            telemetry::cluster_move("out");
+        }
+        self.env.reporter.report(
+            self.id,
+            jvpn_core::event::SessionEvent {
+                at: Instant::now(),
+                body: jvpn_core::event::EventBody::SessionMoved {
+                    from_node: node,
+                    to_node: msg.to,
+                    reason_code: msg.reason,
+                },
+            },
+        );
+        // The keys go with the session, here; the actor stops with nothing to end.
+        drop(session);
+        ctx.stop();
     }
 }
 

@@ -25,12 +25,14 @@ use jvpn_core::gateway::{
     Unknown, Verdict,
 };
 use jvpn_core::ids::SessionId;
+use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::{self, Datagram};
 
+use crate::cluster::{Claim, ClusterLink, Create, LeaveAll, Released, TakeOver, Unclaimed};
 use crate::runtime::{offer, ActorKind, Handling, Reporter};
 use crate::session::{
-    FromTunnel, GetStatus, Inbound, SessionActor, SessionEnv, SessionStatus, SessionStopped,
-    Terminate,
+    FromTunnel, GetStatus, Inbound, LeaveNode, SessionActor, SessionEnv, SessionStatus,
+    SessionStopped, Terminate,
 };
 use crate::telemetry;
 use crate::transport::{Deliver, Incoming, Signal, TransportHandle};
@@ -184,6 +186,22 @@ impl Handler<StopSupervisor> for NodeSupervisor {
 #[rtype(result = "Vec<SessionStatus>")]
 pub struct ListSessions;
 
+/// Makes the node part of a cluster: its sessions' records go to the cluster's table.
+/// Sent once, before any handshake.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JoinCluster(pub ClusterLink);
+
+/// Answers ARP for the tunnel addresses of the sessions a cluster node forwards on its
+/// inside network (spec/cluster.md), so that the hosts there reach each client through
+/// whichever node owns its session. Never blocks the caller.
+pub trait Announce: Send + Sync {
+    /// The node forwards the session of these addresses from now on.
+    fn announce(&self, tunnel: jvpn_core::wire::TunnelAddrs);
+    /// It does not any more.
+    fn withdraw(&self, tunnel: jvpn_core::wire::TunnelAddrs);
+}
+
 /// The node supervisor.
 pub struct NodeSupervisor {
     responder: Responder,
@@ -199,6 +217,10 @@ pub struct NodeSupervisor {
     ending: HashMap<SessionId, TerminationCause>,
     /// Set by [`StopSessions`].
     stopping: bool,
+    /// The cluster, when the node is part of one.
+    cluster: Option<ClusterLink>,
+    /// Announces the tunnel addresses of the sessions the node forwards.
+    announcer: Option<Arc<dyn Announce>>,
 }
 
 impl NodeSupervisor {
@@ -223,7 +245,15 @@ impl NodeSupervisor {
             env: None,
             ending: HashMap::new(),
             stopping: false,
+            cluster: None,
+            announcer: None,
         }
+    }
+
+    /// Announces its sessions' tunnel addresses with `announcer`.
+    pub fn with_announcer(mut self, announcer: Option<Arc<dyn Announce>>) -> Self {
+        self.announcer = announcer;
+        self
     }
 
     fn start_session(
@@ -258,6 +288,11 @@ impl NodeSupervisor {
         let mut router = self.registry.write();
         router.register(id, tunnel, client, addr, how);
         router.set_binding(id, binding);
+        if restarts == 0 {
+            if let Some(a) = &self.announcer {
+                a.announce(tunnel);
+            }
+        }
     }
 }
 
@@ -273,6 +308,7 @@ impl Actor for NodeSupervisor {
             device: Arc::clone(&self.device),
             supervisor: ctx.address().recipient(),
             registry: Arc::clone(&self.registry),
+            cluster: None,
         }));
     }
 
@@ -287,7 +323,7 @@ impl Actor for NodeSupervisor {
 impl Handler<Handshake> for NodeSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: Handshake, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Handshake, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Supervisor);
         if self.stopping {
             telemetry::dropped("node_stopping");
@@ -314,19 +350,64 @@ impl Handler<Handshake> for NodeSupervisor {
             Instant::now(),
         ) {
             Ok((accepted, reply)) => {
-                telemetry::handshake(None);
                 let reply = reply.to_vec();
                 // One session per client: the new one replaces the old explicitly.
                 if let Some(old) = accepted.replaces {
                     self.end_session(old, TerminationCause::Peer);
                 }
+                let mut session = Box::new(accepted.session);
                 let mut paths = VecDeque::new();
                 paths.push_back((from, msg.via.clone()));
-                self.start_session(Box::new(accepted.session), paths, 0);
-                // Answered once the session is routed: the client's first packets, sent
-                // the moment it has the answer, find their session (the readers run on
-                // other threads than this one).
-                msg.via.send(msg.from, &reply);
+                let Some(link) = self.cluster.clone() else {
+                    telemetry::handshake(None);
+                    self.start_session(session, paths, 0);
+                    // Answered once the session is routed: the client's first packets,
+                    // sent the moment it has the answer, find their session (the readers
+                    // run on other threads than this one).
+                    msg.via.send(msg.from, &reply);
+                    return;
+                };
+                // In a cluster, the session's record is in the table before the client
+                // hears of it; its counters are reserved a block at a time.
+                session.reserve_until(jvpn_core::cluster::COUNTER_BLOCK);
+                let record = match session.export(self.reporter.clock(), &link.key) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        self.responder.abandon(&session.client(), session.id());
+                        eprintln!("jvpn gateway: cannot export a new session: {e}");
+                        telemetry::handshake(Some(ReasonCode::AtomicityFailed.as_str()));
+                        return;
+                    }
+                };
+                let via = msg.via.clone();
+                let to = msg.from;
+                ctx.spawn(link.node.send(Create(record)).into_actor(self).map(
+                    move |created, act, _| {
+                        let (id, client) = (session.id(), session.client());
+                        let refused = match created {
+                            Ok(Ok(())) if act.responder.current_session(&client) == Some(id) => {
+                                None
+                            }
+                            // A newer handshake of the client came while this one's
+                            // record was written: it is not started.
+                            Ok(Ok(())) => {
+                                link.node.do_send(Released(id));
+                                Some(ReasonCode::AtomicityFailed)
+                            }
+                            Ok(Err(reason)) => Some(reason),
+                            Err(_) => Some(ReasonCode::StoreUnavailable),
+                        };
+                        if let Some(reason) = refused {
+                            act.responder.abandon(&client, id);
+                            telemetry::handshake(Some(reason.as_str()));
+                            telemetry::dropped(CoreDrop::Handshake(reason).as_str());
+                            return;
+                        }
+                        telemetry::handshake(None);
+                        act.start_session(session, paths, 0);
+                        via.send(to, &reply);
+                    },
+                ));
             }
             Err(reason) => {
                 telemetry::handshake(Some(reason.as_str()));
@@ -410,8 +491,36 @@ impl NodeSupervisor {
 
     /// Releases everything an ended session held (see [`Responder::release`]).
     fn release(&mut self, id: SessionId, cause: Option<TerminationCause>) {
-        self.responder
+        let route = self
+            .responder
             .release(&mut self.registry.write(), id, cause);
+        if let Some(route) = route {
+            if let Some(link) = &self.cluster {
+                link.node.do_send(Released(id));
+            }
+            if let Some(a) = &self.announcer {
+                a.withdraw(route.tunnel);
+            }
+        }
+    }
+
+    /// Stops forwarding session `id` without ending it (another node forwards it, or
+    /// this node was fenced): its routes go at once, so no packet reaches it any more,
+    /// and its actor writes its final record when asked and stops.
+    fn leave(&mut self, msg: crate::cluster::Leave) {
+        let route = self.responder.hand_over(&mut self.registry.write(), msg.id);
+        let Some(route) = route else {
+            return;
+        };
+        if let Some(a) = &self.announcer {
+            a.withdraw(route.tunnel);
+        }
+        // Unbounded on purpose: one lifecycle message per session.
+        route.handle.do_send(LeaveNode {
+            to: msg.to,
+            reason: msg.reason,
+            write: msg.write,
+        });
     }
 }
 
@@ -445,6 +554,165 @@ impl Handler<TerminateSession> for NodeSupervisor {
                 .await
                 .unwrap_or(true)
         })
+    }
+}
+
+impl Handler<JoinCluster> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: JoinCluster, _ctx: &mut Context<Self>) {
+        if let Some(env) = self.env.as_mut() {
+            // Set before any session starts: the environment is still only ours.
+            if let Some(env) = Arc::get_mut(env) {
+                env.cluster = Some(msg.0.clone());
+            }
+        }
+        self.cluster = Some(msg.0);
+    }
+}
+
+impl Handler<crate::cluster::Leave> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::cluster::Leave, _ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Supervisor);
+        self.leave(msg);
+    }
+}
+
+impl Handler<LeaveAll> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: LeaveAll, _ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Supervisor);
+        for (id, _) in self.registry.sessions() {
+            self.leave(crate::cluster::Leave {
+                id,
+                to: None,
+                reason: ReasonCode::NodeFenced,
+                write: false,
+            });
+        }
+    }
+}
+
+impl Handler<TakeOver> for NodeSupervisor {
+    type Result = ();
+
+    /// A client's reattach for a session another node owned: checked (its request
+    /// opens under the record's keys and was not accepted before; the client may have
+    /// its session here), claimed in the table, then started here from the record and
+    /// handed the request, whose answer moves the client's binding here.
+    fn handle(&mut self, msg: TakeOver, ctx: &mut Context<Self>) {
+        let _measure = Handling::start(ActorKind::Supervisor);
+        let Some(link) = self.cluster.clone() else {
+            return;
+        };
+        if self.stopping {
+            telemetry::dropped("node_stopping");
+            return;
+        }
+        let id = msg.record.session_id;
+        let registry = Arc::clone(&self.registry);
+        let checked =
+            jvpn_core::gateway::open_takeover_request(&msg.record, &link.key, &msg.datagram)
+                .and_then(|opened| {
+                    if registry.session(id).is_some() {
+                        return Err(jvpn_core::cluster::ClusterError::Refused(
+                            "it is here already".into(),
+                        ));
+                    }
+                    self.responder
+                        .may_adopt(&opened.1, |s| registry.session(s).is_some())?;
+                    Ok(opened)
+                });
+        let (header, client, secrets) = match checked {
+            Ok(opened) => opened,
+            Err(e) => {
+                telemetry::dropped("takeover_refused");
+                eprintln!("jvpn gateway: session {id} not taken over: {e}");
+                return;
+            }
+        };
+        let claim = Claim {
+            record: msg.record,
+            revision: msg.revision,
+        };
+        let record = claim.record.clone();
+        ctx.spawn(
+            link.node
+                .send(claim)
+                .into_actor(self)
+                .map(move |claimed, act, _| {
+                    match claimed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(reason)) => return telemetry::dropped(reason.as_str()),
+                        Err(_) => return telemetry::dropped(ReasonCode::StoreUnavailable.as_str()),
+                    }
+                    let now = Instant::now();
+                    let clock = *act.reporter.clock();
+                    let send_limit = record
+                        .send_reserved_until
+                        .saturating_add(jvpn_core::cluster::COUNTER_BLOCK);
+                    let registry = Arc::clone(&act.registry);
+                    let built = act.responder.adopt_session(
+                        |s| registry.session(s).is_some(),
+                        client,
+                        |tunnel, policy, node, limits| {
+                            GatewaySession::adopt(
+                                &record,
+                                &secrets,
+                                (client, tunnel),
+                                Arc::clone(policy),
+                                node.clone(),
+                                limits,
+                                &clock,
+                                (header.counter, send_limit),
+                                now,
+                            )
+                        },
+                    );
+                    let session = match built {
+                        Ok(session) => session,
+                        Err(e) => {
+                            // Claimed but not startable here (the client got a session here
+                            // meanwhile): the record is this node's, and ends by its TTL.
+                            eprintln!("jvpn gateway: session {id} claimed but not started: {e}");
+                            return telemetry::dropped("takeover_refused");
+                        }
+                    };
+                    let endpoint = Endpoint {
+                        protocol: msg.via.protocol(),
+                        addr: msg.from,
+                    };
+                    let mut paths = VecDeque::new();
+                    paths.push_back((endpoint, msg.via.clone()));
+                    act.start_session(Box::new(session), paths, 0);
+                    act.reporter.report(
+                        id,
+                        jvpn_core::event::SessionEvent {
+                            at: now,
+                            body: jvpn_core::event::EventBody::SessionMoved {
+                                from_node: msg.previous.clone(),
+                                to_node: Some(act.reporter.node().clone()),
+                                reason_code: ReasonCode::SessionMoved,
+                            },
+                        },
+                    );
+                    // The request that brought it here: judged by the session as any reattach.
+                    let inbound = Inbound {
+                        via: msg.via,
+                        datagrams: vec![(msg.from, header, msg.datagram)],
+                    };
+                    if !act
+                        .registry
+                        .session(id)
+                        .is_some_and(|a| offer(&a, ActorKind::Session, inbound))
+                    {
+                        telemetry::dropped("session_busy");
+                    }
+                }),
+        );
     }
 }
 
@@ -484,6 +752,9 @@ pub struct GatewayRouter {
     waiting: Arc<AtomicUsize>,
     /// From how many waiting the node is under load.
     load_threshold: usize,
+    /// The cluster, when the node is part of one: packets of sessions other nodes own
+    /// go to it.
+    cluster: Option<ClusterLink>,
 }
 
 impl GatewayRouter {
@@ -504,13 +775,47 @@ impl GatewayRouter {
             gate: Mutex::new(gate),
             waiting: Arc::new(AtomicUsize::new(0)),
             load_threshold,
+            cluster: None,
         }
+    }
+
+    /// Hands packets of sessions other nodes own to the cluster's actor.
+    pub fn with_cluster(mut self, cluster: Option<ClusterLink>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// A session packet whose session is not live: counted, a reattach for an ended
     /// session reported, and the sender told the session is unknown (within the hints'
     /// rate limits; a hint held back is counted as `hint_suppressed`).
-    fn unknown(&self, via: &TransportHandle, from: SocketAddr, header: &wire::SessionHeader) {
+    fn unknown(
+        &self,
+        via: &TransportHandle,
+        from: SocketAddr,
+        header: &wire::SessionHeader,
+        datagram: BytesMut,
+    ) {
+        if let Some(link) = &self.cluster {
+            match link.unknown(header) {
+                jvpn_core::cluster::Unknown::NotInTable => {}
+                jvpn_core::cluster::Unknown::Ignore => {
+                    return telemetry::dropped("cluster_elsewhere");
+                }
+                decision => {
+                    let unclaimed = Unclaimed {
+                        decision,
+                        via: via.clone(),
+                        from,
+                        header: *header,
+                        datagram,
+                    };
+                    if !offer(&link.node, ActorKind::Cluster, unclaimed) {
+                        telemetry::dropped("cluster_busy");
+                    }
+                    return;
+                }
+            }
+        }
         let endpoint = Endpoint {
             protocol: via.protocol(),
             addr: from,
@@ -637,7 +942,7 @@ impl Deliver for GatewayRouter {
                     addr: from,
                 };
                 match router.from_binding(id, endpoint) {
-                    None => unknown.push((from, header)),
+                    None => unknown.push((from, header, datagram)),
                     Some(true) => bound.push((id, (from, header, datagram))),
                     Some(false) => elsewhere.push((id, (from, header, datagram))),
                 }
@@ -661,8 +966,8 @@ impl Deliver for GatewayRouter {
         if !handshakes.is_empty() {
             self.handshakes(via, handshakes);
         }
-        for (from, header) in unknown {
-            self.unknown(via, from, &header);
+        for (from, header, datagram) in unknown {
+            self.unknown(via, from, &header, datagram);
         }
     }
 

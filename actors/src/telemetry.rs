@@ -53,6 +53,12 @@ pub fn builder() -> PrometheusBuilder {
                 Matcher::Full("jvpn_actor_message_seconds".into()),
                 HANDLING_TIME_BUCKETS,
             )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("jvpn_store_request_seconds".into()),
+                STORE_LATENCY_BUCKETS,
+            )
         });
     match with_buckets {
         Ok(b) => b,
@@ -146,6 +152,46 @@ pub fn describe() {
         "jvpn_actor_restarts_total",
         "Actors restarted after stopping unexpectedly, by actor kind."
     );
+    describe_histogram!(
+        "jvpn_store_request_seconds",
+        Unit::Seconds,
+        "Time of one request to the cluster's session store (etcd), by operation."
+    );
+    describe_counter!(
+        "jvpn_store_errors_total",
+        "Failed requests to the cluster's session store, by operation and kind."
+    );
+    describe_gauge!(
+        "jvpn_cluster_fenced",
+        "1 while this node holds no live lease in the cluster's store (it forwards no session), else 0."
+    );
+    describe_counter!(
+        "jvpn_cluster_moves_total",
+        "Sessions that moved between nodes, by direction (in: taken here, out: left here)."
+    );
+}
+
+/// Buckets of the store's request time: 100 µs to 5 s.
+const STORE_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// One request to the cluster's store took `took`; `error` names its failure kind.
+pub fn store_request(op: &'static str, took: Duration, error: Option<&'static str>) {
+    metrics::histogram!("jvpn_store_request_seconds", "op" => op).record(took.as_secs_f64());
+    if let Some(kind) = error {
+        metrics::counter!("jvpn_store_errors_total", "op" => op, "kind" => kind).increment(1);
+    }
+}
+
+/// Whether this node is fenced.
+pub fn cluster_fenced(fenced: bool) {
+    metrics::gauge!("jvpn_cluster_fenced").set(if fenced { 1.0 } else { 0.0 });
+}
+
+/// A session moved here (`in`) or away (`out`).
+pub fn cluster_move(direction: &'static str) {
+    metrics::counter!("jvpn_cluster_moves_total", "direction" => direction).increment(1);
 }
 
 /// A message entered a mailbox of an actor of `kind`.
@@ -244,7 +290,9 @@ pub fn observe(event: &EventBody) {
         EventBody::TransitionRejected { .. }
         | EventBody::TransportAttached { .. }
         | EventBody::ReattachAttempt { .. }
-        | EventBody::PolicyApplied { .. } => {}
+        | EventBody::PolicyApplied { .. }
+        // Counted by the cluster's actor, which knows which way the session moved.
+        | EventBody::SessionMoved { .. } => {}
     }
 }
 

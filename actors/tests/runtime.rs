@@ -325,6 +325,8 @@ async fn start(options: Options) -> Net {
         ),
         limits: NodeLimits::default(),
         arbiters: 2,
+        cluster: None,
+        announcer: None,
     })
     .expect("gateway node");
 

@@ -81,6 +81,8 @@ async fn pair() -> Pair {
         reporter: reporter("bench-gw"),
         limits: NodeLimits::default(),
         arbiters: 1,
+        cluster: None,
+        announcer: None,
     })
     .expect("node");
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");

@@ -89,6 +89,8 @@ fn main() {
             ),
             limits: NodeLimits::default(),
             arbiters: 1,
+            cluster: None,
+            announcer: None,
         })
         .expect("node");
         // Clients come from many addresses, as real ones do (the gateway takes at most 20

@@ -242,6 +242,41 @@ impl ClusterRecord {
     }
 }
 
+/// Why a session whose owner is gone ends, at wall-clock `now_ms`, if it does
+/// (spec/cluster.md "Orphaned sessions"): its lifetime ran out, or its client was not
+/// heard for the transport-lost TTL. The record's own transport deadline is the one its
+/// owner last wrote, which may be older than when the client was last heard; but no
+/// node heard the client since the owner was found gone (`owner_gone_ms`), or the
+/// session would have moved there. So it ends at the later of the two.
+pub fn orphan_end(
+    record: &ClusterRecord,
+    now_ms: u64,
+    owner_gone_ms: u64,
+    transport_lost_ttl_ms: u64,
+) -> Option<crate::fsm::TerminationCause> {
+    use crate::fsm::TerminationCause;
+    if matches!(record.state.as_str(), "TERMINATED" | "BIRTH") {
+        return None;
+    }
+    if now_ms >= record.lifetime_deadline_ms {
+        return Some(TerminationCause::LifetimeExceeded);
+    }
+    let lost = record
+        .transport_lost_deadline_ms
+        .max(owner_gone_ms.saturating_add(transport_lost_ttl_ms));
+    (now_ms >= lost).then_some(TerminationCause::TransportTtlExceeded)
+}
+
+/// The reservation an owner asks for when its next counter `next` comes within half a
+/// block of its reservation's end `limit` (spec/cluster.md): the block after it.
+/// `None` while it is far enough, or for a lone node's unlimited keys.
+pub fn reservation_wanted(next: u64, limit: u64) -> Option<u64> {
+    if limit == u64::MAX || next.saturating_add(COUNTER_BLOCK / 2) < limit {
+        return None;
+    }
+    Some(limit.saturating_add(COUNTER_BLOCK))
+}
+
 /// A node's hold on its lease in the cluster's table, and when it must fence itself
 /// (spec/cluster.md "Leases and fencing"). The node renews every third of the lease's
 /// TTL; when no renewal has succeeded for `fence_after`, it stops forwarding every
@@ -455,6 +490,16 @@ impl ClusterView {
         }
     }
 
+    /// Every record with its revision.
+    pub fn records(&self) -> impl Iterator<Item = &(ClusterRecord, i64)> {
+        self.records.values()
+    }
+
+    /// Whether `node`'s lease lives, as last listed.
+    pub fn is_live(&self, node: &NodeId) -> bool {
+        self.live.contains(node)
+    }
+
     /// How many records the view holds.
     pub fn len(&self) -> usize {
         self.records.len()
@@ -631,6 +676,44 @@ mod tests {
         assert_eq!(
             view.unknown(SessionId(2), PacketType::Probe),
             Unknown::Ignore
+        );
+    }
+
+    #[test]
+    fn an_orphan_ends_by_its_lifetime_or_its_transport_ttl_counted_from_the_owners_loss() {
+        use crate::fsm::TerminationCause;
+        let mut r = owned_by(1, "gw-2");
+        r.lifetime_deadline_ms = 100_000;
+        r.transport_lost_deadline_ms = 20_000;
+        // The owner was found gone at 30 s: the client could have been heard until
+        // then, so the TTL (15 s) counts from there, not from the stale record.
+        assert_eq!(orphan_end(&r, 40_000, 30_000, 15_000), None);
+        assert_eq!(
+            orphan_end(&r, 45_000, 30_000, 15_000),
+            Some(TerminationCause::TransportTtlExceeded)
+        );
+        // A record written later than the loss keeps its own deadline.
+        r.transport_lost_deadline_ms = 50_000;
+        assert_eq!(orphan_end(&r, 45_000, 30_000, 15_000), None);
+        assert_eq!(
+            orphan_end(&r, 100_000, 30_000, 15_000),
+            Some(TerminationCause::LifetimeExceeded)
+        );
+        r.state = "TERMINATED".into();
+        assert_eq!(orphan_end(&r, 200_000, 30_000, 15_000), None);
+    }
+
+    #[test]
+    fn a_reservation_is_renewed_half_a_block_before_it_runs_out() {
+        assert_eq!(reservation_wanted(0, u64::MAX), None);
+        assert_eq!(reservation_wanted(0, COUNTER_BLOCK), None);
+        assert_eq!(
+            reservation_wanted(COUNTER_BLOCK / 2, COUNTER_BLOCK),
+            Some(2 * COUNTER_BLOCK)
+        );
+        assert_eq!(
+            reservation_wanted(COUNTER_BLOCK, COUNTER_BLOCK),
+            Some(2 * COUNTER_BLOCK)
         );
     }
 

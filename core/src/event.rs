@@ -150,6 +150,17 @@ pub enum EventBody {
         /// The version in force from now on.
         new_version: String,
     },
+    /// The session moved between nodes of a gateway cluster (spec/cluster.md), with no
+    /// transition: the node it left reports it as it stops forwarding the session, the
+    /// node that took it as it starts.
+    SessionMoved {
+        /// The node that forwarded it.
+        from_node: NodeId,
+        /// The node that forwards it now; none when the node it left was fenced.
+        to_node: Option<NodeId>,
+        /// session_moved or node_fenced.
+        reason_code: ReasonCode,
+    },
 }
 
 impl EventBody {
@@ -170,6 +181,7 @@ impl EventBody {
             EventBody::KeyExpired { .. } => "KeyExpired",
             EventBody::RekeyDenied { .. } => "RekeyDenied",
             EventBody::PolicyApplied { .. } => "PolicyApplied",
+            EventBody::SessionMoved { .. } => "SessionMoved",
         }
     }
 }

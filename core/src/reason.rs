@@ -123,6 +123,18 @@ reason_codes! {
     /// unexpectedly more often than it may be restarted), so the session is ended
     /// explicitly rather than left half-bound.
     RuntimeFailure = 37 => "runtime_failure",
+    /// Handshake refused, or a takeover not made: the cluster's session store (etcd)
+    /// cannot be reached, or this node has no live lease in it (spec/cluster.md).
+    StoreUnavailable = 38 => "store_unavailable",
+    /// A takeover lost: another node wrote the session's record first (its swap found
+    /// the record changed), so this node does not take the session.
+    OwnershipConflict = 39 => "ownership_conflict",
+    /// SessionMoved: the session moved to another node of the cluster (reported by the
+    /// node it left and by the node that took it), without ending.
+    SessionMoved = 40 => "session_moved",
+    /// SessionMoved: this node could not renew its lease in time and stopped forwarding
+    /// the session (fenced), without ending it; another node may take it.
+    NodeFenced = 41 => "node_fenced",
 }
 
 impl fmt::Display for ReasonCode {

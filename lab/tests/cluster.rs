@@ -6,10 +6,12 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use jvpn::netlab::wait_until;
 use jvpn_cluster::{Change, EtcdOptions, EtcdTable, TableError};
 use jvpn_core::cluster::{ClusterRecord, COUNTER_BLOCK};
 use jvpn_core::ids::{NodeId, SessionId};
 use jvpn_lab::{lab_or_skip, run_in_ns, start_etcd};
+use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -367,4 +369,358 @@ fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
     let _ = lab.exec(&host, &["ping", "-c", "1", "-W", "1", "10.77.0.2"]);
     assert_eq!(host_sends_to(&lab, &host, "10.77.0.2"), None);
     assert_eq!(mac1.len(), 17);
+}
+
+/// The policy the cluster scenarios run under (client and nodes): fast heartbeats and
+/// probes, so that a move takes a second or two; a recovery window that outlasts a
+/// dead node's lease.
+const CLUSTER_POLICY: &str = "[policy.volatility]\nheartbeat_interval_ms = 100\nheartbeat_volatile_ms = 600\nprobe_interval_ms = 200\nloss_window_ms = 1000\nvolatile_to_degraded_ms = 2000\n[policy.switching]\nswitch_cooldown_ms = 1000\nrecovery_window_ms = 15000\n[policy.session]\ntransport_lost_ttl_ms = 20000\n";
+
+/// The inside host's address on the bridge: etcd and the server listen there.
+const INSIDE_HOST: &str = "10.210.0.10";
+
+/// A gateway cluster in namespaces: nodes `n1`…`nN`, each linked to the client
+/// (10.220.i.0/24, the client's candidates in node order) and to a bridge on the inside
+/// host `h` (10.210.0.0/24), where etcd and the server run; the inside host reaches
+/// the tunnel network on-link (10.77.0.0/24 dev bridge), through whichever node answers
+/// ARP for a tunnel address.
+struct Cluster {
+    lab: jvpn::netlab::Lab,
+    nodes: usize,
+    /// `[cluster]` lease and fencing, ms.
+    lease: (u64, u64),
+    /// Policy lines of the nodes and the client.
+    policy: String,
+}
+
+impl Cluster {
+    fn new(tag: &str, nodes: usize, lease: (u64, u64), policy: &str) -> Option<Cluster> {
+        use jvpn::netlab::{addr, in_ns};
+        use jvpn::netlink::{self, Route, RouteVia, MAIN_TABLE};
+        let mut lab = lab_or_skip(tag)?;
+        let (host, c) = (lab.ns("h"), lab.ns("c"));
+        lab.add_namespace(&host).expect("namespace");
+        let bridge = format!("{host}br");
+        let b = bridge.clone();
+        in_ns(&host, move |h| async move {
+            h.link()
+                .add(rtnetlink::LinkBridge::new(&b).up().build())
+                .execute()
+                .await
+                .map_err(netlink::kernel(format!("link add {b} type bridge")))?;
+            netlink::add_address(&h, &b, addr(INSIDE_HOST), 24).await?;
+            let route = Route {
+                dst: addr("10.77.0.0"),
+                prefix: 24,
+                via: RouteVia::Device(b.clone()),
+                table: MAIN_TABLE,
+            };
+            netlink::add_route(&h, &route).await
+        })
+        .expect("the inside bridge");
+        let mut candidates = Vec::new();
+        for i in 1..=nodes {
+            let n = lab.ns(&format!("n{i}"));
+            lab.add_namespace(&n).expect("namespace");
+            lab.add_link(
+                (
+                    &c,
+                    &format!("{c}{i}"),
+                    &[(addr(&format!("10.220.{i}.2")), 24)],
+                ),
+                (
+                    &n,
+                    &format!("{n}c"),
+                    &[(addr(&format!("10.220.{i}.1")), 24)],
+                ),
+            )
+            .expect("client link");
+            let port = format!("{host}{i}");
+            lab.add_link(
+                (
+                    &n,
+                    &format!("{n}e"),
+                    &[(addr(&format!("10.210.0.{i}")), 24)],
+                ),
+                (&host, &port, &[]),
+            )
+            .expect("inside link");
+            let b = bridge.clone();
+            in_ns(&host, move |h| async move {
+                let br = netlink::link_index(&h, &b, "bridge").await?;
+                let p = netlink::link_index(&h, &port, "port").await?;
+                h.link()
+                    .set(
+                        rtnetlink::LinkUnspec::new_with_index(p)
+                            .controller(br)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(netlink::kernel(format!("link set {port} master {b}")))
+            })
+            .expect("enslave");
+            candidates.push(format!("10.220.{i}.1:{}", jvpn::netlab::PORT));
+        }
+        start_etcd(&mut lab, "etcd", &host, INSIDE_HOST).expect("etcd");
+        let key = jvpn_core::crypto::Keypair::generate().expect("key");
+        lab.write("cluster.key", key.private_base64().as_str())
+            .expect("cluster key");
+        lab.client_candidates = candidates;
+        lab.client_routes = "networks = [\"10.210.0.0/24\"]\n".into();
+        Some(Cluster {
+            lab,
+            nodes,
+            lease,
+            policy: policy.to_string(),
+        })
+    }
+
+    fn node_name(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// Starts node `i` and waits until it serves and has joined the cluster.
+    fn start_node(&mut self, i: usize) {
+        let name = Cluster::node_name(i);
+        let ns = self.lab.ns(&name);
+        let dir = self.lab.dir().display().to_string();
+        let text = format!(
+            "node_id = \"{name}\"\nprivate_key = \"{key}\"\nlisten = [\"10.220.{i}.1:{port}\"]\n\
+             [tunnel]\nname = \"{tun}\"\naddress = \"10.77.0.1/24\"\n\
+             [forwarding]\nenable = true\n\
+             [admin]\nsocket = \"{dir}/{name}.sock\"\n\
+             [metrics]\nlisten = \"127.0.0.1:9477\"\n\
+             [events]\noutput = \"{dir}/{name}-events.jsonl\"\n\
+             [cluster]\nstore = \"etcd\"\nendpoints = [\"http://{INSIDE_HOST}:2379\"]\nprefix = \"/jvpn-lab\"\n\
+             key_file = \"{dir}/cluster.key\"\nannounce_interface = \"{ns}e\"\n\
+             lease_ttl_ms = {ttl}\nfence_after_ms = {fence}\n\
+             [[clients]]\nname = \"lab-client\"\npublic_key = \"{client}\"\ntunnel_address = \"10.77.0.2\"\n\
+             {policy}\n",
+            key = self.lab.gateway_key.private_base64().as_str(),
+            port = jvpn::netlab::PORT,
+            tun = self.lab.tun_name(),
+            client = self.lab.client_key.public(),
+            ttl = self.lease.0,
+            fence = self.lease.1,
+            policy = self.policy,
+        );
+        let config = self
+            .lab
+            .write(&format!("{name}.toml"), &text)
+            .expect("config")
+            .display()
+            .to_string();
+        self.lab
+            .spawn_jvpn(&name, &ns, &["gateway", "--config", &config])
+            .expect("node");
+        let joined = wait_until(Duration::from_secs(15), || {
+            self.lab.status(&name).is_some() && self.lab.output_of(&name).1.contains("joined")
+        });
+        assert!(joined, "{name} did not join\n{}", self.diagnostics());
+    }
+
+    fn start_nodes(&mut self) {
+        for i in 1..=self.nodes {
+            self.start_node(i);
+        }
+    }
+
+    /// Starts the client; its session id once attached.
+    fn start_client(&mut self) -> String {
+        let policy = self.policy.clone();
+        match self.lab.start_client("exit", &policy) {
+            Ok(id) => id,
+            Err(e) => panic!("{e:#}\n{}", self.diagnostics()),
+        }
+    }
+
+    /// The sessions node `i` lists (none if it does not answer).
+    fn sessions_of(&self, i: usize) -> Vec<Value> {
+        self.lab
+            .status(&Cluster::node_name(i))
+            .and_then(|s| s["sessions"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The nodes that list session `id`.
+    fn holders(&self, id: &str) -> Vec<usize> {
+        (1..=self.nodes)
+            .filter(|&i| {
+                self.sessions_of(i)
+                    .iter()
+                    .any(|s| s["session_id"] == id && s["owner"] == Cluster::node_name(i))
+            })
+            .collect()
+    }
+
+    /// Drops the VPN's packets between the client and node `i`, both ways, at the
+    /// node: the client hears silence on that path.
+    fn cut(&self, i: usize) {
+        let ns = self.lab.ns(&Cluster::node_name(i));
+        let script = format!(
+            "table inet jvcut {{\n chain in {{ type filter hook input priority -10; iifname \"{ns}c\" udp dport {p} drop\n }}\n chain out {{ type filter hook output priority -10; oifname \"{ns}c\" udp sport {p} drop\n }}\n}}\n",
+            p = jvpn::netlab::PORT
+        );
+        self.nft(&ns, &script);
+    }
+
+    fn heal(&self, i: usize) {
+        use jvpn_lab::LabTools;
+        let ns = self.lab.ns(&Cluster::node_name(i));
+        let _ = self
+            .lab
+            .exec(&ns, &["nft", "delete", "table", "inet", "jvcut"]);
+    }
+
+    fn nft(&self, ns: &str, script: &str) {
+        use jvpn_lab::LabTools;
+        let file = self.lab.write("rules.nft", script).expect("rules");
+        self.lab
+            .exec_ok(ns, &["nft", "-f", &file.display().to_string()])
+            .expect("nft");
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.lab.events(name)
+    }
+
+    /// The `SessionMoved` events of `name` for session `id`: (from, to, reason).
+    fn moves(&self, name: &str, id: &str) -> Vec<(String, String, String)> {
+        self.events(name)
+            .iter()
+            .filter(|e| e["event_type"] == "SessionMoved" && e["session_id"] == id)
+            .map(|e| {
+                (
+                    e["from_node"].as_str().unwrap_or("").to_string(),
+                    e["to_node"].as_str().unwrap_or("-").to_string(),
+                    e["reason_code"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.nodes {
+            let name = Cluster::node_name(i);
+            out += &format!("{name} stderr:\n{}\n", self.lab.output_of(&name).1);
+        }
+        out += &format!("client stderr:\n{}\n", self.lab.output_of("client").1);
+        out += &format!("etcd stderr:\n{}\n", self.lab.output_of("etcd").1);
+        out
+    }
+}
+
+/// Pings the server from the client every 50 ms, `count` times, as process "ping".
+fn start_ping(lab: &mut jvpn::netlab::Lab, count: u32) {
+    let c = lab.ns("c");
+    let count = count.to_string();
+    lab.spawn(
+        "ping",
+        &c,
+        &[
+            "ping",
+            "-n",
+            "-i",
+            "0.05",
+            "-c",
+            &count,
+            "-W",
+            "1",
+            INSIDE_HOST,
+        ],
+    )
+    .expect("ping");
+}
+
+/// The longest gap in the ping's replies.
+fn ping_gap(lab: &mut jvpn::netlab::Lab, count: u32) -> jvpn::netlab::PingGap {
+    assert!(
+        lab.wait("ping", Duration::from_secs(60)).is_some(),
+        "ping did not end"
+    );
+    let (out, _) = lab.output_of("ping");
+    jvpn::netlab::ping_gap(&out, count, Duration::from_millis(50))
+}
+
+/// The client's path to the node that owns its session is cut, three times over: each
+/// time the session moves to another node with its id and tunnel address, both nodes
+/// report the move, only the new owner lists it, and a checked TCP transfer to the
+/// server on the inside network, started before the first move, completes after the
+/// last.
+#[test]
+fn a_session_moves_to_another_node_when_the_path_to_its_node_is_cut() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut k) = Cluster::new("k1", 3, (3_000, 2_000), CLUSTER_POLICY) else {
+        return;
+    };
+    k.start_nodes();
+    let id = k.start_client();
+    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
+    let tunnel = k.lab.status("client").expect("status")["tunnel_addresses"].clone();
+    let listen = format!("{INSIDE_HOST}:5201");
+    jvpn_lab::start_transfer_between(&mut k.lab, "", ("c", "h"), &listen, 6_000_000, Some(12_000));
+    let mut owner = 1;
+    let mut gaps = Vec::new();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1_500));
+        start_ping(&mut k.lab, 120);
+        std::thread::sleep(Duration::from_millis(1_000));
+        k.cut(owner);
+        let mut moved_to = None;
+        let moved = wait_until(Duration::from_secs(15), || {
+            let h = k.holders(&id);
+            moved_to = h.first().copied().filter(|&n| n != owner && h.len() == 1);
+            moved_to.is_some()
+        });
+        assert!(
+            moved,
+            "the session did not move from n{owner}\n{}",
+            k.diagnostics()
+        );
+        let to = moved_to.expect("moved");
+        let gap = ping_gap(&mut k.lab, 120);
+        eprintln!(
+            "CLUSTER move n{owner} -> n{to} (path cut): ping gap {} ms ({} of {} answered)",
+            gap.longest_gap.as_millis(),
+            gap.received,
+            gap.sent
+        );
+        gaps.push(gap.longest_gap);
+        let from = Cluster::node_name(owner);
+        let to_name = Cluster::node_name(to);
+        let expected = (from.clone(), to_name.clone(), "session_moved".to_string());
+        assert!(
+            k.moves(&from, &id).contains(&expected),
+            "{from} did not report the move: {:?}",
+            k.moves(&from, &id)
+        );
+        assert!(
+            k.moves(&to_name, &id).contains(&expected),
+            "{to_name} did not report the move: {:?}",
+            k.moves(&to_name, &id)
+        );
+        let client = k.lab.status("client").expect("status");
+        assert_eq!(client["session_id"], id.as_str(), "the same session");
+        assert_eq!(
+            client["tunnel_addresses"], tunnel,
+            "the same tunnel address"
+        );
+        k.heal(owner);
+        owner = to;
+    }
+    jvpn_lab::await_transfer(&mut k.lab, "", 6_000_000);
+    let ended = k
+        .events("client")
+        .iter()
+        .filter(|e| e["event_type"] == "SessionTerminated")
+        .count();
+    assert_eq!(ended, 0, "the session never ended");
+    gaps.sort();
+    eprintln!(
+        "CLUSTER path-cut moves: ping gaps {:?} ms, median {} ms",
+        gaps.iter().map(|g| g.as_millis()).collect::<Vec<_>>(),
+        gaps[gaps.len() / 2].as_millis()
+    );
 }

@@ -15,7 +15,7 @@ use jvpn::netlab::{
     self, transitions, wait_until, Lab, Path2, CLIENT_TUNNEL, CLIENT_TUNNEL6, GATEWAY_A,
     GATEWAY_A6, GATEWAY_TUNNEL6, SERVER, SERVER6,
 };
-use jvpn_lab::LabTools;
+use jvpn_lab::{await_transfer, start_transfer_between, LabTools};
 use serde_json::Value;
 
 /// The `jvpn` binary under test (built by the same `cargo test`).
@@ -196,69 +196,6 @@ enum Cut {
 fn start_transfer(lab: &mut Lab, bytes: u64, pace_ms: u64) {
     let listen = format!("{SERVER}:5201");
     start_transfer_between(lab, "", ("c", "s"), &listen, bytes, Some(pace_ms));
-}
-
-/// Starts a checked TCP transfer in the background from namespace role `from` to a
-/// receiver in role `to` listening on `listen`; its processes are `{name}source` and
-/// `{name}sink` (see [`await_transfer`]).
-fn start_transfer_between(
-    lab: &mut Lab,
-    name: &str,
-    (from, to): (&str, &str),
-    listen: &str,
-    bytes: u64,
-    pace_ms: Option<u64>,
-) {
-    let b = bytes.to_string();
-    let (to, from) = (lab.ns(to), lab.ns(from));
-    let sink = [
-        tool(),
-        "tcp-sink",
-        "--listen",
-        listen,
-        "--bytes",
-        &b,
-        "--timeout",
-        "60",
-    ];
-    lab.spawn(&format!("{name}sink"), &to, &sink).expect("sink");
-    std::thread::sleep(Duration::from_millis(200));
-    let pace = pace_ms.map(|p| p.to_string());
-    let mut source = vec![
-        tool(),
-        "tcp-source",
-        "--to",
-        listen,
-        "--bytes",
-        &b,
-        "--timeout",
-        "60",
-    ];
-    if let Some(p) = &pace {
-        source.extend(["--pace-ms", p]);
-    }
-    lab.spawn(&format!("{name}source"), &from, &source)
-        .expect("source");
-}
-
-/// Waits for the transfer `name` of `bytes` (see [`start_transfer_between`]): both ends
-/// exit 0 (the receiver checked every byte) and the receiver counted them all; returns
-/// its Mbit/s.
-fn await_transfer(lab: &mut Lab, name: &str, bytes: u64) -> f64 {
-    for end in ["source", "sink"] {
-        let process = format!("{name}{end}");
-        assert_eq!(
-            lab.wait(&process, Duration::from_secs(60)),
-            Some(0),
-            "{process} failed: {:?}\n{}",
-            lab.output_of(&process),
-            lab.diagnostics()
-        );
-    }
-    let (report, _) = lab.output_of(&format!("{name}sink"));
-    let v: Value = serde_json::from_str(report.trim()).expect("sink report");
-    assert_eq!(v["bytes"].as_u64(), Some(bytes), "{report}");
-    v["mbit_per_s"].as_f64().unwrap_or(0.0)
 }
 
 /// Path A is cut under traffic; returns the ping gap.

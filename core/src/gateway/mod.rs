@@ -178,6 +178,54 @@ fn ip_address(packet: &[u8], v4_offset: usize, v6_offset: usize) -> Option<IpAdd
     }
 }
 
+/// Opens a client's reattach request `datagram` for the session of `record`, a session
+/// another node owned (spec/cluster.md "Taking a session over"): its keys must open
+/// under the cluster `key` and the request under them, so that nothing is built or
+/// written for a captured, forged or misdirected one. Returns its header, the client's
+/// key and the session's keys.
+pub fn open_takeover_request(
+    record: &ClusterRecord,
+    key: &ClusterKey,
+    datagram: &[u8],
+) -> Result<(wire::SessionHeader, PublicKey, SessionSecrets), ClusterError> {
+    let id = record.session_id;
+    let header = match wire::parse(datagram) {
+        Ok(Datagram::Session { header, .. })
+            if header.session_id == id && header.ptype == wire::PacketType::ReattachRequest =>
+        {
+            header
+        }
+        _ => return Err(ClusterError::Refused("not a reattach request of it".into())),
+    };
+    let client: PublicKey = record
+        .client
+        .parse()
+        .map_err(|_| ClusterError::Malformed("its client key".into()))?;
+    let sealed = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(&record.sealed_keys)
+            .map_err(|_| ClusterError::Unsealing)?
+    };
+    let secrets = SessionSecrets::open(key, id, &sealed)?;
+    let mut opened = datagram.to_vec();
+    if header.key_epoch != secrets.epoch as u8
+        || !crate::crypto::opens(&secrets.recv, &header, &mut opened)
+    {
+        return Err(ClusterError::Refused(
+            "the request does not open under its keys".into(),
+        ));
+    }
+    // Already accepted by the owner before it last wrote the record: a replay.
+    if record.recv_highest.is_some_and(|h| header.counter <= h) {
+        return Err(ClusterError::Refused(format!(
+            "the request's counter {} was accepted before (a replay)",
+            header.counter
+        )));
+    }
+    Ok((header, client, secrets))
+}
+
 /// Events of removed sessions kept until drained; past it they are counted, not kept.
 const GATEWAY_EVENTS_KEPT: usize = 4_096;
 
@@ -262,36 +310,9 @@ impl Gateway {
         now: Instant,
     ) -> Result<&[u8], ClusterError> {
         let id = record.session_id;
-        let header = match wire::parse(datagram) {
-            Ok(Datagram::Session { header, .. })
-                if header.session_id == id && header.ptype == wire::PacketType::ReattachRequest =>
-            {
-                header
-            }
-            _ => return Err(ClusterError::Refused("not a reattach request of it".into())),
-        };
+        let (header, client, secrets) = open_takeover_request(record, key, datagram)?;
         if self.router.get(id).is_some() {
             return Err(ClusterError::Refused("it is here already".into()));
-        }
-        let client: PublicKey = record
-            .client
-            .parse()
-            .map_err(|_| ClusterError::Malformed("its client key".into()))?;
-        let sealed = {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(&record.sealed_keys)
-                .map_err(|_| ClusterError::Unsealing)?
-        };
-        let secrets = SessionSecrets::open(key, id, &sealed)?;
-        // The request must be the client's before anything is built.
-        let mut probe = datagram.to_vec();
-        if header.key_epoch != secrets.epoch as u8
-            || !crate::crypto::opens(&secrets.recv, &header, &mut probe)
-        {
-            return Err(ClusterError::Refused(
-                "the request does not open under its keys".into(),
-            ));
         }
         let clock = self.clock;
         self.responder.adopt(

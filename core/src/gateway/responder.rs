@@ -216,25 +216,71 @@ impl Responder {
         ) -> Result<GatewaySession, ClusterError>,
         wrap: impl FnOnce(GatewaySession) -> H,
     ) -> Result<SessionId, ClusterError> {
-        let entry = self.clients.get(&client).ok_or_else(|| {
+        let session = self.adopt_session(|id| router.get(id).is_some(), client, build)?;
+        let (id, tunnel) = (session.id(), session.tunnel());
+        router.register(id, tunnel, client, wrap(session), Registration::New);
+        Ok(id)
+    }
+
+    /// Whether a session of `client` may be taken over here: it is authorized, and has
+    /// no session that is `live` here.
+    pub fn may_adopt(
+        &self,
+        client: &PublicKey,
+        live: impl Fn(SessionId) -> bool,
+    ) -> Result<(), ClusterError> {
+        let entry = self.clients.get(client).ok_or_else(|| {
             ClusterError::Refused("its client is not authorized on this node".into())
         })?;
-        if entry.session.is_some_and(|live| router.get(live).is_some()) {
+        if entry.session.is_some_and(live) {
             return Err(ClusterError::Refused(
                 "its client has another live session on this node".into(),
             ));
         }
-        let tunnel = entry.tunnel;
-        let session = build(tunnel, &self.policy, &self.node, self.limits)?;
-        let id = session.id();
+        Ok(())
+    }
+
+    /// [`Responder::adopt`] for a driver that routes the session itself: the session
+    /// is built, written to this node's table and made its client's live session, and
+    /// handed back to be routed.
+    pub fn adopt_session(
+        &mut self,
+        live: impl Fn(SessionId) -> bool,
+        client: PublicKey,
+        build: impl FnOnce(
+            TunnelAddrs,
+            &Arc<Policy>,
+            &NodeId,
+            KeyLimits,
+        ) -> Result<GatewaySession, ClusterError>,
+    ) -> Result<GatewaySession, ClusterError> {
+        self.may_adopt(&client, live)?;
+        let Some(entry) = self.clients.get(&client) else {
+            return Err(ClusterError::Refused(
+                "its client is not authorized on this node".into(),
+            ));
+        };
+        let session = build(entry.tunnel, &self.policy, &self.node, self.limits)?;
         self.store
             .create(session.table_record())
             .map_err(|e| ClusterError::Refused(format!("this node's table refused it: {e}")))?;
-        router.register(id, tunnel, client, wrap(session), Registration::New);
         if let Some(entry) = self.clients.get_mut(&client) {
-            entry.session = Some(id);
+            entry.session = Some(session.id());
         }
-        Ok(id)
+        Ok(session)
+    }
+
+    /// A handshake's session that was never started (the cluster's table refused its
+    /// record): its client's slot is freed and its local record removed.
+    pub fn abandon(&mut self, client: &PublicKey, id: SessionId) {
+        if let Some(c) = self.clients.get_mut(client) {
+            if c.session == Some(id) {
+                c.session = None;
+            }
+        }
+        if let Some(record) = self.store.get(id) {
+            let _ = self.store.remove(id, record.state_version);
+        }
     }
 
     /// Lets go of session `id`, which another node took over: its route and this node's

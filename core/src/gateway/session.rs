@@ -236,7 +236,7 @@ impl GatewaySession {
     /// `reattach_counter` less one, and keeps the record's deadlines and key age
     /// (times in the future are taken as now).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn adopt(
+    pub fn adopt(
         record: &ClusterRecord,
         secrets: &SessionSecrets,
         (client, tunnel): (PublicKey, TunnelAddrs),
@@ -314,6 +314,16 @@ impl GatewaySession {
     /// The counter of the next packet this session sends.
     pub fn next_send_counter(&self) -> u64 {
         self.channel.next_send_counter()
+    }
+
+    /// The first counter the current keys may not send with (u64::MAX: no limit).
+    pub fn send_limit(&self) -> u64 {
+        self.channel.send_limit()
+    }
+
+    /// The current keys' epoch.
+    pub fn key_epoch(&self) -> u32 {
+        self.channel.epoch()
     }
 
     /// The session's id.
