@@ -90,6 +90,15 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
             changes.masquerade(net.addr, net.prefix, out)?;
         }
     }
+    if let Some(dev) = setup
+        .cluster
+        .as_ref()
+        .and_then(|c| c.announce_interface.as_ref())
+    {
+        // Proxy ARP answers without the kernel's default delay (0.8 s), as VRRP's
+        // address is answered: a host's first packet to a client is not held up.
+        changes.sysctl(&format!("/proc/sys/net/ipv4/neigh/{dev}/proxy_delay"), "0")?;
+    }
     let node_id = NodeId(setup.node_id.clone());
     let transport_lost_ttl = setup.policy.transport_lost_ttl();
     let (cluster, announcer) = match setup.cluster {

@@ -485,6 +485,28 @@ impl ClusterNode {
                     }
                     act.gone_since.retain(|n, _| !live.contains(n));
                     view.set_live(live);
+                    // Reattaches waiting for an owner that is gone now: taken over at
+                    // once, not at the client's next try.
+                    let orphaned: Vec<(ClusterRecord, i64)> = act
+                        .pending
+                        .keys()
+                        .filter_map(|id| view.get(*id))
+                        .filter(|(r, _)| r.owner != act.me && !view.is_live(&r.owner))
+                        .cloned()
+                        .collect();
+                    drop(view);
+                    for (record, revision) in orphaned {
+                        if let Some(p) = act.pending.remove(&record.session_id) {
+                            act.supervisor.do_send(TakeOver {
+                                previous: p.previous,
+                                record,
+                                revision,
+                                datagram: p.datagram,
+                                via: p.via,
+                                from: p.from,
+                            });
+                        }
+                    }
                 }),
         );
     }

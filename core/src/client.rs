@@ -143,11 +143,31 @@ struct Established {
     binding_version: StateVersion,
     probing: Vec<Probing>,
     pending: VecDeque<Pending>,
-    /// The reattach in flight: its request's counter and its attempt.
-    reattach: Option<(u64, StateVersion)>,
+    /// The reattach in flight.
+    reattach: Option<Reattaching>,
     rekey: Option<(Initiation, Instant)>,
     keys_expired_reported: bool,
 }
+
+/// A reattach in flight: the counters of the requests sent for it (an answer to any of
+/// them settles it: a datagram may be lost, so the request is sent again every
+/// [`REATTACH_RESEND`] until answered or the attempt ends), its attempt, and when it
+/// was last sent.
+struct Reattaching {
+    counters: Vec<u64>,
+    attempt: StateVersion,
+    sent_at: Instant,
+}
+
+/// How long a reattach request waits for its answer before it is sent again (fresh:
+/// its timestamp and counter are new), within the recovery window. A lost request, or
+/// one a gateway cluster's node holds while the session's previous owner is waited out,
+/// then costs a second, not the whole window.
+pub const REATTACH_RESEND: Duration = Duration::from_secs(1);
+
+/// Requests of one reattach whose answers are recognized, at most (the oldest are
+/// forgotten).
+const REATTACH_COPIES: usize = 16;
 
 enum Phase {
     /// No session and no handshake in flight; a handshake may be (re)started at
@@ -481,6 +501,18 @@ impl Client {
         if let Phase::Established(e) = &mut self.phase {
             e.control.handle_timeout(now);
             collect_actions(e);
+            // An unanswered reattach is sent again while its attempt lasts.
+            if let Some(r) = e.reattach.as_mut() {
+                match e.control.reattach_attempt() {
+                    Some((candidate, attempt)) if attempt == r.attempt => {
+                        if now >= r.sent_at + REATTACH_RESEND {
+                            r.sent_at = now;
+                            push_pending(&mut e.pending, Pending::Reattach { candidate, attempt });
+                        }
+                    }
+                    _ => e.reattach = None,
+                }
+            }
             let active = e.control.active().map(|t| t.id);
             let policy = &self.config.policy;
             for p in &mut e.probing {
@@ -571,7 +603,9 @@ impl Client {
                     .rekey
                     .as_ref()
                     .map_or(e.channel.rekey_deadline(), |(_, t)| *t + HANDSHAKE_TIMEOUT);
+                let resend = e.reattach.as_ref().map(|r| r.sent_at + REATTACH_RESEND);
                 probes
+                    .chain(resend)
                     .chain(e.control.next_deadline())
                     .chain(std::iter::once(rekey))
                     .chain(e.channel.overlap_deadline())
@@ -847,27 +881,31 @@ fn handle_control(
         Control::ReattachAck {
             request_counter,
             binding_version,
-        } => match e.reattach {
-            Some((counter, attempt)) if counter == request_counter => {
-                e.reattach = None;
+        } => match e.reattach.take() {
+            Some(r) if r.counters.contains(&request_counter) => {
                 e.binding_version = binding_version;
-                let _ = e.control.reattach_accepted(attempt, now);
+                let _ = e.control.reattach_accepted(r.attempt, now);
                 Handled::Consumed
             }
-            _ => Handled::Drop(ClientDrop::Unexpected),
+            other => {
+                e.reattach = other;
+                Handled::Drop(ClientDrop::Unexpected)
+            }
         },
         Control::ReattachDeny {
             request_counter,
             reason,
             binding_version,
-        } => match e.reattach {
-            Some((counter, attempt)) if counter == request_counter => {
-                e.reattach = None;
+        } => match e.reattach.take() {
+            Some(r) if r.counters.contains(&request_counter) => {
                 e.binding_version = binding_version;
-                let _ = e.control.reattach_denied(attempt, reason, now);
+                let _ = e.control.reattach_denied(r.attempt, reason, now);
                 Handled::Consumed
             }
-            _ => Handled::Drop(ClientDrop::Unexpected),
+            other => {
+                e.reattach = other;
+                Handled::Drop(ClientDrop::Unexpected)
+            }
         },
         Control::Terminate { reason } => {
             let _ = e
@@ -1019,7 +1057,22 @@ fn send_reattach(
         .channel
         .seal(&Control::ReattachRequest(request), now, out)
         .ok()?;
-    e.reattach = Some((counter, attempt));
+    match e.reattach.as_mut().filter(|r| r.attempt == attempt) {
+        Some(r) => {
+            if r.counters.len() >= REATTACH_COPIES {
+                r.counters.remove(0);
+            }
+            r.counters.push(counter);
+            r.sent_at = now;
+        }
+        None => {
+            e.reattach = Some(Reattaching {
+                counters: vec![counter],
+                attempt,
+                sent_at: now,
+            })
+        }
+    }
     Some(candidate)
 }
 

@@ -278,9 +278,11 @@ pub fn reservation_wanted(next: u64, limit: u64) -> Option<u64> {
 }
 
 /// A node's hold on its lease in the cluster's table, and when it must fence itself
-/// (spec/cluster.md "Leases and fencing"). The node renews every third of the lease's
-/// TTL; when no renewal has succeeded for `fence_after`, it stops forwarding every
-/// session (it can no longer prove it owns them) — and since `fence_after` is shorter
+/// (spec/cluster.md "Leases and fencing"). The node renews every sixth of the lease's
+/// TTL, so that an outage of the store shorter than the fencing delay less one renewal
+/// interval (etcd restarting) fences nothing; when no renewal has succeeded for
+/// `fence_after`, it stops forwarding every session (it can no longer prove it owns
+/// them) — and since `fence_after` is shorter
 /// than the TTL by at least [`FENCE_MARGIN`], it has stopped before the lease expires
 /// and any other node may take its sessions. Once fenced it stays fenced: its sessions
 /// may be another node's by now, so it starts again with a new lease.
@@ -333,7 +335,7 @@ impl LeaseHold {
 
     /// When to renew next.
     pub fn next_renewal(&self) -> std::time::Instant {
-        self.last_renewed + self.ttl / 3
+        self.last_renewed + self.ttl / 6
     }
 
     /// When the node fences itself unless a renewal succeeds before.
@@ -560,7 +562,7 @@ mod tests {
         assert!(LeaseHold::new(s(6), s(6), t0).is_err(), "no margin");
         assert!(LeaseHold::new(s(6), s(2), t0).is_err(), "no room to renew");
         let mut hold = LeaseHold::new(s(6), s(4), t0).expect("valid");
-        assert_eq!(hold.next_renewal(), t0 + s(2));
+        assert_eq!(hold.next_renewal(), t0 + s(1));
         // Renewals keep it going.
         hold.renewed(t0 + s(2));
         assert!(!hold.fenced(t0 + s(5)));

@@ -103,6 +103,8 @@ struct World {
     config: GatewayConfig,
     /// Standby probe answers the client accepted.
     standby_accepted: u32,
+    /// Until when the client's reattach requests are lost on the way.
+    lose_reattach_until: Option<Instant>,
     /// A second node of the first one's cluster, reached on path 2 when present (see
     /// [`World::two_nodes`]).
     second: Option<SecondNode>,
@@ -179,6 +181,7 @@ impl World {
             client_key,
             config,
             standby_accepted: 0,
+            lose_reattach_until: None,
             second: None,
         }
     }
@@ -285,6 +288,9 @@ impl World {
     fn client_send(&mut self, via: u32, bytes: &[u8]) {
         self.sent.push((via, bytes.to_vec()));
         if !self.up[via as usize - 1] {
+            return;
+        }
+        if self.lose_reattach_until.is_some_and(|t| self.now < t) && is_reattach(bytes) {
             return;
         }
         if via == 2 && self.second.is_some() {
@@ -402,6 +408,10 @@ fn transitions<'a>(
             _ => None,
         })
         .collect()
+}
+
+fn is_reattach(bytes: &[u8]) -> bool {
+    matches!(parse(bytes), Ok(Datagram::Session { header, .. }) if header.ptype == PacketType::ReattachRequest)
 }
 
 fn reattach_results(events: &[(SessionId, SessionEvent)]) -> Vec<ReasonCode> {
@@ -715,6 +725,60 @@ fn a_cut_path_makes_the_session_jump_with_its_identity_intact() {
     let bytes = bytes.to_vec();
     w.gateway_send(2, &bytes);
     assert_eq!(w.to_client_tunnel.last().map(|p| payload_of(p)), Some(7));
+}
+
+/// The first reattach requests on the new path are lost: the client sends the request
+/// again every second (fresh), so the session is reattached as soon as the path lets
+/// one through, within the first attempt's recovery window, not after it.
+#[test]
+fn a_lost_reattach_request_is_sent_again_within_the_recovery_window() {
+    let mut w = World::connected(Policy::default());
+    let id = w.session();
+    w.run_until_ms(5_000);
+    w.up[0] = false;
+    w.lose_reattach_until = Some(w.t0 + ms(9_500));
+    w.run_until_ms(20_000);
+    assert_eq!(w.session(), id);
+    assert_eq!(w.client.state(), State::Attached);
+    assert_eq!(w.gw_binding(), Some(endpoint(2)));
+    let at = |to: State, reason: ReasonCode| {
+        w.client_events
+            .iter()
+            .find(|e| {
+                matches!(e.body, EventBody::SessionStateChange { new_state, reason_code, .. }
+                    if new_state == to && reason_code == reason)
+            })
+            .map(|e| e.at)
+            .expect("the transition")
+    };
+    let recovering = at(State::Recovering, ReasonCode::DeadTransportRecovery);
+    let attached = at(State::Attached, ReasonCode::ReattachSuccess);
+    let window = Policy::default().recovery_window();
+    assert!(
+        attached < recovering + window,
+        "reattached {:?} after recovering began (window {window:?})",
+        attached - recovering
+    );
+    assert!(attached <= w.t0 + ms(9_500) + jvpn_core::client::REATTACH_RESEND);
+    let requests: Vec<Vec<u8>> = w
+        .sent
+        .iter()
+        .filter(|(via, b)| *via == 2 && is_reattach(b))
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert!(requests.len() >= 3, "{} requests", requests.len());
+    // Each is fresh: no two alike.
+    for (i, a) in requests.iter().enumerate() {
+        assert!(requests[i + 1..].iter().all(|b| b != a));
+    }
+    // One attempt: no second ReattachAttempt event, no denial.
+    assert_eq!(
+        w.client_events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::ReattachAttempt { .. }))
+            .count(),
+        1
+    );
 }
 
 #[test]

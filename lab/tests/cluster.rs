@@ -724,3 +724,374 @@ fn a_session_moves_to_another_node_when_the_path_to_its_node_is_cut() {
         gaps[gaps.len() / 2].as_millis()
     );
 }
+
+impl Cluster {
+    /// With JV_DEBUG set: every process's error output and every event so far.
+    fn debug_dump(&self) {
+        if std::env::var("JV_DEBUG").is_err() {
+            return;
+        }
+        eprintln!("{}", self.diagnostics());
+        for name in
+            std::iter::once("client".to_string()).chain((1..=self.nodes).map(Cluster::node_name))
+        {
+            for e in self.events(&name) {
+                eprintln!("{name}: {e}");
+            }
+        }
+        eprintln!("ping:\n{}", self.lab.output_of("ping").0);
+    }
+
+    /// Node `i`'s metrics page.
+    fn metrics(&self, i: usize) -> String {
+        use jvpn_lab::LabTools;
+        let ns = self.lab.ns(&Cluster::node_name(i));
+        let tool = jvpn_lab::lab_bin().display().to_string();
+        self.lab
+            .exec_ok(&ns, &[&tool, "fetch", "--addr", "127.0.0.1:9477"])
+            .unwrap_or_default()
+    }
+
+    /// Waits until exactly one node, not `not`, lists session `id`; that node.
+    fn moved_from(&self, id: &str, not: usize, limit: Duration) -> Option<usize> {
+        let mut to = None;
+        wait_until(limit, || {
+            let h = self.holders(id);
+            to = h.first().copied().filter(|&n| n != not && h.len() == 1);
+            to.is_some()
+        });
+        to
+    }
+
+    /// The `SessionTerminated` events of session `id` reported by node `i`: reasons.
+    fn terminations(&self, i: usize, id: &str) -> Vec<String> {
+        self.events(&Cluster::node_name(i))
+            .iter()
+            .filter(|e| e["event_type"] == "SessionTerminated" && e["session_id"] == id)
+            .map(|e| e["reason_code"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+/// The node that owns the session is killed (SIGKILL: no goodbye, its lease left to
+/// expire): the session moves to another node within the lease's TTL and the policy's
+/// recovery window, with its id; the killed node, started again, takes nothing back.
+#[test]
+fn a_killed_owners_session_moves_within_its_lease_and_the_restarted_node_takes_nothing_back() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lease = (3_000, 2_000);
+    let Some(mut k) = Cluster::new("k2", 3, lease, CLUSTER_POLICY) else {
+        return;
+    };
+    k.start_nodes();
+    let id = k.start_client();
+    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
+    start_ping(&mut k.lab, 200);
+    std::thread::sleep(Duration::from_millis(1_000));
+    let killed = std::time::Instant::now();
+    k.lab.kill("n1");
+    // The lease's TTL plus the policy's recovery window (15 s) bound the move.
+    let to = k.moved_from(&id, 1, Duration::from_millis(lease.0 + 15_000));
+    let took = killed.elapsed();
+    let Some(to) = to else {
+        panic!("the session did not move\n{}", k.diagnostics());
+    };
+    let gap = ping_gap(&mut k.lab, 200);
+    k.debug_dump();
+    eprintln!(
+        "CLUSTER owner killed: n{to} serves the session after {} ms; ping gap {} ms ({} of {} answered)",
+        took.as_millis(),
+        gap.longest_gap.as_millis(),
+        gap.received,
+        gap.sent
+    );
+    let to_name = Cluster::node_name(to);
+    assert!(
+        k.moves(&to_name, &id)
+            .contains(&("n1".into(), to_name.clone(), "session_moved".into())),
+        "{:?}",
+        k.moves(&to_name, &id)
+    );
+    let client = k.lab.status("client").expect("status");
+    assert_eq!(client["session_id"], id.as_str());
+    // Started again, the node rejoins and takes nothing back by itself.
+    k.start_node(1);
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert!(k.sessions_of(1).is_empty(), "{:?}", k.sessions_of(1));
+    assert_eq!(k.holders(&id), [to]);
+    let client = k.lab.status("client").expect("status");
+    assert_eq!(client["session_id"], id.as_str());
+    assert_eq!(client["state"], "ATTACHED");
+}
+
+/// The owner loses etcd but not its client: it fences itself (stops forwarding every
+/// session, without ending them) before its lease runs out, the session moves, and at
+/// no instant do two nodes forward its packets: counters of the client's packets
+/// forwarded onto the inside network, read every 50 ms on both nodes, never grow on
+/// both at once. Given etcd again, the node rejoins and takes nothing back.
+#[test]
+fn an_owner_cut_off_from_etcd_fences_itself_and_no_two_nodes_forward_at_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lease = (3_000, 2_000);
+    let Some(mut k) = Cluster::new("k3", 2, lease, CLUSTER_POLICY) else {
+        return;
+    };
+    k.start_nodes();
+    let id = k.start_client();
+    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
+    let tun = k.lab.tun_name();
+    for i in 1..=2 {
+        let ns = k.lab.ns(&Cluster::node_name(i));
+        k.nft(
+            &ns,
+            &format!("table inet jvcount {{\n counter fromclient {{ }}\n chain passing {{ type filter hook forward priority 0; iifname \"{tun}\" ip saddr 10.77.0.2 counter name \"fromclient\"\n }}\n}}\n"),
+        );
+    }
+    let count = |k: &Cluster, i: usize| -> u64 {
+        use jvpn_lab::LabTools;
+        let ns = k.lab.ns(&Cluster::node_name(i));
+        let out = k
+            .lab
+            .exec_ok(
+                &ns,
+                &["nft", "list", "counter", "inet", "jvcount", "fromclient"],
+            )
+            .unwrap_or_default();
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    start_ping(&mut k.lab, 300);
+    std::thread::sleep(Duration::from_millis(1_000));
+    let n1 = k.lab.ns("n1");
+    k.nft(
+        &n1,
+        &format!("table inet jvetcd {{\n chain out {{ type filter hook output priority -10; ip daddr {INSIDE_HOST} tcp dport 2379 drop\n }}\n chain in {{ type filter hook input priority -10; ip saddr {INSIDE_HOST} tcp sport 2379 drop\n }}\n}}\n"),
+    );
+    let cut = std::time::Instant::now();
+    let mut samples = Vec::new();
+    let mut moved_at = None;
+    while cut.elapsed() < Duration::from_secs(20) {
+        samples.push((cut.elapsed(), count(&k, 1), count(&k, 2)));
+        if moved_at.is_none() && k.holders(&id) == [2] {
+            moved_at = Some(cut.elapsed());
+        }
+        if moved_at.is_some_and(|t| cut.elapsed() > t + Duration::from_secs(2)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(moved_at) = moved_at else {
+        panic!("the session did not move\n{}", k.diagnostics());
+    };
+    let first2 = samples
+        .iter()
+        .position(|s| s.2 > samples[0].2)
+        .expect("node 2 forwarded the session's packets");
+    assert!(
+        samples[first2..].iter().all(|s| s.1 == samples[first2].1),
+        "node 1 forwarded after node 2 began: {samples:?}"
+    );
+    let last1_grew = samples
+        .windows(2)
+        .rev()
+        .find(|w| w[1].1 > w[0].1)
+        .map(|w| w[1].0)
+        .unwrap_or_default();
+    eprintln!(
+        "CLUSTER fencing: node 1 last forwarded by {} ms after losing etcd, node 2 first by {} ms; moved by {} ms",
+        last1_grew.as_millis(),
+        samples[first2].0.as_millis(),
+        moved_at.as_millis()
+    );
+    assert!(
+        last1_grew < samples[first2].0,
+        "the forwarding overlapped: {samples:?}"
+    );
+    let (_, err) = k.lab.output_of("n1");
+    assert!(err.contains("fenced"), "{err}");
+    assert!(
+        k.moves("n1", &id)
+            .contains(&("n1".into(), "-".into(), "node_fenced".into())),
+        "{:?}",
+        k.moves("n1", &id)
+    );
+    assert!(k.terminations(1, &id).is_empty() && k.terminations(2, &id).is_empty());
+    let _ = ping_gap(&mut k.lab, 300);
+    // etcd back: node 1 joins again with a new lease and takes nothing back.
+    {
+        use jvpn_lab::LabTools;
+        k.lab
+            .exec_ok(&n1, &["nft", "delete", "table", "inet", "jvetcd"])
+            .expect("heal");
+    }
+    let rejoined = wait_until(Duration::from_secs(15), || {
+        k.lab.output_of("n1").1.matches("joined").count() >= 2
+    });
+    assert!(rejoined, "{}", k.diagnostics());
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(k.holders(&id), [2]);
+    assert_eq!(
+        k.lab.status("client").expect("status")["session_id"],
+        id.as_str()
+    );
+}
+
+/// The policy of the orphan scenario: a transport-lost TTL of 6 s.
+const ORPHAN_POLICY: &str = "[policy.volatility]\nheartbeat_interval_ms = 100\nheartbeat_volatile_ms = 600\nprobe_interval_ms = 200\nloss_window_ms = 1000\nvolatile_to_degraded_ms = 2000\n[policy.switching]\nswitch_cooldown_ms = 1000\nrecovery_window_ms = 5000\n[policy.session]\ntransport_lost_ttl_ms = 6000\n";
+
+/// The owner node and the client both die: a surviving node ends the orphaned session
+/// by its transport-lost TTL (counted from when the owner was found gone), exactly once
+/// across the survivors, with the reason code; its record is gone, and its tunnel
+/// address serves the client's next session.
+#[test]
+fn an_orphaned_session_ends_by_its_ttl_exactly_once_and_its_address_serves_a_new_session() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut k) = Cluster::new("k4", 3, (3_000, 2_000), ORPHAN_POLICY) else {
+        return;
+    };
+    k.start_nodes();
+    let id = k.start_client();
+    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
+    k.lab.kill("client");
+    k.lab.kill("n1");
+    let killed = std::time::Instant::now();
+    let ended = wait_until(Duration::from_secs(30), || {
+        !k.terminations(2, &id).is_empty() || !k.terminations(3, &id).is_empty()
+    });
+    let took = killed.elapsed();
+    assert!(ended, "nobody ended the orphan\n{}", k.diagnostics());
+    // Both survivors had the chance: the second finds the record gone.
+    std::thread::sleep(Duration::from_millis(2_000));
+    let mut reasons = k.terminations(2, &id);
+    reasons.extend(k.terminations(3, &id));
+    assert_eq!(reasons, ["transport_ttl_exceeded"], "exactly once");
+    eprintln!(
+        "CLUSTER orphan ended {} ms after its owner and client died (transport-lost TTL 6 s, lease 3 s)",
+        took.as_millis()
+    );
+    assert!(took >= Duration::from_secs(5), "ended before its TTL");
+    let host = k.lab.ns("h");
+    let orphan = id.clone();
+    let gone = run_in_ns(&host, move || async move {
+        let table = EtcdTable::connect(&EtcdOptions {
+            prefix: "/jvpn-lab".into(),
+            ..options(&format!("http://{INSIDE_HOST}:2379"))
+        })
+        .await
+        .expect("connect");
+        let id: SessionId = orphan.parse().expect("id");
+        table.get(id).await.expect("get").is_none()
+    })
+    .expect("the check");
+    assert!(gone, "the orphan's record is still in the table");
+    // The address serves a new session of the client, on the restarted node.
+    k.start_node(1);
+    let new = k.start_client();
+    assert_ne!(new, id);
+    use jvpn_lab::LabTools;
+    let c = k.lab.ns("c");
+    k.lab
+        .exec_ok(
+            &c,
+            &["ping", "-c", "3", "-i", "0.2", "-W", "2", INSIDE_HOST],
+        )
+        .expect("the new session carries traffic");
+}
+
+/// etcd is restarted under traffic: the established session keeps flowing (nothing of
+/// the store is on the packet path); a handshake while etcd is down is refused with
+/// `store_unavailable`, and the client's retries succeed once etcd is back.
+#[test]
+fn sessions_flow_while_etcd_restarts_and_handshakes_recover_after_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut k) = Cluster::new("k5", 2, (6_000, 4_000), CLUSTER_POLICY) else {
+        return;
+    };
+    k.start_nodes();
+    let id = k.start_client();
+    start_ping(&mut k.lab, 160);
+    std::thread::sleep(Duration::from_millis(1_000));
+    let host = k.lab.ns("h");
+    k.lab.stop("etcd", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    start_etcd(&mut k.lab, "etcd", &host, INSIDE_HOST).expect("etcd again");
+    let gap = ping_gap(&mut k.lab, 160);
+    k.debug_dump();
+    eprintln!(
+        "CLUSTER etcd restarted under traffic: ping gap {} ms ({} of {} answered)",
+        gap.longest_gap.as_millis(),
+        gap.received,
+        gap.sent
+    );
+    assert!(gap.received + 2 >= gap.sent, "{gap:?}");
+    assert_eq!(k.holders(&id), [1]);
+    assert_eq!(
+        k.lab.status("client").expect("status")["session_id"],
+        id.as_str()
+    );
+
+    // A new handshake while etcd is down waits for it.
+    k.lab.stop("etcd", Duration::from_secs(5));
+    k.lab.kill("client");
+    let key = k.lab.gateway_key.public().to_string();
+    let policy = k.policy.clone();
+    let config = k
+        .lab
+        .client_config("exit", &key, &policy)
+        .expect("config")
+        .display()
+        .to_string();
+    let c = k.lab.ns("c");
+    k.lab
+        .spawn_jvpn(
+            "client",
+            &c,
+            &["client", "--config", &config, "--connect-timeout", "30"],
+        )
+        .expect("client");
+    let refused = wait_until(Duration::from_secs(10), || {
+        k.metrics(1)
+            .lines()
+            .any(|l| l.starts_with("jvpn_handshakes_total") && l.contains("store_unavailable"))
+    });
+    assert!(
+        refused,
+        "no handshake refused for store_unavailable\n{}",
+        k.metrics(1)
+    );
+    assert!(k
+        .lab
+        .status("client")
+        .is_none_or(|s| s["state"] != "ATTACHED"));
+    start_etcd(&mut k.lab, "etcd", &host, INSIDE_HOST).expect("etcd again");
+    let attached = wait_until(Duration::from_secs(20), || {
+        k.lab
+            .status("client")
+            .is_some_and(|s| s["state"] == "ATTACHED" && s["session_id"] != id.as_str())
+    });
+    assert!(attached, "the client did not attach\n{}", k.diagnostics());
+    let metrics = k.metrics(1);
+    for op in ["create", "swap", "keep_alive"] {
+        let value = |series: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(series) && l.contains(&format!("op=\"{op}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let (sum, count) = (
+            value("jvpn_store_request_seconds_sum"),
+            value("jvpn_store_request_seconds_count"),
+        );
+        if count > 0.0 {
+            eprintln!(
+                "CLUSTER etcd {op}: {count} requests, mean {:.2} ms (node 1)",
+                sum / count * 1e3
+            );
+        }
+    }
+}
