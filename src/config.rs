@@ -1268,6 +1268,71 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_node_loads_and_every_mistake_in_its_section_is_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key_file = dir.path().join("cluster.key");
+        std::fs::write(&key_file, key()).expect("key");
+        // The section with `line` in place of the default line of its key.
+        let cluster = |line: &str| {
+            let key = line.split(' ').next().unwrap_or_default();
+            let mut lines = vec![
+                "store = \"etcd\"".to_string(),
+                "endpoints = [\"http://10.0.9.1:2379\"]".to_string(),
+                format!("key_file = \"{}\"", key_file.display()),
+            ];
+            lines.retain(|l| key.is_empty() || !l.starts_with(&format!("{key} ")));
+            lines.push(line.to_string());
+            format!("\n[cluster]\n{}\n", lines.join("\n"))
+        };
+        let setup =
+            load_gateway(file(&gateway_text(&cluster(""))).path(), no_env()).expect("valid");
+        let c = setup.cluster.expect("a cluster");
+        assert_eq!(c.store.endpoints, ["http://10.0.9.1:2379"]);
+        assert_eq!(c.store.prefix, "/jvpn");
+        assert_eq!(
+            (c.lease_ttl.as_millis(), c.fence_after.as_millis()),
+            (6000, 4000)
+        );
+        assert!(load_gateway(file(&gateway_text("")).path(), no_env())
+            .expect("valid")
+            .cluster
+            .is_none());
+        let cases = [
+            ("store = \"redis\"", "cluster.store"),
+            ("endpoints = []", "cluster.endpoints"),
+            ("endpoints = [\"10.0.9.1:2379\"]", "cluster.endpoints[0]"),
+            (
+                "endpoints = [\"https://10.0.9.1:2379\"]",
+                "cluster.tls_ca_file",
+            ),
+            ("prefix = \"jvpn\"", "cluster.prefix"),
+            ("lease_ttl_ms = 2500", "cluster.lease_ttl_ms"),
+            ("fence_after_ms = 5500", "cluster.fence_after_ms"),
+            ("request_timeout_ms = 0", "cluster.request_timeout_ms"),
+            (
+                "announce_interface = \"a name far too long\"",
+                "cluster.announce_interface",
+            ),
+            ("tls_cert_file = \"node.pem\"", "cluster.tls_cert_file"),
+            ("user = \"jvpn\"", "cluster.user"),
+        ];
+        for (line, key) in cases {
+            let msg = error_of(&gateway_text(&cluster(line)));
+            assert!(msg.contains(key), "{key}: {msg}");
+        }
+        let msg = error_of(&gateway_text(
+            &cluster("").replace(&key_file.display().to_string(), "/nonexistent/cluster.key"),
+        ));
+        assert!(msg.contains("cluster.key_file"), "{msg}");
+        std::fs::write(&key_file, "not a key").expect("key");
+        let msg = error_of(&gateway_text(&cluster("")));
+        assert!(
+            msg.contains("cluster.key_file") && msg.contains("32 bytes"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn every_bad_value_is_named_with_its_key() {
         let cases = [
             ("\n[metrics]\nlisten = \"nowhere\"", "metrics.listen"),

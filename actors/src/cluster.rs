@@ -210,6 +210,12 @@ pub struct Leave {
     pub write: bool,
 }
 
+/// How many of the node's writes to the table are under way (a stopping node waits for
+/// its sessions' removals).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct InFlight;
+
 /// Every session the node forwards stops (the node is fenced).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -263,6 +269,8 @@ pub struct ClusterNode {
     /// The current watch; reports of an older one are ignored.
     watch: u64,
     watching: bool,
+    /// Removals of released sessions' records under way.
+    removing: usize,
 }
 
 impl ClusterNode {
@@ -294,6 +302,7 @@ impl ClusterNode {
             last_live: None,
             watch: 0,
             watching: false,
+            removing: 0,
         }
     }
 
@@ -966,10 +975,12 @@ impl Handler<Released> for ClusterNode {
         };
         let (id, revision) = (msg.0, owned.revision);
         let started = Instant::now();
+        self.removing += 1;
         ctx.spawn(
             async move { table.remove(id, revision).await }
                 .into_actor(self)
                 .map(move |result, act, _| {
+                    act.removing -= 1;
                     telemetry::store_request("remove", started.elapsed(), error_kind(&result));
                     if let Err(TableError::Unavailable(e)) = result {
                         // Left for the survivors' TTL enforcement to end.
@@ -977,6 +988,14 @@ impl Handler<Released> for ClusterNode {
                     }
                 }),
         );
+    }
+}
+
+impl Handler<InFlight> for ClusterNode {
+    type Result = usize;
+
+    fn handle(&mut self, _: InFlight, _ctx: &mut Context<Self>) -> usize {
+        self.removing + self.owned.values().filter(|o| o.writing).count()
     }
 }
 

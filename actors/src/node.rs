@@ -184,6 +184,19 @@ impl GatewayNode {
             actix_rt::time::sleep(Duration::from_millis(10)).await;
         }
         let left = self.registry.len();
+        // The ended sessions' records leave the cluster's table before its actor stops
+        // (what is not removed by the grace's end, the survivors end by its TTL).
+        if let Some(link) = &self.cluster {
+            // (The last release's removal is sent just after its session leaves the
+            // registry.)
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+            while Instant::now() < deadline {
+                match link.node.send(crate::cluster::InFlight).await {
+                    Ok(n) if n > 0 => actix_rt::time::sleep(Duration::from_millis(10)).await,
+                    _ => break,
+                }
+            }
+        }
         // Unbounded sends on purpose: one lifecycle message per actor.
         for (_, transport) in &self.transports {
             transport.do_send(Close);
