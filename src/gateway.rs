@@ -101,6 +101,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     }
     let node_id = NodeId(setup.node_id.clone());
     let transport_lost_ttl = setup.policy.transport_lost_ttl();
+    let reattach_max_age = setup.policy.reattach_proof_max_age();
     let (cluster, announcer) = match setup.cluster {
         Some(c) => {
             let announcer: Option<Arc<dyn jvpn_actors::supervisor::Announce>> =
@@ -124,6 +125,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
                 lease_ttl: c.lease_ttl,
                 fence_after: c.fence_after,
                 transport_lost_ttl,
+                reattach_max_age,
                 view_capacity: setup
                     .session_capacity
                     .saturating_mul(8)

@@ -36,6 +36,9 @@ use crate::tun::TunDevice;
 /// right socket). Bounded: the oldest is forgotten.
 pub const PATHS_KEPT: usize = 8;
 
+/// How long a session waits for a reservation it asked for before it asks again.
+const RESERVE_AGAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What every session actor of a node shares.
 pub struct SessionEnv {
     /// The session table.
@@ -126,6 +129,8 @@ pub struct GetStatus;
 pub struct SessionStopped {
     /// The session's id.
     pub id: SessionId,
+    /// The actor that stopped (a report of an actor replaced since is ignored).
+    pub addr: Addr<SessionActor>,
     /// The session, if it is still live.
     pub unfinished: Option<Box<GatewaySession>>,
     /// Restarts so far.
@@ -152,9 +157,11 @@ pub struct SessionActor {
     tx_bytes: u64,
     /// The version of the binding last published to the router.
     published_binding: StateVersion,
-    /// What the record last written to the cluster's table showed: state version, key
-    /// epoch, binding version and the reservation asked for.
+    /// What the record last sent to the cluster's table showed: state version, key
+    /// epoch, binding version and reservation.
     synced: Option<(u64, u32, u64, u64)>,
+    /// The reservation last asked for, and when (asked again while not granted).
+    reserve_asked: Option<(u64, Instant)>,
 }
 
 impl SessionActor {
@@ -180,6 +187,7 @@ impl SessionActor {
             tx_bytes: 0,
             published_binding: StateVersion(0),
             synced: None,
+            reserve_asked: None,
         }
     }
 
@@ -196,9 +204,16 @@ impl SessionActor {
             session.version().0,
             session.key_epoch(),
             session.bound_at().0,
-            wanted.unwrap_or(limit),
+            limit,
         );
-        if self.synced == Some(shows) {
+        let now = Instant::now();
+        // A reservation not granted within a second (its write refused, or the answer
+        // lost) is asked for again.
+        let ask = wanted.filter(|&w| {
+            self.reserve_asked
+                .is_none_or(|(asked, at)| asked != w || now >= at + RESERVE_AGAIN)
+        });
+        if self.synced == Some(shows) && ask.is_none() {
             return;
         }
         let mut record = match session.export(self.env.reporter.clock(), &link.key) {
@@ -211,6 +226,7 @@ impl SessionActor {
         self.synced = Some(shows);
         if let Some(until) = wanted {
             record.send_reserved_until = until;
+            self.reserve_asked = Some((until, now));
         }
         // Unbounded on purpose: one record per change, and changes are bounded by the
         // policy (the cluster's actor keeps only the newest per session).
@@ -278,13 +294,14 @@ impl Actor for SessionActor {
         self.settle(ctx);
     }
 
-    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
         let session = self.session.take();
         let ended_by = session.as_ref().and_then(|s| s.ended_by());
         let unfinished = session.filter(|s| s.state() != State::Terminated);
         // Unbounded on purpose: one message per session, and sessions are bounded.
         self.env.supervisor.do_send(SessionStopped {
             id: self.id,
+            addr: ctx.address(),
             unfinished,
             restarts: self.restarts,
             client: self.client,

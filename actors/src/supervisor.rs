@@ -28,7 +28,7 @@ use jvpn_core::ids::SessionId;
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::{self, Datagram};
 
-use crate::cluster::{Claim, ClusterLink, Create, LeaveAll, Released, TakeOver, Unclaimed};
+use crate::cluster::{Claim, ClusterLink, Create, Disown, LeaveAll, Released, TakeOver, Unclaimed};
 use crate::runtime::{offer, ActorKind, Handling, Reporter};
 use crate::session::{
     FromTunnel, GetStatus, Inbound, LeaveNode, SessionActor, SessionEnv, SessionStatus,
@@ -296,20 +296,27 @@ impl NodeSupervisor {
     }
 }
 
-impl Actor for NodeSupervisor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.limits.supervisor_mailbox);
-        self.env = Some(Arc::new(SessionEnv {
+impl NodeSupervisor {
+    /// What every session actor of the node shares.
+    fn session_env(&self, ctx: &Context<Self>) -> SessionEnv {
+        SessionEnv {
             store: Arc::clone(self.responder.store()),
             keypair: self.responder.keypair().clone(),
             reporter: self.reporter.clone(),
             device: Arc::clone(&self.device),
             supervisor: ctx.address().recipient(),
             registry: Arc::clone(&self.registry),
-            cluster: None,
-        }));
+            cluster: self.cluster.clone(),
+        }
+    }
+}
+
+impl Actor for NodeSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.limits.supervisor_mailbox);
+        self.env = Some(Arc::new(self.session_env(ctx)));
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -385,6 +392,10 @@ impl Handler<Handshake> for NodeSupervisor {
                     move |created, act, _| {
                         let (id, client) = (session.id(), session.client());
                         let refused = match created {
+                            Ok(Ok(())) if act.stopping => {
+                                link.node.do_send(Released(id));
+                                Some(ReasonCode::OperatorTerminated)
+                            }
                             Ok(Ok(())) if act.responder.current_session(&client) == Some(id) => {
                                 None
                             }
@@ -421,6 +432,15 @@ impl Handler<SessionStopped> for NodeSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: SessionStopped, _ctx: &mut Context<Self>) {
+        // An actor that left the session to another node, reporting after the session
+        // came back here under a new actor: nothing of the new one is touched.
+        if self
+            .registry
+            .session(msg.id)
+            .is_some_and(|current| current != msg.addr)
+        {
+            return;
+        }
         let told = self.ending.remove(&msg.id);
         let Some(session) = msg.unfinished else {
             self.release(msg.id, msg.ended_by);
@@ -560,14 +580,11 @@ impl Handler<TerminateSession> for NodeSupervisor {
 impl Handler<JoinCluster> for NodeSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: JoinCluster, _ctx: &mut Context<Self>) {
-        if let Some(env) = self.env.as_mut() {
-            // Set before any session starts: the environment is still only ours.
-            if let Some(env) = Arc::get_mut(env) {
-                env.cluster = Some(msg.0.clone());
-            }
-        }
+    fn handle(&mut self, msg: JoinCluster, ctx: &mut Context<Self>) {
         self.cluster = Some(msg.0);
+        // The sessions' shared environment, made again with the cluster in it (this is
+        // the supervisor's first message: no session holds the old one).
+        self.env = Some(Arc::new(self.session_env(ctx)));
     }
 }
 
@@ -599,10 +616,10 @@ impl Handler<LeaveAll> for NodeSupervisor {
 impl Handler<TakeOver> for NodeSupervisor {
     type Result = ();
 
-    /// A client's reattach for a session another node owned: checked (its request
-    /// opens under the record's keys and was not accepted before; the client may have
-    /// its session here), claimed in the table, then started here from the record and
-    /// handed the request, whose answer moves the client's binding here.
+    /// A client's reattach for a session another node owned: checked (its request is
+    /// fresh, opens under the record's keys and was not accepted before; the client may
+    /// have its session here), claimed in the table, then started here from the record
+    /// and handed the request, whose answer moves the client's binding here.
     fn handle(&mut self, msg: TakeOver, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Supervisor);
         let Some(link) = self.cluster.clone() else {
@@ -614,19 +631,27 @@ impl Handler<TakeOver> for NodeSupervisor {
         }
         let id = msg.record.session_id;
         let registry = Arc::clone(&self.registry);
-        let checked =
-            jvpn_core::gateway::open_takeover_request(&msg.record, &link.key, &msg.datagram)
-                .and_then(|opened| {
-                    if registry.session(id).is_some() {
-                        return Err(jvpn_core::cluster::ClusterError::Refused(
-                            "it is here already".into(),
-                        ));
-                    }
-                    self.responder
-                        .may_adopt(&opened.1, |s| registry.session(s).is_some())?;
-                    Ok(opened)
-                });
-        let (header, client, secrets) = match checked {
+        let freshness = (
+            self.reporter.clock().ts_ms(Instant::now()),
+            self.responder.policy().reattach_proof_max_age(),
+        );
+        let checked = jvpn_core::gateway::open_takeover_request(
+            &msg.record,
+            &link.key,
+            &msg.datagram,
+            freshness,
+        )
+        .and_then(|opened| {
+            if registry.session(id).is_some() {
+                return Err(jvpn_core::cluster::ClusterError::Refused(
+                    "it is here already".into(),
+                ));
+            }
+            self.responder
+                .may_adopt(&opened.1, |s| registry.session(s).is_some())?;
+            Ok(opened)
+        });
+        let opened = match checked {
             Ok(opened) => opened,
             Err(e) => {
                 telemetry::dropped("takeover_refused");
@@ -635,84 +660,103 @@ impl Handler<TakeOver> for NodeSupervisor {
             }
         };
         let claim = Claim {
-            record: msg.record,
+            record: msg.record.clone(),
             revision: msg.revision,
         };
-        let record = claim.record.clone();
-        ctx.spawn(
-            link.node
-                .send(claim)
-                .into_actor(self)
-                .map(move |claimed, act, _| {
-                    match claimed {
-                        Ok(Ok(())) => {}
-                        Ok(Err(reason)) => return telemetry::dropped(reason.as_str()),
-                        Err(_) => return telemetry::dropped(ReasonCode::StoreUnavailable.as_str()),
-                    }
-                    let now = Instant::now();
-                    let clock = *act.reporter.clock();
-                    let send_limit = record
-                        .send_reserved_until
-                        .saturating_add(jvpn_core::cluster::COUNTER_BLOCK);
-                    let registry = Arc::clone(&act.registry);
-                    let built = act.responder.adopt_session(
-                        |s| registry.session(s).is_some(),
-                        client,
-                        |tunnel, policy, node, limits| {
-                            GatewaySession::adopt(
-                                &record,
-                                &secrets,
-                                (client, tunnel),
-                                Arc::clone(policy),
-                                node.clone(),
-                                limits,
-                                &clock,
-                                (header.counter, send_limit),
-                                now,
-                            )
-                        },
-                    );
-                    let session = match built {
-                        Ok(session) => session,
-                        Err(e) => {
-                            // Claimed but not startable here (the client got a session here
-                            // meanwhile): the record is this node's, and ends by its TTL.
-                            eprintln!("jvpn gateway: session {id} claimed but not started: {e}");
-                            return telemetry::dropped("takeover_refused");
-                        }
-                    };
-                    let endpoint = Endpoint {
-                        protocol: msg.via.protocol(),
-                        addr: msg.from,
-                    };
-                    let mut paths = VecDeque::new();
-                    paths.push_back((endpoint, msg.via.clone()));
-                    act.start_session(Box::new(session), paths, 0);
-                    act.reporter.report(
-                        id,
-                        jvpn_core::event::SessionEvent {
-                            at: now,
-                            body: jvpn_core::event::EventBody::SessionMoved {
-                                from_node: msg.previous.clone(),
-                                to_node: Some(act.reporter.node().clone()),
-                                reason_code: ReasonCode::SessionMoved,
-                            },
-                        },
-                    );
-                    // The request that brought it here: judged by the session as any reattach.
-                    let inbound = Inbound {
-                        via: msg.via,
-                        datagrams: vec![(msg.from, header, msg.datagram)],
-                    };
-                    if !act
-                        .registry
-                        .session(id)
-                        .is_some_and(|a| offer(&a, ActorKind::Session, inbound))
-                    {
-                        telemetry::dropped("session_busy");
-                    }
-                }),
+        ctx.spawn(link.node.send(claim).into_actor(self).map(
+            move |claimed, act, _| match claimed {
+                Ok(Ok(())) => act.start_claimed(&link, msg, opened),
+                Ok(Err(reason)) => telemetry::dropped(reason.as_str()),
+                Err(_) => telemetry::dropped(ReasonCode::StoreUnavailable.as_str()),
+            },
+        ));
+    }
+}
+
+impl NodeSupervisor {
+    /// Starts a session this node claimed in the cluster's table: built from its
+    /// record, above the previous owner's reservation, announced, reported as moved
+    /// here, and handed the client's request.
+    fn start_claimed(
+        &mut self,
+        link: &ClusterLink,
+        msg: TakeOver,
+        (header, client, secrets): (
+            wire::SessionHeader,
+            jvpn_core::crypto::PublicKey,
+            jvpn_core::cluster::SessionSecrets,
+        ),
+    ) {
+        let id = msg.record.session_id;
+        if self.stopping {
+            link.node.do_send(Disown(id));
+            return telemetry::dropped("node_stopping");
+        }
+        let now = Instant::now();
+        let clock = *self.reporter.clock();
+        let record = &msg.record;
+        let send_limit = record
+            .send_reserved_until
+            .saturating_add(jvpn_core::cluster::COUNTER_BLOCK);
+        let registry = Arc::clone(&self.registry);
+        let built = self.responder.adopt_session(
+            |s| registry.session(s).is_some(),
+            client,
+            |tunnel, policy, node, limits| {
+                GatewaySession::adopt(
+                    record,
+                    &secrets,
+                    (client, tunnel),
+                    Arc::clone(policy),
+                    node.clone(),
+                    limits,
+                    &clock,
+                    (header.counter, send_limit),
+                    now,
+                )
+            },
         );
+        let session = match built {
+            Ok(session) => session,
+            Err(e) => {
+                // Claimed but not startable here (the client got a session here
+                // meanwhile): its record is no longer written from here, and it ends
+                // by its TTL unless its client takes it elsewhere.
+                eprintln!("jvpn gateway: session {id} claimed but not started: {e}");
+                link.node.do_send(Disown(id));
+                return telemetry::dropped("takeover_refused");
+            }
+        };
+        let endpoint = Endpoint {
+            protocol: msg.via.protocol(),
+            addr: msg.from,
+        };
+        let mut paths = VecDeque::new();
+        paths.push_back((endpoint, msg.via.clone()));
+        self.start_session(Box::new(session), paths, 0);
+        self.reporter.report(
+            id,
+            jvpn_core::event::SessionEvent {
+                at: now,
+                body: jvpn_core::event::EventBody::SessionMoved {
+                    from_node: msg.previous,
+                    to_node: Some(self.reporter.node().clone()),
+                    reason_code: ReasonCode::SessionMoved,
+                },
+            },
+        );
+        // The request that brought it here: judged by the session as any reattach.
+        let inbound = Inbound {
+            via: msg.via,
+            datagrams: vec![(msg.from, header, msg.datagram)],
+        };
+        if !self
+            .registry
+            .session(id)
+            .is_some_and(|a| offer(&a, ActorKind::Session, inbound))
+        {
+            telemetry::dropped("session_busy");
+        }
     }
 }
 

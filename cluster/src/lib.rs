@@ -73,6 +73,8 @@ pub enum Change {
     Put(Box<Versioned<ClusterRecord>>),
     /// Removed.
     Deleted(SessionId),
+    /// A record was written that this node cannot read (skipped; the watch goes on).
+    Unreadable(String),
 }
 
 /// The table.
@@ -119,6 +121,11 @@ impl EtcdTable {
 
     fn node_key(&self, node: &NodeId) -> String {
         format!("{}/nodes/{node}", self.prefix)
+    }
+
+    /// The condition that `node` holds no live lease (its key is gone).
+    fn node_gone(&self, node: &NodeId) -> Compare {
+        Compare::create_revision(self.node_key(node), CompareOp::Equal, 0)
     }
 
     fn nodes_prefix(&self) -> String {
@@ -188,9 +195,9 @@ impl EtcdTable {
         }
     }
 
-    /// Every record, and the table's revision they were read at (a watch from it
-    /// misses nothing).
-    pub async fn list(&self) -> Result<(Vec<Versioned<ClusterRecord>>, i64), TableError> {
+    /// Every record, the table's revision they were read at (a watch from it misses
+    /// nothing), and how many records could not be read (skipped).
+    pub async fn list(&self) -> Result<(Vec<Versioned<ClusterRecord>>, i64, usize), TableError> {
         let answer = self
             .client
             .clone()
@@ -200,17 +207,23 @@ impl EtcdTable {
             )
             .await?;
         let revision = answer.header().map(|h| h.revision()).unwrap_or(0);
+        let mut unreadable = 0;
         let records = answer
             .kvs()
             .iter()
-            .map(|kv| {
-                Ok(Versioned {
-                    value: ClusterRecord::decode(kv.value())?,
+            .filter_map(|kv| match ClusterRecord::decode(kv.value()) {
+                Ok(value) => Some(Versioned {
+                    value,
                     revision: kv.mod_revision(),
-                })
+                }),
+                // One bad record must not blind the node to all the others.
+                Err(_) => {
+                    unreadable += 1;
+                    None
+                }
             })
-            .collect::<Result<_, TableError>>()?;
-        Ok((records, revision))
+            .collect();
+        Ok((records, revision, unreadable))
     }
 
     /// Writes `record` if the session's key is at `expected` (`None`: absent); returns
@@ -219,17 +232,19 @@ impl EtcdTable {
         &self,
         expected: Option<i64>,
         record: &ClusterRecord,
+        gone: Option<&NodeId>,
     ) -> Result<i64, TableError> {
         if expected.is_some_and(|r| r <= 0) {
             return Err(TableError::Conflict { current: None });
         }
         let key = self.session_key(record.session_id);
-        let compare = match expected {
+        let mut compare = vec![match expected {
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
             Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
-        };
+        }];
+        compare.extend(gone.map(|node| self.node_gone(node)));
         let txn = Txn::new()
-            .when([compare])
+            .when(compare)
             .and_then([TxnOp::put(key.clone(), record.encode(), None)])
             .or_else([TxnOp::get(key, None)]);
         let answer = self.client.clone().txn(txn).await?;
@@ -244,27 +259,47 @@ impl EtcdTable {
 
     /// Creates the record of a new session; refused if one exists.
     pub async fn create(&self, record: &ClusterRecord) -> Result<i64, TableError> {
-        self.write_if(None, record).await
+        self.write_if(None, record, None).await
     }
 
     /// Replaces the record if it is still at `expected` (its owner's update, or a
     /// takeover); of any number of concurrent swaps from one revision exactly one wins.
     pub async fn swap(&self, expected: i64, record: &ClusterRecord) -> Result<i64, TableError> {
-        self.write_if(Some(expected), record).await
+        self.write_if(Some(expected), record, None).await
     }
 
-    /// Removes the record if it is still at `expected`.
-    pub async fn remove(&self, id: SessionId, expected: i64) -> Result<(), TableError> {
+    /// [`EtcdTable::swap`], on the further condition that node `owner` holds no live
+    /// lease: a takeover from a dead owner is decided in the same transaction that makes
+    /// it, not on a listing of the live nodes that may be old.
+    pub async fn swap_from_gone(
+        &self,
+        expected: i64,
+        record: &ClusterRecord,
+        owner: &NodeId,
+    ) -> Result<i64, TableError> {
+        self.write_if(Some(expected), record, Some(owner)).await
+    }
+
+    /// Removes the record if it is still at `expected` (and, with `gone`, if that node
+    /// holds no live lease: an orphan's end).
+    pub async fn remove(
+        &self,
+        id: SessionId,
+        expected: i64,
+        gone: Option<&NodeId>,
+    ) -> Result<(), TableError> {
         if expected <= 0 {
             return Err(TableError::Conflict { current: None });
         }
         let key = self.session_key(id);
+        let mut compare = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            expected,
+        )];
+        compare.extend(gone.map(|node| self.node_gone(node)));
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected,
-            )])
+            .when(compare)
             .and_then([TxnOp::delete(key.clone(), None)])
             .or_else([TxnOp::get(key, None)]);
         let answer = self.client.clone().txn(txn).await?;
@@ -306,14 +341,13 @@ impl EtcdTable {
             for event in answer.events() {
                 let Some(kv) = event.kv() else { continue };
                 let change = match event.event_type() {
-                    EventType::Put => ClusterRecord::decode(kv.value())
-                        .map(|value| {
-                            Change::Put(Box::new(Versioned {
-                                value,
-                                revision: kv.mod_revision(),
-                            }))
-                        })
-                        .map_err(TableError::from),
+                    EventType::Put => Ok(match ClusterRecord::decode(kv.value()) {
+                        Ok(value) => Change::Put(Box::new(Versioned {
+                            value,
+                            revision: kv.mod_revision(),
+                        })),
+                        Err(e) => Change::Unreadable(e.to_string()),
+                    }),
                     EventType::Delete => {
                         let id = kv
                             .key_str()

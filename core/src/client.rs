@@ -151,12 +151,14 @@ struct Established {
 
 /// A reattach in flight: the counters of the requests sent for it (an answer to any of
 /// them settles it: a datagram may be lost, so the request is sent again every
-/// [`REATTACH_RESEND`] until answered or the attempt ends), its attempt, and when it
-/// was last sent.
+/// [`REATTACH_RESEND`] until the gateway answers or challenges the path, or the
+/// attempt ends), its attempt, and when it was last sent.
 struct Reattaching {
     counters: Vec<u64>,
     attempt: StateVersion,
     sent_at: Instant,
+    /// The gateway challenged the path: the request arrived.
+    challenged: bool,
 }
 
 /// How long a reattach request waits for its answer before it is sent again (fresh:
@@ -505,7 +507,7 @@ impl Client {
             if let Some(r) = e.reattach.as_mut() {
                 match e.control.reattach_attempt() {
                     Some((candidate, attempt)) if attempt == r.attempt => {
-                        if now >= r.sent_at + REATTACH_RESEND {
+                        if !r.challenged && now >= r.sent_at + REATTACH_RESEND {
                             r.sent_at = now;
                             push_pending(&mut e.pending, Pending::Reattach { candidate, attempt });
                         }
@@ -603,7 +605,11 @@ impl Client {
                     .rekey
                     .as_ref()
                     .map_or(e.channel.rekey_deadline(), |(_, t)| *t + HANDSHAKE_TIMEOUT);
-                let resend = e.reattach.as_ref().map(|r| r.sent_at + REATTACH_RESEND);
+                let resend = e
+                    .reattach
+                    .as_ref()
+                    .filter(|r| !r.challenged)
+                    .map(|r| r.sent_at + REATTACH_RESEND);
                 probes
                     .chain(resend)
                     .chain(e.control.next_deadline())
@@ -945,6 +951,11 @@ fn handle_control(
             e.pending
                 .retain(|p| !matches!(p, Pending::PathResponse { .. }));
             e.pending.push_back(Pending::PathResponse { via, token });
+            // The request arrived: it is not sent again (a new one would replace the
+            // gateway's challenge, and a slow path could never answer in time).
+            if let Some(r) = e.reattach.as_mut() {
+                r.challenged = true;
+            }
             Handled::Consumed
         }
         Control::Heartbeat { .. }
@@ -1070,6 +1081,7 @@ fn send_reattach(
                 counters: vec![counter],
                 attempt,
                 sent_at: now,
+                challenged: false,
             })
         }
     }

@@ -431,7 +431,12 @@ impl ClusterView {
         let previous = match self.records.get(&id) {
             Some((_, known)) if *known >= revision => return None,
             Some((old, _)) => Some(old.owner.clone()),
-            None if self.records.len() >= self.capacity => {
+            // Records of this node's sessions, or asked of it, are always kept: their
+            // notices must not be lost to a full view.
+            None if self.records.len() >= self.capacity
+                && record.owner != self.me
+                && record.handover_to.as_ref() != Some(&self.me) =>
+            {
                 self.overflowed += 1;
                 return None;
             }
@@ -629,8 +634,10 @@ mod tests {
         // Full: a third record is counted, not kept.
         assert_eq!(view.put(owned_by(3, "gw-3"), 15), None);
         assert_eq!((view.len(), view.overflowed), (2, 1));
+        // Full, but a record of this node's own is kept.
+        assert_eq!(view.put(owned_by(4, "gw-1"), 16), None);
+        assert_eq!(view.len(), 3);
         // A removal of an own session is a loss; an older removal is ignored.
-        assert_eq!(view.put(owned_by(4, "gw-1"), 16), None, "full");
         view.reset(vec![(owned_by(5, "gw-1"), 20)]);
         assert_eq!(view.remove(SessionId(5), 19), None);
         assert_eq!(

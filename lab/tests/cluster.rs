@@ -131,7 +131,8 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
             .expect("connect");
         // Watched from the revision an (empty) listing was read at: nothing after it
         // is missed, however soon it comes.
-        let (listed, at) = table.list().await.expect("list");
+        let (listed, at, unreadable) = table.list().await.expect("list");
+        assert_eq!(unreadable, 0);
         assert!(listed.is_empty());
         let (tx, mut changes) = tokio::sync::mpsc::channel(16);
         let watcher = table.clone();
@@ -148,16 +149,19 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
             Err(TableError::Conflict { .. })
         ));
         assert!(matches!(
-            table.remove(SessionId(7), 0).await,
+            table.remove(SessionId(7), 0, None).await,
             Err(TableError::Conflict { .. })
         ));
         let second = table.swap(first, &record(7, "gw-b")).await.expect("swap");
         assert!(second > first);
         assert!(matches!(
-            table.remove(SessionId(7), first).await,
+            table.remove(SessionId(7), first, None).await,
             Err(TableError::Conflict { .. })
         ));
-        table.remove(SessionId(7), second).await.expect("remove");
+        table
+            .remove(SessionId(7), second, None)
+            .await
+            .expect("remove");
         assert_eq!(table.get(SessionId(7)).await.expect("get"), None);
         let mut seen = Vec::new();
         for _ in 0..3 {
@@ -169,6 +173,7 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
             seen.push(match change {
                 Change::Put(r) => format!("put {} {}", r.value.owner, r.revision),
                 Change::Deleted(id) => format!("deleted {id}"),
+                Change::Unreadable(why) => format!("unreadable {why}"),
             });
         }
         assert_eq!(
@@ -195,6 +200,18 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
                 .expect("keep alive")
                 > 0
         );
+        // A takeover from a live owner, or an orphan's end, is refused in the same
+        // transaction, whatever the taker believes.
+        let a = NodeId("gw-a".into());
+        let owned = table.create(&record(8, "gw-a")).await.expect("create");
+        assert!(matches!(
+            table.swap_from_gone(owned, &record(8, "gw-b"), &a).await,
+            Err(TableError::Conflict { .. })
+        ));
+        assert!(matches!(
+            table.remove(SessionId(8), owned, Some(&a)).await,
+            Err(TableError::Conflict { .. })
+        ));
         // No more renewals: the node drops out once the lease runs out.
         let mut listed = true;
         for _ in 0..50 {
@@ -205,6 +222,14 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
             }
         }
         assert!(!listed, "a node without renewals is still listed");
+        let taken = table
+            .swap_from_gone(owned, &record(8, "gw-b"), &a)
+            .await
+            .expect("taken from a dead owner");
+        table
+            .remove(SessionId(8), taken, Some(&NodeId("gw-b".into())))
+            .await
+            .expect("gw-b never had a lease");
     })
     .expect("the checks");
 }
@@ -688,6 +713,11 @@ fn a_session_moves_to_another_node_when_the_path_to_its_node_is_cut() {
             gap.sent
         );
         gaps.push(gap.longest_gap);
+        // The client's own measure of the reattach (request to ack), etcd included.
+        let (_, client_err) = k.lab.output_of("client");
+        if let Some(line) = client_err.lines().rfind(|l| l.contains(" moved from ")) {
+            eprintln!("CLUSTER {line}");
+        }
         let from = Cluster::node_name(owner);
         let to_name = Cluster::node_name(to);
         let expected = (from.clone(), to_name.clone(), "session_moved".to_string());

@@ -180,13 +180,16 @@ fn ip_address(packet: &[u8], v4_offset: usize, v6_offset: usize) -> Option<IpAdd
 
 /// Opens a client's reattach request `datagram` for the session of `record`, a session
 /// another node owned (spec/cluster.md "Taking a session over"): its keys must open
-/// under the cluster `key` and the request under them, so that nothing is built or
-/// written for a captured, forged or misdirected one. Returns its header, the client's
-/// key and the session's keys.
+/// under the cluster `key` and the request under them, and the request must be fresh
+/// (its timestamp within `max_age` of `now_ms`, wall clock), name the record's binding
+/// version, and carry a counter above every one the owner accepted — so that nothing is
+/// built, asked or written for a captured, replayed, forged or misdirected one. Returns
+/// its header, the client's key and the session's keys.
 pub fn open_takeover_request(
     record: &ClusterRecord,
     key: &ClusterKey,
     datagram: &[u8],
+    (now_ms, max_age): (u64, std::time::Duration),
 ) -> Result<(wire::SessionHeader, PublicKey, SessionSecrets), ClusterError> {
     let id = record.session_id;
     let header = match wire::parse(datagram) {
@@ -221,6 +224,23 @@ pub fn open_takeover_request(
         return Err(ClusterError::Refused(format!(
             "the request's counter {} was accepted before (a replay)",
             header.counter
+        )));
+    }
+    let Ok(wire::Control::ReattachRequest(request)) =
+        wire::Control::decode(header.ptype, crate::crypto::plaintext(&opened))
+    else {
+        return Err(ClusterError::Refused("not a reattach request".into()));
+    };
+    let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    if now_ms.abs_diff(request.timestamp_ms) > max_age_ms {
+        return Err(ClusterError::Refused(
+            "the request is not fresh (a replay or a wrong clock)".into(),
+        ));
+    }
+    if request.expected_version.0 != record.bound_at {
+        return Err(ClusterError::Refused(format!(
+            "the request names binding version {}, the record {}",
+            request.expected_version.0, record.bound_at
         )));
     }
     Ok((header, client, secrets))
@@ -310,7 +330,11 @@ impl Gateway {
         now: Instant,
     ) -> Result<&[u8], ClusterError> {
         let id = record.session_id;
-        let (header, client, secrets) = open_takeover_request(record, key, datagram)?;
+        let freshness = (
+            self.clock.ts_ms(now),
+            self.responder.policy().reattach_proof_max_age(),
+        );
+        let (header, client, secrets) = open_takeover_request(record, key, datagram, freshness)?;
         if self.router.get(id).is_some() {
             return Err(ClusterError::Refused("it is here already".into()));
         }

@@ -90,6 +90,11 @@ impl Responder {
         self.keypair.public()
     }
 
+    /// The policy sessions run under.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
     /// The gateway's key pair (sessions answer rekeys with it).
     pub fn keypair(&self) -> &Keypair {
         &self.keypair
