@@ -1990,3 +1990,51 @@ fn a_node_does_not_send_beyond_its_reservation() {
         "sealed beyond the reservation"
     );
 }
+
+/// A reattach request captured on the way takes the session to no other node: replayed
+/// later it is stale, and against the record as it is after the move its counter was
+/// accepted and its binding version is old. Nothing is built where it is replayed.
+#[test]
+fn a_captured_reattach_request_takes_no_session_to_another_node() {
+    let mut w = World::two_nodes(Policy::default());
+    let init = w
+        .client
+        .connect(TransportId(1), w.now)
+        .expect("connect")
+        .bytes
+        .to_vec();
+    w.client_send(1, &init);
+    let id = w.session();
+    w.gw.reserve_until(id, 1_000);
+    w.run_until_ms(5_000);
+    let key = cluster_key(5);
+    let before = w.gw.export(id, &key).expect("here").expect("record");
+    w.up[0] = false;
+    w.run_until_ms(20_000);
+    assert!(w.gw.session(id).is_none(), "moved to the second node");
+    let request = w
+        .sent
+        .iter()
+        .find(|(via, b)| *via == 2 && is_reattach(b))
+        .map(|(_, b)| b.clone())
+        .expect("the client's request");
+    let after = w
+        .second
+        .as_ref()
+        .and_then(|n| n.gw.export(id, &key))
+        .expect("there")
+        .expect("record");
+    let now = w.now;
+    let why = |w: &mut World, record: &ClusterRecord| -> String {
+        let limit = record.send_reserved_until + COUNTER_BLOCK;
+        match w.gw.adopt(record, &key, endpoint(2), &request, limit, now) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a replayed request took the session"),
+        }
+    };
+    // Against the record it was made for, 15 s later: stale.
+    assert!(why(&mut w, &before).contains("not fresh"));
+    // Against the record after the move: already accepted there.
+    assert!(why(&mut w, &after).contains("accepted before"));
+    assert!(w.gw.session(id).is_none(), "nothing built by a replay");
+}
