@@ -11,7 +11,7 @@
 //! [`Registry`] maps session ids and tunnel addresses to session actors, so the
 //! transport and TUN routers ([`GatewayRouter`]) find a packet's session in O(1).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -221,6 +221,13 @@ pub struct NodeSupervisor {
     cluster: Option<ClusterLink>,
     /// Announces the tunnel addresses of the sessions the node forwards.
     announcer: Option<Arc<dyn Announce>>,
+    /// Times the node was fenced: a session whose record was written before a fence
+    /// is not started after it.
+    fences: u64,
+    /// Sessions whose record is being created or claimed, not started yet; and those of
+    /// them told to leave meanwhile (not started then).
+    starting: HashSet<SessionId>,
+    cancelled: HashSet<SessionId>,
 }
 
 impl NodeSupervisor {
@@ -247,7 +254,18 @@ impl NodeSupervisor {
             stopping: false,
             cluster: None,
             announcer: None,
+            fences: 0,
+            starting: HashSet::new(),
+            cancelled: HashSet::new(),
         }
+    }
+
+    /// Whether a session whose record write began when the node had been fenced
+    /// `fences` times may start now (no fence since, not told to leave meanwhile).
+    fn may_start(&mut self, id: SessionId, fences: u64) -> bool {
+        self.starting.remove(&id);
+        let cancelled = self.cancelled.remove(&id);
+        !cancelled && fences == self.fences
     }
 
     /// Announces its sessions' tunnel addresses with `announcer`.
@@ -388,14 +406,19 @@ impl Handler<Handshake> for NodeSupervisor {
                 };
                 let via = msg.via.clone();
                 let to = msg.from;
+                let fences = self.fences;
+                self.starting.insert(session.id());
                 ctx.spawn(link.node.send(Create(record)).into_actor(self).map(
                     move |created, act, _| {
                         let (id, client) = (session.id(), session.client());
+                        let may_start = act.may_start(id, fences);
                         let refused = match created {
                             Ok(Ok(())) if act.stopping => {
                                 link.node.do_send(Released(id));
                                 Some(ReasonCode::OperatorTerminated)
                             }
+                            // Fenced, or told to leave, while its record was written.
+                            Ok(Ok(())) if !may_start => Some(ReasonCode::StoreUnavailable),
                             Ok(Ok(())) if act.responder.current_session(&client) == Some(id) => {
                                 None
                             }
@@ -530,6 +553,10 @@ impl NodeSupervisor {
     fn leave(&mut self, msg: crate::cluster::Leave) {
         let route = self.responder.hand_over(&mut self.registry.write(), msg.id);
         let Some(route) = route else {
+            // Not started yet: it is not started at all.
+            if self.starting.contains(&msg.id) {
+                self.cancelled.insert(msg.id);
+            }
             return;
         };
         if let Some(a) = &self.announcer {
@@ -602,6 +629,7 @@ impl Handler<LeaveAll> for NodeSupervisor {
 
     fn handle(&mut self, _: LeaveAll, _ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Supervisor);
+        self.fences += 1;
         for (id, _) in self.registry.sessions() {
             self.leave(crate::cluster::Leave {
                 id,
@@ -663,13 +691,27 @@ impl Handler<TakeOver> for NodeSupervisor {
             record: msg.record.clone(),
             revision: msg.revision,
         };
-        ctx.spawn(link.node.send(claim).into_actor(self).map(
-            move |claimed, act, _| match claimed {
-                Ok(Ok(())) => act.start_claimed(&link, msg, opened),
-                Ok(Err(reason)) => telemetry::dropped(reason.as_str()),
-                Err(_) => telemetry::dropped(ReasonCode::StoreUnavailable.as_str()),
-            },
-        ));
+        let fences = self.fences;
+        self.starting.insert(id);
+        ctx.spawn(
+            link.node
+                .send(claim)
+                .into_actor(self)
+                .map(move |claimed, act, _| {
+                    let may_start = act.may_start(id, fences);
+                    match claimed {
+                        Ok(Ok(())) if may_start => act.start_claimed(&link, msg, opened),
+                        // Fenced, or asked for by another node, while it was claimed: its
+                        // record is no longer written from here.
+                        Ok(Ok(())) => {
+                            link.node.do_send(Disown(id));
+                            telemetry::dropped(ReasonCode::StoreUnavailable.as_str());
+                        }
+                        Ok(Err(reason)) => telemetry::dropped(reason.as_str()),
+                        Err(_) => telemetry::dropped(ReasonCode::StoreUnavailable.as_str()),
+                    }
+                }),
+        );
     }
 }
 

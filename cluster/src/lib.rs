@@ -73,8 +73,9 @@ pub enum Change {
     Put(Box<Versioned<ClusterRecord>>),
     /// Removed.
     Deleted(SessionId),
-    /// A record was written that this node cannot read (skipped; the watch goes on).
-    Unreadable(String),
+    /// A record was written that this node cannot read (skipped; the watch goes on):
+    /// the session it is of, if its key names one, and why.
+    Unreadable(Option<SessionId>, String),
 }
 
 /// The table.
@@ -253,7 +254,7 @@ impl EtcdTable {
             return Ok(revision);
         }
         Err(TableError::Conflict {
-            current: current_of(&answer)?.map(Box::new),
+            current: current_of(&answer),
         })
     }
 
@@ -307,7 +308,7 @@ impl EtcdTable {
             return Ok(());
         }
         Err(TableError::Conflict {
-            current: current_of(&answer)?.map(Box::new),
+            current: current_of(&answer),
         })
     }
 
@@ -329,6 +330,12 @@ impl EtcdTable {
             .watch(self.sessions_prefix(), Some(options))
             .await?;
         let prefix = self.sessions_prefix();
+        let id_of = |kv: &etcd_client::KeyValue| -> Option<SessionId> {
+            kv.key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+                .and_then(|id| id.parse().ok())
+        };
         while let Some(answer) = stream.message().await? {
             if answer.canceled() {
                 // Compacted past `after`, or cancelled by etcd: the caller lists again.
@@ -346,19 +353,12 @@ impl EtcdTable {
                             value,
                             revision: kv.mod_revision(),
                         })),
-                        Err(e) => Change::Unreadable(e.to_string()),
+                        Err(e) => Change::Unreadable(id_of(kv), e.to_string()),
                     }),
-                    EventType::Delete => {
-                        let id = kv
-                            .key_str()
-                            .ok()
-                            .and_then(|k| k.strip_prefix(&prefix))
-                            .and_then(|id| id.parse().ok());
-                        match id {
-                            Some(id) => Ok(Change::Deleted(id)),
-                            None => continue,
-                        }
-                    }
+                    EventType::Delete => match id_of(kv) {
+                        Some(id) => Ok(Change::Deleted(id)),
+                        None => continue,
+                    },
                 };
                 if changes.send(change).await.is_err() {
                     return Ok(());
@@ -369,19 +369,17 @@ impl EtcdTable {
     }
 }
 
-/// The record a failed transaction read in its `or_else` branch.
-fn current_of(
-    answer: &etcd_client::TxnResponse,
-) -> Result<Option<Versioned<ClusterRecord>>, TableError> {
-    for op in answer.op_responses() {
-        if let etcd_client::TxnOpResponse::Get(get) = op {
-            if let Some(kv) = get.kvs().first() {
-                return Ok(Some(Versioned {
-                    value: ClusterRecord::decode(kv.value())?,
-                    revision: kv.mod_revision(),
-                }));
-            }
-        }
-    }
-    Ok(None)
+/// The record a failed transaction read in its `or_else` branch (none if absent or
+/// unreadable: the conflict stands, only its content is unknown).
+fn current_of(answer: &etcd_client::TxnResponse) -> Option<Box<Versioned<ClusterRecord>>> {
+    answer.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(get) => get.kvs().first().and_then(|kv| {
+            let value = ClusterRecord::decode(kv.value()).ok()?;
+            Some(Box::new(Versioned {
+                value,
+                revision: kv.mod_revision(),
+            }))
+        }),
+        _ => None,
+    })
 }

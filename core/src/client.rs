@@ -951,9 +951,11 @@ fn handle_control(
             e.pending
                 .retain(|p| !matches!(p, Pending::PathResponse { .. }));
             e.pending.push_back(Pending::PathResponse { via, token });
-            // The request arrived: it is not sent again (a new one would replace the
-            // gateway's challenge, and a slow path could never answer in time).
-            if let Some(r) = e.reattach.as_mut() {
+            // On the reattach's own transport, the request arrived: it is not sent again
+            // (a new one would replace the gateway's challenge, and a slow path could
+            // never answer in time).
+            let candidate = e.control.reattach_attempt().map(|(c, _)| c);
+            if let Some(r) = e.reattach.as_mut().filter(|_| candidate == Some(via)) {
                 r.challenged = true;
             }
             Handled::Consumed

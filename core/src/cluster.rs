@@ -300,8 +300,8 @@ pub const FENCE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LeaseHold {
     /// A lease of `ttl` granted at `now`, fenced after `fence_after` without a renewal.
-    /// Refused unless `fence_after` + [`FENCE_MARGIN`] ≤ `ttl` and a renewal every third
-    /// of the TTL fits before the fencing (at least two tries).
+    /// Refused unless `fence_after` + [`FENCE_MARGIN`] ≤ `ttl` and `fence_after` is at
+    /// least two thirds of the TTL (room for several renewals, one every sixth).
     pub fn new(
         ttl: std::time::Duration,
         fence_after: std::time::Duration,
@@ -314,8 +314,8 @@ impl LeaseHold {
         }
         if fence_after < ttl / 3 * 2 {
             return Err(format!(
-                "the fencing delay ({fence_after:?}) must leave room for two renewals (every {:?})",
-                ttl / 3
+                "the fencing delay ({fence_after:?}) must be at least two thirds of the lease TTL ({:?})",
+                ttl / 3 * 2
             ));
         }
         Ok(LeaseHold {
@@ -456,7 +456,14 @@ impl ClusterView {
         } else {
             None
         };
+        let concerns_me = record.owner == self.me || record.handover_to.as_ref() == Some(&self.me);
         self.records.insert(id, (record, revision));
+        // Kept past the capacity only while it concerned this node: once it moved on to
+        // other nodes, it makes room again.
+        if self.records.len() > self.capacity && !concerns_me {
+            self.records.remove(&id);
+            self.overflowed += 1;
+        }
         notice
     }
 
@@ -634,9 +641,15 @@ mod tests {
         // Full: a third record is counted, not kept.
         assert_eq!(view.put(owned_by(3, "gw-3"), 15), None);
         assert_eq!((view.len(), view.overflowed), (2, 1));
-        // Full, but a record of this node's own is kept.
+        // Full, but a record of this node's own is kept; once it moves on to another
+        // node, it makes room again.
         assert_eq!(view.put(owned_by(4, "gw-1"), 16), None);
         assert_eq!(view.len(), 3);
+        assert_eq!(
+            view.put(owned_by(4, "gw-3"), 17),
+            Some(Notice::Lost(SessionId(4)))
+        );
+        assert_eq!((view.len(), view.overflowed), (2, 2));
         // A removal of an own session is a loss; an older removal is ignored.
         view.reset(vec![(owned_by(5, "gw-1"), 20)]);
         assert_eq!(view.remove(SessionId(5), 19), None);

@@ -173,7 +173,7 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
             seen.push(match change {
                 Change::Put(r) => format!("put {} {}", r.value.owner, r.revision),
                 Change::Deleted(id) => format!("deleted {id}"),
-                Change::Unreadable(why) => format!("unreadable {why}"),
+                Change::Unreadable(_, why) => format!("unreadable {why}"),
             });
         }
         assert_eq!(

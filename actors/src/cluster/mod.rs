@@ -180,7 +180,7 @@ pub struct TakeOver {
 
 /// Makes this node the owner of a session, with a reservation of counters of its own
 /// above the previous owner's: one swap from `revision` — on the further condition,
-/// when the record names another node, that this node's lease is gone (checked in the
+/// when the record names another node, that that node's lease is gone (checked in the
 /// same transaction). Whether it won, and this node still holds the lease it asked
 /// under.
 #[derive(Message)]

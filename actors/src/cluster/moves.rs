@@ -47,8 +47,9 @@ impl ClusterNode {
 
     /// A reattach of a session whose owner lives: the owner is asked to hand it over
     /// (one swap setting `handover_to`), and the reattach waits here for it. A request
-    /// still waiting asks again (at most every [`REASK_EVERY`]) when the record no longer
-    /// names this node as the one asking (the owner's own write came in between).
+    /// still waiting asks again, at most every [`REASK_EVERY`] — also when the record
+    /// names this node as asking already: the new revision is a new notice to the owner,
+    /// whose earlier answer may have been lost.
     fn ask_owner(
         &mut self,
         ctx: &mut Context<Self>,
@@ -76,12 +77,10 @@ impl ClusterNode {
             return;
         }
         let now = Instant::now();
-        let asked = record.handover_to.as_ref() == Some(&self.me);
-        let recently = self
+        let ask = self
             .pending
             .get(&id)
-            .is_some_and(|p| now < p.asked_at + REASK_EVERY);
-        let ask = !asked && !recently;
+            .is_none_or(|p| now >= p.asked_at + REASK_EVERY);
         let asked_at = match self.pending.get(&id) {
             Some(p) if !ask => p.asked_at,
             _ => now,
@@ -168,7 +167,7 @@ impl Handler<Claim> for ClusterNode {
         };
         let claimed = msg.claimed(&self.me);
         let id = claimed.session_id;
-        if !self.claiming.insert(id) || self.owned.contains_key(&id) {
+        if self.owned.contains_key(&id) || !self.claiming.insert(id) {
             return Box::pin(actix::fut::ready(Err(ReasonCode::OwnershipConflict)));
         }
         // From another node: only if its lease is gone (a handover names this node).
@@ -189,7 +188,11 @@ impl Handler<Claim> for ClusterNode {
                 act.pending.remove(&id);
                 let won = match result {
                     Ok(won) => won,
-                    Err(TableError::Conflict { .. }) => return Err(ReasonCode::OwnershipConflict),
+                    Err(TableError::Conflict { .. }) => {
+                        // Notices skipped during the claim are acted on now.
+                        act.settle_unowned(ctx, id);
+                        return Err(ReasonCode::OwnershipConflict);
+                    }
                     Err(_) => return Err(ReasonCode::StoreUnavailable),
                 };
                 act.owned.insert(id, Owned::at(won));

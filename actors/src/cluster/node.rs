@@ -88,6 +88,9 @@ pub struct ClusterNode {
     /// When this node started, or was last fenced (wall-clock ms): the records it left
     /// behind count their TTL from then.
     pub(super) own_gone_ms: u64,
+    /// Records naming this node that it does not forward, since when they did
+    /// (wall-clock ms): their TTL counts from then at the earliest. Bounded by the view.
+    pub(super) unforwarded_since: HashMap<SessionId, u64>,
     /// When the live nodes were last listed.
     pub(super) live_at: Option<Instant>,
     last_live: Option<Instant>,
@@ -127,6 +130,7 @@ impl ClusterNode {
             gone_since: HashMap::new(),
             ending: HashSet::new(),
             own_gone_ms,
+            unforwarded_since: HashMap::new(),
             live_at: None,
             last_live: None,
             watch: 0,
@@ -331,14 +335,19 @@ impl ClusterNode {
         let now_ms = self.now_ms();
         let view = Arc::clone(&self.view);
         let mut view = view.write().unwrap_or_else(|e| e.into_inner());
-        let owners: Vec<NodeId> = view.records().map(|(r, _)| r.owner.clone()).collect();
-        for owner in owners {
-            if !live.contains(&owner) {
-                self.gone_since.entry(owner).or_insert(now_ms);
+        for (r, _) in view.records() {
+            if !live.contains(&r.owner) {
+                self.gone_since.entry(r.owner.clone()).or_insert(now_ms);
             }
         }
-        self.gone_since.retain(|n, _| !live.contains(n));
+        // Only owners of records in the view, and not live: nodes that left for good
+        // are forgotten with their last record.
+        let owners: HashSet<NodeId> = view.records().map(|(r, _)| r.owner.clone()).collect();
+        self.gone_since
+            .retain(|n, _| !live.contains(n) && owners.contains(n));
         view.set_live(live);
+        self.unforwarded_since
+            .retain(|id, _| view.get(*id).is_some());
         let orphaned: Vec<(ClusterRecord, i64)> = self
             .pending
             .keys()
@@ -392,7 +401,7 @@ impl ClusterNode {
                     }
                     act.view()
                         .reset(records.into_iter().map(|v| (v.value, v.revision)).collect());
-                    act.reconcile(ctx);
+                    act.reconcile(ctx, revision);
                     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
                     act.watch_tasks.push(actix::spawn(async move {
                         let ended = table.watch(revision, tx.clone()).await;
@@ -411,10 +420,11 @@ impl ClusterNode {
         );
     }
 
-    /// After a listing replaced the copy (a watch was lost, and with it the changes
-    /// between): what the listing says of the sessions this node owns, and of records
-    /// asked of it, is acted on as the lost notices would have been.
-    fn reconcile(&mut self, ctx: &mut Context<Self>) {
+    /// After a listing (read at `listed`) replaced the copy (a watch was lost, and with
+    /// it the changes between): what the listing says of the sessions this node owns,
+    /// and of records asked of it, is acted on as the lost notices would have been — but
+    /// a session this node wrote after the listing was read is not judged by it.
+    fn reconcile(&mut self, ctx: &mut Context<Self>, listed: i64) {
         let mut notices = Vec::new();
         {
             let view = self.view.read().unwrap_or_else(|e| e.into_inner());
@@ -426,7 +436,7 @@ impl ClusterNode {
                             notices.push(Notice::HandoverAsked { session: *id, to });
                         }
                     }
-                    _ if self.claiming.contains(id) => {}
+                    _ if self.claiming.contains(id) || owned.revision > listed => {}
                     _ => notices.push(Notice::Lost(*id)),
                 }
             }
@@ -457,6 +467,12 @@ impl ClusterNode {
                     o.revision = o.revision.max(revision);
                 }
                 let mine_now = record.owner == self.me && record.handover_to.is_none();
+                if record.owner == self.me && !self.owned.contains_key(&id) {
+                    let now_ms = self.now_ms();
+                    self.unforwarded_since.entry(id).or_insert(now_ms);
+                } else {
+                    self.unforwarded_since.remove(&id);
+                }
                 let notice = self.view().put(record.clone(), revision);
                 // A handover this node asked for: the record is its now; claim it with
                 // the waiting reattach.
@@ -475,15 +491,22 @@ impl ClusterNode {
                 notice
             }
             Change::Deleted(id) => {
+                self.unforwarded_since.remove(&id);
                 let revision = self.view().get(id).map_or(0, |(_, r)| *r + 1);
                 self.view().remove(id, revision)
             }
-            Change::Unreadable(why) => {
+            Change::Unreadable(id, why) => {
                 eprintln!(
                     "jvpn cluster {}: an unreadable record skipped: {why}",
                     self.me
                 );
                 telemetry::dropped("store_record_unreadable");
+                // What the view had of it is no longer true; a session this node
+                // forwards goes on (its writes refused from now on).
+                if let Some(id) = id {
+                    let revision = self.view().get(id).map_or(0, |(_, r)| *r + 1);
+                    let _ = self.view().remove(id, revision);
+                }
                 None
             }
         };

@@ -186,6 +186,20 @@ impl ClusterNode {
         );
     }
 
+    /// A session this node does not forward, as the copy of the table has it now: asked
+    /// of this node by another, it is handed over as it is.
+    pub(super) fn settle_unowned(&mut self, ctx: &mut Context<Self>, id: SessionId) {
+        let asked = self
+            .view()
+            .get(id)
+            .filter(|(r, _)| r.owner == self.me)
+            .and_then(|(r, _)| r.handover_to.clone())
+            .filter(|to| *to != self.me);
+        if let Some(to) = asked.filter(|_| !self.owned.contains_key(&id)) {
+            self.give_as_is(ctx, id, to);
+        }
+    }
+
     /// Hands session `id` to `to` as the copy of the table has its record (this node
     /// does not forward it, or its final record did not come).
     pub(super) fn give_as_is(&mut self, ctx: &mut Context<Self>, id: SessionId, to: NodeId) {
@@ -234,7 +248,10 @@ impl ClusterNode {
                 })
                 .filter_map(|(r, rev)| {
                     let gone = if r.owner == self.me {
-                        self.own_gone_ms
+                        // From when it came to name this node without this node
+                        // forwarding it (a previous run, a fence, a handover to it).
+                        let since = self.unforwarded_since.get(&r.session_id).copied();
+                        self.own_gone_ms.max(since.unwrap_or(0))
                     } else {
                         self.gone_since
                             .get(&r.owner)
