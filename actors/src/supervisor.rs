@@ -418,7 +418,10 @@ impl Handler<Handshake> for NodeSupervisor {
                                 Some(ReasonCode::OperatorTerminated)
                             }
                             // Fenced, or told to leave, while its record was written.
-                            Ok(Ok(())) if !may_start => Some(ReasonCode::StoreUnavailable),
+                            Ok(Ok(())) if !may_start => {
+                                link.node.do_send(Released(id));
+                                Some(ReasonCode::StoreUnavailable)
+                            }
                             Ok(Ok(())) if act.responder.current_session(&client) == Some(id) => {
                                 None
                             }
@@ -658,6 +661,10 @@ impl Handler<TakeOver> for NodeSupervisor {
             return;
         }
         let id = msg.record.session_id;
+        // A claim of it is under way already: that one settles it.
+        if self.starting.contains(&id) {
+            return;
+        }
         let registry = Arc::clone(&self.registry);
         let freshness = (
             self.reporter.clock().ts_ms(Instant::now()),

@@ -167,7 +167,11 @@ impl Handler<Claim> for ClusterNode {
         };
         let claimed = msg.claimed(&self.me);
         let id = claimed.session_id;
-        if self.owned.contains_key(&id) || !self.claiming.insert(id) {
+        let busy = self.owned.contains_key(&id)
+            || self.giving.contains(&id)
+            || self.removing.contains(&id)
+            || self.ending.contains(&id);
+        if busy || !self.claiming.insert(id) {
             return Box::pin(actix::fut::ready(Err(ReasonCode::OwnershipConflict)));
         }
         // From another node: only if its lease is gone (a handover names this node).
@@ -231,7 +235,15 @@ impl Handler<Claim> for ClusterNode {
 impl Handler<Disown> for ClusterNode {
     type Result = ();
 
-    fn handle(&mut self, msg: Disown, _ctx: &mut Context<Self>) {
-        self.owned.remove(&msg.0);
+    fn handle(&mut self, msg: Disown, ctx: &mut Context<Self>) {
+        // Asked for meanwhile: handed over as it is, not left waiting.
+        let asked = self
+            .owned
+            .remove(&msg.0)
+            .and_then(|o| o.leaving)
+            .map(|(_, to)| to);
+        if let Some(to) = asked {
+            self.give_as_is(ctx, msg.0, to);
+        }
     }
 }

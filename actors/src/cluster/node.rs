@@ -99,8 +99,11 @@ pub struct ClusterNode {
     watching: bool,
     /// The current watch's tasks (stopped when it is replaced).
     watch_tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Removals of released sessions' records under way.
-    pub(super) removing: usize,
+    /// Sessions whose record this node is removing (released here) or giving to another
+    /// node: none of them is claimed meanwhile (a retry of the write must never land on
+    /// a claim of this node's own).
+    pub(super) removing: HashSet<SessionId>,
+    pub(super) giving: HashSet<SessionId>,
 }
 
 impl ClusterNode {
@@ -136,7 +139,8 @@ impl ClusterNode {
             watch: 0,
             watching: false,
             watch_tasks: Vec::new(),
-            removing: 0,
+            removing: HashSet::new(),
+            giving: HashSet::new(),
         }
     }
 
@@ -603,6 +607,6 @@ impl Handler<InFlight> for ClusterNode {
     type Result = usize;
 
     fn handle(&mut self, _: InFlight, _ctx: &mut Context<Self>) -> usize {
-        self.removing + self.owned.values().filter(|o| o.writing).count()
+        self.removing.len() + self.giving.len() + self.owned.values().filter(|o| o.writing).count()
     }
 }

@@ -127,14 +127,16 @@ impl ClusterNode {
         let revision = owned.revision;
         let me = self.me.clone();
         let started = Instant::now();
-        self.removing += 1;
+        self.removing.insert(id);
         ctx.spawn(
             async move {
                 let first = table.remove(id, revision, None).await;
                 match first {
+                    // Still this node's and unasked (no claim of it can have come in
+                    // between: claims wait for the removal).
                     Err(TableError::Conflict {
                         current: Some(current),
-                    }) if current.value.owner == me => {
+                    }) if current.value.owner == me && current.value.handover_to.is_none() => {
                         table.remove(id, current.revision, None).await
                     }
                     other => other,
@@ -142,7 +144,7 @@ impl ClusterNode {
             }
             .into_actor(self)
             .map(move |result, act, _| {
-                act.removing -= 1;
+                act.removing.remove(&id);
                 telemetry::store_request("remove", started.elapsed(), error_kind(&result));
                 if let Err(TableError::Unavailable(e)) = result {
                     // Left for the survivors' TTL enforcement to end.
@@ -167,17 +169,26 @@ impl ClusterNode {
         };
         let me = self.me.clone();
         let started = Instant::now();
+        self.giving.insert(id);
         ctx.spawn(
             async move {
                 match table.swap(revision, &record).await {
+                    // A write of this node came in between: once more, only over a
+                    // record that still names this node and still asks for the same
+                    // taker (never over a claim of this node's own).
                     Err(TableError::Conflict {
                         current: Some(current),
-                    }) if current.value.owner == me => table.swap(current.revision, &record).await,
+                    }) if current.value.owner == me
+                        && current.value.handover_to.as_ref() == Some(&record.owner) =>
+                    {
+                        table.swap(current.revision, &record).await
+                    }
                     other => other,
                 }
             }
             .into_actor(self)
             .map(move |result, act, _| {
+                act.giving.remove(&id);
                 telemetry::store_request("swap", started.elapsed(), error_kind(&result));
                 if let Err(e) = result {
                     eprintln!("jvpn cluster {}: handing {id} over failed: {e}", act.me);
@@ -237,6 +248,8 @@ impl ClusterNode {
                     let id = r.session_id;
                     !self.ending.contains(&id)
                         && !self.claiming.contains(&id)
+                        && !self.giving.contains(&id)
+                        && !self.removing.contains(&id)
                         && !self.pending.contains_key(&id)
                 })
                 .filter(|(r, _)| {
