@@ -748,22 +748,13 @@ impl NodeSupervisor {
             .send_reserved_until
             .saturating_add(jvpn_core::cluster::COUNTER_BLOCK);
         let registry = Arc::clone(&self.registry);
-        let built = self.responder.adopt_session(
+        let built = self.responder.adopt(
             |s| registry.session(s).is_some(),
-            client,
-            |tunnel, policy, node, limits| {
-                GatewaySession::adopt(
-                    record,
-                    &secrets,
-                    (client, tunnel),
-                    Arc::clone(policy),
-                    node.clone(),
-                    limits,
-                    &clock,
-                    (header.counter, send_limit),
-                    now,
-                )
-            },
+            record,
+            (client, &secrets),
+            (header.counter, send_limit),
+            &clock,
+            now,
         );
         let session = match built {
             Ok(session) => session,

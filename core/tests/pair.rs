@@ -207,6 +207,15 @@ impl World {
         w
     }
 
+    /// Two nodes, the client's session on the first (its counters reserved below
+    /// 1 000, as a cluster node's are).
+    fn two_nodes_connected() -> (World, SessionId) {
+        let mut w = World::two_nodes(Policy::default()).attached();
+        let id = w.session();
+        w.gw.reserve_until(id, 1_000);
+        (w, id)
+    }
+
     /// The second node gets a datagram on path 2.
     fn second_node_receives(&mut self, bytes: &[u8]) {
         let now = self.now;
@@ -272,16 +281,20 @@ impl World {
     }
 
     fn connected(policy: Policy) -> World {
-        let mut w = World::new(policy);
-        let init = w
+        World::new(policy).attached()
+    }
+
+    /// This world once the client's handshake on path 1 attached it.
+    fn attached(mut self) -> World {
+        let init = self
             .client
-            .connect(TransportId(1), w.now)
+            .connect(TransportId(1), self.now)
             .expect("connect")
             .bytes
             .to_vec();
-        w.client_send(1, &init);
-        assert_eq!(w.client.state(), State::Attached);
-        w
+        self.client_send(1, &init);
+        assert_eq!(self.client.state(), State::Attached);
+        self
     }
 
     /// Delivers a client datagram on path `via` to the gateway, and any reply back.
@@ -1843,17 +1856,8 @@ fn open_secrets(record: &ClusterRecord, key: &ClusterKey) -> SessionSecrets {
 /// go, and traffic goes on — same session, no handshake, nothing ended.
 #[test]
 fn a_client_moves_its_session_to_another_node_when_its_path_dies() {
-    let mut w = World::two_nodes(Policy::default());
-    let init = w
-        .client
-        .connect(TransportId(1), w.now)
-        .expect("connect")
-        .bytes
-        .to_vec();
-    w.client_send(1, &init);
-    let id = w.session();
+    let (mut w, id) = World::two_nodes_connected();
     let tunnel = w.client.tunnel();
-    w.gw.reserve_until(id, 1_000);
     w.run_until_ms(5_000);
     let sent = w.second.as_ref().map_or(0, |n| n.standby_acks);
     assert!(sent > 0, "the standby answered no probe");
@@ -1902,16 +1906,7 @@ fn a_client_moves_its_session_to_another_node_when_its_path_dies() {
 /// sealed under other keys, it is refused.
 #[test]
 fn a_standby_answer_is_authenticated_and_fits_one_probe() {
-    let mut w = World::two_nodes(Policy::default());
-    let init = w
-        .client
-        .connect(TransportId(1), w.now)
-        .expect("connect")
-        .bytes
-        .to_vec();
-    w.client_send(1, &init);
-    let id = w.session();
-    w.gw.reserve_until(id, 1_000);
+    let (mut w, id) = World::two_nodes_connected();
     // Capture the standby's answers instead of delivering them.
     w.up[1] = false;
     let key = cluster_key(5);
@@ -1996,16 +1991,7 @@ fn a_node_does_not_send_beyond_its_reservation() {
 /// accepted and its binding version is old. Nothing is built where it is replayed.
 #[test]
 fn a_captured_reattach_request_takes_no_session_to_another_node() {
-    let mut w = World::two_nodes(Policy::default());
-    let init = w
-        .client
-        .connect(TransportId(1), w.now)
-        .expect("connect")
-        .bytes
-        .to_vec();
-    w.client_send(1, &init);
-    let id = w.session();
-    w.gw.reserve_until(id, 1_000);
+    let (mut w, id) = World::two_nodes_connected();
     w.run_until_ms(5_000);
     let key = cluster_key(5);
     let before = w.gw.export(id, &key).expect("here").expect("record");

@@ -234,6 +234,51 @@ fn the_table_refuses_stale_writes_and_reports_leases_and_changes() {
     .expect("the checks");
 }
 
+/// The inside network on the host `ns`: `bridge`, with the host's address
+/// ([`INSIDE_HOST`]/24) and an on-link route to the tunnel network (10.77.0.0/24), as a
+/// host behind a cluster needs and nothing more.
+fn inside_bridge(ns: &str, bridge: &str) {
+    use jvpn::netlab::addr;
+    use jvpn::netlink::{self, Route, RouteVia, MAIN_TABLE};
+    let b = bridge.to_string();
+    jvpn::netlab::in_ns(ns, move |h| async move {
+        h.link()
+            .add(rtnetlink::LinkBridge::new(&b).up().build())
+            .execute()
+            .await
+            .map_err(netlink::kernel(format!("link add {b} type bridge")))?;
+        netlink::add_address(&h, &b, addr(INSIDE_HOST), 24).await?;
+        let route = Route {
+            dst: addr("10.77.0.0"),
+            prefix: 24,
+            via: RouteVia::Device(b.clone()),
+            table: MAIN_TABLE,
+        };
+        netlink::add_route(&h, &route).await
+    })
+    .expect("the inside bridge");
+}
+
+/// Makes `port` a port of `bridge`, both in namespace `ns`.
+fn enslave(ns: &str, bridge: &str, port: &str) {
+    use jvpn::netlink;
+    let (b, p) = (bridge.to_string(), port.to_string());
+    jvpn::netlab::in_ns(ns, move |h| async move {
+        let br = netlink::link_index(&h, &b, "bridge").await?;
+        let port = netlink::link_index(&h, &p, "port").await?;
+        h.link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(port)
+                    .controller(br)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink::kernel(format!("link set {p} master {b}")))
+    })
+    .expect("enslave");
+}
+
 /// The MAC address of `dev` in `ns`.
 fn mac_of(ns: &str, dev: &str) -> String {
     let dev = dev.to_string();
@@ -277,35 +322,13 @@ fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
         lab.add_namespace(ns).expect("namespace");
     }
     let bridge = format!("{host}br");
-    let b = bridge.clone();
-    in_ns(&host, move |h| async move {
-        h.link()
-            .add(rtnetlink::LinkBridge::new(&b).up().build())
-            .execute()
-            .await
-            .map_err(netlink::kernel(format!("link add {b} type bridge")))
-    })
-    .expect("bridge");
+    inside_bridge(&host, &bridge);
     for (i, node) in [&n1, &n2].into_iter().enumerate() {
         let (inside, port) = (format!("{node}e"), format!("{host}{}", i + 1));
         let own = addr(&format!("10.210.0.{}", i + 1));
         lab.add_link((node, &inside, &[(own, 24)]), (&host, &port, &[]))
             .expect("link");
-        let (b, p) = (bridge.clone(), port.clone());
-        in_ns(&host, move |h| async move {
-            let br = netlink::link_index(&h, &b, "bridge").await?;
-            let port = netlink::link_index(&h, &p, "port").await?;
-            h.link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(port)
-                        .controller(br)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(netlink::kernel(format!("link set {p} master {b}")))
-        })
-        .expect("enslave");
+        enslave(&host, &bridge, &port);
         lab.exec_ok(node, &["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"])
             .expect("forwarding");
         // Each node routes the tunnel network into a device of its own (its TUN in a
@@ -321,18 +344,6 @@ fn a_tunnel_address_is_answered_by_its_owner_and_follows_a_takeover() {
         })
         .expect("the tunnel network's route");
     }
-    let b = bridge.clone();
-    in_ns(&host, move |h| async move {
-        netlink::add_address(&h, &b, addr("10.210.0.10"), 24).await?;
-        let route = Route {
-            dst: addr("10.77.0.0"),
-            prefix: 24,
-            via: RouteVia::Device(b.clone()),
-            table: MAIN_TABLE,
-        };
-        netlink::add_route(&h, &route).await
-    })
-    .expect("host address and on-link route");
     let tunnel = Ipv4Addr::new(10, 77, 0, 2);
     let (mac1, mac2) = (
         mac_of(&n1, &format!("{n1}e")),
@@ -420,29 +431,12 @@ struct Cluster {
 
 impl Cluster {
     fn new(tag: &str, nodes: usize, lease: (u64, u64), policy: &str) -> Option<Cluster> {
-        use jvpn::netlab::{addr, in_ns};
-        use jvpn::netlink::{self, Route, RouteVia, MAIN_TABLE};
+        use jvpn::netlab::addr;
         let mut lab = lab_or_skip(tag)?;
         let (host, c) = (lab.ns("h"), lab.ns("c"));
         lab.add_namespace(&host).expect("namespace");
         let bridge = format!("{host}br");
-        let b = bridge.clone();
-        in_ns(&host, move |h| async move {
-            h.link()
-                .add(rtnetlink::LinkBridge::new(&b).up().build())
-                .execute()
-                .await
-                .map_err(netlink::kernel(format!("link add {b} type bridge")))?;
-            netlink::add_address(&h, &b, addr(INSIDE_HOST), 24).await?;
-            let route = Route {
-                dst: addr("10.77.0.0"),
-                prefix: 24,
-                via: RouteVia::Device(b.clone()),
-                table: MAIN_TABLE,
-            };
-            netlink::add_route(&h, &route).await
-        })
-        .expect("the inside bridge");
+        inside_bridge(&host, &bridge);
         let mut candidates = Vec::new();
         for i in 1..=nodes {
             let n = lab.ns(&format!("n{i}"));
@@ -470,21 +464,7 @@ impl Cluster {
                 (&host, &port, &[]),
             )
             .expect("inside link");
-            let b = bridge.clone();
-            in_ns(&host, move |h| async move {
-                let br = netlink::link_index(&h, &b, "bridge").await?;
-                let p = netlink::link_index(&h, &port, "port").await?;
-                h.link()
-                    .set(
-                        rtnetlink::LinkUnspec::new_with_index(p)
-                            .controller(br)
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(netlink::kernel(format!("link set {port} master {b}")))
-            })
-            .expect("enslave");
+            enslave(&host, &bridge, &port);
             candidates.push(format!("10.220.{i}.1:{}", jvpn::netlab::PORT));
         }
         start_etcd(&mut lab, "etcd", &host, INSIDE_HOST).expect("etcd");
@@ -499,6 +479,20 @@ impl Cluster {
             lease,
             policy: policy.to_string(),
         })
+    }
+
+    /// A cluster with every node up and the client attached to node 1; the session id.
+    fn started(
+        tag: &str,
+        nodes: usize,
+        lease: (u64, u64),
+        policy: &str,
+    ) -> Option<(Cluster, String)> {
+        let mut k = Cluster::new(tag, nodes, lease, policy)?;
+        k.start_nodes();
+        let id = k.start_client();
+        assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
+        Some((k, id))
     }
 
     fn node_name(i: usize) -> String {
@@ -677,12 +671,9 @@ fn ping_gap(lab: &mut jvpn::netlab::Lab, count: u32) -> jvpn::netlab::PingGap {
 #[test]
 fn a_session_moves_to_another_node_when_the_path_to_its_node_is_cut() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut k) = Cluster::new("k1", 3, (3_000, 2_000), CLUSTER_POLICY) else {
+    let Some((mut k, id)) = Cluster::started("k1", 3, (3_000, 2_000), CLUSTER_POLICY) else {
         return;
     };
-    k.start_nodes();
-    let id = k.start_client();
-    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
     let tunnel = k.lab.status("client").expect("status")["tunnel_addresses"].clone();
     let listen = format!("{INSIDE_HOST}:5201");
     jvpn_lab::start_transfer_between(&mut k.lab, "", ("c", "h"), &listen, 6_000_000, Some(12_000));
@@ -810,12 +801,9 @@ impl Cluster {
 fn a_killed_owners_session_moves_within_its_lease_and_the_restarted_node_takes_nothing_back() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lease = (3_000, 2_000);
-    let Some(mut k) = Cluster::new("k2", 3, lease, CLUSTER_POLICY) else {
+    let Some((mut k, id)) = Cluster::started("k2", 3, lease, CLUSTER_POLICY) else {
         return;
     };
-    k.start_nodes();
-    let id = k.start_client();
-    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
     start_ping(&mut k.lab, 200);
     std::thread::sleep(Duration::from_millis(1_000));
     let killed = std::time::Instant::now();
@@ -863,12 +851,9 @@ fn a_killed_owners_session_moves_within_its_lease_and_the_restarted_node_takes_n
 fn an_owner_cut_off_from_etcd_fences_itself_and_no_two_nodes_forward_at_once() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lease = (3_000, 2_000);
-    let Some(mut k) = Cluster::new("k3", 2, lease, CLUSTER_POLICY) else {
+    let Some((mut k, id)) = Cluster::started("k3", 2, lease, CLUSTER_POLICY) else {
         return;
     };
-    k.start_nodes();
-    let id = k.start_client();
-    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
     let tun = k.lab.tun_name();
     for i in 1..=2 {
         let ns = k.lab.ns(&Cluster::node_name(i));
@@ -979,12 +964,9 @@ const ORPHAN_POLICY: &str = "[policy.volatility]\nheartbeat_interval_ms = 100\nh
 #[test]
 fn an_orphaned_session_ends_by_its_ttl_exactly_once_and_its_address_serves_a_new_session() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut k) = Cluster::new("k4", 3, (3_000, 2_000), ORPHAN_POLICY) else {
+    let Some((mut k, id)) = Cluster::started("k4", 3, (3_000, 2_000), ORPHAN_POLICY) else {
         return;
     };
-    k.start_nodes();
-    let id = k.start_client();
-    assert_eq!(k.holders(&id), [1], "{}", k.diagnostics());
     k.lab.kill("client");
     k.lab.kill("n1");
     let killed = std::time::Instant::now();
@@ -1037,11 +1019,9 @@ fn an_orphaned_session_ends_by_its_ttl_exactly_once_and_its_address_serves_a_new
 #[test]
 fn sessions_flow_while_etcd_restarts_and_handshakes_recover_after_it() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut k) = Cluster::new("k5", 2, (6_000, 4_000), CLUSTER_POLICY) else {
+    let Some((mut k, id)) = Cluster::started("k5", 2, (6_000, 4_000), CLUSTER_POLICY) else {
         return;
     };
-    k.start_nodes();
-    let id = k.start_client();
     start_ping(&mut k.lab, 160);
     std::thread::sleep(Duration::from_millis(1_000));
     let host = k.lab.ns("h");

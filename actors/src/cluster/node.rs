@@ -361,16 +361,22 @@ impl ClusterNode {
             .collect();
         drop(view);
         for (record, revision) in orphaned {
-            if let Some(p) = self.pending.remove(&record.session_id) {
-                self.supervisor.do_send(TakeOver {
-                    previous: p.previous,
-                    record,
-                    revision,
-                    datagram: p.datagram,
-                    via: p.via,
-                    from: p.from,
-                });
-            }
+            self.take_pending(record, revision);
+        }
+    }
+
+    /// The reattach waiting here for the session of `record` (at `revision`) takes it
+    /// over now: its owner handed it over, or is gone.
+    fn take_pending(&mut self, record: ClusterRecord, revision: i64) {
+        if let Some(p) = self.pending.remove(&record.session_id) {
+            self.supervisor.do_send(TakeOver {
+                previous: p.previous,
+                record,
+                revision,
+                datagram: p.datagram,
+                via: p.via,
+                from: p.from,
+            });
         }
     }
 
@@ -481,16 +487,7 @@ impl ClusterNode {
                 // A handover this node asked for: the record is its now; claim it with
                 // the waiting reattach.
                 if mine_now && !self.owned.contains_key(&id) && !self.claiming.contains(&id) {
-                    if let Some(p) = self.pending.remove(&id) {
-                        self.supervisor.do_send(TakeOver {
-                            previous: p.previous,
-                            record,
-                            revision,
-                            datagram: p.datagram,
-                            via: p.via,
-                            from: p.from,
-                        });
-                    }
+                    self.take_pending(record, revision);
                 }
                 notice
             }

@@ -338,25 +338,18 @@ impl Gateway {
         if self.router.get(id).is_some() {
             return Err(ClusterError::Refused("it is here already".into()));
         }
-        let clock = self.clock;
-        self.responder.adopt(
-            &mut self.router,
-            client,
-            |tunnel, policy, node, limits| {
-                GatewaySession::adopt(
-                    record,
-                    &secrets,
-                    (client, tunnel),
-                    Arc::clone(policy),
-                    node.clone(),
-                    limits,
-                    &clock,
-                    (header.counter, send_limit),
-                    now,
-                )
-            },
-            |session| session,
+        let router = &self.router;
+        let session = self.responder.adopt(
+            |s| router.get(s).is_some(),
+            record,
+            (client, &secrets),
+            (header.counter, send_limit),
+            &self.clock,
+            now,
         )?;
+        let tunnel = session.tunnel();
+        self.router
+            .register(id, tunnel, client, session, Registration::New);
         let (refused, answer) = match self.handle_datagram(from, datagram, now) {
             Received::Reply(b) => (None, b.to_vec()),
             Received::Dropped(d) => (Some(d.as_str()), Vec::new()),

@@ -21,10 +21,11 @@ use crate::wire::{
     encode_handshake, InitPayload, PacketType, RespPayload, Timestamp, TunnelAddrs, MAC_LEN,
 };
 
-use super::router::{Registration, Route, Router};
+use super::router::{Route, Router};
 use super::session::GatewaySession;
 use super::{Endpoint, GatewayConfig};
-use crate::cluster::ClusterError;
+use crate::cluster::{ClusterError, ClusterRecord, SessionSecrets};
+use crate::event::WallClock;
 use crate::fsm::TerminationCause;
 
 struct ClientEntry {
@@ -204,29 +205,6 @@ impl Responder {
         Ok((accepted, &self.out))
     }
 
-    /// A session of `client` taken over from another node (spec/cluster.md): routed here
-    /// under `client`'s tunnel addresses, written to this node's table, and the client's
-    /// live session from now on. `build` makes the session from the client's addresses.
-    /// Refused, changing nothing, when the client is not authorized here or the table
-    /// refuses the record.
-    pub fn adopt<H>(
-        &mut self,
-        router: &mut Router<H>,
-        client: PublicKey,
-        build: impl FnOnce(
-            TunnelAddrs,
-            &Arc<Policy>,
-            &NodeId,
-            KeyLimits,
-        ) -> Result<GatewaySession, ClusterError>,
-        wrap: impl FnOnce(GatewaySession) -> H,
-    ) -> Result<SessionId, ClusterError> {
-        let session = self.adopt_session(|id| router.get(id).is_some(), client, build)?;
-        let (id, tunnel) = (session.id(), session.tunnel());
-        router.register(id, tunnel, client, wrap(session), Registration::New);
-        Ok(id)
-    }
-
     /// Whether a session of `client` may be taken over here: it is authorized, and has
     /// no session that is `live` here.
     pub fn may_adopt(
@@ -245,19 +223,21 @@ impl Responder {
         Ok(())
     }
 
-    /// [`Responder::adopt`] for a driver that routes the session itself: the session
-    /// is built, written to this node's table and made its client's live session, and
-    /// handed back to be routed.
-    pub fn adopt_session(
+    /// The session of `record`, which another node owned, taken over by this one
+    /// (spec/cluster.md): built from the record and its opened `secrets`
+    /// ([`GatewaySession::adopt`]: sending from the record's reservation up to
+    /// `send_limit`, accepting only counters above the reattach's less one), written to
+    /// this node's table and made its client's live session, then handed back for the
+    /// driver to route. Refused, changing nothing, when the client is not authorized
+    /// here or has a session that is `live` here, or the table refuses the record.
+    pub fn adopt(
         &mut self,
         live: impl Fn(SessionId) -> bool,
-        client: PublicKey,
-        build: impl FnOnce(
-            TunnelAddrs,
-            &Arc<Policy>,
-            &NodeId,
-            KeyLimits,
-        ) -> Result<GatewaySession, ClusterError>,
+        record: &ClusterRecord,
+        (client, secrets): (PublicKey, &SessionSecrets),
+        (reattach_counter, send_limit): (u64, u64),
+        clock: &WallClock,
+        now: Instant,
     ) -> Result<GatewaySession, ClusterError> {
         self.may_adopt(&client, live)?;
         let Some(entry) = self.clients.get(&client) else {
@@ -265,7 +245,17 @@ impl Responder {
                 "its client is not authorized on this node".into(),
             ));
         };
-        let session = build(entry.tunnel, &self.policy, &self.node, self.limits)?;
+        let session = GatewaySession::adopt(
+            record,
+            secrets,
+            (client, entry.tunnel),
+            Arc::clone(&self.policy),
+            self.node.clone(),
+            self.limits,
+            clock,
+            (reattach_counter, send_limit),
+            now,
+        )?;
         self.store
             .create(session.table_record())
             .map_err(|e| ClusterError::Refused(format!("this node's table refused it: {e}")))?;
