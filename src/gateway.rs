@@ -201,7 +201,11 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     service::notify("READY=1");
     let signal = signal.wait().await;
     service::notify("STOPPING=1");
-    eprintln!("jvpn gateway: {signal}: ending every session (operator_terminated)");
+    if node.cluster.is_some() {
+        eprintln!("jvpn gateway: {signal}: handing every session off to the other nodes");
+    } else {
+        eprintln!("jvpn gateway: {signal}: ending every session (operator_terminated)");
+    }
     let left = node.stop(STOP_GRACE).await;
     if left > 0 {
         eprintln!("jvpn gateway: {left} session(s) were not released within {STOP_GRACE:?}");

@@ -10,12 +10,12 @@ use actix::prelude::*;
 use jvpn_core::gateway::{GatewayConfig, HandshakeGate, Responder};
 use jvpn_core::store::SessionStore;
 
-use crate::cluster::{ClusterLink, ClusterNode, ClusterSettings};
+use crate::cluster::{ClusterLink, ClusterNode, ClusterSettings, Depart, GiveUpLease, InFlight};
 use crate::conn::{ConnListen, ConnListeners};
 use crate::runtime::{Close, Reporter};
 use crate::supervisor::{
-    Announce, GatewayRouter, JoinCluster, NodeLimits, NodeSupervisor, Registry, StopSessions,
-    StopSupervisor,
+    Announce, GatewayRouter, HandOffSessions, HandingOff, JoinCluster, NodeLimits, NodeSupervisor,
+    Registry, StopSessions, StopSupervisor,
 };
 use crate::tls::TlsIdentity;
 use crate::transport::{Deliver, PreparedUdp, UdpTransport};
@@ -174,29 +174,43 @@ impl GatewayNode {
     }
 
     /// Stops the node: every session ends explicitly (operator_terminated, its client
-    /// told, its record released), waiting at most `grace` for their actors; then the
-    /// transports and the TUN stop reading and the session arbiters stop. Returns how
-    /// many sessions were still registered when the grace ran out (0 on a clean stop).
+    /// told, its record released) — or, on a cluster node, is handed off to the other
+    /// nodes (its final record written, the node's lease given up) — waiting at most
+    /// `grace` for their actors; then the transports and the TUN stop reading and the
+    /// session arbiters stop. Returns how many sessions were still registered when the
+    /// grace ran out (0 on a clean stop).
     pub async fn stop(self, grace: Duration) -> usize {
-        let _ = self.supervisor.send(StopSessions).await;
         let deadline = Instant::now() + grace;
-        while !self.registry.is_empty() && Instant::now() < deadline {
-            actix_rt::time::sleep(Duration::from_millis(10)).await;
-        }
-        let left = self.registry.len();
-        // The ended sessions' records leave the cluster's table before its actor stops
-        // (what is not removed by the grace's end, the survivors end by its TTL).
-        if let Some(link) = &self.cluster {
-            // (The last release's removal is sent just after its session leaves the
-            // registry.)
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-            while Instant::now() < deadline {
-                match link.node.send(crate::cluster::InFlight).await {
-                    Ok(n) if n > 0 => actix_rt::time::sleep(Duration::from_millis(10)).await,
-                    _ => break,
+        let left = match &self.cluster {
+            None => {
+                let _ = self.supervisor.send(StopSessions).await;
+                while !self.registry.is_empty() && Instant::now() < deadline {
+                    actix_rt::time::sleep(Duration::from_millis(10)).await;
                 }
+                self.registry.len()
             }
-        }
+            // A cluster node hands its sessions off instead: each writes its final
+            // record and stops; once they are written, the node gives its lease up and
+            // the other nodes take them at their clients' next reattach.
+            Some(link) => {
+                let _ = self.supervisor.send(HandOffSessions).await;
+                let _ = link.node.send(Depart).await;
+                while Instant::now() < deadline {
+                    match self.supervisor.send(HandingOff).await {
+                        Ok(n) if n > 0 => actix_rt::time::sleep(Duration::from_millis(10)).await,
+                        _ => break,
+                    }
+                }
+                while Instant::now() < deadline {
+                    match link.node.send(InFlight).await {
+                        Ok(n) if n > 0 => actix_rt::time::sleep(Duration::from_millis(10)).await,
+                        _ => break,
+                    }
+                }
+                let _ = link.node.send(GiveUpLease).await;
+                self.registry.len()
+            }
+        };
         // Unbounded sends on purpose: one lifecycle message per actor.
         for (_, transport) in &self.transports {
             transport.do_send(Close);

@@ -469,16 +469,24 @@ impl Handler<LeaveNode> for SessionActor {
             return;
         };
         let node = self.env.reporter.node().clone();
-        if msg.write {
-            if let (Some(link), Some(to)) = (self.env.cluster.as_ref(), msg.to.clone()) {
-                match session.export(self.env.reporter.clock(), &link.key) {
-                    Ok(mut record) => {
-                        record.owner = to;
-                        record.handover_to = None;
-                        link.node.do_send(crate::cluster::HandedOver(record));
-                    }
-                    Err(e) => eprintln!("jvpn gateway: cannot export session {}: {e}", self.id),
+        if let Some(link) = self.env.cluster.as_ref().filter(|_| msg.write) {
+            match (
+                session.export(self.env.reporter.clock(), &link.key),
+                msg.to.clone(),
+            ) {
+                // Asked for by `to`: the final record names it.
+                (Ok(mut record), Some(to)) => {
+                    record.owner = to;
+                    record.handover_to = None;
+                    link.node.do_send(crate::cluster::HandedOver(record));
                 }
+                // Handed off as the node stops: the final record, for whichever node
+                // the client reaches once this one's lease is given up.
+                (Ok(record), None) => link.node.do_send(crate::cluster::Sync {
+                    record,
+                    reserved: None,
+                }),
+                (Err(e), _) => eprintln!("jvpn gateway: cannot export session {}: {e}", self.id),
             }
         }
         if msg.reason != ReasonCode::NodeFenced {

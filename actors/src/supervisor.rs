@@ -167,6 +167,26 @@ pub struct TerminateSession(pub SessionId);
 #[rtype(result = "usize")]
 pub struct StopSessions;
 
+/// Stops a cluster node's sessions without ending them: each writes its final record
+/// and stops, for the other nodes to take at their clients' next reattach; no handshake
+/// is answered any more. Returns how many sessions were handed off.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct HandOffSessions;
+
+/// How many sessions handed off have not stopped yet.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct HandingOff;
+
+impl Handler<HandingOff> for NodeSupervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: HandingOff, _ctx: &mut Context<Self>) -> usize {
+        self.handing_off.len()
+    }
+}
+
 /// Stops the supervisor itself (the last step of a node's stop, after its sessions
 /// ended).
 #[derive(Debug, Message)]
@@ -228,6 +248,9 @@ pub struct NodeSupervisor {
     /// them told to leave meanwhile (not started then).
     starting: HashSet<SessionId>,
     cancelled: HashSet<SessionId>,
+    /// Sessions handed off as the node stops whose actor has not stopped yet (it sends
+    /// the final record first).
+    handing_off: HashSet<SessionId>,
 }
 
 impl NodeSupervisor {
@@ -257,6 +280,7 @@ impl NodeSupervisor {
             fences: 0,
             starting: HashSet::new(),
             cancelled: HashSet::new(),
+            handing_off: HashSet::new(),
         }
     }
 
@@ -458,6 +482,7 @@ impl Handler<SessionStopped> for NodeSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: SessionStopped, _ctx: &mut Context<Self>) {
+        self.handing_off.remove(&msg.id);
         // An actor that left the session to another node, reporting after the session
         // came back here under a new actor: nothing of the new one is touched.
         if self
@@ -582,6 +607,25 @@ impl Handler<StopSessions> for NodeSupervisor {
         let sessions = self.registry.sessions();
         for (id, _) in &sessions {
             self.end_session(*id, TerminationCause::Operator);
+        }
+        sessions.len()
+    }
+}
+
+impl Handler<HandOffSessions> for NodeSupervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: HandOffSessions, _ctx: &mut Context<Self>) -> usize {
+        self.stopping = true;
+        let sessions = self.registry.sessions();
+        for (id, _) in &sessions {
+            self.handing_off.insert(*id);
+            self.leave(crate::cluster::Leave {
+                id: *id,
+                to: None,
+                reason: ReasonCode::SessionMoved,
+                write: true,
+            });
         }
         sessions.len()
     }

@@ -170,6 +170,13 @@ impl EtcdTable {
             })
     }
 
+    /// Gives the lease up at once: the node's key goes with it, and every other node
+    /// may take its sessions from now on (a node that stops gracefully).
+    pub async fn revoke(&self, lease: i64) -> Result<(), TableError> {
+        self.client.clone().lease_revoke(lease).await?;
+        Ok(())
+    }
+
     /// The nodes whose lease is alive.
     pub async fn live_nodes(&self) -> Result<Vec<NodeId>, TableError> {
         let answer = self

@@ -1105,3 +1105,61 @@ fn sessions_flow_while_etcd_restarts_and_handshakes_recover_after_it() {
         }
     }
 }
+
+/// A node stopped gracefully (SIGTERM, as a rolling upgrade does) hands its sessions
+/// off instead of ending them: each writes its final record, the node gives its lease
+/// up and exits 0, and another node takes the session at the client's next reattach,
+/// with its id, and no termination anywhere.
+#[test]
+fn a_node_stopped_gracefully_hands_its_sessions_to_the_others() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((mut k, id)) = Cluster::started("k6", 3, (3_000, 2_000), CLUSTER_POLICY) else {
+        return;
+    };
+    start_ping(&mut k.lab, 120);
+    std::thread::sleep(Duration::from_millis(1_000));
+    let stopped = std::time::Instant::now();
+    assert_eq!(
+        k.lab.stop("n1", Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        k.diagnostics()
+    );
+    let to = k.moved_from(&id, 1, Duration::from_secs(10));
+    let took = stopped.elapsed();
+    let Some(to) = to else {
+        panic!("the session did not move\n{}", k.diagnostics());
+    };
+    let gap = ping_gap(&mut k.lab, 120);
+    eprintln!(
+        "CLUSTER node stopped gracefully: n{to} serves the session after {} ms; ping gap {} ms ({} of {} answered)",
+        took.as_millis(),
+        gap.longest_gap.as_millis(),
+        gap.received,
+        gap.sent
+    );
+    let (_, err) = k.lab.output_of("n1");
+    assert!(
+        err.contains("handing every session off") && err.contains("left the cluster"),
+        "{err}"
+    );
+    assert!(
+        k.moves("n1", &id)
+            .contains(&("n1".into(), "-".into(), "session_moved".into())),
+        "{:?}",
+        k.moves("n1", &id)
+    );
+    let to_name = Cluster::node_name(to);
+    assert!(k.moves(&to_name, &id).contains(&(
+        "n1".into(),
+        to_name.clone(),
+        "session_moved".into()
+    )));
+    for i in 1..=3 {
+        assert!(k.terminations(i, &id).is_empty(), "n{i} ended it");
+    }
+    let client = k.lab.status("client").expect("status");
+    assert_eq!(client["session_id"], id.as_str());
+    assert_eq!(client["state"], "ATTACHED");
+    assert!(gap.received + 40 >= gap.sent, "{gap:?}");
+}

@@ -235,6 +235,18 @@ pub struct Leave {
 #[rtype(result = "usize")]
 pub struct InFlight;
 
+/// The node stops gracefully: it takes, creates and asks for nothing from now on; the
+/// final records of the sessions it handed off are still written.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Depart;
+
+/// The node gives its lease up (its key goes with it): the other nodes may take its
+/// sessions at once, at their clients' next reattach.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct GiveUpLease;
+
 /// Every session the node forwards stops (the node is fenced).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]

@@ -137,7 +137,7 @@ impl Handler<Unclaimed> for ClusterNode {
 
     fn handle(&mut self, mut msg: Unclaimed, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Cluster);
-        if self.lease.is_none() {
+        if self.lease.is_none() || self.departing {
             telemetry::dropped(ReasonCode::StoreUnavailable.as_str());
             return;
         }
@@ -165,6 +165,9 @@ impl Handler<Claim> for ClusterNode {
         let (Some(table), Some(lease)) = (self.table.clone(), self.lease_id()) else {
             return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
         };
+        if self.departing {
+            return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
+        }
         let claimed = msg.claimed(&self.me);
         let id = claimed.session_id;
         let busy = self.owned.contains_key(&id)

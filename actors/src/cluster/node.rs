@@ -74,6 +74,8 @@ pub struct ClusterNode {
     pub(super) table: Option<EtcdTable>,
     /// The lease and its hold, while the node has one that lives.
     pub(super) lease: Option<(i64, LeaseHold)>,
+    /// The node is stopping: it joins nothing, takes nothing, creates nothing.
+    pub(super) departing: bool,
     /// A request for the lease (connect, register, renew) is under way.
     leasing: bool,
     pub(super) owned: HashMap<SessionId, Owned>,
@@ -125,6 +127,7 @@ impl ClusterNode {
             reporter,
             table: None,
             lease: None,
+            departing: false,
             leasing: false,
             owned: HashMap::new(),
             claiming: HashSet::new(),
@@ -176,6 +179,19 @@ impl ClusterNode {
                 self.fence("no renewal of its lease within the fencing delay");
                 return;
             }
+        }
+        if self.departing {
+            // Only the lease (until it is given up) and the last writes go on.
+            if !self.leasing
+                && self
+                    .lease
+                    .as_ref()
+                    .is_some_and(|(_, h)| now >= h.next_renewal())
+            {
+                self.renew(ctx);
+            }
+            self.retry_writes(ctx, now);
+            return;
         }
         if !self.leasing {
             match (&self.table, &self.lease) {
@@ -600,10 +616,50 @@ impl Handler<Watched> for ClusterNode {
     }
 }
 
+impl Handler<super::Depart> for ClusterNode {
+    type Result = ();
+
+    fn handle(&mut self, _: super::Depart, _ctx: &mut Context<Self>) {
+        self.departing = true;
+        self.pending.clear();
+    }
+}
+
+impl Handler<super::GiveUpLease> for ClusterNode {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: super::GiveUpLease, _ctx: &mut Context<Self>) -> Self::Result {
+        let (Some(table), Some((lease, _))) = (self.table.clone(), self.lease.take()) else {
+            return Box::pin(actix::fut::ready(()));
+        };
+        let started = Instant::now();
+        Box::pin(
+            async move { table.revoke(lease).await }
+                .into_actor(self)
+                .map(move |result, act, _| {
+                    telemetry::store_request("revoke", started.elapsed(), error_kind(&result));
+                    match result {
+                        Ok(()) => eprintln!("jvpn cluster {}: left the cluster", act.me),
+                        // Its lease then runs out by itself.
+                        Err(e) => {
+                            eprintln!("jvpn cluster {}: cannot give the lease up: {e}", act.me)
+                        }
+                    }
+                }),
+        )
+    }
+}
+
 impl Handler<InFlight> for ClusterNode {
     type Result = usize;
 
     fn handle(&mut self, _: InFlight, _ctx: &mut Context<Self>) -> usize {
-        self.removing.len() + self.giving.len() + self.owned.values().filter(|o| o.writing).count()
+        self.removing.len()
+            + self.giving.len()
+            + self
+                .owned
+                .values()
+                .filter(|o| o.writing || o.next.is_some())
+                .count()
     }
 }

@@ -334,6 +334,9 @@ impl Handler<Create> for ClusterNode {
         let (Some(table), Some(lease)) = (self.table.clone(), self.lease_id()) else {
             return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
         };
+        if self.departing {
+            return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
+        }
         let id = msg.0.session_id;
         let started = Instant::now();
         Box::pin(
