@@ -162,12 +162,9 @@ impl Handler<Claim> for ClusterNode {
 
     fn handle(&mut self, msg: Claim, _ctx: &mut Context<Self>) -> Self::Result {
         let _measure = Handling::start(ActorKind::Cluster);
-        let (Some(table), Some(lease)) = (self.table.clone(), self.lease_id()) else {
+        let Some((table, lease)) = self.owning() else {
             return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
         };
-        if self.departing {
-            return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
-        }
         let claimed = msg.claimed(&self.me);
         let id = claimed.session_id;
         let busy = self.owned.contains_key(&id)

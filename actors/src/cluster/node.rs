@@ -165,6 +165,13 @@ impl ClusterNode {
         );
     }
 
+    /// The table and the lease under which this node may create or claim a session:
+    /// none without a lease, or once the node is stopping.
+    pub(super) fn owning(&self) -> Option<(EtcdTable, i64)> {
+        let table = self.table.clone().filter(|_| !self.departing)?;
+        Some((table, self.lease_id()?))
+    }
+
     /// The lease this node holds now, if any.
     pub(super) fn lease_id(&self) -> Option<i64> {
         self.lease.as_ref().map(|(id, _)| *id)

@@ -331,12 +331,9 @@ impl Handler<Create> for ClusterNode {
 
     fn handle(&mut self, msg: Create, _ctx: &mut Context<Self>) -> Self::Result {
         let _measure = Handling::start(ActorKind::Cluster);
-        let (Some(table), Some(lease)) = (self.table.clone(), self.lease_id()) else {
+        let Some((table, lease)) = self.owning() else {
             return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
         };
-        if self.departing {
-            return Box::pin(actix::fut::ready(Err(ReasonCode::StoreUnavailable)));
-        }
         let id = msg.0.session_id;
         let started = Instant::now();
         Box::pin(
