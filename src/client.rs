@@ -363,6 +363,7 @@ async fn bring_up(
         name: tunnel.name.clone(),
         addresses: assigned,
         mtu: tunnel.mtu,
+        queues: 1,
     })?;
     if !device.offloads() {
         eprintln!(

@@ -69,6 +69,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         name: setup.tunnel.name.clone(),
         addresses,
         mtu: setup.tunnel.mtu,
+        queues: cores.max(1),
     })?;
     if !device.offloads() {
         eprintln!(

@@ -57,8 +57,8 @@ pub struct GatewayNode {
     pub registry: Arc<Registry>,
     /// The transport actors, with their local addresses.
     pub transports: Vec<(SocketAddr, Addr<UdpTransport>)>,
-    /// The TUN actor.
-    pub tun: Addr<TunActor>,
+    /// The TUN readers, one per device queue.
+    pub tun: Vec<Addr<TunActor>>,
     /// The QUIC and TCP listeners, with every connection they accepted.
     pub connections: Option<ConnListeners>,
     /// The cluster, when the node is part of one.
@@ -158,8 +158,18 @@ impl GatewayNode {
             }
             _ => None,
         };
+        // One reader per device queue, queue `i` on session arbiter `i`: a session's
+        // replies come back on the queue its thread writes to (see `KernelTun`).
         let route: Arc<dyn TunRoute> = router;
-        let tun = TunActor::new(device, route).start_supervised();
+        let tun = (0..device.queues())
+            .map(|queue| {
+                let reader = TunActor::for_queue(Arc::clone(&device), queue, Arc::clone(&route));
+                match arbiters.get(queue) {
+                    Some(arbiter) => reader.start_supervised_in(&arbiter.handle()),
+                    None => reader.start_supervised(),
+                }
+            })
+            .collect();
         Ok(GatewayNode {
             supervisor,
             registry,
@@ -218,7 +228,9 @@ impl GatewayNode {
         if let Some(c) = &self.connections {
             c.stop();
         }
-        self.tun.do_send(Close);
+        for reader in &self.tun {
+            reader.do_send(Close);
+        }
         self.supervisor.do_send(StopSupervisor);
         for a in self.arbiters {
             a.stop();

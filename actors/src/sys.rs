@@ -1,5 +1,5 @@
-//! The system calls no safe wrapper offers: turning on a TUN device's segmentation
-//! offload (TUNSETOFFLOAD), a gathered write (the virtio-net header and the packet in
+//! The system calls no safe wrapper offers: opening a queue of a multi-queue TUN device
+//! (TUNSETIFF), turning on a TUN device's segmentation offload (TUNSETOFFLOAD), a gathered write (the virtio-net header and the packet in
 //! one writev, without copying the packet), giving the device an IPv6 address (the
 //! `tun` crate addresses it through an IPv4 socket only), disconnecting a UDP socket, and
 //! sending a raw Ethernet frame (a gratuitous ARP). The only unsafe code of the crate;
@@ -7,7 +7,8 @@
 
 use std::io::{self, IoSlice};
 use std::net::Ipv6Addr;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::libc;
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -22,7 +23,72 @@ pub const TUN_F_TSO6: u32 = 0x04;
 pub const TUN_F_TSO_ECN: u32 = 0x08;
 
 nix::ioctl_write_int!(tun_set_offload, b'T', 208);
+nix::ioctl_write_ptr_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+    libc::ifreq
+);
+
+/// `IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`: a layer-3 device, no packet-information prefix,
+/// a virtio-net header before every packet.
+const TUN_FLAGS: libc::c_int = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+
+/// Opens one queue of the TUN device `name` (creating the device with the first), with a
+/// virtio-net header on every packet. With `multi_queue` every queue of the device must
+/// be opened so (IFF_MULTI_QUEUE), and the kernel spreads the packets it sends over
+/// them by flow (see [`crate::tun::KernelTun`]). The descriptor is non-blocking.
+#[allow(unsafe_code)]
+pub fn open_tun_queue(name: &str, multi_queue: bool) -> io::Result<OwnedFd> {
+    let bytes = name.as_bytes();
+    // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers and
+    // arrays) for which all-zero bytes are a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= request.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the interface name {name:?} must be 1 to {} bytes, without NUL",
+                request.ifr_name.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let flags = TUN_FLAGS
+        | if multi_queue {
+            libc::IFF_MULTI_QUEUE
+        } else {
+            0
+        };
+    request.ifr_ifru.ifru_flags = flags as libc::c_short;
+    let fd = OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/net/tun")?,
+    );
+    // SAFETY: TUNSETIFF reads and writes back one `struct ifreq`, which `request` is,
+    // alive and initialized for the call; `fd` is the descriptor opened above, owned
+    // here (a failed call leaves it to be closed by its drop).
+    unsafe { tun_set_iff(fd.as_raw_fd(), &request) }.map_err(io::Error::from)?;
+    Ok(fd)
+}
 nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, libc::in6_ifreq);
+
+/// Registers `file` for reading with the event loop of the calling thread (a tokio
+/// runtime must be current).
+#[allow(unsafe_code)]
+pub fn register_reader(
+    file: std::sync::Arc<std::fs::File>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<std::fs::File>>> {
+    // SAFETY: the registration holds a reference to the open file, so its descriptor
+    // stays open and names the same file for the registration's whole life; a `File`'s
+    // descriptor never changes.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
 
 /// Asks the device open at `fd` for the offloads in `flags`.
 #[allow(unsafe_code)]

@@ -7,9 +7,10 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::io::Read as _;
 use std::io::{self, IoSlice};
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tun::AbstractDevice;
 use actix::prelude::*;
 use bytes::Bytes;
 use futures_util::FutureExt;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, Mutex};
 
 use jvpn_core::offload::{coalesce, segments, VnetHeader, VNET_HDR_DATA_VALID, VNET_HDR_LEN};
@@ -32,11 +34,13 @@ pub const READ_BATCH: usize = 64;
 
 /// A packet device: the kernel's TUN or a stand-in.
 pub trait TunDevice: Send + Sync + 'static {
-    /// Waits for the next read and appends the packets it held to `out`: one packet, or
-    /// the segments of a super-packet the device handed over whole. `space` is the
-    /// reader's reused buffer space.
+    /// Waits for the next read of queue `queue` (below [`TunDevice::queues`]) and
+    /// appends the packets it held to `out`: one packet, or the segments of a
+    /// super-packet the device handed over whole. `space` is the reader's reused buffer
+    /// space.
     fn recv<'a>(
         &'a self,
+        queue: usize,
         space: &'a mut ReadSpace,
         out: &'a mut Vec<Bytes>,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
@@ -50,6 +54,10 @@ pub trait TunDevice: Send + Sync + 'static {
     }
     /// The largest packet the device carries.
     fn mtu(&self) -> usize;
+    /// How many queues the device has, each read by a reader of its own.
+    fn queues(&self) -> usize {
+        1
+    }
 }
 
 /// Where the TUN actor hands the packets it reads.
@@ -71,25 +79,41 @@ fn write_all<'p, D: TunDevice + ?Sized>(device: &D, packets: impl IntoIterator<I
 /// The TUN actor.
 pub struct TunActor {
     device: Arc<dyn TunDevice>,
+    /// The device queue this actor reads.
+    queue: usize,
     route: Arc<dyn TunRoute>,
     reading: Option<SpawnHandle>,
     closed: bool,
 }
 
 impl TunActor {
-    /// An actor over `device`, handing what it reads to `route`.
+    /// An actor reading `device` (its first queue), handing what it reads to `route`.
     pub fn new(device: Arc<dyn TunDevice>, route: Arc<dyn TunRoute>) -> Self {
+        Self::for_queue(device, 0, route)
+    }
+
+    /// An actor reading queue `queue` of `device`. Start it on the thread whose
+    /// sessions should write to that queue: they write to the queue read on their own
+    /// thread.
+    pub fn for_queue(device: Arc<dyn TunDevice>, queue: usize, route: Arc<dyn TunRoute>) -> Self {
         TunActor {
             device,
+            queue,
             route,
             reading: None,
             closed: false,
         }
     }
 
-    /// Starts the actor, supervised (restarted on the same device if it stops).
+    /// Starts the actor on the current thread, supervised (restarted on the same device
+    /// if it stops).
     pub fn start_supervised(self) -> Addr<Self> {
         actix::Supervisor::start(move |_| self)
+    }
+
+    /// Starts the actor on `arbiter`, supervised.
+    pub fn start_supervised_in(self, arbiter: &ArbiterHandle) -> Addr<Self> {
+        actix::Supervisor::start_in_arbiter(arbiter, move |_| self)
     }
 }
 
@@ -106,14 +130,14 @@ pub struct ReadSpace {
 /// What one wakeup read.
 struct Read(io::Result<Vec<Bytes>>);
 
-async fn read_batch(device: &dyn TunDevice, space: &mut ReadSpace) -> Read {
+async fn read_batch(device: &dyn TunDevice, queue: usize, space: &mut ReadSpace) -> Read {
     let mut batch = Vec::new();
-    if let Err(e) = device.recv(space, &mut batch).await {
+    if let Err(e) = device.recv(queue, space, &mut batch).await {
         return Read(Err(e));
     }
     // More packets already waiting join the batch; the first that is not ready ends it.
     while batch.len() < READ_BATCH {
-        match device.recv(space, &mut batch).now_or_never() {
+        match device.recv(queue, space, &mut batch).now_or_never() {
             Some(Ok(())) => {}
             Some(Err(_)) | None => break,
         }
@@ -129,12 +153,15 @@ impl Actor for TunActor {
             return;
         }
         let device = Arc::clone(&self.device);
+        let queue = self.queue;
+        // Sessions on this thread write to the queue read here.
+        READ_QUEUE.set(queue);
         // The stream ends after the device reports end-of-file, so a closed device is
         // not read again (the actor stays up; restarting it would spin on the EOF).
         let start = Some((device, ReadSpace::default()));
-        let reads = futures_util::stream::unfold(start, |state| async move {
+        let reads = futures_util::stream::unfold(start, move |state| async move {
             let (device, mut space) = state?;
-            let read = read_batch(device.as_ref(), &mut space).await;
+            let read = read_batch(device.as_ref(), queue, &mut space).await;
             let eof = matches!(&read.0, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof);
             Some((read, (!eof).then_some((device, space))))
         });
@@ -217,8 +244,10 @@ pub fn channel_device(capacity: usize, mtu: usize) -> (ChannelDevice, ChannelPee
 }
 
 impl TunDevice for ChannelDevice {
+    /// A channel device has one queue: `queue` is not looked at.
     fn recv<'a>(
         &'a self,
+        _queue: usize,
         _space: &'a mut ReadSpace,
         out: &'a mut Vec<Bytes>,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
@@ -250,10 +279,35 @@ impl TunDevice for ChannelDevice {
 /// virtio-net header on every packet and TCP segmentation offload: the kernel hands the
 /// reader whole TCP super-packets (up to 64 KiB), split into segments here
 /// ([`jvpn_core::offload`]), so one read replaces dozens.
+///
+/// The device may have several queues (IFF_MULTI_QUEUE), one per thread that carries
+/// sessions: queue `i` is read by the reader on thread `i`, and a session writes its
+/// packets to the queue read on its own thread ([`READ_QUEUE`]). The kernel remembers
+/// which queue a flow's packets were last written on and queues the flow's packets in
+/// the other direction there (its flow table, by a symmetric hash of the addresses and
+/// ports), so a reply comes back to the thread of the session that forwarded the
+/// request: no wakeup of another thread on a round trip.
+///
+/// Each queue is registered for reading with the event loop of the thread that reads it,
+/// at its first read: registered with another thread's, every packet would wake that
+/// thread first, which would then wake the reader.
 pub struct KernelTun {
-    device: tun::AsyncDevice,
+    queues: Vec<Queue>,
     mtu: usize,
     offloads: bool,
+}
+
+/// One queue of the device: its descriptor (non-blocking) and, once read, its
+/// registration with the reading thread's event loop.
+struct Queue {
+    file: Arc<std::fs::File>,
+    reader: std::sync::OnceLock<AsyncFd<Arc<std::fs::File>>>,
+}
+
+thread_local! {
+    /// The queue of the kernel device read on this thread (0 where none is): what a
+    /// session on this thread writes to.
+    static READ_QUEUE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The largest read: a 64 KiB super-packet and its virtio-net header.
@@ -336,6 +390,9 @@ pub struct TunConfig {
     /// The MTU (at least 1 280 when the tunnel has an IPv6 address: the kernel turns
     /// IPv6 off on a smaller link).
     pub mtu: u16,
+    /// How many queues the device has (at least 1; the gateway opens one per thread
+    /// that carries sessions).
+    pub queues: usize,
 }
 
 impl KernelTun {
@@ -345,14 +402,26 @@ impl KernelTun {
     /// can be refused is its own error, naming the setting refused.
     pub fn create(config: &TunConfig) -> Result<KernelTun, TunError> {
         let name = config.name.clone();
-        let mut c = tun::Configuration::default();
-        c.tun_name(&config.name).platform_config(|p| {
-            p.vnet_hdr(true);
-        });
-        let mut device = tun::create_as_async(&c).map_err(|cause| TunError::Create {
+        let count = config.queues.max(1);
+        let created = |cause| TunError::Create {
             name: name.clone(),
             cause,
-        })?;
+        };
+        let mut queues = Vec::with_capacity(count);
+        for _ in 0..count {
+            let fd = sys::open_tun_queue(&name, count > 1).map_err(|e| created(e.into()))?;
+            queues.push(Queue {
+                file: Arc::new(std::fs::File::from(fd)),
+                reader: std::sync::OnceLock::new(),
+            });
+        }
+        // The device is configured by its name, through the `tun` crate's requests
+        // (which borrow the first queue's descriptor and leave it open).
+        let mut c = tun::Configuration::default();
+        c.tun_name(&name)
+            .raw_fd(queues.first().map_or(-1, |q| q.file.as_raw_fd()))
+            .close_fd_on_drop(false);
+        let mut device = tun::create(&c).map_err(created)?;
         // Without an IPv6 address the device carries no IPv6 at all (set before it is
         // up): the kernel's own (router solicitations, MLD) would only be dropped by the
         // peer as spoofed.
@@ -366,19 +435,17 @@ impl KernelTun {
             hint: ipv6_hint(&name, &address),
         };
         if let Some(v4) = config.addresses.v4() {
-            (*device)
+            device
                 .set_address(v4.addr)
-                .and_then(|()| (*device).set_netmask(prefix_mask(v4.addr, v4.prefix)))
+                .and_then(|()| device.set_netmask(prefix_mask(v4.addr, v4.prefix)))
                 .map_err(|e| refused(v4, e.into()))?;
         }
-        (*device)
-            .set_mtu(config.mtu)
-            .map_err(|cause| TunError::Mtu {
-                name: name.clone(),
-                mtu: config.mtu,
-                cause,
-            })?;
-        (*device).enabled(true).map_err(|cause| TunError::Up {
+        device.set_mtu(config.mtu).map_err(|cause| TunError::Mtu {
+            name: name.clone(),
+            mtu: config.mtu,
+            cause,
+        })?;
+        device.enabled(true).map_err(|cause| TunError::Up {
             name: name.clone(),
             cause,
         })?;
@@ -396,10 +463,19 @@ impl KernelTun {
         let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
         let offloads = sys::set_offload(device.as_raw_fd(), flags).is_ok();
         Ok(KernelTun {
-            device,
+            queues,
             mtu: usize::from(config.mtu),
             offloads,
         })
+    }
+
+    /// The queue this thread writes to: the one read here, else the first.
+    fn write_queue(&self) -> RawFd {
+        let i = READ_QUEUE.get();
+        self.queues
+            .get(i)
+            .or(self.queues.first())
+            .map_or(-1, |q| q.file.as_raw_fd())
     }
 
     /// Whether the kernel took the segmentation offload.
@@ -428,12 +504,31 @@ fn prefix_mask(address: IpAddr, prefix: u8) -> IpAddr {
 impl TunDevice for KernelTun {
     fn recv<'a>(
         &'a self,
+        queue: usize,
         space: &'a mut ReadSpace,
         out: &'a mut Vec<Bytes>,
     ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
         Box::pin(async move {
+            let q = self
+                .queues
+                .get(queue)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such TUN queue"))?;
+            // Registered by its first read, on the reading thread.
+            let reader = match q.reader.get() {
+                Some(r) => r,
+                None => {
+                    let r = sys::register_reader(Arc::clone(&q.file))?;
+                    q.reader.get_or_init(|| r)
+                }
+            };
             space.buf.resize(OFFLOAD_READ, 0);
-            let n = self.device.recv(&mut space.buf).await?;
+            let n = loop {
+                let mut ready = reader.readable().await?;
+                match ready.try_io(|file| file.get_ref().as_ref().read(&mut space.buf)) {
+                    Ok(read) => break read?,
+                    Err(_would_block) => continue,
+                }
+            };
             let read = space.buf.get(..n).unwrap_or_default();
             let split = VnetHeader::split(read).and_then(|(h, p)| {
                 segments(&h, p, &mut space.scratch, |s| {
@@ -450,7 +545,7 @@ impl TunDevice for KernelTun {
     fn write(&self, packet: &[u8]) -> io::Result<()> {
         // The device's descriptor is non-blocking: a full queue fails at once.
         let parts = [IoSlice::new(&VNET_HDR_DATA_VALID), IoSlice::new(packet)];
-        sys::write_gathered(self.device.as_raw_fd(), &parts).map(|_| ())
+        sys::write_gathered(self.write_queue(), &parts).map(|_| ())
     }
 
     fn write_batch(&self, packets: &[&[u8]]) {
@@ -458,10 +553,11 @@ impl TunDevice for KernelTun {
             /// Where runs are joined: one per thread that writes (the arbiters).
             static JOINED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        let fd = self.write_queue();
         JOINED.with_borrow_mut(|buf| {
             coalesce(packets, buf, |write| {
                 let parts = [IoSlice::new(write)];
-                if sys::write_gathered(self.device.as_raw_fd(), &parts).is_err() {
+                if sys::write_gathered(fd, &parts).is_err() {
                     telemetry::dropped("tun_write_failed");
                 }
             });
@@ -470,6 +566,10 @@ impl TunDevice for KernelTun {
 
     fn mtu(&self) -> usize {
         self.mtu
+    }
+
+    fn queues(&self) -> usize {
+        self.queues.len()
     }
 }
 

@@ -121,6 +121,58 @@ fn aead(c: &mut Criterion) {
             black_box(plain[0])
         })
     });
+
+    for (name, alg) in [
+        (
+            "ring aes-256-gcm seal+open 1400 B",
+            &ring::aead::AES_256_GCM,
+        ),
+        (
+            "ring aes-128-gcm seal+open 1400 B",
+            &ring::aead::AES_128_GCM,
+        ),
+    ] {
+        let ring_key = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(alg, &key[..alg.key_len()]).expect("key"),
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                counter += 1;
+                let mut n = [0u8; 12];
+                n[4..].copy_from_slice(&counter.to_le_bytes());
+                let nonce = || ring::aead::Nonce::assume_unique_for_key(n);
+                let (body, tag_space) = sealed.split_at_mut(1_400);
+                let tag = ring_key
+                    .seal_in_place_separate_tag(nonce(), ring::aead::Aad::from(&aad), body)
+                    .expect("seal");
+                tag_space.copy_from_slice(tag.as_ref());
+                let plain = ring_key
+                    .open_in_place(nonce(), ring::aead::Aad::from(&aad), &mut sealed)
+                    .expect("open");
+                black_box(plain[0])
+            })
+        });
+    }
+    let aws_key = aws_lc_rs::aead::LessSafeKey::new(
+        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &key).expect("key"),
+    );
+    group.bench_function("aws-lc aes-256-gcm seal+open 1400 B", |b| {
+        b.iter(|| {
+            counter += 1;
+            let mut n = [0u8; 12];
+            n[4..].copy_from_slice(&counter.to_le_bytes());
+            let nonce = || aws_lc_rs::aead::Nonce::assume_unique_for_key(n);
+            let (body, tag_space) = sealed.split_at_mut(1_400);
+            let tag = aws_key
+                .seal_in_place_separate_tag(nonce(), aws_lc_rs::aead::Aad::from(&aad), body)
+                .expect("seal");
+            tag_space.copy_from_slice(tag.as_ref());
+            let plain = aws_key
+                .open_in_place(nonce(), aws_lc_rs::aead::Aad::from(&aad), &mut sealed)
+                .expect("open");
+            black_box(plain[0])
+        })
+    });
     group.finish();
 }
 
