@@ -107,6 +107,7 @@ async fn serve(
         .collect();
     let client = Client::new(
         ClientConfig {
+            ciphers: jvpn_core::crypto::CipherSet::this_machine(),
             keypair: setup.keypair.clone(),
             gateway: setup.gateway,
             policy: Arc::clone(&policy),
@@ -176,9 +177,10 @@ async fn serve(
                 }
                 tunnel = Some(assigned);
                 eprintln!(
-                    "jvpn client: session {} attached, tunnel {} {assigned}",
+                    "jvpn client: session {} attached, tunnel {} {assigned}, cipher {}",
                     now.session_id.map(|s| s.to_string()).unwrap_or_default(),
                     setup.tunnel.name,
+                    now.cipher.map_or("none", |c| c.name()),
                 );
                 service::notify(&format!(
                     "READY=1\nSTATUS=session {} attached, tunnel {assigned}",

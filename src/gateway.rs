@@ -150,6 +150,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     );
     let node = GatewayNode::start(GatewayNodeConfig {
         gateway: GatewayConfig {
+            ciphers: jvpn_core::crypto::CipherSet::this_machine(),
             keypair: setup.keypair,
             node_id,
             policy: Arc::clone(&policy),

@@ -59,6 +59,8 @@ pub struct AgentStatus {
     pub session_id: Option<SessionId>,
     /// Its tunnel addresses.
     pub tunnel: Option<TunnelAddrs>,
+    /// The cipher sealing its packets.
+    pub cipher: Option<jvpn_core::crypto::Cipher>,
     /// The transport in use.
     pub active: Option<TransportId>,
     /// Sessions established so far (a reconnect makes it 2, ...).
@@ -326,6 +328,7 @@ impl ClientAgent {
             state: State::Birth,
             session_id: None,
             tunnel: None,
+            cipher: None,
             active: None,
             sessions: 0,
             last_end: None,
@@ -501,6 +504,7 @@ impl ClientAgent {
             state: self.client.state(),
             session_id: self.client.session_id(),
             tunnel: self.client.tunnel(),
+            cipher: self.client.cipher(),
             active: control.and_then(|c| c.active()).map(|t| t.id),
             sessions: self.sessions,
             last_end: self.last_end,

@@ -301,6 +301,7 @@ async fn start(options: Options) -> Net {
     let (gw_device, gw_tun) = channel_device(256, 1_400);
     let gw = GatewayNode::start(GatewayNodeConfig {
         gateway: GatewayConfig {
+            ciphers: jvpn_core::crypto::CipherSet::ALL,
             keypair: gw_key.clone(),
             node_id: NodeId("gw-test".into()),
             policy: Arc::clone(&policy),
@@ -347,6 +348,7 @@ async fn start(options: Options) -> Net {
     let (client_device, client_tun) = channel_device(256, 1_400);
     let client = Client::new(
         ClientConfig {
+            ciphers: jvpn_core::crypto::CipherSet::ALL,
             keypair: client_key.clone(),
             gateway: gw_key.public(),
             policy: Arc::clone(&policy),
@@ -441,6 +443,7 @@ impl Net {
         socket.connect(self.gw_addrs[0]).expect("connect");
         let client = Client::new(
             ClientConfig {
+                ciphers: jvpn_core::crypto::CipherSet::ALL,
                 keypair: self.client_key.clone(),
                 gateway: self.gw_public,
                 policy: Arc::clone(&self.policy),

@@ -62,6 +62,7 @@ async fn pair() -> Pair {
     };
     let gw = GatewayNode::start(GatewayNodeConfig {
         gateway: GatewayConfig {
+            ciphers: jvpn_core::crypto::CipherSet::this_machine(),
             keypair: gw_key.clone(),
             node_id: NodeId("bench-gw".into()),
             policy: Arc::clone(&policy),
@@ -90,6 +91,7 @@ async fn pair() -> Pair {
     let (client_device, client_tun) = channel_device(1_024, 1_500);
     let client = Client::new(
         ClientConfig {
+            ciphers: jvpn_core::crypto::CipherSet::this_machine(),
             keypair: client_key,
             gateway: gw_key.public(),
             policy: Arc::clone(&policy),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use jvpn_bench::{connect, endpoint, gateway, initiation, UNIX_T0};
 use jvpn_core::crypto::{
-    plaintext, Channel, Initiation, KeyLimits, Keypair, Response, HANDSHAKE_PROLOGUE,
+    plaintext, Channel, Cipher, Initiation, KeyLimits, Keypair, Response, HANDSHAKE_PROLOGUE,
 };
 use jvpn_core::gateway::Received;
 use jvpn_core::ids::{Protocol, StateVersion, TransportId};
@@ -16,35 +16,39 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::{parse, Control, Datagram, ReattachRequest};
 
 fn seal_open(c: &mut Criterion) {
-    let client = Keypair::generate().expect("keys");
-    let gw = Keypair::generate().expect("keys");
-    let (init, msg1) =
-        Initiation::start(&client, &gw.public(), HANDSHAKE_PROLOGUE, &[]).expect("start");
-    let (msg2, gw_keys) = Response::read(&gw, HANDSHAKE_PROLOGUE, &msg1)
-        .and_then(|r| r.finish(&[]))
-        .expect("respond");
-    let (_, client_keys) = init.finish(&msg2).expect("finish");
-    let now = Instant::now();
-    let limits = KeyLimits::from_policy(&Policy::default());
-    let mut tx = Channel::new(jvpn_core::ids::SessionId(1), client_keys, limits, now);
-    let mut rx = Channel::new(jvpn_core::ids::SessionId(1), gw_keys, limits, now);
-    let packet = vec![0x45u8; 1_400];
-    let mut wire_bytes = Vec::with_capacity(1_500);
-
     let mut group = c.benchmark_group("packet");
     group.throughput(Throughput::Bytes(1_400));
-    group.bench_function("seal+open 1400 B", |b| {
-        b.iter(|| {
-            tx.seal(&Control::Data(&packet), now, &mut wire_bytes)
-                .expect("seal");
-            let Ok(Datagram::Session { header, .. }) = parse(&wire_bytes) else {
-                panic!("parse");
-            };
-            rx.open_in_place(&header, &mut wire_bytes, now)
-                .expect("open");
-            black_box(plaintext(&wire_bytes).len())
-        })
-    });
+    // The session's channel under each cipher it may agree: the key objects built per
+    // use, as the channel does.
+    for cipher in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {
+        let client = Keypair::generate().expect("keys");
+        let gw = Keypair::generate().expect("keys");
+        let (init, msg1) =
+            Initiation::start(&client, &gw.public(), HANDSHAKE_PROLOGUE, &[]).expect("start");
+        let (msg2, gw_keys) = Response::read(&gw, HANDSHAKE_PROLOGUE, &msg1)
+            .and_then(|r| r.finish(&[]))
+            .expect("respond");
+        let (_, client_keys) = init.finish(&msg2).expect("finish");
+        let now = Instant::now();
+        let limits = KeyLimits::from_policy(&Policy::default());
+        let id = jvpn_core::ids::SessionId(1);
+        let mut tx = Channel::new(id, (cipher, client_keys), limits, now);
+        let mut rx = Channel::new(id, (cipher, gw_keys), limits, now);
+        let packet = vec![0x45u8; 1_400];
+        let mut wire_bytes = Vec::with_capacity(1_500);
+        group.bench_function(format!("seal+open 1400 B {cipher}"), |b| {
+            b.iter(|| {
+                tx.seal(&Control::Data(&packet), now, &mut wire_bytes)
+                    .expect("seal");
+                let Ok(Datagram::Session { header, .. }) = parse(&wire_bytes) else {
+                    panic!("parse");
+                };
+                rx.open_in_place(&header, &mut wire_bytes, now)
+                    .expect("open");
+                black_box(plaintext(&wire_bytes).len())
+            })
+        });
+    }
     group.finish();
 }
 
@@ -262,9 +266,39 @@ fn reattach_validation(c: &mut Criterion) {
     group.finish();
 }
 
+/// The X25519 operations a handshake is made of (aws-lc's, as the handshake uses): its
+/// floor. The gateway's side of Noise IK does four Diffie-Hellman operations (es, ss,
+/// ee, se) and one key generation (a fixed-base multiplication).
+fn x25519(c: &mut Criterion) {
+    use aws_lc_rs::agreement::{agree, PrivateKey, UnparsedPublicKey, X25519};
+    let mine = PrivateKey::generate(&X25519).expect("key");
+    let theirs = PrivateKey::generate(&X25519)
+        .and_then(|k| k.compute_public_key())
+        .expect("key");
+    let mut group = c.benchmark_group("x25519");
+    group.bench_function("Diffie-Hellman (variable base)", |b| {
+        b.iter(|| {
+            agree(
+                &mine,
+                UnparsedPublicKey::new(&X25519, theirs.as_ref()),
+                (),
+                |s| Ok(black_box(s[0])),
+            )
+            .expect("agree")
+        })
+    });
+    group.bench_function("key generation (fixed base)", |b| {
+        b.iter(|| {
+            let k = PrivateKey::generate(&X25519).expect("key");
+            black_box(k.compute_public_key().expect("public").as_ref()[0])
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = seal_open, aead, handshakes, reattach_validation
+    targets = seal_open, aead, handshakes, reattach_validation, x25519
 }
 criterion_main!(benches);

@@ -61,6 +61,7 @@ fn main() {
         let (device, _peer) = channel_device(16, 1_500);
         let node = GatewayNode::start(GatewayNodeConfig {
             gateway: GatewayConfig {
+                ciphers: jvpn_core::crypto::CipherSet::this_machine(),
                 keypair: gw_key.clone(),
                 node_id: NodeId("bench-gw".into()),
                 policy: Arc::clone(&policy),
@@ -114,6 +115,7 @@ fn main() {
                 for (i, key) in keys.iter().enumerate().take(chunk_end).skip(next) {
                     let mut client = Client::new(
                         ClientConfig {
+                            ciphers: jvpn_core::crypto::CipherSet::this_machine(),
                             keypair: key.clone(),
                             gateway: gw_key.public(),
                             policy: Arc::clone(&policy),

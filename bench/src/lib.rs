@@ -53,6 +53,7 @@ pub fn gateway(policy: Policy, gw_key: &Keypair, clients: &[Keypair], t0: Instan
         .collect();
     Gateway::new(
         GatewayConfig {
+            ciphers: jvpn_core::crypto::CipherSet::this_machine(),
             keypair: gw_key.clone(),
             node_id: NodeId("bench".into()),
             policy: Arc::new(policy),
@@ -69,6 +70,7 @@ pub fn initiation(client: &Keypair, gateway: &Keypair, secs: u64) -> (Initiation
         timestamp: Timestamp { secs, nanos: 0 },
         transport_id: TransportId(1),
         protocol: Protocol::Udp,
+        ciphers: jvpn_core::crypto::CipherSet::this_machine(),
     };
     let (init, msg1) = Initiation::start(
         client,
@@ -108,7 +110,7 @@ pub fn connect(
     let resp = RespPayload::decode(&payload).expect("payload");
     let limits = KeyLimits::from_policy(&Policy::default());
     (
-        Channel::new(resp.session_id, keys, limits, now),
+        Channel::new(resp.session_id, (resp.cipher, keys), limits, now),
         resp.session_id,
         resp.binding_version,
     )

@@ -15,8 +15,8 @@ use thiserror::Error;
 
 use crate::control::{Action, SessionControl};
 use crate::crypto::{
-    plaintext, rekey_prologue, Channel, CryptoError, Initiation, KeyEvent, KeyLimits, Keypair,
-    OpenError, PublicKey, Rotation, HANDSHAKE_PROLOGUE,
+    plaintext, rekey_prologue, Channel, Cipher, CipherSet, CryptoError, Initiation, KeyEvent,
+    KeyLimits, Keypair, OpenError, PublicKey, Rotation, HANDSHAKE_PROLOGUE,
 };
 use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{State, TerminationCause};
@@ -45,6 +45,8 @@ pub struct ClientConfig {
     /// The candidate transports, in the client's numbering (at most
     /// transport.max_candidate_count).
     pub transports: Vec<TransportRef>,
+    /// The ciphers the client offers ([`CipherSet::this_machine`] in the binary).
+    pub ciphers: CipherSet,
 }
 
 /// Why the client refused to do something.
@@ -244,6 +246,7 @@ impl Client {
             timestamp,
             transport_id: via,
             protocol: transport.protocol,
+            ciphers: self.config.ciphers,
         };
         let (initiation, msg1) = Initiation::start(
             &self.config.keypair,
@@ -324,6 +327,11 @@ impl Client {
     /// The tunnel addresses the gateway gave, once established.
     pub fn tunnel(&self) -> Option<TunnelAddrs> {
         self.established().map(|e| e.tunnel)
+    }
+
+    /// The cipher the gateway chose for the session, once established.
+    pub fn cipher(&self) -> Option<Cipher> {
+        self.established().map(|e| e.channel.cipher())
     }
 
     /// The session's state (BIRTH before the handshake finishes).
@@ -754,7 +762,12 @@ impl Client {
             self.phase = retry;
             return Handled::Drop(ClientDrop::Unauthenticated);
         };
-        let Ok(resp) = RespPayload::decode(&payload) else {
+        // A cipher the client did not offer is a gateway that does not speak this
+        // protocol: refused like any malformed answer.
+        let Some(resp) = RespPayload::decode(&payload)
+            .ok()
+            .filter(|r| self.config.ciphers.contains(r.cipher))
+        else {
             self.phase = retry;
             return Handled::Drop(ClientDrop::Malformed);
         };
@@ -775,7 +788,7 @@ impl Client {
         self.phase = Phase::Established(Box::new(Established {
             session_id: resp.session_id,
             tunnel: resp.tunnel,
-            channel: Channel::new(resp.session_id, keys, self.limits, now),
+            channel: Channel::new(resp.session_id, (resp.cipher, keys), self.limits, now),
             control,
             binding_version: resp.binding_version,
             probing,

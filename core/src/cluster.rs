@@ -69,6 +69,8 @@ impl ClusterKey {
 
 /// A session's current keys, as a node that takes the session over needs them.
 pub struct SessionSecrets {
+    /// The AEAD the keys are for.
+    pub cipher: crate::crypto::Cipher,
     /// The key epoch they belong to.
     pub epoch: u32,
     /// The gateway's sending key.
@@ -78,7 +80,7 @@ pub struct SessionSecrets {
 }
 
 const NONCE_LEN: usize = 12;
-const SECRETS_LEN: usize = 4 + 32 + 32;
+const SECRETS_LEN: usize = 1 + 4 + 32 + 32;
 const TAG_LEN: usize = 16;
 /// The length of sealed secrets: nonce, sealed epoch and keys, tag.
 pub const SEALED_LEN: usize = NONCE_LEN + SECRETS_LEN + TAG_LEN;
@@ -90,6 +92,7 @@ impl SessionSecrets {
         getrandom::fill(&mut nonce).map_err(|e| ClusterError::Random(e.to_string()))?;
         let mut out = Vec::with_capacity(SEALED_LEN);
         out.extend_from_slice(&nonce);
+        out.push(self.cipher.id());
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(&self.send[..]);
         out.extend_from_slice(&self.recv[..]);
@@ -121,13 +124,18 @@ impl SessionSecrets {
             .0
             .open_in_place(nonce, Aad::from(session.0.to_be_bytes()), &mut body)
             .map_err(|_| ClusterError::Unsealing)?;
+        let cipher = plain
+            .first()
+            .and_then(|&id| crate::crypto::Cipher::from_id(id))
+            .ok_or(ClusterError::Unsealing)?;
         let mut epoch = [0u8; 4];
         let mut send = Zeroizing::new([0u8; 32]);
         let mut recv = Zeroizing::new([0u8; 32]);
-        epoch.copy_from_slice(&plain[..4]);
-        send.copy_from_slice(&plain[4..36]);
-        recv.copy_from_slice(&plain[36..68]);
+        epoch.copy_from_slice(&plain[1..5]);
+        send.copy_from_slice(&plain[5..37]);
+        recv.copy_from_slice(&plain[37..69]);
         Ok(SessionSecrets {
+            cipher,
             epoch: u32::from_be_bytes(epoch),
             send,
             recv,
@@ -153,7 +161,7 @@ pub fn standby_probe_ack(
     if header.ptype != PacketType::Probe || header.key_epoch != secrets.epoch as u8 {
         return None;
     }
-    if !crate::crypto::opens(&secrets.recv, header, packet) {
+    if !crate::crypto::opens((secrets.cipher, &secrets.recv), header, packet) {
         return None;
     }
     let Ok(Control::Probe { seq }) =
@@ -177,7 +185,12 @@ pub fn standby_probe_ack(
         probe_counter: header.counter,
     }
     .encode(out);
-    crate::crypto::seal_with(&secrets.send, crate::crypto::standby_nonce(random), out).ok()
+    crate::crypto::seal_with(
+        (secrets.cipher, &secrets.send),
+        crate::crypto::standby_nonce(random),
+        out,
+    )
+    .ok()
 }
 
 /// A session as the cluster's table holds it: one record per session, written only by
@@ -538,6 +551,7 @@ mod tests {
 
     fn secrets() -> SessionSecrets {
         SessionSecrets {
+            cipher: crate::crypto::Cipher::Aes256Gcm,
             epoch: 3,
             send: Zeroizing::new([7; 32]),
             recv: Zeroizing::new([9; 32]),
@@ -549,6 +563,7 @@ mod tests {
         let sealed = secrets().seal(&key(1), SessionId(42)).expect("seal");
         assert_eq!(sealed.len(), SEALED_LEN);
         let opened = SessionSecrets::open(&key(1), SessionId(42), &sealed).expect("open");
+        assert_eq!(opened.cipher, crate::crypto::Cipher::Aes256Gcm);
         assert_eq!(opened.epoch, 3);
         assert_eq!(*opened.send, [7; 32]);
         assert_eq!(*opened.recv, [9; 32]);

@@ -36,6 +36,7 @@ pub mod gateway;
 pub mod health;
 pub mod ids;
 pub mod journal;
+mod keycache;
 pub mod mac;
 pub mod offload;
 pub mod policy;

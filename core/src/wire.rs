@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 
+use crate::crypto::{Cipher, CipherSet};
 use crate::ids::{Protocol, SessionId, StateVersion, TransportId};
 use crate::reason::ReasonCode;
 
@@ -24,9 +25,9 @@ pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// Length of the clear-text prefix of a handshake message.
 pub const HANDSHAKE_PREFIX_LEN: usize = 8;
 /// Length of the handshake initiation's plaintext payload.
-pub const INIT_PAYLOAD_LEN: usize = 17;
+pub const INIT_PAYLOAD_LEN: usize = 18;
 /// Length of the handshake response's plaintext payload.
-pub const RESP_PAYLOAD_LEN: usize = 39;
+pub const RESP_PAYLOAD_LEN: usize = 40;
 /// Noise IK first message: e, s (+tag), payload (+tag).
 pub const NOISE_INIT_LEN: usize = 32 + 48 + INIT_PAYLOAD_LEN + TAG_LEN;
 /// Noise IK second message: e, payload (+tag).
@@ -195,6 +196,12 @@ pub enum WireError {
     /// A prefix length longer than the address.
     #[error("prefix length {0} is too long for the address")]
     BadPrefix(u8),
+    /// A cipher offer without ChaCha20-Poly1305, which every side must offer.
+    #[error("cipher offer {0:#04x} lacks ChaCha20-Poly1305 (bit 0), which is mandatory")]
+    NoMandatoryCipher(u8),
+    /// A cipher byte that names no cipher.
+    #[error("unknown cipher id {0}")]
+    UnknownCipher(u8),
 }
 
 /// Reads fixed-size big-endian fields from a slice, failing instead of panicking.
@@ -536,6 +543,8 @@ pub struct InitPayload {
     pub transport_id: TransportId,
     /// That transport's protocol.
     pub protocol: Protocol,
+    /// The ciphers the client offers for the session's packets.
+    pub ciphers: CipherSet,
 }
 
 impl InitPayload {
@@ -546,6 +555,7 @@ impl InitPayload {
         out[8..12].copy_from_slice(&self.timestamp.nanos.to_be_bytes());
         out[12..16].copy_from_slice(&self.transport_id.0.to_be_bytes());
         out[16] = protocol_id(self.protocol);
+        out[17] = self.ciphers.bits();
         out
     }
 
@@ -559,6 +569,10 @@ impl InitPayload {
             },
             transport_id: TransportId(r.u32()?),
             protocol: r.protocol()?,
+            ciphers: {
+                let bits = r.u8()?;
+                CipherSet::from_bits(bits).ok_or(WireError::NoMandatoryCipher(bits))?
+            },
         })
     }
 }
@@ -682,12 +696,14 @@ pub struct RespPayload {
     pub binding_version: StateVersion,
     /// The client's tunnel addresses.
     pub tunnel: TunnelAddrs,
+    /// The cipher the gateway chose among the client's offer.
+    pub cipher: Cipher,
 }
 
 impl RespPayload {
     /// The payload bytes: id, version, then a families byte (bit 0 IPv4, bit 1 IPv6)
     /// and both address slots (IPv4 address and prefix, IPv6 address and prefix), an
-    /// absent family's slot zero.
+    /// absent family's slot zero; last, the cipher's id.
     pub fn encode(&self) -> [u8; RESP_PAYLOAD_LEN] {
         let mut out = [0u8; RESP_PAYLOAD_LEN];
         out[0..8].copy_from_slice(&self.session_id.0.to_be_bytes());
@@ -712,6 +728,7 @@ impl RespPayload {
             out[38] = prefix;
         }
         out[16] = families;
+        out[39] = self.cipher.id();
         out
     }
 
@@ -725,6 +742,8 @@ impl RespPayload {
         let v4_prefix = r.u8()?;
         let v6: [u8; 16] = r.take()?;
         let v6_prefix = r.u8()?;
+        let cipher_id = r.u8()?;
+        let cipher = Cipher::from_id(cipher_id).ok_or(WireError::UnknownCipher(cipher_id))?;
         if families & !(FAMILY_V4 | FAMILY_V6) != 0 {
             return Err(WireError::UnknownFamily(families));
         }
@@ -759,6 +778,7 @@ impl RespPayload {
             session_id,
             binding_version,
             tunnel,
+            cipher,
         })
     }
 }
@@ -1107,8 +1127,27 @@ mod tests {
             },
             transport_id: TransportId(1),
             protocol: Protocol::Udp,
+            ciphers: CipherSet::ALL,
         };
         assert_eq!(InitPayload::decode(&init.encode()), Ok(init));
+        let chacha = InitPayload {
+            ciphers: CipherSet::CHACHA20_POLY1305,
+            ..init
+        };
+        assert_eq!(InitPayload::decode(&chacha.encode()), Ok(chacha));
+        let mut bytes = init.encode();
+        bytes[17] = 0b1000_0011;
+        assert_eq!(
+            InitPayload::decode(&bytes),
+            Ok(init),
+            "an unknown cipher's bit is ignored"
+        );
+        bytes[17] = 0b10;
+        assert_eq!(
+            InitPayload::decode(&bytes),
+            Err(WireError::NoMandatoryCipher(2)),
+            "ChaCha20-Poly1305 is always offered"
+        );
         let v4 = TunnelAddr {
             addr: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
             prefix: 24,
@@ -1117,11 +1156,16 @@ mod tests {
             addr: IpAddr::V6("fd00::2".parse().expect("v6")),
             prefix: 64,
         };
-        for tunnel in [vec![v4], vec![v6], vec![v4, v6]] {
+        for (tunnel, cipher) in [
+            (vec![v4], Cipher::ChaCha20Poly1305),
+            (vec![v6], Cipher::Aes256Gcm),
+            (vec![v4, v6], Cipher::ChaCha20Poly1305),
+        ] {
             let resp = RespPayload {
                 session_id: SessionId(99),
                 binding_version: StateVersion(1),
                 tunnel: TunnelAddrs::new(tunnel).expect("valid"),
+                cipher,
             };
             assert_eq!(RespPayload::decode(&resp.encode()), Ok(resp));
         }
@@ -1129,6 +1173,7 @@ mod tests {
             session_id: SessionId(1),
             binding_version: StateVersion(1),
             tunnel: TunnelAddrs::single(v4).expect("valid"),
+            cipher: Cipher::Aes256Gcm,
         }
         .encode();
         let mut bad = good;
@@ -1141,6 +1186,7 @@ mod tests {
             (16, 5, WireError::UnknownFamily(5)),
             (30, 1, WireError::NonZeroReserved),
             (38, 64, WireError::NonZeroReserved),
+            (39, 2, WireError::UnknownCipher(2)),
         ] {
             let mut bad = good;
             bad[at] = value;

@@ -9,7 +9,9 @@ use jvpn_core::client::{Client, ClientConfig, ClientReceived};
 use jvpn_core::cluster::{
     standby_probe_ack, ClusterKey, ClusterRecord, SessionSecrets, COUNTER_BLOCK,
 };
-use jvpn_core::crypto::{plaintext, Channel, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE};
+use jvpn_core::crypto::{
+    plaintext, Channel, Cipher, CipherSet, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE,
+};
 use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
 use jvpn_core::gateway::{AuthorizedClient, Drop, Endpoint, Gateway, GatewayConfig, Received};
@@ -131,12 +133,18 @@ fn client_accepts(w: &mut World, via: u32, datagram: &[u8]) -> bool {
 
 impl World {
     fn new(policy: Policy) -> World {
+        World::with_ciphers(policy, (CipherSet::ALL, CipherSet::ALL))
+    }
+
+    /// A world whose gateway and client run (offer) these ciphers.
+    fn with_ciphers(policy: Policy, (at_gateway, at_client): (CipherSet, CipherSet)) -> World {
         let t0 = Instant::now();
         let policy = Arc::new(policy);
         let gw_key = Keypair::generate().expect("keys");
         let client_key = Keypair::generate().expect("keys");
         let store = Arc::new(MemoryStore::new(16, 3));
         let config = GatewayConfig {
+            ciphers: at_gateway,
             keypair: gw_key.clone(),
             node_id: NodeId("gw-1".into()),
             policy: Arc::clone(&policy),
@@ -162,6 +170,7 @@ impl World {
                 gateway: gw_key.public(),
                 policy,
                 transports: vec![udp(1), udp(2)],
+                ciphers: at_client,
             },
             WallClock::new(t0, UNIX_T0),
         );
@@ -437,9 +446,30 @@ fn reattach_results(events: &[(SessionId, SessionEvent)]) -> Vec<ReasonCode> {
         .collect()
 }
 
+/// Whatever each side runs, the session seals with the fastest cipher both offer, and
+/// data flows both ways under it.
 #[test]
-fn handshake_then_data_flows_both_ways() {
-    let mut w = World::connected(Policy::default());
+fn handshake_then_data_flows_both_ways_under_the_agreed_cipher() {
+    for (sides, agreed) in [
+        ((CipherSet::ALL, CipherSet::ALL), Cipher::Aes256Gcm),
+        (
+            (CipherSet::ALL, CipherSet::CHACHA20_POLY1305),
+            Cipher::ChaCha20Poly1305,
+        ),
+        (
+            (CipherSet::CHACHA20_POLY1305, CipherSet::ALL),
+            Cipher::ChaCha20Poly1305,
+        ),
+    ] {
+        let mut w = World::with_ciphers(Policy::default(), sides).attached();
+        let id = w.client.session_id().expect("established");
+        assert_eq!(w.client.cipher(), Some(agreed), "{sides:?}");
+        assert_eq!(w.gw.session(id).map(|s| s.cipher()), Some(agreed));
+        data_flows_both_ways(&mut w);
+    }
+}
+
+fn data_flows_both_ways(w: &mut World) {
     let tunnel = w.client.tunnel().expect("established");
     assert_eq!(tunnel.v4().map(|t| t.addr), Some(IpAddr::V4(TUNNEL)));
     assert_eq!(
@@ -911,6 +941,7 @@ impl RawClient {
             },
             transport_id: TransportId(via),
             protocol: Protocol::Udp,
+            ciphers: CipherSet::ALL,
         };
         let (init, msg1) = Initiation::start(
             key,
@@ -939,7 +970,7 @@ impl RawClient {
         RawClient {
             channel: Channel::new(
                 resp.session_id,
-                keys,
+                (resp.cipher, keys),
                 KeyLimits::from_policy(&Policy::default()),
                 now,
             ),
@@ -1508,6 +1539,7 @@ fn unauthorized_clients_and_replayed_initiations_are_refused() {
         timestamp: Timestamp { secs: 1, nanos: 0 },
         transport_id: TransportId(1),
         protocol: Protocol::Udp,
+        ciphers: CipherSet::ALL,
     };
     let (_, msg1) = Initiation::start(
         &stranger,

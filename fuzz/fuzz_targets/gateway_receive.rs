@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
     let store = Arc::new(MemoryStore::new(8, 3));
     let mut gw = Gateway::new(
         GatewayConfig {
+            ciphers: jvpn_core::crypto::CipherSet::ALL,
             keypair: gw_key.clone(),
             node_id: NodeId("fuzz".into()),
             policy: Arc::clone(&policy),
@@ -85,6 +86,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut client = Client::new(
         ClientConfig {
+            ciphers: jvpn_core::crypto::CipherSet::ALL,
             keypair: client_key,
             gateway: gw_key.public(),
             policy,

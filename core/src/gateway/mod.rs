@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cluster::{ClusterError, ClusterKey, ClusterRecord, SessionSecrets};
-use crate::crypto::Keypair;
 use crate::crypto::PublicKey;
+use crate::crypto::{CipherSet, Keypair};
 use crate::event::{SessionEvent, WallClock};
 use crate::fsm::{State, TerminationCause};
 use crate::ids::{NodeId, Protocol, SessionId};
@@ -151,6 +151,9 @@ pub struct GatewayConfig {
     pub policy: Arc<Policy>,
     /// The clients allowed to connect.
     pub clients: Vec<AuthorizedClient>,
+    /// The ciphers this gateway runs fast ([`CipherSet::this_machine`] in the binary):
+    /// each session gets the fastest of them that its client offers.
+    pub ciphers: CipherSet,
 }
 
 /// The source address of an IPv4 or IPv6 packet.
@@ -213,7 +216,7 @@ pub fn open_takeover_request(
     let secrets = SessionSecrets::open(key, id, &sealed)?;
     let mut opened = datagram.to_vec();
     if header.key_epoch != secrets.epoch as u8
-        || !crate::crypto::opens(&secrets.recv, &header, &mut opened)
+        || !crate::crypto::opens((secrets.cipher, &secrets.recv), &header, &mut opened)
     {
         return Err(ClusterError::Refused(
             "the request does not open under its keys".into(),

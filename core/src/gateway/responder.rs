@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::crypto::{Channel, KeyLimits, Keypair, PublicKey, Response, HANDSHAKE_PROLOGUE};
+use crate::crypto::{
+    Channel, CipherSet, KeyLimits, Keypair, PublicKey, Response, HANDSHAKE_PROLOGUE,
+};
 use crate::event::TransportRef;
 use crate::fsm::State;
 use crate::ids::{NodeId, SessionId, StateVersion};
@@ -54,6 +56,7 @@ pub struct Responder {
     store: Arc<dyn SessionStore>,
     clients: HashMap<PublicKey, ClientEntry>,
     mac_key: MacKey,
+    ciphers: CipherSet,
     out: Vec<u8>,
 }
 
@@ -80,6 +83,7 @@ impl Responder {
             keypair: config.keypair,
             node: config.node_id,
             policy: config.policy,
+            ciphers: config.ciphers,
             store,
             clients,
             out: Vec::new(),
@@ -148,6 +152,7 @@ impl Responder {
             // The version AttachOk produces: the first binding's.
             binding_version: StateVersion(1),
             tunnel,
+            cipher: self.ciphers.choose(payload.ciphers),
         };
         // Everything that can fail on this handshake's own account comes first, so that
         // a refused handshake leaves the table untouched.
@@ -181,7 +186,7 @@ impl Responder {
             tunnel,
             Arc::clone(&self.policy),
             self.node.clone(),
-            Channel::new(session_id, keys, self.limits, now),
+            Channel::new(session_id, (resp.cipher, keys), self.limits, now),
             now,
         );
         if !session.attach(self.store.as_ref(), from, transport, now) {

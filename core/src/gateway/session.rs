@@ -346,6 +346,11 @@ impl GatewaySession {
         self.tunnel
     }
 
+    /// The cipher that seals the session's packets.
+    pub fn cipher(&self) -> crate::crypto::Cipher {
+        self.channel.cipher()
+    }
+
     /// The client's static public key.
     pub fn client(&self) -> PublicKey {
         self.client
