@@ -217,7 +217,8 @@ pub struct Client {
 impl Client {
     /// A client that has not connected yet. `clock` supplies wall time for handshake
     /// timestamps and reattach freshness.
-    pub fn new(config: ClientConfig, clock: WallClock) -> Self {
+    pub fn new(mut config: ClientConfig, clock: WallClock) -> Self {
+        config.keypair = config.keypair.with_peers([config.gateway]);
         Client {
             mac_key: MacKey::for_gateway(&config.gateway),
             cookie_key: CookieKey::for_gateway(&config.gateway),

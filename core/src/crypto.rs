@@ -21,6 +21,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -32,6 +33,7 @@ use crate::ids::SessionId;
 use crate::keycache::{self, KeyId};
 use crate::replay::{ReplayError, ReplayWindow};
 use crate::wire::{self, Control, SessionHeader, HEADER_LEN, TAG_LEN};
+use crate::x25519::LocalStatic;
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
@@ -236,11 +238,12 @@ fn decode_key(s: &str) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
 }
 
 /// An X25519 static key pair. The private half is zeroized when dropped and never
-/// printed.
+/// printed. Clones share what the key's handshakes keep (see [`Keypair::with_peers`]).
 #[derive(Clone)]
 pub struct Keypair {
     private: Zeroizing<[u8; 32]>,
     public: PublicKey,
+    local: Arc<LocalStatic>,
 }
 
 impl fmt::Debug for Keypair {
@@ -263,8 +266,25 @@ impl Keypair {
 
     /// The key pair of a private key (clamped by X25519 as usual).
     pub fn from_private(private: Zeroizing<[u8; 32]>) -> Keypair {
-        let public = x25519_public(&private);
-        Keypair { private, public }
+        let local = Arc::new(LocalStatic::new(&private, []));
+        Keypair {
+            public: PublicKey(local.public()),
+            private,
+            local,
+        }
+    }
+
+    /// This key pair, keeping the static-static secret with each of `peers` (the
+    /// gateway's authorized clients; the client's gateway) from the peer's first
+    /// handshake on: Noise IK's `ss` is the same in every handshake between two static
+    /// keys, and each one kept saves a Diffie-Hellman per handshake and rekey. At most
+    /// one secret per peer; other peers' handshakes are computed in full.
+    pub fn with_peers(self, peers: impl IntoIterator<Item = PublicKey>) -> Keypair {
+        let local = Arc::new(LocalStatic::new(
+            &self.private,
+            peers.into_iter().map(|p| p.0),
+        ));
+        Keypair { local, ..self }
     }
 
     /// Parses a base64 private key, as `jvpn keygen` writes it.
@@ -296,17 +316,13 @@ impl Keypair {
     }
 }
 
-fn x25519_public(private: &[u8; 32]) -> PublicKey {
-    PublicKey(crate::x25519::public_key(private))
-}
-
-fn builder(prologue: &[u8]) -> snow::Builder<'_> {
+fn builder<'a>(prologue: &'a [u8], local: &Keypair) -> snow::Builder<'a> {
     // The parameter string is a constant that snow's own tests cover; parsing it cannot
     // fail, and if a future snow refused it every handshake would fail loudly.
     let params = NOISE_PARAMS
         .parse()
         .unwrap_or_else(|_| unreachable!("{NOISE_PARAMS} is a valid Noise protocol name"));
-    snow::Builder::with_resolver(params, crate::x25519::resolver())
+    snow::Builder::with_resolver(params, crate::x25519::resolver(&local.local))
         .prologue(prologue)
         .unwrap_or_else(|_| unreachable!())
 }
@@ -341,7 +357,7 @@ impl Initiation {
         prologue: &[u8],
         payload: &[u8],
     ) -> Result<(Initiation, Vec<u8>), CryptoError> {
-        let mut state = builder(prologue)
+        let mut state = builder(prologue, local)
             .local_private_key(local.private.as_ref())
             .and_then(|b| b.remote_public_key(&gateway.0))
             .and_then(|b| b.build_initiator())
@@ -374,7 +390,7 @@ pub struct Response {
 impl Response {
     /// Reads a client's first message.
     pub fn read(local: &Keypair, prologue: &[u8], noise: &[u8]) -> Result<Response, CryptoError> {
-        let mut state = builder(prologue)
+        let mut state = builder(prologue, local)
             .local_private_key(local.private.as_ref())
             .and_then(|b| b.build_responder())
             .map_err(noise_err)?;

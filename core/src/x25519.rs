@@ -4,6 +4,16 @@
 //! snow's default (curve25519-dalek) on this project's machines. A gateway handshake is
 //! four Diffie-Hellman operations and one key generation, so this sets the handshake
 //! rate. Everything else of the handshake (BLAKE2s, ChaCha20-Poly1305) stays snow's.
+//!
+//! Two results are the same in every handshake of a static key, so they are kept
+//! ([`LocalStatic`]) instead of computed again: the key's public half (snow would derive
+//! it from the private key each time, a fixed-base multiplication), and the
+//! static-static secret (Noise IK's `ss`) with each peer the key knows in advance (the
+//! gateway's authorized clients, the client's gateway), computed at the peer's first
+//! handshake — as WireGuard precomputes it per peer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use aws_lc_rs::agreement::{agree, PrivateKey, UnparsedPublicKey, X25519};
 use snow::params::{CipherChoice, DHChoice, HashChoice};
@@ -11,11 +21,13 @@ use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 use zeroize::Zeroizing;
 
-/// The resolver every handshake is built with: this module's X25519, snow's default for
-/// the rest.
-pub fn resolver() -> Box<dyn CryptoResolver + Send> {
+/// The resolver a handshake of `local` is built with: this module's X25519 (knowing what
+/// `local` keeps), snow's default for the rest.
+pub fn resolver(local: &Arc<LocalStatic>) -> Box<dyn CryptoResolver + Send> {
     Box::new(FallbackResolver::new(
-        Box::new(AwsLcX25519),
+        Box::new(AwsLcX25519 {
+            local: Arc::clone(local),
+        }),
         Box::new(DefaultResolver),
     ))
 }
@@ -27,8 +39,41 @@ pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
     dh.public
 }
 
+/// A static private key with what its handshakes reuse: its public half, and its
+/// static-static secrets with the peers it knows (each computed at the peer's first
+/// handshake; a peer it does not know costs the Diffie-Hellman each time and is not
+/// remembered, so the table never grows beyond the peers it was made with).
+pub struct LocalStatic {
+    private: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+    shared: HashMap<[u8; 32], OnceLock<Zeroizing<[u8; 32]>>>,
+}
+
+impl LocalStatic {
+    /// `private`'s public half and slots for the secrets with `peers`.
+    pub fn new(private: &[u8; 32], peers: impl IntoIterator<Item = [u8; 32]>) -> LocalStatic {
+        LocalStatic {
+            private: Zeroizing::new(*private),
+            public: public_key(private),
+            shared: peers.into_iter().map(|p| (p, OnceLock::new())).collect(),
+        }
+    }
+
+    /// The public half.
+    pub fn public(&self) -> [u8; 32] {
+        self.public
+    }
+
+    /// Whether `private` is this key (compared in constant time).
+    fn is(&self, private: &[u8]) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(private, self.private.as_ref()).is_ok()
+    }
+}
+
 /// Resolves X25519 only.
-struct AwsLcX25519;
+struct AwsLcX25519 {
+    local: Arc<LocalStatic>,
+}
 
 impl CryptoResolver for AwsLcX25519 {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
@@ -36,7 +81,12 @@ impl CryptoResolver for AwsLcX25519 {
     }
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
-        matches!(choice, DHChoice::Curve25519).then(|| Box::new(Dh25519::default()) as Box<dyn Dh>)
+        matches!(choice, DHChoice::Curve25519).then(|| {
+            Box::new(Dh25519 {
+                known: Some(Arc::clone(&self.local)),
+                ..Dh25519::default()
+            }) as Box<dyn Dh>
+        })
     }
 
     fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
@@ -56,6 +106,10 @@ struct Dh25519 {
     /// aws-lc's form of the private key; `None` before a key is set, or if aws-lc
     /// refused it (it refuses only a wrong length), and then every exchange fails.
     key: Option<PrivateKey>,
+    /// The static key whose results are kept, as the resolver was given it.
+    known: Option<Arc<LocalStatic>>,
+    /// Whether this pair's key is that one (set with it, not generated).
+    is_known: bool,
 }
 
 impl Dh for Dh25519 {
@@ -74,6 +128,7 @@ impl Dh for Dh25519 {
     fn set(&mut self, privkey: &[u8]) {
         self.key = None;
         self.public = [0; 32];
+        self.is_known = false;
         let Ok(bytes) = <[u8; 32]>::try_from(privkey) else {
             return;
         };
@@ -81,6 +136,12 @@ impl Dh for Dh25519 {
         let Ok(key) = PrivateKey::from_private_key(&X25519, privkey) else {
             return;
         };
+        if let Some(known) = self.known.as_ref().filter(|k| k.is(privkey)) {
+            self.public = known.public;
+            self.key = Some(key);
+            self.is_known = true;
+            return;
+        }
         if let Ok(public) = key.compute_public_key() {
             if let Ok(public) = <[u8; 32]>::try_from(public.as_ref()) {
                 self.public = public;
@@ -92,6 +153,8 @@ impl Dh for Dh25519 {
     fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         rng.try_fill_bytes(bytes.as_mut())?;
+        // A fresh ephemeral key: nothing of it is kept.
+        self.known = None;
         self.set(bytes.as_ref());
         Ok(())
     }
@@ -112,6 +175,15 @@ impl Dh for Dh25519 {
         // snow passes its whole key buffer (sized for its largest curve): the key is the
         // first 32 bytes.
         let pubkey = pubkey.get(..32).ok_or(snow::Error::Dh)?;
+        let slot = self
+            .known
+            .as_ref()
+            .filter(|_| self.is_known)
+            .and_then(|k| k.shared.get(pubkey));
+        if let Some(kept) = slot.and_then(OnceLock::get) {
+            out.copy_from_slice(kept.as_ref());
+            return Ok(());
+        }
         agree(
             key,
             UnparsedPublicKey::new(&X25519, pubkey),
@@ -120,7 +192,14 @@ impl Dh for Dh25519 {
                 out.copy_from_slice(shared);
                 Ok(())
             },
-        )
+        )?;
+        if let Some(slot) = slot {
+            let mut kept = Zeroizing::new([0u8; 32]);
+            kept.copy_from_slice(out);
+            // Another thread may have filled it meanwhile, with the same value.
+            let _ = slot.set(kept);
+        }
+        Ok(())
     }
 }
 
@@ -149,6 +228,55 @@ mod tests {
         let mut out = [0u8; 32];
         a.dh(&bob_pub, &mut out).expect("dh");
         assert_eq!(out, shared);
+    }
+
+    /// A kept static-static secret is the Diffie-Hellman's result; a known key's public
+    /// half is its own; a generated (ephemeral) key never answers from the table, not
+    /// even for a peer the static key knows.
+    #[test]
+    fn kept_results_equal_computed_ones_and_only_the_known_key_uses_them() {
+        let gateway = [3u8; 32];
+        let client = [5u8; 32];
+        let client_pub = public_key(&client);
+        let local = Arc::new(LocalStatic::new(&gateway, [client_pub]));
+        assert_eq!(local.public(), public_key(&gateway));
+        let mut plain = Dh25519::default();
+        plain.set(&gateway);
+        let mut expected = [0u8; 32];
+        plain.dh(&client_pub, &mut expected).expect("dh");
+        for _ in 0..2 {
+            let mut dh = Dh25519 {
+                known: Some(Arc::clone(&local)),
+                ..Dh25519::default()
+            };
+            dh.set(&gateway);
+            assert_eq!(dh.public, local.public());
+            let mut out = [0u8; 32];
+            dh.dh(&client_pub, &mut out).expect("dh");
+            assert_eq!(out, expected);
+        }
+        assert!(local
+            .shared
+            .get(&client_pub)
+            .and_then(OnceLock::get)
+            .is_some());
+        // Another private key given the same table: computed, not taken from it.
+        let mut other = Dh25519 {
+            known: Some(Arc::clone(&local)),
+            ..Dh25519::default()
+        };
+        other.set(&[9u8; 32]);
+        assert_eq!(other.public, public_key(&[9u8; 32]));
+        let mut out = [0u8; 32];
+        other.dh(&client_pub, &mut out).expect("dh");
+        assert_ne!(out, expected);
+        let mut ephemeral = Dh25519 {
+            known: Some(Arc::clone(&local)),
+            ..Dh25519::default()
+        };
+        let mut rng = DefaultResolver.resolve_rng().expect("rng");
+        ephemeral.generate(rng.as_mut()).expect("generate");
+        assert!(!ephemeral.is_known && ephemeral.known.is_none());
     }
 
     #[test]

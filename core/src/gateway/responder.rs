@@ -80,7 +80,9 @@ impl Responder {
         Responder {
             mac_key: MacKey::for_gateway(&config.keypair.public()),
             limits: KeyLimits::from_policy(&config.policy),
-            keypair: config.keypair,
+            keypair: config
+                .keypair
+                .with_peers(config.clients.iter().map(|c| c.public)),
             node: config.node_id,
             policy: config.policy,
             ciphers: config.ciphers,
