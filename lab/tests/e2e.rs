@@ -2223,3 +2223,156 @@ fn the_client_service_reloads_its_policy_on_sighup_and_tells_its_manager() {
     assert!(stopping.contains("STOPPING=1"), "{stopping}");
     finish(lab);
 }
+
+/// What the TUN readers of [`an_echo_reply_is_read_on_the_tun_queue_its_request_was_written_from`]
+/// read: each packet with the queue it was read from.
+struct QueueRecorder {
+    queue: usize,
+    read: tokio::sync::mpsc::UnboundedSender<(usize, bytes::Bytes)>,
+}
+
+impl jvpn_actors::tun::TunRoute for QueueRecorder {
+    fn packets(&self, batch: Vec<bytes::Bytes>) {
+        for packet in batch {
+            let _ = self.read.send((self.queue, packet));
+        }
+    }
+}
+
+/// An IPv4 ICMP echo request from `src` to `dst` with identifier `id` and sequence
+/// `seq`, both checksums right.
+fn echo_request(src: [u8; 4], dst: [u8; 4], id: u16, seq: u16) -> Vec<u8> {
+    fn checksum(bytes: &[u8]) -> [u8; 2] {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        (!(sum as u16)).to_be_bytes()
+    }
+    let mut icmp = vec![8, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(&[0x5a; 32]);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum);
+    let total = u16::try_from(20 + icmp.len()).expect("small");
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum);
+    ip.extend_from_slice(&icmp);
+    ip
+}
+
+/// The gateway's TUN device has one queue per session thread, and a session writes to
+/// the queue its own thread reads: the kernel queues a flow's packets back on the queue
+/// the flow was last written on, so a reply reaches the thread of the session that
+/// forwarded the request (spec/runtime.md, Cores). Here echo requests to the device's
+/// own address are written from the thread reading queue 1, then from the one reading
+/// queue 0, and so on: each reply must be read on the queue of the thread that wrote
+/// its request. (Written always to one queue, half of them would come back on the
+/// other.) The kernel records a flow's queue just after it has taken in the written
+/// packet, and it answers an echo to its own address at once, before that: so each
+/// writer first writes one request whose reply may still take the flow's previous
+/// queue (as a session's flows, always written from one thread, never do), then the
+/// one checked.
+#[test]
+fn an_echo_reply_is_read_on_the_tun_queue_its_request_was_written_from() {
+    use std::sync::Arc;
+
+    use actix::prelude::*;
+    use jvpn_actors::tun::{KernelTun, TunActor, TunConfig, TunDevice};
+    use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = lab("tq") else { return };
+    let ns = lab.ns("g");
+    let rounds: Vec<usize> = vec![1, 0, 1, 0, 0, 1];
+    let writers = rounds.clone();
+    let read_on = std::thread::spawn(move || -> anyhow::Result<Vec<Option<usize>>> {
+        jvpn::netlink::enter_netns(&ns)?;
+        actix_rt::System::new().block_on(async move {
+            let device = Arc::new(KernelTun::create(&TunConfig {
+                name: "jvtq0".into(),
+                addresses: TunnelAddrs::single(TunnelAddr {
+                    addr: std::net::IpAddr::from([10, 251, 0, 1]),
+                    prefix: 24,
+                })?,
+                mtu: 1420,
+                queues: 2,
+            })?);
+            anyhow::ensure!(
+                device.queues() == 2,
+                "the device has {} queues",
+                device.queues()
+            );
+            let (read, mut reads) = tokio::sync::mpsc::unbounded_channel();
+            let arbiters: Vec<Arbiter> = (0..2).map(|_| Arbiter::new()).collect();
+            let readers: Vec<Addr<TunActor>> = arbiters
+                .iter()
+                .enumerate()
+                .map(|(queue, arbiter)| {
+                    let route = Arc::new(QueueRecorder {
+                        queue,
+                        read: read.clone(),
+                    });
+                    let device: Arc<dyn TunDevice> = device.clone();
+                    TunActor::for_queue(device, queue, route).start_supervised_in(&arbiter.handle())
+                })
+                .collect();
+            // The readers register their queues at their first read.
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+            let mut read_on = Vec::new();
+            for (seq, &writer) in writers.iter().flat_map(|w| [w, w]).enumerate() {
+                let seq = u16::try_from(seq)?;
+                let request = echo_request([10, 251, 0, 2], [10, 251, 0, 1], 0x6a76, seq);
+                let writes_to = device.clone();
+                // Written by the writer's thread, as a session on it writes.
+                arbiters[writer].spawn(async move { writes_to.write_batch(&[&request]) });
+                let reply = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some((queue, p)) = reads.recv().await {
+                        // An echo reply (type 0) to this request: id and seq.
+                        let icmp = p.get(20..28).unwrap_or_default();
+                        if icmp.first() == Some(&0)
+                            && icmp.get(4..8)
+                                == Some(&[0x6a, 0x76, (seq >> 8) as u8, seq as u8][..])
+                        {
+                            return Some(queue);
+                        }
+                    }
+                    None
+                })
+                .await
+                .ok()
+                .flatten();
+                if seq % 2 == 1 {
+                    read_on.push(reply);
+                }
+            }
+            for r in &readers {
+                r.do_send(jvpn_actors::runtime::Close);
+            }
+            for a in arbiters {
+                a.stop();
+            }
+            Ok(read_on)
+        })
+    })
+    .join()
+    .expect("the test's thread")
+    .expect("the device and its readers");
+    let wrote: Vec<Option<usize>> = rounds.into_iter().map(Some).collect();
+    assert_eq!(
+        read_on, wrote,
+        "the queue each reply was read on, by request"
+    );
+    let tag = tag_of(&lab);
+    drop(lab);
+    assert_gone(&tag);
+}
