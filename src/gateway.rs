@@ -39,7 +39,11 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     let sink = service::event_sink(&setup.events)?;
     // One socket per core on each address (SO_REUSEPORT): the kernel spreads the
     // clients over them, and each client's session runs on the core that reads it.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // One session thread per core, each with its socket and its queue of the TUN device
+    // (of which the kernel gives at most 256).
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jvpn_actors::tun::MAX_QUEUES);
     let mut listen = Vec::new();
     let mut connections = Vec::new();
     for &(protocol, addr) in &setup.listen {
@@ -69,7 +73,7 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
         name: setup.tunnel.name.clone(),
         addresses,
         mtu: setup.tunnel.mtu,
-        queues: cores.max(1),
+        queues: cores,
     })?;
     if !device.offloads() {
         eprintln!(

@@ -23,22 +23,28 @@ pub const TUN_F_TSO6: u32 = 0x04;
 pub const TUN_F_TSO_ECN: u32 = 0x08;
 
 nix::ioctl_write_int!(tun_set_offload, b'T', 208);
-nix::ioctl_write_ptr_bad!(
+nix::ioctl_readwrite_bad!(
     tun_set_iff,
     nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
     libc::ifreq
 );
 
+/// IFF_TUN_EXCL (linux/if_tun.h; not in libc): creating the device fails (EBUSY) if one
+/// of that name exists.
+const IFF_TUN_EXCL: libc::c_int = 0x8000;
+
 /// `IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`: a layer-3 device, no packet-information prefix,
 /// a virtio-net header before every packet.
 const TUN_FLAGS: libc::c_int = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
 
-/// Opens one queue of the TUN device `name` (creating the device with the first), with a
-/// virtio-net header on every packet. With `multi_queue` every queue of the device must
-/// be opened so (IFF_MULTI_QUEUE), and the kernel spreads the packets it sends over
-/// them by flow (see [`crate::tun::KernelTun`]). The descriptor is non-blocking.
+/// Opens one queue of the TUN device `name`, with a virtio-net header on every packet.
+/// The `first` creates the device and fails if one of that name exists (so a second
+/// process cannot join a running one's device and take part of its traffic); the others
+/// attach to it. With `multi_queue` every queue of the device must be opened so
+/// (IFF_MULTI_QUEUE), and the kernel spreads the packets it sends over them by flow (see
+/// [`crate::tun::KernelTun`]). The descriptor is non-blocking.
 #[allow(unsafe_code)]
-pub fn open_tun_queue(name: &str, multi_queue: bool) -> io::Result<OwnedFd> {
+pub fn open_tun_queue(name: &str, multi_queue: bool, first: bool) -> io::Result<OwnedFd> {
     let bytes = name.as_bytes();
     // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers and
     // arrays) for which all-zero bytes are a valid value.
@@ -60,7 +66,8 @@ pub fn open_tun_queue(name: &str, multi_queue: bool) -> io::Result<OwnedFd> {
             libc::IFF_MULTI_QUEUE
         } else {
             0
-        };
+        }
+        | if first { IFF_TUN_EXCL } else { 0 };
     request.ifr_ifru.ifru_flags = flags as libc::c_short;
     let fd = OwnedFd::from(
         std::fs::OpenOptions::new()
@@ -70,9 +77,18 @@ pub fn open_tun_queue(name: &str, multi_queue: bool) -> io::Result<OwnedFd> {
             .open("/dev/net/tun")?,
     );
     // SAFETY: TUNSETIFF reads and writes back one `struct ifreq`, which `request` is,
-    // alive and initialized for the call; `fd` is the descriptor opened above, owned
-    // here (a failed call leaves it to be closed by its drop).
-    unsafe { tun_set_iff(fd.as_raw_fd(), &request) }.map_err(io::Error::from)?;
+    // alive, initialized and borrowed mutably for the call; `fd` is the descriptor opened
+    // above, owned here (a failed call leaves it to be closed by its drop).
+    unsafe { tun_set_iff(fd.as_raw_fd(), &mut request) }.map_err(|e| {
+        if e == nix::errno::Errno::EBUSY && first {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("a device named {name} exists already (another jvpn running?)"),
+            )
+        } else {
+            io::Error::from(e)
+        }
+    })?;
     Ok(fd)
 }
 nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, libc::in6_ifreq);

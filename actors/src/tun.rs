@@ -29,6 +29,9 @@ use crate::runtime::{ActorKind, Close};
 use crate::sys::{self, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use crate::telemetry;
 
+/// The most queues the kernel gives one TUN device (MAX_TAP_QUEUES).
+pub const MAX_QUEUES: usize = 256;
+
 /// The most packets one wakeup reads before handing them on.
 pub const READ_BATCH: usize = 64;
 
@@ -130,9 +133,16 @@ pub struct ReadSpace {
 /// What one wakeup read.
 struct Read(io::Result<Vec<Bytes>>);
 
+/// How long a reader waits after a failed read before the next: an error that does not
+/// go away is counted ten times a second, not spun on.
+const READ_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 async fn read_batch(device: &dyn TunDevice, queue: usize, space: &mut ReadSpace) -> Read {
     let mut batch = Vec::new();
     if let Err(e) = device.recv(queue, space, &mut batch).await {
+        if e.kind() != io::ErrorKind::UnexpectedEof {
+            tokio::time::sleep(READ_ERROR_PAUSE).await;
+        }
         return Read(Err(e));
     }
     // More packets already waiting join the batch; the first that is not ready ends it.
@@ -408,8 +418,9 @@ impl KernelTun {
             cause,
         };
         let mut queues = Vec::with_capacity(count);
-        for _ in 0..count {
-            let fd = sys::open_tun_queue(&name, count > 1).map_err(|e| created(e.into()))?;
+        for i in 0..count {
+            let fd =
+                sys::open_tun_queue(&name, count > 1, i == 0).map_err(|e| created(e.into()))?;
             queues.push(Queue {
                 file: Arc::new(std::fs::File::from(fd)),
                 reader: std::sync::OnceLock::new(),

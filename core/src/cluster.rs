@@ -82,8 +82,12 @@ pub struct SessionSecrets {
 const NONCE_LEN: usize = 12;
 const SECRETS_LEN: usize = 1 + 4 + 32 + 32;
 const TAG_LEN: usize = 16;
-/// The length of sealed secrets: nonce, sealed epoch and keys, tag.
+/// The length of sealed secrets: nonce, sealed cipher id, epoch and keys, tag.
 pub const SEALED_LEN: usize = NONCE_LEN + SECRETS_LEN + TAG_LEN;
+/// The length of secrets sealed by a node of the version before ciphers were agreed
+/// (no cipher id: ChaCha20-Poly1305), still opened so that a cluster can be upgraded
+/// one node at a time.
+pub const SEALED_LEN_BEFORE_CIPHERS: usize = SEALED_LEN - 1;
 
 impl SessionSecrets {
     /// Seals these secrets of `session` under `key`.
@@ -114,7 +118,7 @@ impl SessionSecrets {
         session: SessionId,
         sealed: &[u8],
     ) -> Result<SessionSecrets, ClusterError> {
-        if sealed.len() != SEALED_LEN {
+        if sealed.len() != SEALED_LEN && sealed.len() != SEALED_LEN_BEFORE_CIPHERS {
             return Err(ClusterError::Unsealing);
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
@@ -124,16 +128,19 @@ impl SessionSecrets {
             .0
             .open_in_place(nonce, Aad::from(session.0.to_be_bytes()), &mut body)
             .map_err(|_| ClusterError::Unsealing)?;
-        let cipher = plain
-            .first()
-            .and_then(|&id| crate::crypto::Cipher::from_id(id))
-            .ok_or(ClusterError::Unsealing)?;
+        let (cipher, plain) = if plain.len() == SECRETS_LEN {
+            let id = plain.first().copied().unwrap_or(u8::MAX);
+            let cipher = crate::crypto::Cipher::from_id(id).ok_or(ClusterError::Unsealing)?;
+            (cipher, plain.get(1..).unwrap_or_default())
+        } else {
+            (crate::crypto::Cipher::ChaCha20Poly1305, &*plain)
+        };
         let mut epoch = [0u8; 4];
         let mut send = Zeroizing::new([0u8; 32]);
         let mut recv = Zeroizing::new([0u8; 32]);
-        epoch.copy_from_slice(&plain[1..5]);
-        send.copy_from_slice(&plain[5..37]);
-        recv.copy_from_slice(&plain[37..69]);
+        epoch.copy_from_slice(&plain[..4]);
+        send.copy_from_slice(&plain[4..36]);
+        recv.copy_from_slice(&plain[36..68]);
         Ok(SessionSecrets {
             cipher,
             epoch: u32::from_be_bytes(epoch),
@@ -574,6 +581,29 @@ mod tests {
         flipped[20] ^= 1;
         assert!(SessionSecrets::open(&key(1), SessionId(42), &flipped).is_err());
         assert!(SessionSecrets::open(&key(1), SessionId(42), &sealed[..50]).is_err());
+        // What a node of the version before ciphers sealed (no cipher id): its keys,
+        // for ChaCha20-Poly1305.
+        let mut before = Vec::new();
+        before.extend_from_slice(&3u32.to_be_bytes());
+        before.extend_from_slice(&[7; 32]);
+        before.extend_from_slice(&[9; 32]);
+        let nonce = [5u8; NONCE_LEN];
+        key(1)
+            .0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(42u64.to_be_bytes()),
+                &mut before,
+            )
+            .expect("seal");
+        let sealed_before = [&nonce[..], &before].concat();
+        assert_eq!(sealed_before.len(), SEALED_LEN_BEFORE_CIPHERS);
+        let opened = SessionSecrets::open(&key(1), SessionId(42), &sealed_before).expect("open");
+        assert_eq!(opened.cipher, crate::crypto::Cipher::ChaCha20Poly1305);
+        assert_eq!(
+            (opened.epoch, *opened.send, *opened.recv),
+            (3, [7; 32], [9; 32])
+        );
         // Two seals of the same keys differ (a fresh nonce each).
         assert_ne!(
             sealed,

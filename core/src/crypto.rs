@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use ring::aead::{Aad, Nonce, AES_256_GCM, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -41,9 +41,14 @@ pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub const HANDSHAKE_PROLOGUE: &[u8] = b"jumping-vpn/1 handshake";
 /// Prologue of a rekey, followed by the 8 bytes of the session id.
 pub const REKEY_PROLOGUE: &[u8] = b"jumping-vpn/1 rekey";
-/// A key that sealed this many packets is never used again (as WireGuard's
-/// REJECT_AFTER_MESSAGES): far below the 2^64 nonces of the cipher.
+/// A ChaCha20-Poly1305 key that sealed this many packets is never used again (as
+/// WireGuard's REJECT_AFTER_MESSAGES): far below the 2^64 nonces of the cipher.
 pub const REJECT_AFTER_PACKETS: u64 = u64::MAX - (1 << 13);
+/// An AES-256-GCM key is never used for more packets than this, each way: RFC 8446
+/// (5.5) keeps AES-GCM's confidentiality and integrity margins at 2^-57 with at most
+/// 2^24.5 records of 2^14 bytes, which is 2^28 packets of the tunnel's 1 400 bytes.
+/// A rekey is due at half of it.
+pub const AES_GCM_PACKET_LIMIT: u64 = 1 << 28;
 
 /// The AEAD that seals a session's packets, agreed in its handshake: the client offers
 /// the ciphers it runs fast ([`CipherSet`]), the gateway picks. Both use a 96-bit nonce of
@@ -79,6 +84,15 @@ impl Cipher {
         match self {
             Cipher::ChaCha20Poly1305 => "chacha20-poly1305",
             Cipher::Aes256Gcm => "aes-256-gcm",
+        }
+    }
+
+    /// The most packets one key of this cipher seals (or opens): past it, the key is
+    /// expired.
+    pub const fn packet_limit(self) -> u64 {
+        match self {
+            Cipher::ChaCha20Poly1305 => REJECT_AFTER_PACKETS,
+            Cipher::Aes256Gcm => AES_GCM_PACKET_LIMIT,
         }
     }
 
@@ -486,6 +500,14 @@ struct EpochKeys {
     created: Instant,
 }
 
+impl Drop for EpochKeys {
+    /// The key objects kept for these keys on this thread go with them.
+    fn drop(&mut self) {
+        keycache::forget(self.send_id);
+        keycache::forget(self.recv_id);
+    }
+}
+
 impl EpochKeys {
     fn new(epoch: u32, keys: DirectionalKeys, limits: &KeyLimits, now: Instant) -> Self {
         EpochKeys {
@@ -502,10 +524,20 @@ impl EpochKeys {
         }
     }
 
-    fn expired(&self, limits: &KeyLimits, now: Instant) -> bool {
+    fn expired(&self, limits: &KeyLimits, cipher: Cipher, now: Instant) -> bool {
         now.saturating_duration_since(self.created) >= limits.reject_after
-            || self.next_counter >= REJECT_AFTER_PACKETS
-            || self.received >= REJECT_AFTER_PACKETS
+            || self.next_counter >= cipher.packet_limit()
+            || self.received >= cipher.packet_limit()
+    }
+}
+
+/// ring's key object for `bytes` under `cipher`.
+pub(crate) fn aead_key(cipher: Cipher, bytes: &[u8; 32]) -> LessSafeKey {
+    match UnboundKey::new(cipher.algorithm(), bytes) {
+        Ok(key) => LessSafeKey::new(key),
+        // ring refuses only a key of the wrong length; the type says 32 bytes, which
+        // both ciphers take.
+        Err(_) => unreachable!("a 32-byte {cipher} key"),
     }
 }
 
@@ -533,7 +565,7 @@ pub(crate) fn open_with(
     aad: &[u8],
     sealed: &mut [u8],
 ) -> Result<(), OpenError> {
-    keycache::build(cipher, key)
+    aead_key(cipher, key)
         .open_in_place(nonce, Aad::from(aad), sealed)
         .map(drop)
         .map_err(|_| OpenError::Auth)
@@ -556,7 +588,7 @@ pub(crate) fn seal_with(
     out: &mut Vec<u8>,
 ) -> Result<(), OpenError> {
     let (aad, body) = out.split_at_mut(HEADER_LEN);
-    let tag = keycache::build(cipher, key)
+    let tag = aead_key(cipher, key)
         .seal_in_place_separate_tag(nonce, Aad::from(&*aad), body)
         .map_err(|_| OpenError::Auth)?;
     out.extend_from_slice(tag.as_ref());
@@ -756,14 +788,18 @@ impl Channel {
     /// Whether the current keys are due for replacement (time or packets).
     pub fn needs_rekey(&self, now: Instant) -> bool {
         let k = &self.current;
+        let rekey_after = self
+            .limits
+            .rekey_after_packets
+            .min(self.cipher.packet_limit() / 2);
         now.saturating_duration_since(k.created) >= self.limits.rekey_after
-            || k.next_counter >= self.limits.rekey_after_packets
-            || k.received >= self.limits.rekey_after_packets
+            || k.next_counter >= rekey_after
+            || k.received >= rekey_after
     }
 
     /// Whether the current keys may no longer be used at all.
     pub fn expired(&self, now: Instant) -> bool {
-        self.current.expired(&self.limits, now)
+        self.current.expired(&self.limits, self.cipher, now)
     }
 
     /// When the current keys are due for a rekey by time.
@@ -802,7 +838,7 @@ impl Channel {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<u64, SealError> {
-        if self.current.expired(&self.limits, now) {
+        if self.current.expired(&self.limits, self.cipher, now) {
             return Err(SealError::KeysExpired);
         }
         if self.current.next_counter >= self.current.send_limit {
@@ -854,7 +890,7 @@ impl Channel {
         if header.session_id != self.session_id {
             return Err(OpenError::WrongSession(header.session_id));
         }
-        let limits = self.limits;
+        let (limits, cipher) = (self.limits, self.cipher);
         let epoch = header.key_epoch;
         let (keys, which) = if self.current.epoch as u8 == epoch {
             (&mut self.current, Which::Current)
@@ -869,7 +905,7 @@ impl Channel {
         } else {
             return Err(OpenError::UnknownEpoch(epoch));
         };
-        if keys.expired(&limits, now) {
+        if keys.expired(&limits, cipher, now) {
             return Err(OpenError::UnknownEpoch(epoch));
         }
         if packet.len() < wire::OVERHEAD {
@@ -1068,6 +1104,39 @@ mod tests {
             let secrets = g.secrets();
             assert!(!opens((other, &secrets.recv), &header, &mut bytes.clone()));
             assert!(opens((cipher, &secrets.recv), &header, &mut bytes));
+        }
+    }
+
+    /// An AES-256-GCM key is due for a rekey at half its packet limit and seals
+    /// nothing past it; a ChaCha20-Poly1305 key at the same counter goes on.
+    #[test]
+    fn an_aes_key_expires_at_its_packet_limit() {
+        let now = Instant::now();
+        for (cipher, expires) in [(Cipher::Aes256Gcm, true), (Cipher::ChaCha20Poly1305, false)] {
+            let secrets = crate::cluster::SessionSecrets {
+                cipher,
+                epoch: 0,
+                send: Zeroizing::new([1; 32]),
+                recv: Zeroizing::new([2; 32]),
+            };
+            let from = AES_GCM_PACKET_LIMIT - 1;
+            let mut ch = Channel::adopt(
+                SessionId(5),
+                &secrets,
+                limits(),
+                (from, u64::MAX),
+                None,
+                now,
+            );
+            assert_eq!(ch.needs_rekey(now), expires, "{cipher}");
+            let mut out = Vec::new();
+            assert!(ch.seal(&Control::Data(b"x"), now, &mut out).is_ok());
+            assert_eq!(
+                ch.seal(&Control::Data(b"y"), now, &mut out).is_err(),
+                expires,
+                "{cipher}"
+            );
+            assert_eq!(ch.expired(now), expires, "{cipher}");
         }
     }
 

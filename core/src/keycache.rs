@@ -12,15 +12,18 @@
 //!
 //! Keys are named by an id drawn once per key ([`KeyId::fresh`]), never by their bytes,
 //! so a lookup compares no secret. A slot's key is used only for the id it was built
-//! for; ids are never reused within the process. (Like every ring key object, a slot's
-//! is not zeroized when replaced.)
+//! for; ids are never reused within the process. The least recently used slot makes
+//! room for a new key, and a key's slot on the thread that drops it is emptied then
+//! ([`forget`]): keys that are gone do not stay here on a quiet thread. (A slot on
+//! another thread stays until it is reused; and like every ring key object, a slot's
+//! is not zeroized.)
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ring::aead::{LessSafeKey, UnboundKey};
+use ring::aead::LessSafeKey;
 
-use crate::crypto::Cipher;
+use crate::crypto::{aead_key, Cipher};
 
 /// Slots per thread.
 const SLOTS: usize = 16;
@@ -38,28 +41,18 @@ impl KeyId {
 }
 
 struct Slots {
-    keys: Vec<(KeyId, LessSafeKey)>,
-    /// The slot the next new key replaces, round robin.
-    next: usize,
+    /// Each key with when it was last used (this thread's count of uses).
+    keys: Vec<(KeyId, LessSafeKey, u64)>,
+    uses: u64,
 }
 
 thread_local! {
     static SLOTS_HERE: RefCell<Slots> = const {
         RefCell::new(Slots {
             keys: Vec::new(),
-            next: 0,
+            uses: 0,
         })
     };
-}
-
-/// ring's key object for `bytes` under `cipher`.
-pub(crate) fn build(cipher: Cipher, bytes: &[u8; 32]) -> LessSafeKey {
-    match UnboundKey::new(cipher.algorithm(), bytes) {
-        Ok(key) => LessSafeKey::new(key),
-        // ring refuses only a key of the wrong length; the type says 32 bytes, which
-        // both ciphers take.
-        Err(_) => unreachable!("a 32-byte {cipher} key"),
-    }
 }
 
 /// Runs `f` with the key object of key `id` (`bytes` under `cipher`): kept from an
@@ -69,24 +62,47 @@ pub(crate) fn with_key<R>(
     f: impl FnOnce(&LessSafeKey) -> R,
 ) -> R {
     if cipher == Cipher::ChaCha20Poly1305 {
-        return f(&build(cipher, bytes));
+        return f(&aead_key(cipher, bytes));
     }
     SLOTS_HERE.with_borrow_mut(|slots| {
-        if let Some((_, key)) = slots.keys.iter().find(|(k, _)| *k == id) {
-            return f(key);
-        }
-        let key = build(cipher, bytes);
-        let at = slots.next;
-        slots.next = (at + 1) % SLOTS;
+        slots.uses += 1;
+        let now = slots.uses;
+        let at = match slots.keys.iter().position(|(k, _, _)| *k == id) {
+            Some(at) => at,
+            None => {
+                let key = aead_key(cipher, bytes);
+                if slots.keys.len() < SLOTS {
+                    slots.keys.push((id, key, now));
+                    slots.keys.len() - 1
+                } else {
+                    let oldest = (0..slots.keys.len())
+                        .min_by_key(|&i| slots.keys.get(i).map_or(0, |s| s.2))
+                        .unwrap_or(0);
+                    if let Some(slot) = slots.keys.get_mut(oldest) {
+                        *slot = (id, key, now);
+                    }
+                    oldest
+                }
+            }
+        };
         match slots.keys.get_mut(at) {
-            Some(slot) => *slot = (id, key),
-            None => slots.keys.push((id, key)),
-        }
-        match slots.keys.get(at) {
-            Some((_, key)) => f(key),
-            None => unreachable!("slot {at} was just filled"),
+            Some((_, key, used)) => {
+                *used = now;
+                f(key)
+            }
+            None => unreachable!("slot {at} holds the key"),
         }
     })
+}
+
+/// Empties the slot of key `id` on this thread, if it has one (the key is being
+/// dropped). Does nothing while the thread is exiting.
+pub(crate) fn forget(id: KeyId) {
+    let _ = SLOTS_HERE.try_with(|slots| {
+        if let Ok(mut slots) = slots.try_borrow_mut() {
+            slots.keys.retain(|(k, _, _)| *k != id);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -118,7 +134,7 @@ mod tests {
             for (id, bytes) in &keys {
                 let direct = {
                     let mut data = b"packet".to_vec();
-                    build(Cipher::Aes256Gcm, bytes)
+                    aead_key(Cipher::Aes256Gcm, bytes)
                         .seal_in_place_append_tag(
                             Nonce::assume_unique_for_key([0; 12]),
                             Aad::empty(),
@@ -132,5 +148,25 @@ mod tests {
         }
         SLOTS_HERE.with_borrow(|s| assert_eq!(s.keys.len(), SLOTS, "bounded"));
         assert_ne!(KeyId::fresh(), KeyId::fresh());
+        let (last, bytes) = keys[keys.len() - 1];
+        assert!(SLOTS_HERE.with_borrow(|s| s.keys.iter().any(|k| k.0 == last)));
+        forget(last);
+        assert!(!SLOTS_HERE.with_borrow(|s| s.keys.iter().any(|k| k.0 == last)));
+        // Used again, it is built again, the same.
+        assert_eq!(
+            seal(Cipher::Aes256Gcm, last, &bytes),
+            seal(Cipher::Aes256Gcm, last, &bytes)
+        );
+    }
+
+    /// The busiest keys keep their slots while more keys than slots pass through.
+    #[test]
+    fn a_key_in_use_keeps_its_slot_and_the_least_recent_makes_room() {
+        let busy = KeyId::fresh();
+        for i in 0..(3 * SLOTS as u8) {
+            let _ = seal(Cipher::Aes256Gcm, busy, &[200; 32]);
+            let _ = seal(Cipher::Aes256Gcm, KeyId::fresh(), &[i; 32]);
+        }
+        assert!(SLOTS_HERE.with_borrow(|s| s.keys.iter().any(|k| k.0 == busy)));
     }
 }

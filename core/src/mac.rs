@@ -4,7 +4,8 @@
 //!   knows that key can compute it, so it is no authentication; what it buys is that a
 //!   packet shaped like an initiation but not made for this gateway — a flood of random
 //!   bytes, a replay aimed at another gateway — is refused with one keyed BLAKE2s,
-//!   before the four Diffie-Hellman operations a handshake costs.
+//!   before the Diffie-Hellman operations a handshake costs (three, and a key generation,
+//!   for an authorized client after its first).
 //! - **mac2**: under load, the gateway does a Diffie-Hellman only for an initiation
 //!   whose mac2 is keyed by a *cookie* it gave that source address (a MAC of the address
 //!   under a secret it rotates): proof that the sender receives at the address it
@@ -17,7 +18,7 @@ use blake2::digest::consts::U16;
 use blake2::digest::{KeyInit, Mac};
 use blake2::{Blake2s256, Blake2sMac, Digest};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce};
 
 use crate::crypto::PublicKey;
 use crate::wire::{COOKIE_NONCE_LEN, MAC_LEN, TAG_LEN};
@@ -118,10 +119,7 @@ impl CookieKey {
     }
 
     fn aead(&self) -> LessSafeKey {
-        match UnboundKey::new(&CHACHA20_POLY1305, &self.0) {
-            Ok(key) => LessSafeKey::new(key),
-            Err(_) => unreachable!("a 32-byte ChaCha20-Poly1305 key"),
-        }
+        crate::crypto::aead_key(crate::crypto::Cipher::ChaCha20Poly1305, &self.0)
     }
 
     /// Seals `cookie` for the initiation whose mac1 is `mac1`, under `nonce` (random:

@@ -417,6 +417,12 @@ fn sum_bytes(mut sum: u32, bytes: &[u8]) -> u32 {
     sum
 }
 
+/// The Internet checksum (RFC 1071) of `bytes`: what goes in a header's checksum field
+/// (computed with that field zero).
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    !fold(sum_bytes(0, bytes))
+}
+
 fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);

@@ -2,8 +2,8 @@
 //! resolver: the variable-base scalar multiplication is hand-written assembly there
 //! (s2n-bignum) and measured 2.5 times as fast as the portable field arithmetic of
 //! snow's default (curve25519-dalek) on this project's machines. A gateway handshake is
-//! four Diffie-Hellman operations and one key generation, so this sets the handshake
-//! rate. Everything else of the handshake (BLAKE2s, ChaCha20-Poly1305) stays snow's.
+//! four Diffie-Hellman operations and one key generation (three and one once the client's
+//! static-static secret is kept, below), so this sets the handshake rate. Everything else of the handshake (BLAKE2s, ChaCha20-Poly1305) stays snow's.
 //!
 //! Two results are the same in every handshake of a static key, so they are kept
 //! ([`LocalStatic`]) instead of computed again: the key's public half (snow would derive

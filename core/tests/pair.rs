@@ -10,7 +10,8 @@ use jvpn_core::cluster::{
     standby_probe_ack, ClusterKey, ClusterRecord, SessionSecrets, COUNTER_BLOCK,
 };
 use jvpn_core::crypto::{
-    plaintext, Channel, Cipher, CipherSet, Initiation, KeyLimits, Keypair, HANDSHAKE_PROLOGUE,
+    plaintext, Channel, Cipher, CipherSet, Initiation, KeyLimits, Keypair, Response,
+    HANDSHAKE_PROLOGUE,
 };
 use jvpn_core::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use jvpn_core::fsm::State;
@@ -21,8 +22,8 @@ use jvpn_core::policy::{Policy, PolicyConfig};
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::{MemoryStore, SessionStore};
 use jvpn_core::wire::{
-    encode_initiation, parse, Control, Datagram, InitPayload, PacketType, ReattachRequest,
-    RespPayload, Timestamp, TunnelAddr, TunnelAddrs,
+    encode_handshake, encode_initiation, parse, Control, Datagram, InitPayload, PacketType,
+    ReattachRequest, RespPayload, Timestamp, TunnelAddr, TunnelAddrs,
 };
 
 const UNIX_T0: u64 = 1_800_000_000_000;
@@ -466,6 +467,47 @@ fn handshake_then_data_flows_both_ways_under_the_agreed_cipher() {
         assert_eq!(w.client.cipher(), Some(agreed), "{sides:?}");
         assert_eq!(w.gw.session(id).map(|s| s.cipher()), Some(agreed));
         data_flows_both_ways(&mut w);
+    }
+}
+
+/// A gateway's answer naming a cipher the client did not offer is no answer: the
+/// client is not established and keeps waiting, as for any response that does not
+/// decode, and the same answer with the offered cipher establishes it.
+#[test]
+fn a_response_with_a_cipher_the_client_did_not_offer_is_refused() {
+    let mut w = World::with_ciphers(
+        Policy::default(),
+        (CipherSet::ALL, CipherSet::CHACHA20_POLY1305),
+    );
+    for (cipher, accepted) in [(Cipher::Aes256Gcm, false), (Cipher::ChaCha20Poly1305, true)] {
+        let now = w.now;
+        let init = w
+            .client
+            .connect(TransportId(1), now)
+            .expect("connect")
+            .bytes
+            .to_vec();
+        let Ok(Datagram::HandshakeInit {
+            sender_index,
+            noise,
+            ..
+        }) = parse(&init)
+        else {
+            panic!("not an initiation");
+        };
+        // The gateway's answer, made by hand with the gateway's key and this cipher.
+        let response = Response::read(&w.config.keypair, HANDSHAKE_PROLOGUE, noise).expect("read");
+        let payload = RespPayload {
+            session_id: SessionId(77),
+            binding_version: StateVersion(1),
+            tunnel: w.config.clients[0].tunnel,
+            cipher,
+        };
+        let (msg2, _) = response.finish(&payload.encode()).expect("finish");
+        let mut answer = Vec::new();
+        encode_handshake(PacketType::HandshakeResp, sender_index, &msg2, &mut answer);
+        assert_eq!(client_accepts(&mut w, 1, &answer), accepted, "{cipher}");
+        assert_eq!(w.client.cipher(), accepted.then_some(cipher), "{cipher}");
     }
 }
 

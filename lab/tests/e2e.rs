@@ -2242,16 +2242,7 @@ impl jvpn_actors::tun::TunRoute for QueueRecorder {
 /// An IPv4 ICMP echo request from `src` to `dst` with identifier `id` and sequence
 /// `seq`, both checksums right.
 fn echo_request(src: [u8; 4], dst: [u8; 4], id: u16, seq: u16) -> Vec<u8> {
-    fn checksum(bytes: &[u8]) -> [u8; 2] {
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        (!(sum as u16)).to_be_bytes()
-    }
+    let checksum = |bytes: &[u8]| jvpn_core::offload::internet_checksum(bytes).to_be_bytes();
     let mut icmp = vec![8, 0, 0, 0];
     icmp.extend_from_slice(&id.to_be_bytes());
     icmp.extend_from_slice(&seq.to_be_bytes());
