@@ -44,11 +44,12 @@ pub const REKEY_PROLOGUE: &[u8] = b"jumping-vpn/1 rekey";
 /// A ChaCha20-Poly1305 key that sealed this many packets is never used again (as
 /// WireGuard's REJECT_AFTER_MESSAGES): far below the 2^64 nonces of the cipher.
 pub const REJECT_AFTER_PACKETS: u64 = u64::MAX - (1 << 13);
-/// An AES-256-GCM key is never used for more packets than this, each way: RFC 8446
-/// (5.5) keeps AES-GCM's confidentiality and integrity margins at 2^-57 with at most
-/// 2^24.5 records of 2^14 bytes, which is 2^28 packets of the tunnel's 1 400 bytes.
-/// A rekey is due at half of it.
-pub const AES_GCM_PACKET_LIMIT: u64 = 1 << 28;
+/// An AES-256-GCM key never seals, nor opens, more than this many 16-byte blocks (each
+/// packet counted as its body's blocks and one more): RFC 8446 (5.5) keeps AES-GCM's
+/// confidentiality and integrity margins at 2^-57 with at most 2^24.5 records of 2^14
+/// bytes, 2^34.5 blocks. Counted in blocks, not packets, the margin holds whatever the
+/// tunnel's MTU, and whatever counters a cluster's moves skip. A rekey is due at half.
+pub const AES_GCM_BLOCK_LIMIT: u64 = 1 << 34;
 
 /// The AEAD that seals a session's packets, agreed in its handshake: the client offers
 /// the ciphers it runs fast ([`CipherSet`]), the gateway picks. Both use a 96-bit nonce of
@@ -87,12 +88,13 @@ impl Cipher {
         }
     }
 
-    /// The most packets one key of this cipher seals (or opens): past it, the key is
-    /// expired.
-    pub const fn packet_limit(self) -> u64 {
+    /// The most 16-byte blocks one key of this cipher seals (or opens): past it, the key
+    /// is expired. ChaCha20-Poly1305's keys are limited by their packet count alone
+    /// ([`REJECT_AFTER_PACKETS`]).
+    pub const fn block_limit(self) -> u64 {
         match self {
-            Cipher::ChaCha20Poly1305 => REJECT_AFTER_PACKETS,
-            Cipher::Aes256Gcm => AES_GCM_PACKET_LIMIT,
+            Cipher::ChaCha20Poly1305 => u64::MAX,
+            Cipher::Aes256Gcm => AES_GCM_BLOCK_LIMIT,
         }
     }
 
@@ -496,6 +498,9 @@ struct EpochKeys {
     /// reservation in a cluster (spec/cluster.md), else never reached.
     send_limit: u64,
     received: u64,
+    /// 16-byte blocks sealed and opened under these keys (see [`AES_GCM_BLOCK_LIMIT`]).
+    sealed_blocks: u64,
+    opened_blocks: u64,
     replay: ReplayWindow,
     created: Instant,
 }
@@ -519,6 +524,8 @@ impl EpochKeys {
             next_counter: 0,
             send_limit: u64::MAX,
             received: 0,
+            sealed_blocks: 0,
+            opened_blocks: 0,
             replay: ReplayWindow::new(limits.replay_window),
             created: now,
         }
@@ -526,9 +533,17 @@ impl EpochKeys {
 
     fn expired(&self, limits: &KeyLimits, cipher: Cipher, now: Instant) -> bool {
         now.saturating_duration_since(self.created) >= limits.reject_after
-            || self.next_counter >= cipher.packet_limit()
-            || self.received >= cipher.packet_limit()
+            || self.next_counter >= REJECT_AFTER_PACKETS
+            || self.received >= REJECT_AFTER_PACKETS
+            || self.sealed_blocks >= cipher.block_limit()
+            || self.opened_blocks >= cipher.block_limit()
     }
+}
+
+/// The 16-byte blocks an AEAD operation on a body of `len` bytes counts for (the body's,
+/// and one for the tag's counter block).
+fn aead_blocks(len: usize) -> u64 {
+    (len as u64).div_ceil(16) + 1
 }
 
 /// ring's key object for `bytes` under `cipher`.
@@ -791,13 +806,13 @@ impl Channel {
     /// Whether the current keys are due for replacement (time or packets).
     pub fn needs_rekey(&self, now: Instant) -> bool {
         let k = &self.current;
-        let rekey_after = self
-            .limits
-            .rekey_after_packets
-            .min(self.cipher.packet_limit() / 2);
+        let rekey_after = self.limits.rekey_after_packets;
+        let blocks_due = self.cipher.block_limit() / 2;
         now.saturating_duration_since(k.created) >= self.limits.rekey_after
             || k.next_counter >= rekey_after
             || k.received >= rekey_after
+            || k.sealed_blocks >= blocks_due
+            || k.opened_blocks >= blocks_due
     }
 
     /// Whether the current keys may no longer be used at all.
@@ -861,10 +876,12 @@ impl Channel {
         control.encode(out);
         let body = &mut out[start + HEADER_LEN..];
         let key = (self.cipher, self.current.send_id, &*self.current.send);
+        let blocks = aead_blocks(body.len());
         match keycache::with_key(key, |k| {
             k.seal_in_place_separate_tag(nonce(counter), Aad::from(&header), body)
         }) {
             Ok(tag) => {
+                self.current.sealed_blocks = self.current.sealed_blocks.saturating_add(blocks);
                 out.extend_from_slice(tag.as_ref());
                 Ok(counter)
             }
@@ -922,6 +939,9 @@ impl Channel {
         .map_err(|_| OpenError::Auth)?;
         keys.replay.commit(header.counter)?;
         keys.received += 1;
+        keys.opened_blocks = keys
+            .opened_blocks
+            .saturating_add(aead_blocks(sealed.len().saturating_sub(TAG_LEN)));
         if which == Which::Next {
             return Ok(self.promote_next(now));
         }
@@ -1110,36 +1130,32 @@ mod tests {
         }
     }
 
-    /// An AES-256-GCM key is due for a rekey at half its packet limit and seals
-    /// nothing past it; a ChaCha20-Poly1305 key at the same counter goes on.
+    /// An AES-256-GCM key is due for a rekey at half its block limit and seals nothing
+    /// once it is reached, counted both ways; a ChaCha20-Poly1305 key with the same
+    /// blocks behind it goes on. The blocks are counted from what was sealed and opened.
     #[test]
-    fn an_aes_key_expires_at_its_packet_limit() {
+    fn an_aes_key_expires_at_its_block_limit() {
         let now = Instant::now();
         for (cipher, expires) in [(Cipher::Aes256Gcm, true), (Cipher::ChaCha20Poly1305, false)] {
-            let secrets = crate::cluster::SessionSecrets {
-                cipher,
-                epoch: 0,
-                send: Zeroizing::new([1; 32]),
-                recv: Zeroizing::new([2; 32]),
-            };
-            let from = AES_GCM_PACKET_LIMIT - 1;
-            let mut ch = Channel::adopt(
-                SessionId(5),
-                &secrets,
-                limits(),
-                (from, u64::MAX),
-                None,
-                now,
-            );
-            assert_eq!(ch.needs_rekey(now), expires, "{cipher}");
+            let (mut c, mut g) = pair_with(cipher);
+            deliver(&mut c, &mut g, &Control::Data(&[0; 100])).expect("opens");
+            // 100 bytes: 7 blocks, and the tag's.
+            assert_eq!(c.current.sealed_blocks, g.current.opened_blocks);
+            assert!(c.current.sealed_blocks >= 8);
+            assert!(!c.needs_rekey(now) && !g.needs_rekey(now));
+            c.current.sealed_blocks = AES_GCM_BLOCK_LIMIT / 2;
+            g.current.opened_blocks = AES_GCM_BLOCK_LIMIT / 2;
+            assert_eq!(c.needs_rekey(now), expires, "{cipher} sealing");
+            assert_eq!(g.needs_rekey(now), expires, "{cipher} opening");
+            assert!(deliver(&mut c, &mut g, &Control::Data(b"x")).is_ok());
+            c.current.sealed_blocks = AES_GCM_BLOCK_LIMIT;
             let mut out = Vec::new();
-            assert!(ch.seal(&Control::Data(b"x"), now, &mut out).is_ok());
             assert_eq!(
-                ch.seal(&Control::Data(b"y"), now, &mut out).is_err(),
+                c.seal(&Control::Data(b"y"), now, &mut out).is_err(),
                 expires,
                 "{cipher}"
             );
-            assert_eq!(ch.expired(now), expires, "{cipher}");
+            assert_eq!(c.expired(now), expires, "{cipher}");
         }
     }
 

@@ -358,8 +358,11 @@ pub fn flood(flood: &Flood) -> Result<()> {
             let noise = &random[i * 256..i * 256 + NOISE_INIT_LEN];
             match flood.kind {
                 FloodKind::JunkInit => {
+                    // The type and reserved bytes, then random bytes to an initiation's
+                    // length: well formed, with a wrong mac1.
                     let mut p = vec![PacketType::HandshakeInit as u8, 0, 0, 0];
-                    p.extend_from_slice(&random[i * 256 + 120..i * 256 + 120 + 149]);
+                    let rest = wire::INITIATION_LEN - p.len();
+                    p.extend_from_slice(&random[i * 256 + 100..i * 256 + 100 + rest]);
                     Ok(p)
                 }
                 FloodKind::Init => {
