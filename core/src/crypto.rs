@@ -80,7 +80,7 @@ impl Cipher {
         }
     }
 
-    /// Its name in events, status and logs.
+    /// Its name in logs (the client's line when its session attaches).
     pub const fn name(self) -> &'static str {
         match self {
             Cipher::ChaCha20Poly1305 => "chacha20-poly1305",
@@ -257,8 +257,8 @@ fn decode_key(s: &str) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
 /// printed. Clones share what the key's handshakes keep (see [`Keypair::with_peers`]).
 #[derive(Clone)]
 pub struct Keypair {
-    private: Zeroizing<[u8; 32]>,
-    public: PublicKey,
+    /// The key (its private half, zeroized on drop, and its public half) and what its
+    /// handshakes keep.
     local: Arc<LocalStatic>,
 }
 
@@ -267,7 +267,7 @@ impl fmt::Debug for Keypair {
         write!(
             f,
             "Keypair {{ public: {}, private: <hidden> }}",
-            self.public
+            self.public()
         )
     }
 }
@@ -282,11 +282,8 @@ impl Keypair {
 
     /// The key pair of a private key (clamped by X25519 as usual).
     pub fn from_private(private: Zeroizing<[u8; 32]>) -> Keypair {
-        let local = Arc::new(LocalStatic::new(&private, []));
         Keypair {
-            public: PublicKey(local.public()),
-            private,
-            local,
+            local: Arc::new(LocalStatic::new(&private, [])),
         }
     }
 
@@ -296,11 +293,12 @@ impl Keypair {
     /// keys, and each one kept saves a Diffie-Hellman per handshake and rekey. At most
     /// one secret per peer; other peers' handshakes are computed in full.
     pub fn with_peers(self, peers: impl IntoIterator<Item = PublicKey>) -> Keypair {
-        let local = Arc::new(LocalStatic::new(
-            &self.private,
-            peers.into_iter().map(|p| p.0),
-        ));
-        Keypair { local, ..self }
+        Keypair {
+            local: Arc::new(LocalStatic::new(
+                self.local.private(),
+                peers.into_iter().map(|p| p.0),
+            )),
+        }
     }
 
     /// Parses a base64 private key, as `jvpn keygen` writes it.
@@ -310,12 +308,12 @@ impl Keypair {
 
     /// The public half.
     pub fn public(&self) -> PublicKey {
-        self.public
+        PublicKey(self.local.public())
     }
 
     /// The private half in base64, for writing a key file.
     pub fn private_base64(&self) -> Zeroizing<String> {
-        Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*self.private))
+        Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(self.local.private()))
     }
 
     /// A secret derived from the private key for another use, separated by `label`
@@ -325,7 +323,7 @@ impl Keypair {
     /// needed.
     pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
         use blake2::digest::{KeyInit, Mac};
-        let mut mac = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(self.private.as_ref())
+        let mut mac = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(self.local.private())
             .unwrap_or_else(|_| unreachable!("BLAKE2s takes a 32-byte key"));
         Mac::update(&mut mac, label);
         Zeroizing::new(mac.finalize().into_bytes().into())
@@ -374,7 +372,7 @@ impl Initiation {
         payload: &[u8],
     ) -> Result<(Initiation, Vec<u8>), CryptoError> {
         let mut state = builder(prologue, local)
-            .local_private_key(local.private.as_ref())
+            .local_private_key(local.local.private())
             .and_then(|b| b.remote_public_key(&gateway.0))
             .and_then(|b| b.build_initiator())
             .map_err(noise_err)?;
@@ -407,7 +405,7 @@ impl Response {
     /// Reads a client's first message.
     pub fn read(local: &Keypair, prologue: &[u8], noise: &[u8]) -> Result<Response, CryptoError> {
         let mut state = builder(prologue, local)
-            .local_private_key(local.private.as_ref())
+            .local_private_key(local.local.private())
             .and_then(|b| b.build_responder())
             .map_err(noise_err)?;
         let mut payload = vec![0u8; noise.len()];

@@ -64,6 +64,11 @@ impl LocalStatic {
         self.public
     }
 
+    /// The private half.
+    pub(crate) fn private(&self) -> &[u8; 32] {
+        &self.private
+    }
+
     /// Whether `private` is this key (compared in constant time).
     fn is(&self, private: &[u8]) -> bool {
         aws_lc_rs::constant_time::verify_slices_are_equal(private, self.private.as_ref()).is_ok()
