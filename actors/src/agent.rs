@@ -50,7 +50,7 @@ pub enum OnSessionEnd {
     Reconnect,
 }
 
-/// What the agent is doing, published after every message.
+/// What the agent is doing, published after every message that changes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentStatus {
     /// The session's state (BIRTH while handshaking).
@@ -621,7 +621,16 @@ impl ClientAgent {
                 self.stopping = true;
             }
         }
-        let _ = self.status.send(self.status());
+        // Receivers are woken only by a change: a packet that changes nothing costs no
+        // wakeup of the task watching the status.
+        let status = self.status();
+        self.status.send_if_modified(|published| {
+            let changed = *published != status;
+            if changed {
+                *published = status;
+            }
+            changed
+        });
         if self.stopping {
             ctx.stop();
             return;

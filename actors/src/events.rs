@@ -9,10 +9,9 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use jvpn_core::event::EventRecord;
 use serde_json::Value;
@@ -50,10 +49,19 @@ impl SinkStats {
     }
 }
 
+/// What the writer's queue carries.
+#[derive(Debug)]
+enum Queued {
+    Event(EventRecord),
+    /// Sent by [`EventSink::close`]: write what is still queued, then end. The writer
+    /// blocks on its queue until then, and wakes for nothing else.
+    Close,
+}
+
 /// The sending side of the event stream; cheap to clone, one per producer.
 #[derive(Debug, Clone)]
 pub struct EventSender {
-    tx: SyncSender<EventRecord>,
+    tx: SyncSender<Queued>,
     stats: Arc<SinkStats>,
 }
 
@@ -66,7 +74,7 @@ impl EventSender {
             metrics::counter!("jvpn_events_dropped_total").increment(1);
             return;
         }
-        match self.tx.try_send(record) {
+        match self.tx.try_send(Queued::Event(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -111,8 +119,11 @@ impl EventSink {
     /// Stops accepting events, lets the writer drain what is queued, and waits for it.
     /// Producers still holding a sender see their later events counted as dropped.
     pub fn close(mut self) -> Option<SinkCounts> {
-        let stats = self.sender.take().map(|s| s.stats)?;
+        let EventSender { tx, stats } = self.sender.take()?;
         stats.closed.store(true, Ordering::Release);
+        // Waits for room if the queue is full (the writer is draining it); fails only if
+        // the writer has already ended.
+        let _ = tx.send(Queued::Close);
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
@@ -120,7 +131,7 @@ impl EventSink {
     }
 }
 
-fn write_events(rx: Receiver<EventRecord>, out: Box<dyn Write + Send>, stats: &SinkStats) {
+fn write_events(rx: Receiver<Queued>, out: Box<dyn Write + Send>, stats: &SinkStats) {
     let json = slog_json::Json::new(out)
         .set_newlines(true)
         .set_flush(true)
@@ -139,25 +150,16 @@ fn write_events(rx: Receiver<EventRecord>, out: Box<dyn Write + Send>, stats: &S
             )
             .unwrap_or_else(|never| match never {});
     };
-    // Wakes at least every CLOSE_POLL to notice a close while producers still hold
-    // senders (the channel then never disconnects).
-    loop {
-        match rx.recv_timeout(CLOSE_POLL) {
-            Ok(event) => write(event),
-            Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) if stats.closed.load(Ordering::Acquire) => {
-                while let Ok(event) = rx.try_recv() {
-                    write(event);
-                }
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-        }
+    // Producers may still hold senders when the sink closes (the channel then never
+    // disconnects): the close is a message of its own.
+    while let Ok(Queued::Event(event)) = rx.recv() {
+        write(event);
+    }
+    // Events a producer queued just before it saw the close.
+    while let Ok(Queued::Event(event)) = rx.try_recv() {
+        write(event);
     }
 }
-
-/// How often an idle writer checks whether the sink was closed.
-const CLOSE_POLL: Duration = Duration::from_millis(50);
 
 /// Counts successes and failures of the drain it wraps, and never fails itself: a dead
 /// sink must not stop the writer.

@@ -201,8 +201,13 @@ fn counted<M>(sent: Result<(), SendError<M>>, kind: ActorKind) -> bool {
     }
 }
 
-/// An actor's one deadline timer, on the monotonic clock. Re-arming it at the instant it
-/// is already armed for keeps the running timer; any other instant replaces it.
+/// An actor's one deadline timer, on the monotonic clock.
+///
+/// Re-arming it for an instant no earlier than the one it is armed for keeps the running
+/// timer: it fires early, and its firing (which finds nothing due) arms it for the later
+/// instant. Deadlines that move later with every packet (heartbeats, the last time the
+/// peer was heard) then cost one firing per deadline instead of a cancelled and a new
+/// timer per packet. An earlier instant, or none, replaces it.
 #[derive(Debug, Default)]
 pub struct DeadlineTimer {
     armed: Option<(Instant, SpawnHandle)>,
@@ -231,10 +236,11 @@ impl DeadlineTimer {
             (Some(at), Some(last)) if at <= last => Some(Instant::now() + NO_PROGRESS_RETRY),
             (at, _) => at,
         };
-        if self.armed.as_ref().map(|(t, _)| *t) == at {
-            return;
-        }
-        if let Some((_, handle)) = self.armed.take() {
+        if let Some((armed_at, handle)) = self.armed.take() {
+            if at.is_some_and(|at| armed_at <= at) {
+                self.armed = Some((armed_at, handle));
+                return;
+            }
             ctx.cancel_future(handle);
         }
         if let Some(at) = at {
@@ -337,6 +343,54 @@ mod tests {
         fn handle(&mut self, _: Fired, _: &mut Context<Self>) -> u32 {
             self.fired
         }
+    }
+
+    /// Arms its timer for the instants it is given, in order, and records what the
+    /// timer is armed for after each.
+    struct Rearmed {
+        timer: DeadlineTimer,
+        asks: Vec<Option<Instant>>,
+        armed: Vec<Option<Instant>>,
+    }
+
+    impl Actor for Rearmed {
+        type Context = Context<Self>;
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            for at in std::mem::take(&mut self.asks) {
+                self.timer.arm(ctx, at, |act, _| act.timer.fired());
+                self.armed.push(self.timer.armed.as_ref().map(|(t, _)| *t));
+            }
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "Vec<Option<Instant>>")]
+    struct Armed;
+
+    impl Handler<Armed> for Rearmed {
+        type Result = MessageResult<Armed>;
+        fn handle(&mut self, _: Armed, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(self.armed.clone())
+        }
+    }
+
+    #[test]
+    fn a_later_deadline_keeps_the_armed_timer_and_an_earlier_one_replaces_it() {
+        let base = Instant::now() + Duration::from_secs(60);
+        let at = |s: u64| Some(base + Duration::from_secs(s));
+        let armed = actix::System::new().block_on(async move {
+            let addr = Rearmed {
+                timer: DeadlineTimer::default(),
+                asks: vec![at(10), at(20), at(10), at(5), at(30), None, at(40)],
+                armed: Vec::new(),
+            }
+            .start();
+            addr.send(Armed).await.unwrap_or_default()
+        });
+        assert_eq!(
+            armed,
+            vec![at(10), at(10), at(10), at(5), at(5), None, at(40)]
+        );
     }
 
     #[test]

@@ -509,39 +509,52 @@ impl SessionControl {
         if self.fsm.state() == State::Terminated {
             return None;
         }
-        let mut deadlines = vec![
-            self.created_at + self.policy.max_lifetime(),
-            self.last_heard + self.policy.transport_lost_ttl(),
-        ];
-        deadlines.extend(
-            self.transports
+        // Asked after every packet: the earliest future instant, without allocating.
+        let mut earliest: Option<Instant> = None;
+        let mut consider = |deadlines: &mut dyn Iterator<Item = Instant>| {
+            for d in deadlines.filter(|d| *d > self.now) {
+                earliest = Some(earliest.map_or(d, |e| e.min(d)));
+            }
+        };
+        consider(
+            &mut [
+                self.created_at + self.policy.max_lifetime(),
+                self.last_heard + self.policy.transport_lost_ttl(),
+            ]
+            .into_iter(),
+        );
+        consider(
+            &mut self
+                .transports
                 .iter()
                 .filter_map(|s| s.health.next_probe_expiry()),
         );
         match self.fsm.state() {
             State::Attached => {
                 if let Some(slot) = self.active.and_then(|id| self.slot(id)) {
-                    deadlines.push(slot.health.heartbeat_deadline(&self.policy));
-                    deadlines.extend(slot.health.next_change(&self.policy, self.now));
+                    consider(&mut std::iter::once(
+                        slot.health.heartbeat_deadline(&self.policy),
+                    ));
+                    consider(&mut slot.health.next_change(&self.policy, self.now).into_iter());
                 }
             }
             State::Volatile | State::Degraded => {
-                deadlines.extend(
-                    self.transports
+                consider(
+                    &mut self
+                        .transports
                         .iter()
                         .filter_map(|s| s.health.next_change(&self.policy, self.now)),
                 );
-                deadlines.extend(
-                    self.volatile_deadline
-                        .filter(|_| self.fsm.state() == State::Volatile),
-                );
-                deadlines.extend(self.limiter.next_allowed(self.now));
-                deadlines.extend(self.transports.iter().filter_map(|s| s.excluded_until));
+                if self.fsm.state() == State::Volatile {
+                    consider(&mut self.volatile_deadline.into_iter());
+                }
+                consider(&mut self.limiter.next_allowed(self.now).into_iter());
+                consider(&mut self.transports.iter().filter_map(|s| s.excluded_until));
             }
-            State::Recovering => deadlines.extend(self.recovery.map(|r| r.deadline)),
+            State::Recovering => consider(&mut self.recovery.map(|r| r.deadline).into_iter()),
             State::Birth | State::Terminated => {}
         }
-        deadlines.into_iter().filter(|d| *d > self.now).min()
+        earliest
     }
 
     // ---- accessors ----------------------------------------------------------------
