@@ -41,6 +41,7 @@ pub fn gateway(node_id: &str, sessions: &[SessionStatus]) -> Value {
                 "state_version": s.state_version,
                 "tunnel_addresses": addresses(Some(s.tunnel)),
                 "active_transport": s.binding.map(|b| format!("{} {}", b.protocol.as_str(), b.addr)),
+                "cipher": s.cipher.name(),
                 "rx_bytes": s.rx_bytes,
                 "tx_bytes": s.tx_bytes,
                 "recent_transitions": transitions(&s.recent),
@@ -79,6 +80,7 @@ pub fn client(view: &AgentView) -> Value {
         "state_version": view.state_version,
         "tunnel_addresses": addresses(s.tunnel),
         "active_transport": s.active.map(|t| t.0),
+        "cipher": s.cipher.map(|c| c.name()),
         "sessions_established": s.sessions,
         "last_end": s.last_end.map(|r| r.as_str()),
         "last_reattach_ms": s.last_reattach.map(ms),
@@ -191,6 +193,7 @@ pub fn render_at(v: &Value, now_ms: u64) -> String {
                 );
                 let _ = writeln!(out, "  tunnel: {}", text(&s["tunnel_addresses"]));
                 let _ = writeln!(out, "  transport: {}", text(&s["active_transport"]));
+                let _ = writeln!(out, "  cipher: {}", text(&s["cipher"]));
                 let _ = writeln!(
                     out,
                     "  transfer: {} B received, {} B sent",
@@ -211,6 +214,7 @@ pub fn render_at(v: &Value, now_ms: u64) -> String {
             );
             let _ = writeln!(out, "  tunnel: {}", text(&v["tunnel_addresses"]));
             let _ = writeln!(out, "  active transport: {}", text(&v["active_transport"]));
+            let _ = writeln!(out, "  cipher: {}", text(&v["cipher"]));
             let _ = writeln!(
                 out,
                 "  transfer: {} B received, {} B sent",
@@ -274,7 +278,7 @@ mod tests {
         let answer = json!({
             "ok": true, "role": "client", "session_id": "00000000000000aa",
             "state": "ATTACHED", "state_version": 4, "tunnel_addresses": ["10.77.0.2/24"],
-            "active_transport": 1, "rx_bytes": 1, "tx_bytes": 2,
+            "active_transport": 1, "cipher": "aes-256-gcm", "rx_bytes": 1, "tx_bytes": 2,
             "last_reattach_ms": 312.0, "sessions_established": 1,
             "candidates": [{"id": 1, "gateway": "192.0.2.1:51820", "active": true,
                 "loss_ratio": 0.0, "samples": 10, "srtt_ms": 0.8, "rtt_p95_ms": 1.2,
@@ -286,6 +290,7 @@ mod tests {
         assert!(text.contains("3 min 0 s ago  BIRTH -> ATTACHED"), "{text}");
         assert!(text.contains("heard 120 ms ago"), "{text}");
         assert!(text.contains("last reattach took: 312 ms"), "{text}");
+        assert!(text.contains("cipher: aes-256-gcm"), "{text}");
         assert!(!text.contains(&now.to_string()), "{text}");
     }
 }

@@ -108,6 +108,8 @@ pub struct SessionStatus {
     pub tunnel: jvpn_core::wire::TunnelAddrs,
     /// Where the client is reached.
     pub binding: Option<Endpoint>,
+    /// The cipher its packets are sealed with, agreed in its handshake.
+    pub cipher: jvpn_core::crypto::Cipher,
     /// The latest state changes, oldest first.
     pub recent: Vec<TransitionNote>,
     /// Datagram bytes received for the session (authentic or not) and sent to its client,
@@ -441,6 +443,7 @@ impl Handler<GetStatus> for SessionActor {
             state_version: s.version().0,
             tunnel: s.tunnel(),
             binding: s.binding(),
+            cipher: s.cipher(),
             recent: self.recent.to_vec(),
             rx_bytes: self.rx_bytes,
             tx_bytes: self.tx_bytes,

@@ -152,6 +152,13 @@ fn traffic_flows_both_ways_and_reaches_the_network_behind_the_gateway() {
         gw["sessions"][0]["tunnel_addresses"],
         serde_json::json!([format!("{CLIENT_TUNNEL}/24")])
     );
+    // Both ends run on this machine and offer what it has: the best cipher of it,
+    // agreed, and shown by both.
+    let here = jvpn_core::crypto::CipherSet::this_machine();
+    let agreed = here.choose(here).name();
+    assert_eq!(gw["sessions"][0]["cipher"].as_str(), Some(agreed));
+    let client = lab.status("client").expect("client status");
+    assert_eq!(client["cipher"].as_str(), Some(agreed));
     // The operator's view: the gateway's metrics page, from inside its namespace.
     let g = lab.ns("g");
     let page = lab
