@@ -44,7 +44,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Runs the client until a stop signal or, when so configured, its session's end.
 /// SIGHUP reloads `config` (see [`crate::reload`]).
 pub fn run(setup: ClientSetup, config: PathBuf, connect_timeout: Duration) -> Result<ExitCode> {
-    actix_rt::System::new().block_on(serve(setup, config, connect_timeout))
+    service::run_system(serve(setup, config, connect_timeout))
 }
 
 fn socket_for(c: &CandidateSetup, fwmark: Option<u32>) -> Result<UdpSocket> {

@@ -30,7 +30,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the gateway until a stop signal.
 pub fn run(setup: GatewaySetup) -> Result<()> {
-    actix_rt::System::new().block_on(serve(setup))
+    service::run_system(serve(setup))
 }
 
 async fn serve(setup: GatewaySetup) -> Result<()> {

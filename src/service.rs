@@ -12,6 +12,26 @@ use jvpn_core::event::WallClock;
 
 use crate::config::EventsOut;
 
+/// Runs `main` on a new actix system until it ends, as a task of its own.
+///
+/// The future a runtime blocks on is polled again whenever any task of its thread is
+/// woken (tokio's `LocalSet::run_until`), so a daemon's main loop (a `select!` over
+/// signals, status and timers) given to `block_on` directly would be polled once per
+/// packet. As a task, it is polled only when something it waits for happens.
+pub fn run_system<T: 'static>(
+    main: impl std::future::Future<Output = Result<T>> + 'static,
+) -> Result<T> {
+    actix_rt::System::new().block_on(async move {
+        match actix_rt::spawn(main).await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!(
+                "the main task ended without an outcome: {e}"
+            )),
+        }
+    })
+}
+
 /// How many events may wait for the sink before new ones are dropped (and counted).
 pub const EVENT_QUEUE: usize = 4096;
 

@@ -296,7 +296,7 @@ fn start_tun_reader(device: Arc<dyn TunDevice>, agent: Addr<ClientAgent>) -> Add
 pub struct AgentHandles {
     /// The agent.
     pub agent: Addr<ClientAgent>,
-    /// Its status, updated after every message.
+    /// Its status, checked after every message; receivers are woken when it changes.
     pub status: watch::Receiver<AgentStatus>,
     /// The candidate transports' actors, by id (for fault injection and shutdown).
     pub transports: Vec<(TransportId, TransportActor)>,

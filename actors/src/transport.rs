@@ -20,8 +20,8 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use jvpn_core::ids::Protocol;
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
 
 use crate::runtime::{ActorKind, Close, Crash};
 use crate::telemetry::{self, Direction, TrafficMeter};
@@ -452,7 +452,7 @@ pub struct UdpTransport {
     /// The socket until the actor first starts: it joins the reactor of the arbiter the
     /// actor runs on.
     unregistered: Option<std::net::UdpSocket>,
-    socket: Option<Arc<UdpSocket>>,
+    socket: Option<Arc<AsyncFd<std::net::UdpSocket>>>,
     handle: TransportHandle,
     udp: Arc<UdpSender>,
     deliver: Arc<dyn Deliver>,
@@ -485,9 +485,13 @@ impl ReadBuffers {
 
 /// Waits until the socket is readable, then reads what is there (one recvmmsg), each
 /// datagram copied out of the reused slots into a buffer of its own size.
-async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffers) -> Read {
+async fn read_batch(
+    socket: &AsyncFd<std::net::UdpSocket>,
+    sender: &UdpSender,
+    bufs: &mut ReadBuffers,
+) -> Read {
     let read = socket
-        .async_io(Interest::READABLE, || {
+        .async_io(Interest::READABLE, |socket| {
             let mut slices: Vec<IoSliceMut<'_>> =
                 bufs.slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
             sender
@@ -522,7 +526,7 @@ impl Actor for UdpTransport {
             return;
         }
         if let Some(std) = self.unregistered.take() {
-            match UdpSocket::from_std(std) {
+            match crate::sys::register_reader(std) {
                 Ok(s) => self.socket = Some(Arc::new(s)),
                 Err(_) => telemetry::dropped("transport_unregistered"),
             }
@@ -610,6 +614,7 @@ impl Handler<Crash> for UdpTransport {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::net::UdpSocket;
 
     struct Nowhere;
 

@@ -243,7 +243,9 @@ fn reattach_validation(c: &mut Criterion) {
 /// The X25519 operations a handshake is made of (aws-lc's, as the handshake uses): its
 /// floor. The gateway's side of Noise IK does four Diffie-Hellman operations (es, ss,
 /// ee, se) and one key generation (a fixed-base multiplication); `ss` is kept per
-/// authorized client after its first handshake, so three and one.
+/// authorized client after its first handshake, so three and one. ring's
+/// Diffie-Hellman is measured beside aws-lc's for comparison only: ring offers no
+/// static private keys (its keys are single-use), which es and ss need.
 fn x25519(c: &mut Criterion) {
     use aws_lc_rs::agreement::{agree, PrivateKey, UnparsedPublicKey, X25519};
     let mine = PrivateKey::generate(&X25519).expect("key");
@@ -261,6 +263,23 @@ fn x25519(c: &mut Criterion) {
             )
             .expect("agree")
         })
+    });
+    group.bench_function("Diffie-Hellman (variable base), ring's", |b| {
+        use ring::agreement as r;
+        let rng = ring::rand::SystemRandom::new();
+        // ring's private keys are single-use: each is made outside the timed part.
+        b.iter_batched(
+            || r::EphemeralPrivateKey::generate(&r::X25519, &rng).expect("key"),
+            |k| {
+                r::agree_ephemeral(
+                    k,
+                    &r::UnparsedPublicKey::new(&r::X25519, theirs.as_ref()),
+                    |s| black_box(s[0]),
+                )
+                .expect("agree")
+            },
+            criterion::BatchSize::SmallInput,
+        )
     });
     group.bench_function("key generation (fixed base)", |b| {
         b.iter(|| {

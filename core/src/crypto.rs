@@ -80,7 +80,8 @@ impl Cipher {
         }
     }
 
-    /// Its name in logs (the client's line when its session attaches).
+    /// Its name where people read it: the client's line when its session attaches, and
+    /// the `cipher` of the admin status (spec/admin.md).
     pub const fn name(self) -> &'static str {
         match self {
             Cipher::ChaCha20Poly1305 => "chacha20-poly1305",
