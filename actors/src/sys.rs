@@ -95,10 +95,21 @@ nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, libc::in6_ifreq);
 
 /// An owner of a descriptor that keeps it open, naming the same file, for the owner's
 /// whole life: what [`register_reader`] may register.
-pub trait OwnedDescriptor: std::os::fd::AsRawFd {}
+///
+/// # Safety
+///
+/// An implementor's `as_raw_fd` returns the same open descriptor for as long as the
+/// value lives; `register_reader`'s registration relies on it.
+#[allow(unsafe_code)]
+pub unsafe trait OwnedDescriptor: std::os::fd::AsRawFd {}
 
-impl OwnedDescriptor for std::sync::Arc<std::fs::File> {}
-impl OwnedDescriptor for std::net::UdpSocket {}
+// SAFETY: a `File` (shared or not) and a socket own their descriptor, which never changes
+// and closes only when they are dropped.
+#[allow(unsafe_code)]
+unsafe impl OwnedDescriptor for std::sync::Arc<std::fs::File> {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl OwnedDescriptor for std::net::UdpSocket {}
 
 /// Registers `owner`'s descriptor for reading, and for reading only, with the event loop
 /// of the calling thread (a tokio runtime must be current). Writes never wait for room

@@ -21,6 +21,7 @@ use bytes::BytesMut;
 use jvpn_core::ids::Protocol;
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::runtime::{ActorKind, Close, Crash};
 use crate::telemetry::{self, Direction, TrafficMeter};
@@ -485,20 +486,29 @@ impl ReadBuffers {
 /// Waits until the socket is readable, then reads what is there (one recvmmsg), each
 /// datagram copied out of the reused slots into a buffer of its own size.
 ///
+/// It wakes for datagrams and for errors: an ICMP error on a connected socket (port or
+/// host unreachable) makes it readable for nothing, only erroneous, and is read at once.
+///
 /// A read that filled fewer slots than it asked for found the socket empty (recvmmsg
 /// stops at the first datagram that is not there): the socket is then taken as not
-/// readable any more, and the next read waits for the kernel to say otherwise, instead of
+/// ready any more, and the next read waits for the kernel to say otherwise, instead of
 /// trying once more (one system call per wakeup, ahead of the packets just read). Nothing
-/// is missed: the socket is watched edge-triggered, and anything that arrives after the
-/// reactor last asked (a datagram, an error) is reported at its next asking.
+/// is missed: the socket is watched edge-triggered, and a datagram or an error that
+/// arrives after the reactor last asked is reported at its next asking. (Linux: there
+/// recv is one recvmmsg; elsewhere quinn-udp may read one datagram per call, and the
+/// readiness is then kept after every read that returned any.)
 async fn read_batch(
     socket: &AsyncFd<std::net::UdpSocket>,
     sender: &UdpSender,
     bufs: &mut ReadBuffers,
 ) -> Read {
-    let asked = bufs.slots.len().min(quinn_udp::BATCH_SIZE);
+    let asked = if cfg!(target_os = "linux") {
+        bufs.slots.len().min(quinn_udp::BATCH_SIZE)
+    } else {
+        1
+    };
     let read = loop {
-        let mut ready = match socket.readable().await {
+        let mut ready = match socket.ready(Interest::READABLE | Interest::ERROR).await {
             Ok(ready) => ready,
             Err(error) => break Err(error),
         };
@@ -643,14 +653,44 @@ mod tests {
         fn signal(&self, _: &TransportHandle, _: Signal) {}
     }
 
-    /// Counts the datagrams it is handed.
-    struct Collect(tokio::sync::mpsc::UnboundedSender<usize>);
+    /// Counts the datagrams it is handed, and passes the signals on.
+    struct Collect(
+        tokio::sync::mpsc::UnboundedSender<usize>,
+        Option<tokio::sync::mpsc::UnboundedSender<Signal>>,
+    );
 
     impl Deliver for Collect {
         fn datagrams(&self, _: &TransportHandle, batch: Vec<Incoming>) {
             let _ = self.0.send(batch.len());
         }
-        fn signal(&self, _: &TransportHandle, _: Signal) {}
+        fn signal(&self, _: &TransportHandle, signal: Signal) {
+            if let Some(signals) = &self.1 {
+                let _ = signals.send(signal);
+            }
+        }
+    }
+
+    /// An ICMP port unreachable makes a connected socket erroneous, not readable: the
+    /// reader wakes for it all the same and reports the path unreachable, with nothing
+    /// more sent or received.
+    #[actix_rt::test]
+    async fn an_unreachable_port_is_reported_without_waiting_for_more_traffic() {
+        let closed = {
+            let gone = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            gone.local_addr().expect("addr")
+        };
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+        socket.connect(closed).expect("connect");
+        let (tx, _datagrams) = tokio::sync::mpsc::unbounded_channel();
+        let (signals_tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
+        let prepared = PreparedUdp::new(socket, 0).expect("prepared");
+        let handle = prepared.handle();
+        let _reader = prepared.start(Arc::new(Collect(tx, Some(signals_tx))));
+        // Let the reader start and wait on its socket before the error comes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handle.send(closed, b"anyone?"), Sent::Ok);
+        let signal = tokio::time::timeout(Duration::from_secs(2), signals.recv()).await;
+        assert_eq!(signal, Ok(Some(Signal::Unreachable)));
     }
 
     /// Datagrams counted until `want` or two quiet seconds.
@@ -676,7 +716,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let _reader = PreparedUdp::new(socket, 0)
             .expect("prepared")
-            .start(Arc::new(Collect(tx)));
+            .start(Arc::new(Collect(tx, None)));
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
         for round in 0..5u8 {
             peer.send_to(&[round; 100], to).expect("send");
