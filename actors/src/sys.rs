@@ -93,38 +93,17 @@ pub fn open_tun_queue(name: &str, multi_queue: bool, first: bool) -> io::Result<
 }
 nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, libc::in6_ifreq);
 
-/// An owner of a descriptor that keeps it open, naming the same file, for the owner's
-/// whole life: what [`register_reader`] may register.
-///
-/// # Safety
-///
-/// An implementor's `as_raw_fd` returns the same open descriptor for as long as the
-/// value lives; `register_reader`'s registration relies on it.
+/// Registers `file` for reading with the event loop of the calling thread (a tokio
+/// runtime must be current).
 #[allow(unsafe_code)]
-pub unsafe trait OwnedDescriptor: std::os::fd::AsRawFd {}
-
-// SAFETY: a `File` (shared or not) and a socket own their descriptor, which never changes
-// and closes only when they are dropped.
-#[allow(unsafe_code)]
-unsafe impl OwnedDescriptor for std::sync::Arc<std::fs::File> {}
-// SAFETY: as above.
-#[allow(unsafe_code)]
-unsafe impl OwnedDescriptor for std::net::UdpSocket {}
-
-/// Registers `owner`'s descriptor for reading, and for reading only, with the event loop
-/// of the calling thread (a tokio runtime must be current). Writes never wait for room
-/// (a full socket or device drops, as a congested link would), so no writability is
-/// watched: a UDP socket would otherwise report it after every send, one more wakeup of
-/// the loop per datagram sent.
-#[allow(unsafe_code)]
-pub fn register_reader<T: OwnedDescriptor>(owner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
-    // SAFETY: the registration owns `owner`, which keeps its descriptor open and naming
-    // the same file for the registration's whole life (what `OwnedDescriptor` promises;
-    // a `File`'s or a socket's descriptor never changes).
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(owner, tokio::io::Interest::READABLE)
-    }
-    .map_err(io::Error::from)
+pub fn register_reader(
+    file: std::sync::Arc<std::fs::File>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<std::fs::File>>> {
+    // SAFETY: the registration holds a reference to the open file, so its descriptor
+    // stays open and names the same file for the registration's whole life; a `File`'s
+    // descriptor never changes.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }
 
 /// Asks the device open at `fd` for the offloads in `flags`.
