@@ -490,9 +490,11 @@ impl ReadBuffers {
 /// host unreachable) makes it erroneous, not readable, and is read at once.
 ///
 /// The socket stays registered for writability too, though no send waits for room: the
-/// readiness a send brings back keeps the loop turning under load, and without it (tried
-/// and measured) one TCP stream through the tunnel lost a fifth of its throughput on this
-/// 2-core machine, its threads sleeping and being woken more often.
+/// readiness a send brings back keeps the loop turning under load. Without it (tried, with
+/// a reader that also stopped asking after a short read) one TCP stream through the
+/// tunnel averaged a fifth less in interleaved runs on a 2-core machine (within that
+/// machine's wide run-to-run spread: a suggestion, not a proof), its threads sleeping
+/// and being woken more often (spec/runtime.md, Wakeups).
 async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffers) -> Read {
     let read = socket
         .async_io(Interest::READABLE | Interest::ERROR, || {
