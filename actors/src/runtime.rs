@@ -204,10 +204,11 @@ fn counted<M>(sent: Result<(), SendError<M>>, kind: ActorKind) -> bool {
 /// An actor's one deadline timer, on the monotonic clock.
 ///
 /// Re-arming it for an instant no earlier than the one it is armed for keeps the running
-/// timer: it fires early, and its firing (which finds nothing due) arms it for the later
-/// instant. Deadlines that move later with every packet (heartbeats, the last time the
-/// peer was heard) then cost one firing per deadline instead of a cancelled and a new
-/// timer per packet. An earlier instant, or none, replaces it.
+/// timer: it fires early, its owner re-evaluates (acting only on what is due then), and
+/// the firing arms it for the later instant. A deadline that moves later with every
+/// packet (the heartbeat timeout, counted from when the peer was last heard) then costs
+/// one firing per deadline instead of a cancelled and a new timer per packet. An earlier
+/// instant, or none, replaces it.
 #[derive(Debug, Default)]
 pub struct DeadlineTimer {
     armed: Option<(Instant, SpawnHandle)>,
