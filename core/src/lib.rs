@@ -38,6 +38,7 @@ pub mod ids;
 pub mod journal;
 mod keycache;
 pub mod mac;
+mod noise_suite;
 pub mod offload;
 pub mod policy;
 pub mod reason;

@@ -3,14 +3,18 @@
 //! (s2n-bignum) and measured 2.5 times as fast as the portable field arithmetic of
 //! snow's default (curve25519-dalek) on this project's machines. A gateway handshake is
 //! four Diffie-Hellman operations and one key generation (three and one once the client's
-//! static-static secret is kept, below), so this sets the handshake rate. Everything else of the handshake (BLAKE2s, ChaCha20-Poly1305) stays snow's.
+//! static-static secret is kept, below), so this sets the handshake rate. The resolver
+//! also takes the handshake's ChaCha20-Poly1305 from ring (`noise_cipher`); BLAKE2s
+//! stays snow's.
 //!
 //! Two results are the same in every handshake of a static key, so they are kept
-//! ([`LocalStatic`]) instead of computed again: the key's public half (snow would derive
-//! it from the private key each time, a fixed-base multiplication), and the
-//! static-static secret (Noise IK's `ss`) with each peer the key knows in advance (the
-//! gateway's authorized clients, the client's gateway), computed at the peer's first
-//! handshake — as WireGuard precomputes it per peer.
+//! ([`LocalStatic`]) instead of computed again: the key's public half and aws-lc's form
+//! of the key (snow sets the private key on every handshake, and aws-lc derives the
+//! public half whenever it takes a private key in: a fixed-base multiplication, a tenth
+//! of a gateway handshake), and the static-static secret (Noise IK's `ss`) with each
+//! peer the key knows in advance (the gateway's authorized clients, the client's
+//! gateway), computed at the peer's first handshake — as WireGuard precomputes it per
+//! peer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -21,22 +25,18 @@ use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 use zeroize::Zeroizing;
 
+use crate::noise_suite::{Blake2s, ChaChaPoly};
+
 /// The resolver a handshake of `local` is built with: this module's X25519 (knowing what
-/// `local` keeps), snow's default for the rest.
+/// `local` keeps), ring's ChaCha20-Poly1305 ([`ChaChaPoly`]), snow's default for the
+/// rest (BLAKE2s, the random numbers).
 pub fn resolver(local: &Arc<LocalStatic>) -> Box<dyn CryptoResolver + Send> {
     Box::new(FallbackResolver::new(
-        Box::new(AwsLcX25519 {
+        Box::new(Primitives {
             local: Arc::clone(local),
         }),
         Box::new(DefaultResolver),
     ))
-}
-
-/// The public key of an X25519 private key (clamped as X25519 does).
-pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
-    let mut dh = Dh25519::default();
-    dh.set(private);
-    dh.public
 }
 
 /// A static private key with what its handshakes reuse: its public half, and its
@@ -46,15 +46,21 @@ pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
 pub struct LocalStatic {
     private: Zeroizing<[u8; 32]>,
     public: [u8; 32],
+    /// aws-lc's form of the private key, made once; `None` if aws-lc refused it (it
+    /// refuses only a wrong length), and then every exchange with it fails.
+    key: Option<PrivateKey>,
     shared: HashMap<[u8; 32], OnceLock<Zeroizing<[u8; 32]>>>,
 }
 
 impl LocalStatic {
     /// `private`'s public half and slots for the secrets with `peers`.
     pub fn new(private: &[u8; 32], peers: impl IntoIterator<Item = [u8; 32]>) -> LocalStatic {
+        let mut dh = Dh25519::default();
+        dh.set(private);
         LocalStatic {
             private: Zeroizing::new(*private),
-            public: public_key(private),
+            public: dh.public,
+            key: dh.key,
             shared: peers.into_iter().map(|p| (p, OnceLock::new())).collect(),
         }
     }
@@ -75,12 +81,12 @@ impl LocalStatic {
     }
 }
 
-/// Resolves X25519 only.
-struct AwsLcX25519 {
+/// Resolves X25519 and ChaCha20-Poly1305.
+struct Primitives {
     local: Arc<LocalStatic>,
 }
 
-impl CryptoResolver for AwsLcX25519 {
+impl CryptoResolver for Primitives {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
         None
     }
@@ -94,12 +100,13 @@ impl CryptoResolver for AwsLcX25519 {
         })
     }
 
-    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
-        None
+    fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
+        matches!(choice, HashChoice::Blake2s).then(|| Box::new(Blake2s::default()) as Box<dyn Hash>)
     }
 
-    fn resolve_cipher(&self, _: &CipherChoice) -> Option<Box<dyn Cipher>> {
-        None
+    fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        matches!(choice, CipherChoice::ChaChaPoly)
+            .then(|| Box::new(ChaChaPoly::default()) as Box<dyn Cipher>)
     }
 }
 
@@ -108,8 +115,9 @@ impl CryptoResolver for AwsLcX25519 {
 struct Dh25519 {
     private: Zeroizing<[u8; 32]>,
     public: [u8; 32],
-    /// aws-lc's form of the private key; `None` before a key is set, or if aws-lc
-    /// refused it (it refuses only a wrong length), and then every exchange fails.
+    /// aws-lc's form of the private key; `None` before a key is set, when the key is
+    /// the known one (whose form `known` holds), or if aws-lc refused it (it refuses
+    /// only a wrong length), and then every exchange fails.
     key: Option<PrivateKey>,
     /// The static key whose results are kept, as the resolver was given it.
     known: Option<Arc<LocalStatic>>,
@@ -138,15 +146,14 @@ impl Dh for Dh25519 {
             return;
         };
         *self.private = bytes;
-        let Ok(key) = PrivateKey::from_private_key(&X25519, privkey) else {
-            return;
-        };
         if let Some(known) = self.known.as_ref().filter(|k| k.is(privkey)) {
             self.public = known.public;
-            self.key = Some(key);
             self.is_known = true;
             return;
         }
+        let Ok(key) = PrivateKey::from_private_key(&X25519, privkey) else {
+            return;
+        };
         if let Ok(public) = key.compute_public_key() {
             if let Ok(public) = <[u8; 32]>::try_from(public.as_ref()) {
                 self.public = public;
@@ -175,16 +182,17 @@ impl Dh for Dh25519 {
     /// Fails for a peer key of small order (an all-zero shared secret), which the Noise
     /// specification allows an implementation to refuse: such a handshake is refused.
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
-        let key = self.key.as_ref().ok_or(snow::Error::Dh)?;
+        let known = self.known.as_ref().filter(|_| self.is_known);
+        let key = match known {
+            Some(known) => known.key.as_ref(),
+            None => self.key.as_ref(),
+        }
+        .ok_or(snow::Error::Dh)?;
         let out = out.get_mut(..32).ok_or(snow::Error::Dh)?;
         // snow passes its whole key buffer (sized for its largest curve): the key is the
         // first 32 bytes.
         let pubkey = pubkey.get(..32).ok_or(snow::Error::Dh)?;
-        let slot = self
-            .known
-            .as_ref()
-            .filter(|_| self.is_known)
-            .and_then(|k| k.shared.get(pubkey));
+        let slot = known.and_then(|k| k.shared.get(pubkey));
         if let Some(kept) = slot.and_then(OnceLock::get) {
             out.copy_from_slice(kept.as_ref());
             return Ok(());
@@ -211,6 +219,13 @@ impl Dh for Dh25519 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The public key of an X25519 private key (clamped as X25519 does).
+    fn public_key(private: &[u8; 32]) -> [u8; 32] {
+        let mut dh = Dh25519::default();
+        dh.set(private);
+        dh.public
+    }
 
     /// RFC 7748, section 6.1: Alice's and Bob's keys and their shared secret.
     #[test]
@@ -256,9 +271,17 @@ mod tests {
             };
             dh.set(&gateway);
             assert_eq!(dh.public, local.public());
+            // The known key is not taken in again (aws-lc would derive its public half).
+            assert!(dh.is_known && dh.key.is_none());
             let mut out = [0u8; 32];
             dh.dh(&client_pub, &mut out).expect("dh");
             assert_eq!(out, expected);
+            // A peer it does not know (an ephemeral key): computed with the kept key.
+            let stranger = public_key(&[11u8; 32]);
+            let (mut computed, mut plain_out) = ([0u8; 32], [0u8; 32]);
+            dh.dh(&stranger, &mut computed).expect("dh");
+            plain.dh(&stranger, &mut plain_out).expect("dh");
+            assert_eq!(computed, plain_out);
         }
         assert!(local
             .shared
