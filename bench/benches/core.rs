@@ -1,6 +1,7 @@
 //! Core benchmarks, each on one core: sealing and opening a 1,400-byte packet (the
 //! session's channel, and the two AEAD implementations it could use side by side), a
-//! full handshake as the gateway performs it, and reattach validation at the gateway.
+//! full handshake as the gateway performs it, reattach validation at the gateway, and
+//! cutting a TUN super-packet into checksummed segments.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use jvpn_core::crypto::{
 };
 use jvpn_core::gateway::Received;
 use jvpn_core::ids::{Protocol, StateVersion, TransportId};
+use jvpn_core::offload::{segments, VnetHeader, VNET_HDR_LEN};
 use jvpn_core::policy::Policy;
 use jvpn_core::reason::ReasonCode;
 use jvpn_core::wire::{parse, Control, Datagram, ReattachRequest};
@@ -290,9 +292,55 @@ fn x25519(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a client does with every read of its TUN under bulk TCP: one 64 KiB IPv4 TCP
+/// super-packet (the kernel's TSO, checksum left to finish) cut into 1 380-byte segments,
+/// each with its own IP and TCP headers and checksums.
+fn offload(c: &mut Criterion) {
+    const PAYLOAD: usize = 65_000;
+    const MSS: u16 = 1_380;
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    read[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+    read[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+    read[2..4].copy_from_slice(&40u16.to_le_bytes()); // header length
+    read[4..6].copy_from_slice(&MSS.to_le_bytes());
+    read[6..8].copy_from_slice(&20u16.to_le_bytes()); // checksum start: the TCP header
+    read[8..10].copy_from_slice(&16u16.to_le_bytes()); // checksum offset in it
+    let total = (40 + PAYLOAD) as u16;
+    read.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
+    read[VNET_HDR_LEN + 2..VNET_HDR_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    read.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5_201u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH, ACK
+    read.extend_from_slice(&tcp);
+    read.extend((0..PAYLOAD).map(|i| (i % 251) as u8));
+    let (header, packet) = VnetHeader::split(&read).expect("header");
+    let mut scratch = Vec::new();
+    let mut group = c.benchmark_group("offload");
+    group.throughput(Throughput::Bytes(PAYLOAD as u64));
+    group.bench_function("64 KiB TCP super-packet into 1380-byte segments", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            segments(&header, black_box(packet), &mut scratch, |s| {
+                n += s.len();
+                black_box(s[s.len() - 1]);
+            })
+            .expect("segments");
+            assert_eq!(
+                n,
+                PAYLOAD + 48 * 40,
+                "48 segments, 40 bytes of headers each"
+            );
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = seal_open, aead, handshakes, reattach_validation, x25519
+    targets = seal_open, aead, handshakes, reattach_validation, x25519, offload
 }
 criterion_main!(benches);
