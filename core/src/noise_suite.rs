@@ -88,9 +88,10 @@ impl Cipher for ChaChaPoly {
             .map(LessSafeKey::new);
     }
 
-    /// snow sizes `out` for the plaintext and the tag before it asks. The trait has no
-    /// way to fail: without a key or room (neither happens), nothing is written and 0 is
-    /// returned, a message the peer cannot open, never a panic.
+    /// The trait has no way to fail. Without a key, or without room for the ciphertext
+    /// and tag in `out` (the handshake's buffers are sized for every message, see
+    /// `crypto`; snow checks the room for some tokens only), 0 is returned and `out` is
+    /// left as it was: a message the peer cannot open, never a panic.
     fn encrypt(&self, counter: u64, authtext: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
         let len = plaintext.len();
         let (Some(key), Some(out)) = (self.key.as_ref(), out.get_mut(..len + TAG_LEN)) else {
@@ -103,7 +104,11 @@ impl Cipher for ChaChaPoly {
                 tag_out.copy_from_slice(tag.as_ref());
                 len + TAG_LEN
             }
-            Err(_) => 0,
+            // Only for an input past ring's limit (256 GiB): no plaintext is left behind.
+            Err(_) => {
+                body.fill(0);
+                0
+            }
         }
     }
 
@@ -145,7 +150,7 @@ mod tests {
     /// What one seals the other opens, both ways, for the counters and lengths a
     /// handshake uses and beyond: the same construction as snow's own.
     #[test]
-    fn ring_and_snows_default_seal_and_open_each_other() {
+    fn ring_seals_as_snows_default_and_opens_what_it_seals() {
         let key = [7u8; 32];
         let (mut ours, mut theirs) = (ChaChaPoly::default(), snows());
         ours.set(&key);

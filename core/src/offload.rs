@@ -412,7 +412,8 @@ fn pseudo_header_sum(packet: &[u8], ip_len: usize, tcp_total: usize) -> u32 {
 /// third of the client's CPU time under one TCP stream.
 fn sum_bytes(sum: u32, bytes: &[u8]) -> u32 {
     let mut words = bytes.chunks_exact(4);
-    // 2^30 words of at most 2^32 each stay below 2^62: no overflow for any slice.
+    // Words below 2^32 each: no overflow below 2^32 of them (16 GiB; a packet is at most
+    // 64 KiB).
     let mut acc: u64 = words
         .by_ref()
         .map(|w| u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
@@ -425,7 +426,7 @@ fn sum_bytes(sum: u32, bytes: &[u8]) -> u32 {
         // A lone last byte is the high byte of its big-endian word, zero-padded.
         acc += u64::from(u16::from_ne_bytes([*last, 0]));
     }
-    let big_endian = u16::from_be_bytes(fold(acc).to_ne_bytes());
+    let big_endian = u16::from_be(fold(acc));
     u32::from(fold(u64::from(sum) + u64::from(big_endian)))
 }
 

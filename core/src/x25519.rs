@@ -4,8 +4,8 @@
 //! snow's default (curve25519-dalek) on this project's machines. A gateway handshake is
 //! four Diffie-Hellman operations and one key generation (three and one once the client's
 //! static-static secret is kept, below), so this sets the handshake rate. The resolver
-//! also takes the handshake's ChaCha20-Poly1305 from ring (`noise_cipher`); BLAKE2s
-//! stays snow's.
+//! also takes the handshake's ChaCha20-Poly1305 (ring) and BLAKE2s (blake2s_simd) from
+//! `noise_suite`; only the random numbers stay snow's.
 //!
 //! Two results are the same in every handshake of a static key, so they are kept
 //! ([`LocalStatic`]) instead of computed again: the key's public half and aws-lc's form
@@ -28,8 +28,8 @@ use zeroize::Zeroizing;
 use crate::noise_suite::{Blake2s, ChaChaPoly};
 
 /// The resolver a handshake of `local` is built with: this module's X25519 (knowing what
-/// `local` keeps), ring's ChaCha20-Poly1305 ([`ChaChaPoly`]), snow's default for the
-/// rest (BLAKE2s, the random numbers).
+/// `local` keeps), [`ChaChaPoly`] and [`Blake2s`], snow's default for the rest (the
+/// random numbers).
 pub fn resolver(local: &Arc<LocalStatic>) -> Box<dyn CryptoResolver + Send> {
     Box::new(FallbackResolver::new(
         Box::new(Primitives {
@@ -81,7 +81,7 @@ impl LocalStatic {
     }
 }
 
-/// Resolves X25519 and ChaCha20-Poly1305.
+/// Resolves X25519, ChaCha20-Poly1305 and BLAKE2s.
 struct Primitives {
     local: Arc<LocalStatic>,
 }
@@ -115,9 +115,9 @@ impl CryptoResolver for Primitives {
 struct Dh25519 {
     private: Zeroizing<[u8; 32]>,
     public: [u8; 32],
-    /// aws-lc's form of the private key; `None` before a key is set, when the key is
-    /// the known one (whose form `known` holds), or if aws-lc refused it (it refuses
-    /// only a wrong length), and then every exchange fails.
+    /// aws-lc's form of the private key. `None` before a key is set, and when the key
+    /// is the known one (exchanges then use `known`'s form); `None` also if aws-lc
+    /// refused it (it refuses only a wrong length), and then every exchange fails.
     key: Option<PrivateKey>,
     /// The static key whose results are kept, as the resolver was given it.
     known: Option<Arc<LocalStatic>>,
