@@ -147,8 +147,8 @@ mod tests {
             .expect("snow's ChaChaPoly")
     }
 
-    /// What one seals the other opens, both ways, for the counters and lengths a
-    /// handshake uses and beyond: the same construction as snow's own.
+    /// Ours seals byte for byte as snow's default does, for the counters and lengths a
+    /// handshake uses and beyond (so each opens what the other seals), and opens it.
     #[test]
     fn ring_seals_as_snows_default_and_opens_what_it_seals() {
         let key = [7u8; 32];
