@@ -16,7 +16,6 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-pub mod arena;
 pub mod cluster;
 pub mod conn;
 pub mod events;

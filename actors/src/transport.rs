@@ -18,8 +18,6 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use bytes::BytesMut;
-
-use crate::arena::PacketArena;
 use jvpn_core::ids::Protocol;
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
@@ -474,8 +472,6 @@ struct Read {
 struct ReadBuffers {
     slots: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
-    /// Where each datagram is copied to, out of the slots.
-    arena: PacketArena,
 }
 
 impl ReadBuffers {
@@ -483,13 +479,12 @@ impl ReadBuffers {
         ReadBuffers {
             slots: (0..READ_SLOTS).map(|_| vec![0u8; SLOT_BYTES]).collect(),
             meta: vec![RecvMeta::default(); READ_SLOTS],
-            arena: PacketArena::default(),
         }
     }
 }
 
 /// Waits until the socket is readable, then reads what is there (one recvmmsg), each
-/// datagram copied out of the reused slots into a buffer of its own ([`PacketArena`]).
+/// datagram copied out of the reused slots into a buffer of its own size.
 ///
 /// It wakes for datagrams and for errors: an ICMP error on a connected socket (port or
 /// host unreachable) makes it erroneous, not readable, and is read at once.
@@ -520,11 +515,10 @@ async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffe
         }
     };
     let mut batch = Vec::with_capacity(n);
-    let ReadBuffers { slots, meta, arena } = bufs;
-    for (meta, slot) in meta.iter().zip(slots.iter()).take(n) {
+    for (meta, slot) in bufs.meta.iter().zip(&bufs.slots).take(n) {
         let stride = meta.stride.max(1);
         for segment in slot[..meta.len.min(slot.len())].chunks(stride) {
-            batch.push((meta.addr, arena.copy(segment)));
+            batch.push((meta.addr, BytesMut::from(segment)));
         }
     }
     Read { batch, error: None }

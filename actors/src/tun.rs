@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, Mutex};
 use jvpn_core::offload::{coalesce, segments, VnetHeader, VNET_HDR_DATA_VALID, VNET_HDR_LEN};
 use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 
-use crate::arena::PacketArena;
 use crate::runtime::{ActorKind, Close};
 use crate::sys::{self, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use crate::telemetry;
@@ -129,8 +128,6 @@ pub struct ReadSpace {
     pub buf: Vec<u8>,
     /// Scratch room.
     pub scratch: Vec<u8>,
-    /// Where the packets read are copied to.
-    pub packets: PacketArena,
 }
 
 /// What one wakeup read.
@@ -546,7 +543,7 @@ impl TunDevice for KernelTun {
             let read = space.buf.get(..n).unwrap_or_default();
             let split = VnetHeader::split(read).and_then(|(h, p)| {
                 segments(&h, p, &mut space.scratch, |s| {
-                    out.push(space.packets.copy(s).freeze())
+                    out.push(Bytes::copy_from_slice(s))
                 })
             });
             if split.is_err() {
