@@ -7,10 +7,13 @@
 //! tunnel packets and its one deadline timer to it, and publishes what it is doing on a
 //! [`watch`] channel ([`AgentStatus`]).
 //!
-//! The readers (one per candidate socket, and the TUN device's) run on the agent's own
-//! arbiter: a hop to another thread would add a wakeup to every packet's latency and,
-//! measured, bought no throughput. The agent writes itself, with no further hop: sealed
-//! batches to the active candidate's socket, opened packets to the device.
+//! The readers (one per candidate socket) run on the agent's own arbiter: a hop to
+//! another thread would add a wakeup to every packet's latency and, measured, bought no
+//! throughput. The agent reads the TUN device itself, a stream of its own context: a
+//! packet leaving through the tunnel takes no mailbox hop, and the device is read only
+//! as fast as the agent seals (what it cannot take waits in the kernel's queue). The
+//! agent writes itself, with no further hop: sealed batches to the active candidate's
+//! socket, opened packets to the device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +22,6 @@ use jvpn_core::policy::Policy;
 use std::time::Instant;
 
 use actix::prelude::*;
-use bytes::Bytes;
 use jvpn_core::client::{Client, ClientReceived};
 use jvpn_core::crypto::plaintext;
 use jvpn_core::event::{EventBody, SessionEvent};
@@ -34,12 +36,11 @@ use crate::runtime::{
     offer, ActorKind, Close, Crash, DeadlineTimer, Handling, RecentTransitions, Reporter,
     TransitionNote,
 };
-use crate::session::FromTunnel;
 use crate::telemetry;
 use crate::transport::{
     Batch, Deliver, Incoming, PreparedUdp, Sent, Signal, TransportHandle, UdpTransport,
 };
-use crate::tun::{TunActor, TunDevice, TunRoute};
+use crate::tun::{self, TunDevice, TunRead};
 
 /// What the agent does when its session ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,8 +232,9 @@ pub struct ClientAgent {
     client: Client,
     on_end: OnSessionEnd,
     transports: Vec<(TransportId, SocketAddr, TransportActor, TransportHandle)>,
-    tun: Option<Addr<TunActor>>,
     device: Option<Arc<dyn TunDevice>>,
+    /// The reading of `device` (a stream of this actor's context).
+    tun_reading: Option<SpawnHandle>,
     /// Path signals from the agent's own sends, applied after the message that made them.
     signals: Vec<(TransportId, Signal)>,
     reporter: Reporter,
@@ -278,20 +280,6 @@ impl Deliver for ToAgent {
     }
 }
 
-impl TunRoute for Addr<ClientAgent> {
-    fn packets(&self, batch: Vec<Bytes>) {
-        if !offer(self, ActorKind::Session, FromTunnel(batch)) {
-            telemetry::dropped("session_busy");
-        }
-    }
-}
-
-/// Starts the reader of `device`, handing what it reads to `agent`.
-fn start_tun_reader(device: Arc<dyn TunDevice>, agent: Addr<ClientAgent>) -> Addr<TunActor> {
-    let route: Arc<dyn TunRoute> = Arc::new(agent);
-    TunActor::new(device, route).start_supervised()
-}
-
 /// What the agent was started with.
 pub struct AgentHandles {
     /// The agent.
@@ -304,7 +292,7 @@ pub struct AgentHandles {
 
 impl ClientAgent {
     /// Starts the agent, its transports (one supervised reader per candidate) and, given
-    /// a device, its TUN reader. Must run inside an actix system. Refuses more candidates
+    /// a device, its reading of it. Must run inside an actix system. Refuses more candidates
     /// than the policy's `transport.max_candidate_count`, and none at all.
     pub fn start(
         client: Client,
@@ -395,13 +383,12 @@ impl ClientAgent {
             actors.push((id, actor.clone()));
             transports.push((id, gateway, actor, handle));
         }
-        let tun = device.clone().map(|d| start_tun_reader(d, me.clone()));
         let agent = ctx.run(ClientAgent {
             client,
             on_end,
             transports,
-            tun,
             device,
+            tun_reading: None,
             signals: Vec::new(),
             reporter,
             status: status_tx,
@@ -492,6 +479,14 @@ impl ClientAgent {
             Ok((via, bytes)) => self.send(via, &bytes),
             Err(_) => telemetry::dropped("handshake_not_built"),
         }
+    }
+
+    /// Reads `device` from now on (its only queue), instead of the device read before.
+    fn read_device(&mut self, device: Arc<dyn TunDevice>, ctx: &mut Context<Self>) {
+        if let Some(old) = self.tun_reading.take() {
+            ctx.cancel_future(old);
+        }
+        self.tun_reading = Some(ctx.add_stream(tun::reads(device, 0)));
     }
 
     fn report(&self, session: SessionId, event: SessionEvent) {
@@ -652,21 +647,23 @@ impl Actor for ClientAgent {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(device) = self.device.clone() {
+            self.read_device(device, ctx);
+        }
         self.connect(Instant::now());
         self.settle(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.status.send_modify(|s| s.stopped = true);
+        // The device's reading ended with this actor's context; its last write handle
+        // goes here.
         self.device = None;
-        // Close the transports and the TUN: they stop reading and end once their last
-        // address (held here and by the caller's handles) is gone. Unbounded sends on
-        // purpose: one lifecycle message per actor, and their number is bounded.
+        // Close the transports: they stop reading and end once their last address (held
+        // here and by the caller's handles) is gone. Unbounded sends on purpose: one
+        // lifecycle message per actor, and their number is bounded.
         for (_, _, actor, _) in self.transports.drain(..) {
             actor.close();
-        }
-        if let Some(tun) = self.tun.take() {
-            tun.do_send(Close);
         }
     }
 }
@@ -728,17 +725,19 @@ impl Handler<AgentSignal> for ClientAgent {
     }
 }
 
-impl Handler<FromTunnel> for ClientAgent {
-    type Result = ();
-
-    fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
-        let _measure = Handling::start(ActorKind::Session);
+impl StreamHandler<TunRead> for ClientAgent {
+    /// Packets the device read, leaving through the tunnel: sealed into one batch and sent
+    /// on the active transport.
+    fn handle(&mut self, read: TunRead, ctx: &mut Context<Self>) {
+        let Some(packets) = read.packets() else {
+            return;
+        };
         let now = Instant::now();
         Batch::with_scratch(|batch| {
             // Every packet goes to the active transport, which cannot change while this
-            // message is handled.
+            // read is handled.
             let mut via = None;
-            for packet in &msg.0 {
+            for packet in &packets {
                 match batch.append(|out| self.client.seal_data_append(packet, now, out)) {
                     Ok(v) => via = Some(v),
                     Err(_) => telemetry::dropped("no_session"),
@@ -750,6 +749,10 @@ impl Handler<FromTunnel> for ClientAgent {
         });
         self.settle(ctx);
     }
+
+    /// The device is gone (closed by its owner): the agent goes on (a new device may come
+    /// with [`UseDevice`]) instead of stopping, as a finished stream would have it.
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<Resolved> for ClientAgent {
@@ -855,10 +858,7 @@ impl Handler<UseDevice> for ClientAgent {
     type Result = ();
 
     fn handle(&mut self, msg: UseDevice, ctx: &mut Context<Self>) {
-        if let Some(old) = self.tun.take() {
-            old.do_send(Close);
-        }
-        self.tun = Some(start_tun_reader(Arc::clone(&msg.0), ctx.address()));
+        self.read_device(Arc::clone(&msg.0), ctx);
         self.device = Some(msg.0);
     }
 }

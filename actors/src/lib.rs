@@ -5,10 +5,11 @@
 //!   mutation of the session.
 //! - [`transport::UdpTransport`]: one per socket; moves datagrams and reports path
 //!   signals, never decides policy.
-//! - [`tun::TunActor`]: reads and writes the TUN device.
+//! - [`tun::TunActor`]: reads a queue of the gateway's TUN device for the router.
 //! - [`supervisor::NodeSupervisor`]: answers handshakes, starts sessions on the per-core
 //!   arbiters, restarts or explicitly ends sessions whose actors stop.
-//! - [`agent::ClientAgent`]: the client's session and its candidate transports.
+//! - [`agent::ClientAgent`]: the client's session, its candidate transports, and its TUN
+//!   device, which it reads itself.
 //! - [`events`] and [`telemetry`]: the non-blocking event sink and the metrics.
 
 // Denied everywhere but in `sys`, the few system calls no safe wrapper offers.

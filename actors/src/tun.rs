@@ -1,6 +1,8 @@
-//! The TUN device actor: reads IP packets from the device and hands them to a router
-//! ([`TunRoute`]). Writes take no actor hop: a session writes the packets it opened to
-//! the shared device itself ([`TunDevice::write_batch`]; a write never waits).
+//! The TUN device's reading: [`reads`], the stream of one queue's reads, and the
+//! gateway's reader actor ([`TunActor`]), which hands what a queue reads to a router
+//! ([`TunRoute`]) that spreads it over the sessions. The client has one session: its agent
+//! reads the device itself. Writes take no actor hop: a session writes the packets it
+//! opened to the shared device itself ([`TunDevice::write_batch`]; a write never waits).
 //!
 //! The device is a trait ([`TunDevice`]) so that actor tests run with a channel-backed
 //! device ([`channel_device`]) and the binary with a real kernel TUN ([`KernelTun`]).
@@ -18,7 +20,7 @@ use tun::AbstractDevice;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, Stream};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, Mutex};
 
@@ -130,20 +132,35 @@ pub struct ReadSpace {
     pub scratch: Vec<u8>,
 }
 
-/// What one wakeup read.
-struct Read(io::Result<Vec<Bytes>>);
+/// What one wakeup of a queue's reader read.
+pub struct TunRead(io::Result<Vec<Bytes>>);
+
+impl TunRead {
+    /// The packets read, in order; `None` when the read failed (counted here, as
+    /// `tun_read_error`) or the device is gone (closed by its owner: nothing more comes).
+    pub fn packets(self) -> Option<Vec<Bytes>> {
+        match self.0 {
+            Ok(batch) => Some(batch),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+            Err(_) => {
+                telemetry::dropped("tun_read_error");
+                None
+            }
+        }
+    }
+}
 
 /// How long a reader waits after a failed read before the next: an error that does not
 /// go away is counted ten times a second, not spun on.
 const READ_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
-async fn read_batch(device: &dyn TunDevice, queue: usize, space: &mut ReadSpace) -> Read {
+async fn read_batch(device: &dyn TunDevice, queue: usize, space: &mut ReadSpace) -> TunRead {
     let mut batch = Vec::new();
     if let Err(e) = device.recv(queue, space, &mut batch).await {
         if e.kind() != io::ErrorKind::UnexpectedEof {
             tokio::time::sleep(READ_ERROR_PAUSE).await;
         }
-        return Read(Err(e));
+        return TunRead(Err(e));
     }
     // More packets already waiting join the batch; the first that is not ready ends it.
     while batch.len() < READ_BATCH {
@@ -152,7 +169,22 @@ async fn read_batch(device: &dyn TunDevice, queue: usize, space: &mut ReadSpace)
             Some(Err(_)) | None => break,
         }
     }
-    Read(Ok(batch))
+    TunRead(Ok(batch))
+}
+
+/// The reads of queue `queue` of `device`, one item per wakeup. The stream ends after
+/// the device reports end-of-file, so a closed device is not read again (a reader
+/// restarted on it would spin on the end-of-file).
+pub fn reads(device: Arc<dyn TunDevice>, queue: usize) -> impl Stream<Item = TunRead> + 'static {
+    futures_util::stream::unfold(
+        Some((device, ReadSpace::default())),
+        move |state| async move {
+            let (device, mut space) = state?;
+            let read = read_batch(device.as_ref(), queue, &mut space).await;
+            let eof = matches!(&read.0, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof);
+            Some((read, (!eof).then_some((device, space))))
+        },
+    )
 }
 
 impl Actor for TunActor {
@@ -162,20 +194,10 @@ impl Actor for TunActor {
         if self.closed {
             return;
         }
-        let device = Arc::clone(&self.device);
-        let queue = self.queue;
         // Sessions on this thread write to the queue read here.
-        READ_QUEUE.set(queue);
-        // The stream ends after the device reports end-of-file, so a closed device is
-        // not read again (the actor stays up; restarting it would spin on the EOF).
-        let start = Some((device, ReadSpace::default()));
-        let reads = futures_util::stream::unfold(start, move |state| async move {
-            let (device, mut space) = state?;
-            let read = read_batch(device.as_ref(), queue, &mut space).await;
-            let eof = matches!(&read.0, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof);
-            Some((read, (!eof).then_some((device, space))))
-        });
-        self.reading = Some(ctx.add_stream(reads));
+        READ_QUEUE.set(self.queue);
+        // After the device's end the actor stays up, reading nothing.
+        self.reading = Some(ctx.add_stream(reads(Arc::clone(&self.device), self.queue)));
     }
 }
 
@@ -185,13 +207,10 @@ impl Supervised for TunActor {
     }
 }
 
-impl StreamHandler<Read> for TunActor {
-    fn handle(&mut self, read: Read, _ctx: &mut Context<Self>) {
-        match read.0 {
-            Ok(batch) => self.route.packets(batch),
-            // The device is gone (closed by its owner): nothing more will come.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
-            Err(_) => telemetry::dropped("tun_read_error"),
+impl StreamHandler<TunRead> for TunActor {
+    fn handle(&mut self, read: TunRead, _ctx: &mut Context<Self>) {
+        if let Some(batch) = read.packets() {
+            self.route.packets(batch);
         }
     }
 

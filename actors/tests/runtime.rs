@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use jvpn_actors::agent::{
-    AgentHandles, Candidate, CandidatePath, ClientAgent, EndSession, OnSessionEnd, Shutdown,
+    AgentHandles, Candidate, CandidatePath, ClientAgent, Describe, EndSession, OnSessionEnd,
+    Shutdown, UseDevice,
 };
 use jvpn_actors::events::EventSink;
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
@@ -956,6 +957,34 @@ async fn stopping_the_node_ends_every_session_explicitly_and_releases_it() {
     })
     .await;
     assert!(closed.is_ok(), "the gateway's TUN device outlived the node");
+}
+
+/// The client agent reads its device itself: the device's end ends the reading, not the
+/// agent, and a device given later is read and written from then on.
+#[actix_rt::test]
+async fn a_closed_device_leaves_the_agent_up_and_a_new_one_carries_the_traffic() {
+    let mut net = start(Options::default()).await;
+    let id = net.attached().await;
+    net.traffic_both_ways(5, 0).await;
+    // Closing the test's sending side is the device's end of file for its reader.
+    let (closed, _) = tokio::sync::mpsc::channel(1);
+    drop(std::mem::replace(&mut net.client_tun.to_device, closed));
+    // Two round trips through the agent's mailbox: the agent's context, woken by the end
+    // of file, has polled its reading by the second answer.
+    for _ in 0..2 {
+        net.client
+            .agent
+            .send(Describe)
+            .await
+            .expect("the agent is up after its device ended");
+    }
+    assert!(!net.status().stopped);
+    let (device, peer) = channel_device(256, 1_400);
+    net.client.agent.do_send(UseDevice(Arc::new(device)));
+    net.client_tun = peer;
+    net.traffic_both_ways(5, 100).await;
+    assert_eq!(net.status().session_id, Some(id));
+    net.gw.stop(Duration::from_secs(2)).await;
 }
 
 #[actix_rt::test]
