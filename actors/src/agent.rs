@@ -656,8 +656,8 @@ impl Actor for ClientAgent {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.status.send_modify(|s| s.stopped = true);
-        // The device's reading ended with this actor's context; its last write handle
-        // goes here.
+        // The device goes when its last holders do: this write handle, here, and the
+        // reading, when this actor's context is dropped, just after.
         self.device = None;
         // Close the transports: they stop reading and end once their last address (held
         // here and by the caller's handles) is gone. Unbounded sends on purpose: one

@@ -92,11 +92,6 @@ pub struct TunActor {
 }
 
 impl TunActor {
-    /// An actor reading `device` (its first queue), handing what it reads to `route`.
-    pub fn new(device: Arc<dyn TunDevice>, route: Arc<dyn TunRoute>) -> Self {
-        Self::for_queue(device, 0, route)
-    }
-
     /// An actor reading queue `queue` of `device`. Start it on the thread whose
     /// sessions should write to that queue: they write to the queue read on their own
     /// thread.

@@ -2,8 +2,8 @@
 //! process over loopback UDP, TUN devices replaced by channels. Each measured batch sends
 //! 64 packets of 1 400 bytes into the client's TUN and waits until all 64 came out of
 //! the gateway's TUN (client → gateway), or the other way round: every hop of the real
-//! runtime (TUN actor, agent or session actor, transport actor, socket, router) is in
-//! it, on the machine's cores.
+//! runtime (the agent reading its TUN, or the gateway's TUN actor; the session actor,
+//! transport actor, socket, router) is in it, on the machine's cores.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
