@@ -46,11 +46,18 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// QUIC's own idle timeout; the client keeps its connections alive well within it.
 const QUIC_IDLE: Duration = Duration::from_secs(30);
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// The QUIC packet size (UDP payload) from the start, by the path's family: a session
-/// packet (1 380 + 36 bytes at the default tunnel MTU) must fit one datagram frame
-/// (with QUIC's 29 to 41 bytes of header and tag and the frame's 9) on a 1 500-byte
-/// link: 1 500 less the IPv4 or IPv6 and UDP headers. QUIC's black-hole detection
-/// falls back to 1 200 on a path that carries less.
+/// The QUIC packet size (UDP payload), by the path's family, fixed for the connection's
+/// life: a session packet (1 380 + 36 bytes at the default tunnel MTU) must fit one
+/// datagram frame (with QUIC's 29 to 41 bytes of header and tag and the frame's 9) on a
+/// 1 500-byte link: 1 500 less the IPv4 or IPv6 and UDP headers.
+///
+/// It is QUIC's minimum as well as its start, with no path MTU discovery: quinn's
+/// black-hole detection, which runs whether discovery does or not, reads a few bursts of
+/// lost full-size packets (ordinary congestion loss in a bulk transfer) as a smaller
+/// path and falls back to its minimum for a minute (quinn-rs/quinn#1540). At the default
+/// minimum (1 200) no full-size session packet fits a datagram any more: a session's
+/// TCP stalled for that minute. A path that carries less than this cannot carry the
+/// session's full-size packets over QUIC either way.
 fn quic_mtu(peer: SocketAddr) -> u16 {
     match peer {
         SocketAddr::V4(_) => 1_472,
@@ -200,12 +207,12 @@ impl ConnSender {
 /// like `peer`'s.
 fn quic_transport(keep_alive: bool, peer: SocketAddr) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    let mut discovery = quinn::MtuDiscoveryConfig::default();
-    discovery.upper_bound(quic_mtu(peer));
+    let mtu = quic_mtu(peer);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(QUIC_IDLE).ok())
         .keep_alive_interval(keep_alive.then_some(QUIC_KEEP_ALIVE))
-        .initial_mtu(quic_mtu(peer))
-        .mtu_discovery_config(Some(discovery))
+        .initial_mtu(mtu)
+        .min_mtu(mtu)
+        .mtu_discovery_config(None)
         .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER))
         .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER)
         .max_concurrent_bidi_streams(0u32.into())

@@ -65,10 +65,15 @@ pub trait LabTools {
     /// Drops the VPN's packets on `path` at the gateway (both directions), as a
     /// middlebox would: the sockets see nothing, only silence.
     fn cut(&self, path: Path2) -> Result<()>;
-    /// Drops `percent`% of the VPN's packets arriving at the gateway on `path`, at
-    /// random.
-    fn lossy(&self, path: Path2, percent: u8) -> Result<()>;
-    /// Removes the rules of [`LabTools::cut`] and [`LabTools::lossy`] on `path`.
+    /// Drops `percent`% of the VPN's UDP datagrams (to the gateway's UDP `port`: the UDP
+    /// transport's, or QUIC's) arriving at the gateway on `path`, at random.
+    fn lossy(&self, path: Path2, port: u16, percent: u8) -> Result<()>;
+    /// As [`LabTools::lossy`], but only datagrams whose IP packet is longer than
+    /// [`LARGE_PACKET`] bytes: what a congested link's byte-limited queue does to a bulk
+    /// transfer, and what an MTU black hole looks like to QUIC.
+    fn lossy_large(&self, path: Path2, port: u16, percent: u8) -> Result<()>;
+    /// Removes the rules of [`LabTools::cut`], [`LabTools::lossy`] and
+    /// [`LabTools::lossy_large`] on `path`.
     fn heal(&self, path: Path2) -> Result<()>;
     /// A NAT in front of the client on `path` gives its VPN datagrams a new mapping, as
     /// a home router's NAT does when it reboots or its table expires: their source
@@ -81,6 +86,20 @@ pub trait LabTools {
     fn block(&self, protocol: &str, port: u16) -> Result<()>;
     /// Removes the rules of [`LabTools::block`].
     fn unblock(&self, protocol: &str, port: u16) -> Result<()>;
+}
+
+/// The IP packet length above which [`LabTools::lossy_large`] drops.
+pub const LARGE_PACKET: u16 = 1_300;
+
+/// Drops `percent`% of the UDP datagrams to the gateway's `port` on `path` that match
+/// the nftables expression `matching` (all of them if empty), at random.
+fn drop_at_random(lab: &Lab, path: Path2, port: u16, percent: u8, matching: &str) -> Result<()> {
+    let table = format!("jvloss{}", path.letter());
+    let script = format!(
+        "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {port} ip daddr {gw} {matching} numgen random mod 100 < {percent} drop\n }}\n}}\n",
+        gw = path.gateway()
+    );
+    nft(lab, &lab.ns("g"), &script)
 }
 
 fn nft(lab: &Lab, ns: &str, script: &str) -> Result<()> {
@@ -179,13 +198,18 @@ impl LabTools for Lab {
         nft(self, &self.ns("g"), &script)
     }
 
-    fn lossy(&self, path: Path2, percent: u8) -> Result<()> {
-        let table = format!("jvloss{}", path.letter());
-        let script = format!(
-            "table inet {table} {{\n chain in {{ type filter hook input priority -10; udp dport {PORT} ip daddr {gw} numgen random mod 100 < {percent} drop\n }}\n}}\n",
-            gw = path.gateway()
-        );
-        nft(self, &self.ns("g"), &script)
+    fn lossy(&self, path: Path2, port: u16, percent: u8) -> Result<()> {
+        drop_at_random(self, path, port, percent, "")
+    }
+
+    fn lossy_large(&self, path: Path2, port: u16, percent: u8) -> Result<()> {
+        drop_at_random(
+            self,
+            path,
+            port,
+            percent,
+            &format!("meta length > {LARGE_PACKET}"),
+        )
     }
 
     fn heal(&self, path: Path2) -> Result<()> {
