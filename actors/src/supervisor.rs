@@ -993,7 +993,9 @@ impl GatewayRouter {
             let handshake = Handshake {
                 via: via.clone(),
                 from,
-                datagram: datagram.freeze(),
+                // Copied out of the reader's arena (transport.rs), which a datagram
+                // waiting in the handshake queue would otherwise keep whole.
+                datagram: Bytes::copy_from_slice(&datagram),
                 waiting: Waiting::new(&self.waiting),
             };
             if !offer(&self.supervisor, ActorKind::Supervisor, handshake) {
