@@ -86,6 +86,7 @@ async fn serve(
                 fwmark,
                 pin,
                 connect_timeout: connect_attempt(&setup.policy),
+                packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
             }),
             (_, None) => anyhow::bail!("candidate {}: gateway_tls_pin is missing", i + 1),
         };

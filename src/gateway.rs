@@ -53,7 +53,11 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
                     format!("cannot listen on udp://{addr} (config key `listen`)")
                 })?)
             }
-            Protocol::Quic | Protocol::Tcp => connections.push(ConnListen { protocol, addr }),
+            Protocol::Quic | Protocol::Tcp => connections.push(ConnListen {
+                protocol,
+                addr,
+                packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
+            }),
         }
     }
     let tls = if connections.is_empty() {

@@ -46,23 +46,34 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// QUIC's own idle timeout; the client keeps its connections alive well within it.
 const QUIC_IDLE: Duration = Duration::from_secs(30);
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// The QUIC packet size (UDP payload), by the path's family, fixed for the connection's
-/// life: a session packet (1 380 + 36 bytes at the default tunnel MTU) must fit one
-/// datagram frame (with QUIC's 29 to 41 bytes of header and tag and the frame's 9) on a
-/// 1 500-byte link: 1 500 less the IPv4 or IPv6 and UDP headers.
+/// QUIC's overhead on one session packet, as quinn counts it to size a datagram: its
+/// short header (1 byte of flags, an 8-byte connection id, a packet number of up to 4
+/// bytes), its 16-byte tag, and the DATAGRAM frame's type and length (9 bytes at most).
+const QUIC_DATAGRAM_OVERHEAD: usize = 1 + 8 + 4 + 16 + 9;
+
+/// QUIC's packet sizes (UDP payload) on a path like `peer`'s for session packets of up
+/// to `packet_max` bytes: the least it may fall to, and where it starts (and what path
+/// MTU discovery may climb back to).
 ///
-/// It is QUIC's minimum as well as its start, with no path MTU discovery: quinn's
-/// black-hole detection, which runs whether discovery does or not, reads a few bursts of
-/// lost full-size packets (ordinary congestion loss in a bulk transfer) as a smaller
-/// path and falls back to its minimum for a minute (quinn-rs/quinn#1540). At the default
-/// minimum (1 200) no full-size session packet fits a datagram any more: a session's
-/// TCP stalled for that minute. A path that carries less than this cannot carry the
-/// session's full-size packets over QUIC either way.
-fn quic_mtu(peer: SocketAddr) -> u16 {
-    match peer {
+/// It starts at what a 1 500-byte link carries: 1 500 less the IPv4 or IPv6 and UDP
+/// headers. Its least is what one full-size session packet needs in one datagram frame
+/// (1 454 at the default tunnel MTU of 1 380), never below QUIC's 1 200 nor above the
+/// start: quinn's black-hole detection, which runs whether discovery does or not, reads
+/// a few bursts of lost full-size packets (ordinary congestion loss in a bulk transfer)
+/// as a smaller path and falls back to that least for a minute (quinn-rs/quinn#1540).
+/// At QUIC's default least (1 200) no full-size session packet fits a datagram any more,
+/// and a session's TCP stalled for that minute. The least is also what quinn pads a
+/// connection's first packets to, so a path that carries it can connect (a PPPoE link
+/// of 1 492 bytes can, at the default tunnel MTU); a tunnel MTU too large for the link
+/// leaves full-size packets dropped (`send_too_big`) over QUIC.
+fn quic_sizes(peer: SocketAddr, packet_max: usize) -> (u16, u16) {
+    let link: u16 = match peer {
         SocketAddr::V4(_) => 1_472,
         SocketAddr::V6(_) => 1_452,
-    }
+    };
+    let needed = packet_max.saturating_add(QUIC_DATAGRAM_OVERHEAD);
+    let least = u16::try_from(needed).unwrap_or(u16::MAX).clamp(1_200, link);
+    (least, link)
 }
 /// Buffers of QUIC datagrams, each way.
 const QUIC_DATAGRAM_BUFFER: usize = 1 << 20;
@@ -203,16 +214,22 @@ impl ConnSender {
     }
 }
 
-/// QUIC's transport parameters for the session's datagrams (no streams), on a path
-/// like `peer`'s.
-fn quic_transport(keep_alive: bool, peer: SocketAddr) -> Arc<quinn::TransportConfig> {
+/// QUIC's transport parameters for the session's datagrams (no streams) of up to
+/// `packet_max` bytes, on a path like `peer`'s.
+fn quic_transport(
+    keep_alive: bool,
+    peer: SocketAddr,
+    packet_max: usize,
+) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    let mtu = quic_mtu(peer);
+    let (least, start) = quic_sizes(peer, packet_max);
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(start);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(QUIC_IDLE).ok())
         .keep_alive_interval(keep_alive.then_some(QUIC_KEEP_ALIVE))
-        .initial_mtu(mtu)
-        .min_mtu(mtu)
-        .mtu_discovery_config(None)
+        .initial_mtu(start)
+        .min_mtu(least)
+        .mtu_discovery_config(Some(discovery))
         .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER))
         .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER)
         .max_concurrent_bidi_streams(0u32.into())
@@ -363,6 +380,9 @@ pub struct ConnCandidate {
     pub pin: TlsPin,
     /// How long one connection attempt may take.
     pub connect_timeout: Duration,
+    /// The largest session packet the connection must carry whole (the tunnel MTU and
+    /// the session's overhead): what QUIC's packet size never falls below.
+    pub packet_max: usize,
 }
 
 /// A client's connection to one candidate, kept established: connect, read until it
@@ -551,7 +571,7 @@ async fn connect(
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::clone(tls))
                 .map_err(|e| ConnError::Quic(e.to_string()))?;
             let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-            config.transport_config(quic_transport(true, c.gateway));
+            config.transport_config(quic_transport(true, c.gateway, c.packet_max));
             let conn = ep
                 .connect_with(config, c.gateway, tls::SERVER_NAME)
                 .map_err(|e| ConnError::Quic(e.to_string()))?
@@ -589,6 +609,9 @@ pub struct ConnListen {
     pub protocol: Protocol,
     /// Where.
     pub addr: SocketAddr,
+    /// The largest session packet a connection must carry whole (the tunnel MTU and
+    /// the session's overhead): what QUIC's packet size never falls below.
+    pub packet_max: usize,
 }
 
 /// The gateway's connection listeners and every connection they accepted; all of them
@@ -623,7 +646,7 @@ impl ConnListeners {
                         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::clone(&server))
                             .map_err(|e| ConnError::Quic(e.to_string()))?;
                     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-                    config.transport_config(quic_transport(false, l.addr));
+                    config.transport_config(quic_transport(false, l.addr, l.packet_max));
                     let socket = std::net::UdpSocket::bind(l.addr).map_err(|e| {
                         io::Error::new(e.kind(), format!("cannot listen on quic://{}: {e}", l.addr))
                     })?;
@@ -835,6 +858,25 @@ impl Serve {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QUIC never falls below what a full-size session packet needs (so congestion loss
+    /// taken for a black hole cannot leave it unable to carry one), starts at what a
+    /// 1 500-byte link carries, and stays within QUIC's 1 200 and that start.
+    #[test]
+    fn quic_falls_no_lower_than_a_full_size_session_packet_needs() {
+        let v4: SocketAddr = "10.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        let v6: SocketAddr = "[fd00::1]:1".parse().unwrap_or_else(|_| unreachable!());
+        let packet = |mtu: usize| mtu + jvpn_core::wire::OVERHEAD;
+        // The default tunnel MTU: 1 380 + 36 + 38 = 1 454, which a PPPoE link carries.
+        assert_eq!(quic_sizes(v4, packet(1_380)), (1_454, 1_472));
+        assert_eq!(quic_sizes(v6, packet(1_378)), (1_452, 1_452));
+        // Too large for the link: the start, and full-size packets are dropped.
+        assert_eq!(quic_sizes(v6, packet(1_380)), (1_452, 1_452));
+        assert_eq!(quic_sizes(v4, packet(9_000)), (1_472, 1_472));
+        // A small tunnel MTU: QUIC's own least.
+        assert_eq!(quic_sizes(v4, packet(576)), (1_200, 1_472));
+        assert_eq!(quic_sizes(v4, usize::MAX), (1_472, 1_472));
+    }
 
     #[test]
     fn a_frame_is_buffered_only_when_whole() {

@@ -935,7 +935,9 @@ impl GatewayRouter {
                         via: via.clone(),
                         from,
                         header: *header,
-                        datagram,
+                        // Copied out of the reader's arena (transport.rs): it may wait
+                        // seconds for a handover, and would keep the arena whole.
+                        datagram: BytesMut::from(&datagram[..]),
                     };
                     if !offer(&link.node, ActorKind::Cluster, unclaimed) {
                         telemetry::dropped("cluster_busy");

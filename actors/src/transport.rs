@@ -496,7 +496,9 @@ struct Arena {
 
 /// What an [`Arena`] holds at least: some hundred full-size datagrams, small enough to
 /// stay in the cache between reads. A datagram kept long (in a full mailbox) keeps the
-/// buffer it is part of, and the arena takes a new one.
+/// buffer it is part of, and the arena takes a new one; what waits longer than a
+/// mailbox turn (a handshake in the handshake queue, a datagram waiting for a cluster
+/// handover) is copied out first.
 const ARENA_BYTES: usize = 256 << 10;
 
 impl Arena {
@@ -506,8 +508,10 @@ impl Arena {
         }
     }
 
-    /// Makes room for `bytes`: the same buffer again if nothing else holds a part of it
-    /// (or it still has the room), else a new one.
+    /// Makes room for `bytes`: the room left, or the same buffer again if nothing else
+    /// holds a part of it and it is large enough, else a new one (of `bytes` if that is
+    /// more than [`ARENA_BYTES`]: the arena grows to the largest read, at most
+    /// [`READ_SLOTS`] × [`SLOT_BYTES`]).
     fn make_room(&mut self, bytes: usize) {
         if self.buffer.capacity() - self.buffer.len() < bytes && !self.buffer.try_reclaim(bytes) {
             self.buffer = BytesMut::with_capacity(bytes.max(ARENA_BYTES));
