@@ -16,7 +16,7 @@
 //! for [`IDLE_CLOSE`].
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +51,12 @@ const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// bytes), its 16-byte tag, and the DATAGRAM frame's type and length (9 bytes at most).
 const QUIC_DATAGRAM_OVERHEAD: usize = 1 + 8 + 4 + 16 + 9;
 
+/// Whether the path to `peer` is IPv4: an IPv4 peer of a socket bound to [::] shows as
+/// an IPv4-mapped IPv6 address, and its path is IPv4 all the same.
+fn over_ipv4(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_ipv4()
+}
+
 /// QUIC's packet sizes (UDP payload) on a path like `peer`'s for session packets of up
 /// to `packet_max` bytes: the least it may fall to, and where it starts (and what path
 /// MTU discovery may climb back to).
@@ -67,10 +73,7 @@ const QUIC_DATAGRAM_OVERHEAD: usize = 1 + 8 + 4 + 16 + 9;
 /// of 1 492 bytes can, at the default tunnel MTU); a tunnel MTU too large for the link
 /// leaves full-size packets dropped (`send_too_big`) over QUIC.
 fn quic_sizes(peer: SocketAddr, packet_max: usize) -> (u16, u16) {
-    let link: u16 = match peer {
-        SocketAddr::V4(_) => 1_472,
-        SocketAddr::V6(_) => 1_452,
-    };
+    let link: u16 = if over_ipv4(peer) { 1_472 } else { 1_452 };
     let needed = packet_max.saturating_add(QUIC_DATAGRAM_OVERHEAD);
     let least = u16::try_from(needed).unwrap_or(u16::MAX).clamp(1_200, link);
     (least, link)
@@ -642,11 +645,23 @@ impl ConnListeners {
         for l in listen {
             match l.protocol {
                 Protocol::Quic => {
-                    let crypto =
+                    let crypto = Arc::new(
                         quinn::crypto::rustls::QuicServerConfig::try_from(Arc::clone(&server))
-                            .map_err(|e| ConnError::Quic(e.to_string()))?;
-                    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-                    config.transport_config(quic_transport(false, l.addr, l.packet_max));
+                            .map_err(|e| ConnError::Quic(e.to_string()))?,
+                    );
+                    // Sized by each client's family, not the listen address's: a
+                    // listener on [::] serves IPv4 clients too ([`QuicServer::accept`]).
+                    let for_family = |peer: IpAddr| {
+                        let mut config = quinn::ServerConfig::with_crypto(crypto.clone());
+                        let peer = SocketAddr::new(peer, 0);
+                        config.transport_config(quic_transport(false, peer, l.packet_max));
+                        config
+                    };
+                    let configs = QuicServer {
+                        v4: Arc::new(for_family(Ipv4Addr::UNSPECIFIED.into())),
+                        v6: Arc::new(for_family(Ipv6Addr::UNSPECIFIED.into())),
+                    };
+                    let config = for_family(l.addr.ip());
                     let socket = std::net::UdpSocket::bind(l.addr).map_err(|e| {
                         io::Error::new(e.kind(), format!("cannot listen on quic://{}: {e}", l.addr))
                     })?;
@@ -657,7 +672,7 @@ impl ConnListeners {
                         Arc::new(quinn::TokioRuntime),
                     )?;
                     local.push((Protocol::Quic, endpoint.local_addr()?));
-                    bound.push(Bound::Quic(endpoint));
+                    bound.push(Bound::Quic(endpoint, configs));
                 }
                 Protocol::Tcp | Protocol::Udp => {
                     let listener = std::net::TcpListener::bind(l.addr).map_err(|e| {
@@ -678,8 +693,8 @@ impl ConnListeners {
                 stopped: stopped.clone(),
             };
             match b {
-                Bound::Quic(endpoint) => {
-                    actix_rt::spawn(serve.quic(endpoint));
+                Bound::Quic(endpoint, configs) => {
+                    actix_rt::spawn(serve.quic(endpoint, configs));
                 }
                 Bound::Tcp(listener) => {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -704,8 +719,22 @@ impl Drop for ConnListeners {
 }
 
 enum Bound {
-    Quic(quinn::Endpoint),
+    Quic(quinn::Endpoint, QuicServer),
     Tcp(std::net::TcpListener),
+}
+
+/// A QUIC listener's server settings, one per client family: a client's packets are
+/// sized by its own path (`quic_sizes`).
+struct QuicServer {
+    v4: Arc<quinn::ServerConfig>,
+    v6: Arc<quinn::ServerConfig>,
+}
+
+impl QuicServer {
+    /// The settings for a client at `peer`.
+    fn accept(&self, peer: SocketAddr) -> Arc<quinn::ServerConfig> {
+        Arc::clone(if over_ipv4(peer) { &self.v4 } else { &self.v6 })
+    }
 }
 
 /// What every accepted connection shares.
@@ -769,7 +798,7 @@ impl Serve {
         }
     }
 
-    async fn quic(self, endpoint: quinn::Endpoint) {
+    async fn quic(self, endpoint: quinn::Endpoint, configs: QuicServer) {
         let local = endpoint
             .local_addr()
             .unwrap_or_else(|_| unspecified(SocketAddr::from(([0, 0, 0, 0], 0))));
@@ -783,12 +812,14 @@ impl Serve {
                 incoming.refuse();
                 continue;
             };
+            let config = configs.accept(incoming.remote_address());
             let serve = self.clone();
             actix_rt::spawn(async move {
                 let _slot = slot;
-                let Ok(Ok(conn)) =
-                    tokio::time::timeout(TLS_ACCEPT_TIMEOUT, async { incoming.accept()?.await })
-                        .await
+                let Ok(Ok(conn)) = tokio::time::timeout(TLS_ACCEPT_TIMEOUT, async {
+                    incoming.accept_with(config)?.await
+                })
+                .await
                 else {
                     telemetry::dropped("connection_handshake_failed");
                     return;
@@ -873,6 +904,11 @@ mod tests {
         // Too large for the link: the start, and full-size packets are dropped.
         assert_eq!(quic_sizes(v6, packet(1_380)), (1_452, 1_452));
         assert_eq!(quic_sizes(v4, packet(9_000)), (1_472, 1_472));
+        // An IPv4 client of a listener on [::] has an IPv4 path.
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:1"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(quic_sizes(mapped, packet(1_380)), (1_454, 1_472));
         // A small tunnel MTU: QUIC's own least.
         assert_eq!(quic_sizes(v4, packet(576)), (1_200, 1_472));
         assert_eq!(quic_sizes(v4, usize::MAX), (1_472, 1_472));

@@ -1496,6 +1496,21 @@ fn a_quic_session_connects_and_carries_full_size_packets_on_a_pppoe_sized_path()
     finish(lab);
 }
 
+/// A gateway whose QUIC listener is bound to [::] serves an IPv4 client with the sizes
+/// of an IPv4 path: full-size packets reach the client (they would not fit a datagram
+/// at the sizes of an IPv6 path).
+#[test]
+fn a_quic_listener_on_the_ipv6_wildcard_carries_full_size_packets_to_an_ipv4_client() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e26") else { return };
+    lab.gateway_listen = vec![format!("quic://[::]:{QUIC_PORT}")];
+    lab.client_candidates = vec![format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A)];
+    connect(&mut lab, FAST_POLICY, "exit");
+    let full = full_size_pings(&lab);
+    eprintln!("TRANSPORT quic from [::] to an IPv4 client: {full} of 5 full-size pings");
+    finish(lab);
+}
+
 /// One session across transport kinds: UDP blocked, it jumps to a connection transport
 /// (QUIC or TCP, whichever ranks better); that one blocked too, to the other; a checked
 /// TCP transfer spans both jumps; the session id and tunnel address never change. With
