@@ -14,7 +14,7 @@ use jvpn_actors::agent::{
     AgentStatus, ApplyPolicy, Candidate, CandidatePath, ClientAgent, Describe, EndSession,
     OnSessionEnd, Shutdown, UseDevice,
 };
-use jvpn_actors::conn::ConnCandidate;
+use jvpn_actors::conn::{self, ConnCandidate};
 use jvpn_actors::runtime::Reporter;
 use jvpn_actors::tun::{KernelTun, TunConfig};
 use jvpn_core::client::{Client, ClientConfig};
@@ -77,6 +77,11 @@ async fn serve(
     let fwmark = setup.full_tunnel.then_some(setup.fwmark);
     let mut candidates = Vec::new();
     for (i, c) in setup.candidates.iter().enumerate() {
+        if c.protocol == Protocol::Quic {
+            if let Some(warning) = conn::quic_mtu_warning(c.endpoint, setup.tunnel.mtu) {
+                eprintln!("jvpn client: {warning}");
+            }
+        }
         let path = match (c.protocol, setup.gateway_tls_pin) {
             (Protocol::Udp, _) => CandidatePath::Udp(socket_for(c, fwmark)?),
             (protocol, Some(pin)) => CandidatePath::Conn(ConnCandidate {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use jvpn_actors::cluster::ClusterSettings;
-use jvpn_actors::conn::ConnListen;
+use jvpn_actors::conn::{self, ConnListen};
 use jvpn_actors::node::{GatewayNode, GatewayNodeConfig};
 use jvpn_actors::runtime::Reporter;
 use jvpn_actors::supervisor::{ListSessions, NodeLimits, TerminateSession};
@@ -53,11 +53,18 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
                     format!("cannot listen on udp://{addr} (config key `listen`)")
                 })?)
             }
-            Protocol::Quic | Protocol::Tcp => connections.push(ConnListen {
-                protocol,
-                addr,
-                packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
-            }),
+            Protocol::Quic | Protocol::Tcp => {
+                if protocol == Protocol::Quic {
+                    if let Some(warning) = conn::quic_mtu_warning(addr, setup.tunnel.mtu) {
+                        eprintln!("jvpn gateway: {warning}");
+                    }
+                }
+                connections.push(ConnListen {
+                    protocol,
+                    addr,
+                    packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
+                })
+            }
         }
     }
     let tls = if connections.is_empty() {

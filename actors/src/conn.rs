@@ -90,11 +90,38 @@ fn over_ipv4(peer: SocketAddr) -> bool {
 /// of 1 492 bytes can, at the default tunnel MTU); a tunnel MTU too large for the link
 /// leaves full-size packets dropped (`send_too_big`) over QUIC.
 fn quic_sizes(peer: SocketAddr, packet_max: usize) -> (u16, u16) {
-    let link: u16 = if over_ipv4(peer) { 1_472 } else { 1_452 };
+    let link = quic_start(peer);
     let needed = packet_max.saturating_add(QUIC_DATAGRAM_OVERHEAD);
     let least = u16::try_from(needed).unwrap_or(u16::MAX).clamp(1_200, link);
     (least, link)
 }
+/// Where QUIC's packet size (UDP payload) starts on a path to `peer`: what a 1 500-byte
+/// link carries less the IPv4 or IPv6 and UDP headers.
+fn quic_start(peer: SocketAddr) -> u16 {
+    if over_ipv4(peer) {
+        1_472
+    } else {
+        1_452
+    }
+}
+
+/// What to tell the operator when a tunnel MTU of `mtu` is too large for a full-size
+/// packet to fit one QUIC datagram on a path to `peer` of a 1 500-byte link (above 1 402
+/// over IPv4, 1 382 over IPv6): such packets are dropped over QUIC (`send_too_big`), and
+/// no ICMP "too big" goes back into the tunnel, so a TCP connection through it stalls.
+pub fn quic_mtu_warning(peer: SocketAddr, mtu: u16) -> Option<String> {
+    let max = usize::from(quic_start(peer))
+        .saturating_sub(QUIC_DATAGRAM_OVERHEAD + jvpn_core::wire::OVERHEAD);
+    let family = if over_ipv4(peer) { "IPv4" } else { "IPv6" };
+    (usize::from(mtu) > max).then(|| {
+        format!(
+            "tunnel.mtu {mtu} is above {max}, the largest whose full-size packets fit a QUIC \
+             datagram over {family} on a 1500-byte link: over quic://{peer} they will be \
+             dropped (send_too_big); set tunnel.mtu to {max} or less to use it"
+        )
+    })
+}
+
 /// Buffers of QUIC datagrams, each way.
 const QUIC_DATAGRAM_BUFFER: usize = 1 << 20;
 /// How long a client's closing QUIC connection lingers, so that what it was just given
@@ -931,6 +958,25 @@ mod tests {
         // A small tunnel MTU: QUIC's own least.
         assert_eq!(quic_sizes(v4, packet(576)), (1_200, 1_472));
         assert_eq!(quic_sizes(v4, usize::MAX), (1_472, 1_472));
+    }
+
+    #[test]
+    fn the_operator_is_told_when_full_size_packets_cannot_fit_quic() {
+        let v4: SocketAddr = "10.0.0.1:443".parse().unwrap_or_else(|_| unreachable!());
+        let v6: SocketAddr = "[::]:443".parse().unwrap_or_else(|_| unreachable!());
+        for (peer, max) in [(v4, 1_402u16), (v6, 1_382)] {
+            assert_eq!(quic_mtu_warning(peer, 1_380), None);
+            assert_eq!(quic_mtu_warning(peer, max), None);
+            // The largest MTU that passes needs exactly the start: one more does not fit.
+            let packet = usize::from(max) + jvpn_core::wire::OVERHEAD;
+            assert_eq!(
+                quic_sizes(peer, packet),
+                (quic_start(peer), quic_start(peer))
+            );
+            let warning = quic_mtu_warning(peer, max + 1).unwrap_or_default();
+            assert!(warning.contains(&format!("above {max}")), "{warning}");
+            assert!(warning.contains(&peer.to_string()), "{warning}");
+        }
     }
 
     #[test]
