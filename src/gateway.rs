@@ -47,24 +47,22 @@ async fn serve(setup: GatewaySetup) -> Result<()> {
     let mut listen = Vec::new();
     let mut connections = Vec::new();
     for &(protocol, addr) in &setup.listen {
+        if protocol == Protocol::Quic {
+            if let Some(warning) = conn::quic_mtu_warning(addr, setup.tunnel.mtu) {
+                eprintln!("jvpn gateway: {warning}");
+            }
+        }
         match protocol {
             Protocol::Udp => {
                 listen.extend(transport::bind_shared(addr, cores).with_context(|| {
                     format!("cannot listen on udp://{addr} (config key `listen`)")
                 })?)
             }
-            Protocol::Quic | Protocol::Tcp => {
-                if protocol == Protocol::Quic {
-                    if let Some(warning) = conn::quic_mtu_warning(addr, setup.tunnel.mtu) {
-                        eprintln!("jvpn gateway: {warning}");
-                    }
-                }
-                connections.push(ConnListen {
-                    protocol,
-                    addr,
-                    packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
-                })
-            }
+            Protocol::Quic | Protocol::Tcp => connections.push(ConnListen {
+                protocol,
+                addr,
+                packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
+            }),
         }
     }
     let tls = if connections.is_empty() {

@@ -78,8 +78,7 @@ fn over_ipv4(peer: SocketAddr) -> bool {
 /// to `packet_max` bytes: the least it may fall to, and where it starts (and what path
 /// MTU discovery may climb back to).
 ///
-/// It starts at what a 1 500-byte link carries: 1 500 less the IPv4 or IPv6 and UDP
-/// headers. Its least is what one full-size session packet needs in one datagram frame
+/// It starts at [`quic_start`]. Its least is what one full-size session packet needs in one datagram frame
 /// (1 450 at the default tunnel MTU of 1 380), never below QUIC's 1 200 nor above the
 /// start: quinn's black-hole detection, which runs whether discovery does or not, reads
 /// a few bursts of lost full-size packets (ordinary congestion loss in a bulk transfer)
@@ -95,6 +94,7 @@ fn quic_sizes(peer: SocketAddr, packet_max: usize) -> (u16, u16) {
     let least = u16::try_from(needed).unwrap_or(u16::MAX).clamp(1_200, link);
     (least, link)
 }
+
 /// Where QUIC's packet size (UDP payload) starts on a path to `peer`: what a 1 500-byte
 /// link carries less the IPv4 or IPv6 and UDP headers.
 fn quic_start(peer: SocketAddr) -> u16 {

@@ -1466,6 +1466,19 @@ fn full_size_pings(lab: &Lab) -> u32 {
     full
 }
 
+/// Connects `lab`'s client, then checks that full-size pings (at least 4 of 5) and a
+/// checked TCP transfer pass through the tunnel, and ends the lab.
+fn carries_full_size_packets(mut lab: Lab, what: &str) {
+    connect(&mut lab, FAST_POLICY, "exit");
+    let full = full_size_pings(&lab);
+    let bytes = transfer_bytes();
+    let mbps = transfer(&mut lab, bytes, None);
+    eprintln!(
+        "TRANSPORT {what}: {full} of 5 full-size pings, {bytes} B at {mbps:.0} Mbit/s (every byte checked)"
+    );
+    finish(lab);
+}
+
 /// A path narrower than a 1 500-byte link (a PPPoE link's 1 492 bytes) still carries a
 /// QUIC-only session with full-size packets: QUIC's first packets are padded only to
 /// what a full-size session packet needs (1 450 bytes of UDP payload at the default
@@ -1486,14 +1499,7 @@ fn a_quic_session_connects_and_carries_full_size_packets_on_a_pppoe_sized_path()
         )
         .expect("link mtu");
     }
-    connect(&mut lab, FAST_POLICY, "exit");
-    let full = full_size_pings(&lab);
-    let bytes = transfer_bytes();
-    let mbps = transfer(&mut lab, bytes, None);
-    eprintln!(
-        "TRANSPORT quic over a 1 492-byte path: {full} of 5 full-size pings, {bytes} B at {mbps:.0} Mbit/s (every byte checked)"
-    );
-    finish(lab);
+    carries_full_size_packets(lab, "quic over a 1 492-byte path");
 }
 
 /// A gateway whose QUIC listener is bound to [::] serves an IPv4 client with the sizes
@@ -1522,14 +1528,7 @@ fn a_quic_session_over_an_ipv6_path_carries_full_size_packets() {
     let endpoint = format!("quic://[{GATEWAY_A6}]:{QUIC_PORT}");
     lab.gateway_listen = vec![endpoint.clone()];
     lab.client_candidates = vec![endpoint];
-    connect(&mut lab, FAST_POLICY, "exit");
-    let full = full_size_pings(&lab);
-    let bytes = transfer_bytes();
-    let mbps = transfer(&mut lab, bytes, None);
-    eprintln!(
-        "TRANSPORT quic over IPv6: {full} of 5 full-size pings, {bytes} B at {mbps:.0} Mbit/s (every byte checked)"
-    );
-    finish(lab);
+    carries_full_size_packets(lab, "quic over IPv6");
 }
 
 /// One session across transport kinds: UDP blocked, it jumps to a connection transport
