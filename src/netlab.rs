@@ -149,6 +149,8 @@ pub struct Lab {
     /// Which families the tunnel carries: (IPv4, IPv6); (true, false) unless a test
     /// changes it before starting the gateway.
     pub tunnel_families: (bool, bool),
+    /// Both ends' tunnel MTU; `None`, the default: the configuration's default (1 380).
+    pub tunnel_mtu: Option<u16>,
     /// A program that starts others in a namespace, given the namespace's name and the
     /// command (e.g. `ip netns exec`, which also gives them the namespace's own /etc
     /// files); empty, the default: the lab enters the namespace itself.
@@ -217,6 +219,7 @@ impl Lab {
             client_candidates: vec![format!("{GATEWAY_A}:{PORT}"), format!("{GATEWAY_B}:{PORT}")],
             client_metrics: String::new(),
             tunnel_families: (true, false),
+            tunnel_mtu: None,
             launcher: Vec::new(),
         };
         lab.build()?;
@@ -460,7 +463,7 @@ impl Lab {
     pub fn gateway_config(&self, policy: &str) -> Result<PathBuf> {
         let text = format!(
             "node_id = \"gw-{tag}\"\nprivate_key = \"{key}\"\nlisten = [{listen}]\n\
-             [tunnel]\nname = \"jv{tag}t\"\naddress = {gateway_tunnel}\n\
+             [tunnel]\nname = \"jv{tag}t\"\naddress = {gateway_tunnel}\n{mtu}\
              [forwarding]\n{forwarding}\
              [admin]\nsocket = \"{dir}/gw.sock\"\n\
              [metrics]\nlisten = \"127.0.0.1:9477\"\n\
@@ -473,10 +476,18 @@ impl Lab {
             dir = self.dir.display(),
             client = self.client_key.public(),
             forwarding = self.gateway_forwarding,
+            mtu = self.tunnel_mtu_line(),
             gateway_tunnel = self.tunnel_list(&format!("{GATEWAY_TUNNEL}/24"), &format!("{GATEWAY_TUNNEL6}/64")),
             client_tunnel = self.tunnel_list(CLIENT_TUNNEL, CLIENT_TUNNEL6),
         );
         self.write("gateway.toml", &text)
+    }
+
+    /// The `[tunnel]` line of the lab's tunnel MTU, if it sets one.
+    fn tunnel_mtu_line(&self) -> String {
+        self.tunnel_mtu
+            .map(|mtu| format!("mtu = {mtu}\n"))
+            .unwrap_or_default()
     }
 
     /// A TOML list of the tunnel's addresses of the families the lab's tunnel carries.
@@ -496,7 +507,7 @@ impl Lab {
         let text = format!(
             "private_key = \"{key}\"\ngateway_public_key = \"{gateway_key}\"\ngateway_tls_pin = \"{pin}\"\non_session_end = \"{on_end}\"\n\
              {candidates}\
-             [tunnel]\nname = \"jv{tag}t\"\n\
+             [tunnel]\nname = \"jv{tag}t\"\n{mtu}\
              [routes]\n{routes}\
              [admin]\nsocket = \"{dir}/client.sock\"\n\
              [metrics]\nlisten = \"{metrics}\"\n\
@@ -513,6 +524,7 @@ impl Lab {
             dir = self.dir.display(),
             routes = self.client_routes,
             metrics = self.client_metrics,
+            mtu = self.tunnel_mtu_line(),
         );
         self.write("client.toml", &text)
     }

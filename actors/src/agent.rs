@@ -37,6 +37,7 @@ use crate::runtime::{
     TransitionNote,
 };
 use crate::telemetry;
+use crate::too_big::TooBig;
 use crate::transport::{
     Batch, Deliver, Incoming, PreparedUdp, Sent, Signal, TransportHandle, UdpTransport,
 };
@@ -253,6 +254,8 @@ pub struct ClientAgent {
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// The budget of ICMP answers to packets too large for the active path.
+    too_big: TooBig,
 }
 
 struct ToAgent {
@@ -404,6 +407,7 @@ impl ClientAgent {
             recent: RecentTransitions::default(),
             rx_bytes: 0,
             tx_bytes: 0,
+            too_big: TooBig::default(),
         });
         Ok(AgentHandles {
             agent,
@@ -733,11 +737,21 @@ impl StreamHandler<TunRead> for ClientAgent {
             return;
         };
         let now = Instant::now();
+        let room = self
+            .client
+            .active_transport()
+            .and_then(|id| self.transport(id))
+            .and_then(|(_, _, _, handle)| handle.packet_room());
         Batch::with_scratch(|batch| {
             // Every packet goes to the active transport, which cannot change while this
             // read is handled.
             let mut via = None;
             for packet in &packets {
+                if let Some(room) = room.filter(|&room| packet.len() > room) {
+                    let device = self.device.as_deref();
+                    self.too_big.drop_and_answer(device, packet, room, now);
+                    continue;
+                }
                 match batch.append(|out| self.client.seal_data_append(packet, now, out)) {
                     Ok(v) => via = Some(v),
                     Err(_) => telemetry::dropped("no_session"),

@@ -87,7 +87,8 @@ fn over_ipv4(peer: SocketAddr) -> bool {
 /// and a session's TCP stalled for that minute. The least is also what quinn pads a
 /// connection's first packets to, so a path that carries it can connect (a PPPoE link
 /// of 1 492 bytes can, at the default tunnel MTU); a tunnel MTU too large for the link
-/// leaves full-size packets dropped (`send_too_big`) over QUIC.
+/// leaves full-size packets dropped over QUIC (`send_too_big`), each answered with ICMP
+/// "too big" (`crate::too_big`).
 fn quic_sizes(peer: SocketAddr, packet_max: usize) -> (u16, u16) {
     let link = quic_start(peer);
     let needed = packet_max.saturating_add(QUIC_DATAGRAM_OVERHEAD);
@@ -107,8 +108,10 @@ fn quic_start(peer: SocketAddr) -> u16 {
 
 /// What to tell the operator when a tunnel MTU of `mtu` is too large for a full-size
 /// packet to fit one QUIC datagram on a path to `peer` of a 1 500-byte link (above 1 402
-/// over IPv4, 1 382 over IPv6): such packets are dropped over QUIC (`send_too_big`), and
-/// no ICMP "too big" goes back into the tunnel, so a TCP connection through it stalls.
+/// over IPv4, 1 382 over IPv6): such packets are dropped over QUIC and answered with
+/// ICMP "too big" (`crate::too_big`), so senders that take the answer send smaller
+/// packets at the cost of a round trip, and others (IPv4 without don't-fragment) lose
+/// them.
 pub fn quic_mtu_warning(peer: SocketAddr, mtu: u16) -> Option<String> {
     let max = usize::from(quic_start(peer))
         .saturating_sub(QUIC_DATAGRAM_OVERHEAD + jvpn_core::wire::OVERHEAD);
@@ -116,8 +119,9 @@ pub fn quic_mtu_warning(peer: SocketAddr, mtu: u16) -> Option<String> {
     (usize::from(mtu) > max).then(|| {
         format!(
             "tunnel.mtu {mtu} is above {max}, the largest whose full-size packets fit a QUIC \
-             datagram over {family} on a 1500-byte link: over quic://{peer} they will be \
-             dropped (send_too_big); set tunnel.mtu to {max} or less to use it"
+             datagram over {family} on a 1500-byte link: over quic://{peer} they are \
+             dropped and their senders told the size that fits (ICMP too big); set \
+             tunnel.mtu to {max} or less to carry them"
         )
     })
 }
@@ -219,6 +223,14 @@ impl ConnSender {
 
     fn current(&self) -> Option<Link> {
         self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The largest datagram the current connection takes now, if it is a QUIC one.
+    pub(crate) fn datagram_room(&self) -> Option<usize> {
+        match self.current() {
+            Some(Link::Quic(conn)) => conn.max_datagram_size(),
+            _ => None,
+        }
     }
 
     /// Sends one datagram on the connection, never waiting.

@@ -27,6 +27,7 @@ pub mod supervisor;
 mod sys;
 pub mod telemetry;
 pub mod tls;
+pub mod too_big;
 pub mod transport;
 pub mod tun;
 

@@ -29,6 +29,7 @@ use crate::runtime::{
 };
 use crate::supervisor::Registry;
 use crate::telemetry;
+use crate::too_big::TooBig;
 use crate::transport::{Batch, TransportHandle};
 use crate::tun::TunDevice;
 
@@ -157,6 +158,8 @@ pub struct SessionActor {
     recent: RecentTransitions,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// The budget of ICMP answers to packets too large for the binding's path.
+    too_big: TooBig,
     /// The version of the binding last published to the router.
     published_binding: StateVersion,
     /// What the record last sent to the cluster's table showed: state version, key
@@ -187,6 +190,7 @@ impl SessionActor {
             recent: RecentTransitions::default(),
             rx_bytes: 0,
             tx_bytes: 0,
+            too_big: TooBig::default(),
             published_binding: StateVersion(0),
             synced: None,
             reserve_asked: None,
@@ -372,9 +376,20 @@ impl Handler<FromTunnel> for SessionActor {
     fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let now = Instant::now();
+        let room = self
+            .session
+            .as_ref()
+            .and_then(|s| s.binding())
+            .and_then(|to| transport_for(&self.paths, to))
+            .and_then(TransportHandle::packet_room);
         Batch::with_scratch(|batch| {
             let mut to: Option<Endpoint> = None;
             for packet in &msg.0 {
+                if let Some(room) = room.filter(|&room| packet.len() > room) {
+                    let device = Some(self.env.device.as_ref());
+                    self.too_big.drop_and_answer(device, packet, room, now);
+                    continue;
+                }
                 let Some(session) = self.session.as_mut() else {
                     break;
                 };

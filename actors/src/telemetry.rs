@@ -128,6 +128,10 @@ pub fn describe() {
     );
     describe_counter!("jvpn_packets_dropped_total", "Dropped packets by reason.");
     describe_counter!(
+        "jvpn_icmp_too_big_total",
+        "Tunnel packets too large for their path, by what became of the ICMP answer to their sender."
+    );
+    describe_counter!(
         "jvpn_events_dropped_total",
         "Events dropped because the event queue was full."
     );
@@ -356,6 +360,12 @@ impl TrafficMeter {
 /// A dropped packet, by its reason's stable label.
 pub fn dropped(reason: &'static str) {
     dropped_n(reason, 1);
+}
+
+/// A tunnel packet too large for its path was dropped; `outcome` says what became of
+/// the ICMP answer to its sender (sent, over_budget, not_written, or why it has none).
+pub fn icmp_too_big(outcome: &'static str) {
+    metrics::counter!("jvpn_icmp_too_big_total", "outcome" => outcome).increment(1);
 }
 
 /// `count` dropped packets, by their reason's stable label.

@@ -111,6 +111,20 @@ impl TransportHandle {
         }
     }
 
+    /// The largest tunnel packet one datagram of this transport carries now, where the
+    /// transport knows a limit of its own: a QUIC connection's datagram room (which
+    /// follows the path's MTU as QUIC measures it) less a session packet's header and
+    /// tag. `None` for UDP (the kernel refuses what its path MTU does not take) and TCP
+    /// (a frame carries any packet).
+    pub fn packet_room(&self) -> Option<usize> {
+        match &self.sender {
+            Writer::Udp(_) => None,
+            Writer::Conn(conn) => conn
+                .datagram_room()
+                .map(|room| room.saturating_sub(jvpn_core::wire::OVERHEAD)),
+        }
+    }
+
     /// Sends one datagram to `to` (a connection has one peer: `to` is its address).
     pub fn send(&self, to: SocketAddr, datagram: &[u8]) -> Sent {
         match &self.sender {

@@ -330,6 +330,13 @@ impl Client {
         self.established().map(|e| e.tunnel)
     }
 
+    /// The transport data packets leave on now, once established (if any is active).
+    pub fn active_transport(&self) -> Option<TransportId> {
+        self.established()
+            .and_then(|e| e.control.active())
+            .map(|t| t.id)
+    }
+
     /// The cipher the gateway chose for the session, once established.
     pub fn cipher(&self) -> Option<Cipher> {
         self.established().map(|e| e.channel.cipher())

@@ -22,10 +22,13 @@
 //! - [`client`]: the client side: handshake, data, heartbeats and probes, reattach, rekey.
 //! - [`sim`]: a deterministic simulated network that drives a session on a virtual clock.
 //! - [`offload`]: the TUN device's virtio-net header and the split of TCP super-packets.
+//! - [`icmp`]: ICMP "too big" answers for tunnel packets the path cannot carry.
+//! - [`bucket`]: a token bucket on the monotonic clock.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bucket;
 pub mod client;
 pub mod cluster;
 pub mod control;
@@ -34,6 +37,7 @@ pub mod event;
 pub mod fsm;
 pub mod gateway;
 pub mod health;
+pub mod icmp;
 pub mod ids;
 pub mod journal;
 mod keycache;

@@ -436,6 +436,12 @@ pub fn internet_checksum(bytes: &[u8]) -> u16 {
     !fold(sum_bytes(0, bytes))
 }
 
+/// The Internet checksum of `parts` taken as one run of bytes; every part but the last
+/// must have an even length (a pseudo-header's fields do).
+pub(crate) fn internet_checksum_of(parts: &[&[u8]]) -> u16 {
+    !fold(parts.iter().fold(0, |sum, part| sum_bytes(sum, part)))
+}
+
 /// `sum` folded into 16 bits, carries added back (one's-complement addition).
 fn fold(sum: impl Into<u64>) -> u16 {
     let mut sum = sum.into();

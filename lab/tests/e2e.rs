@@ -1517,6 +1517,75 @@ fn a_quic_listener_on_the_ipv6_wildcard_carries_full_size_packets_to_an_ipv4_cli
     finish(lab);
 }
 
+/// A tunnel MTU above what a QUIC path carries (1 420, where 1 402 fits a datagram over
+/// IPv4 on a 1 500-byte link): a full-size packet cannot leave, and the tunnel answers
+/// its sender with ICMP "fragmentation needed" naming 1 402, as a router on the path
+/// would. The sender's stack lowers its path MTU, and TCP goes on with smaller segments,
+/// both ways: the client answers its own host's packets, the gateway the server's. A
+/// silent drop stalls both transfers until their timeout.
+#[test]
+fn packets_too_large_for_a_quic_path_are_answered_with_icmp_and_tcp_adapts() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e28") else { return };
+    let endpoint = format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A);
+    lab.gateway_listen = vec![endpoint.clone()];
+    lab.client_candidates = vec![endpoint];
+    lab.tunnel_mtu = Some(1_420);
+    lab.tunnel_families = (true, true);
+    lab.client_routes = "networks = [\"10.202.0.0/24\", \"fd02::/64\"]\n".into();
+    connect(&mut lab, FAST_POLICY, "exit");
+    // The server's transfers first, IPv4 and IPv6: once the client's host has learned the
+    // path's size to the server (below), it offers the server a smaller segment size,
+    // and the gateway would have nothing to answer.
+    let bytes = transfer_bytes();
+    let mut down = Vec::new();
+    for (name, listen) in [
+        ("down4", format!("{CLIENT_TUNNEL}:5202")),
+        ("down6", format!("[{CLIENT_TUNNEL6}]:5203")),
+    ] {
+        start_transfer_between(&mut lab, name, ("s", "c"), &listen, bytes, None);
+        down.push(await_transfer(&mut lab, name, bytes));
+    }
+    let answered = metric(
+        &gateway_metrics(&lab),
+        "jvpn_icmp_too_big_total{outcome=\"sent\"}",
+    );
+    assert!(answered >= 2.0, "the gateway answered {answered} times");
+    // Pings of the tunnel's full size that may not be fragmented: answered, not lost.
+    let mut answers = Vec::new();
+    for (to, size) in [(SERVER, "1392"), (SERVER6, "1372")] {
+        let out = lab
+            .exec(
+                &lab.ns("c"),
+                &[
+                    "ping", "-n", "-M", "do", "-c", "2", "-i", "0.2", "-W", "2", "-s", size, to,
+                ],
+            )
+            .expect("ping");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer = said
+            .lines()
+            .find(|l| l.contains("mtu = 1402") || l.contains("mtu=1402"));
+        let Some(answer) = answer else {
+            panic!(
+                "no ICMP answer naming 1 402 to {to}:\n{said}\n{}",
+                lab.diagnostics()
+            );
+        };
+        answers.push(answer.trim().to_string());
+    }
+    let up = transfer(&mut lab, bytes, None);
+    eprintln!(
+        "TRANSPORT quic with tunnel MTU 1 420: {bytes} B down (IPv4, IPv6) at {:.0} and {:.0} Mbit/s, then up at {up:.0} Mbit/s (every byte checked); the gateway sent {answered} answers; pings answered: {answers:?}",
+        down[0], down[1]
+    );
+    finish(lab);
+}
+
 /// A QUIC-only session over an IPv6 path carries full-size packets: with quinn's 8-byte
 /// connection ids a full-size session packet of the default tunnel MTU needed 1 454
 /// bytes of UDP payload, 2 more than an IPv6 path of a 1 500-byte link carries, and
