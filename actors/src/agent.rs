@@ -435,17 +435,18 @@ impl ClientAgent {
         self.sent(via, sent);
     }
 
-    /// Sends `batch` on `via`.
-    fn send_batch(&mut self, via: TransportId, batch: &Batch) {
+    /// Sends `batch` on `via`; returns how it went.
+    fn send_batch(&mut self, via: TransportId, batch: &Batch) -> Sent {
         let sent = match self.transport(via) {
             Some((_, gateway, _, handle)) => handle.send_batch(*gateway, batch),
             None => {
                 telemetry::dropped_n("no_transport", batch.len());
-                return;
+                return Sent::Ok;
             }
         };
         self.tx_bytes += batch.byte_len() as u64;
         self.sent(via, sent);
+        sent
     }
 
     /// Keeps the path signal a send carried, for after the message being handled.
@@ -741,7 +742,7 @@ impl StreamHandler<TunRead> for ClientAgent {
             .client
             .active_transport()
             .and_then(|id| self.transport(id))
-            .and_then(|(_, _, _, handle)| handle.packet_room());
+            .and_then(|(_, gateway, _, handle)| self.too_big.room(handle, *gateway, now));
         Batch::with_scratch(|batch| {
             // Every packet goes to the active transport, which cannot change while this
             // read is handled.
@@ -758,7 +759,15 @@ impl StreamHandler<TunRead> for ClientAgent {
                 }
             }
             if let Some(via) = via {
-                self.send_batch(via, batch);
+                let refused = self.send_batch(via, batch) == Sent::TooBig;
+                let path = refused
+                    .then(|| self.transport(via).map(|(_, g, _, h)| (*g, h.clone())))
+                    .flatten();
+                if let Some((gateway, handle)) = path {
+                    let device = self.device.as_deref();
+                    let packets = packets.iter().map(|p| &p[..]);
+                    self.too_big.refused(&handle, gateway, packets, device, now);
+                }
             }
         });
         self.settle(ctx);

@@ -30,7 +30,7 @@ use crate::runtime::{
 use crate::supervisor::Registry;
 use crate::telemetry;
 use crate::too_big::TooBig;
-use crate::transport::{Batch, TransportHandle};
+use crate::transport::{Batch, Sent, TransportHandle};
 use crate::tun::TunDevice;
 
 /// The transports a session remembers having heard its client on (to answer on the
@@ -380,8 +380,8 @@ impl Handler<FromTunnel> for SessionActor {
             .session
             .as_ref()
             .and_then(|s| s.binding())
-            .and_then(|to| transport_for(&self.paths, to))
-            .and_then(TransportHandle::packet_room);
+            .and_then(|to| Some((to, transport_for(&self.paths, to)?)))
+            .and_then(|(to, via)| self.too_big.room(via, to.addr, now));
         Batch::with_scratch(|batch| {
             let mut to: Option<Endpoint> = None;
             for packet in &msg.0 {
@@ -401,24 +401,37 @@ impl Handler<FromTunnel> for SessionActor {
                     Err(d) => telemetry::dropped(d.as_str()),
                 }
             }
-            self.send_batch(to, batch);
+            if let Some((to, via)) = self.send_batch(to, batch) {
+                let packets = msg.0.iter().map(|p| &p[..]);
+                let device = Some(self.env.device.as_ref());
+                self.too_big.refused(&via, to.addr, packets, device, now);
+            }
         });
         self.settle(ctx);
     }
 }
 
 impl SessionActor {
-    /// Sends `batch` to `to`, on the transport the client was heard on there.
-    fn send_batch(&mut self, to: Option<Endpoint>, batch: &Batch) {
+    /// Sends `batch` to `to`, on the transport the client was heard on there; returns
+    /// where it went if the kernel refused a datagram of it as too big.
+    fn send_batch(
+        &mut self,
+        to: Option<Endpoint>,
+        batch: &Batch,
+    ) -> Option<(Endpoint, TransportHandle)> {
         if batch.is_empty() {
-            return;
+            return None;
         }
         match to.and_then(|to| transport_for(&self.paths, to).map(|t| (to, t))) {
             Some((to, t)) => {
                 self.tx_bytes += batch.byte_len() as u64;
-                t.send_batch(to.addr, batch);
+                let refused = t.send_batch(to.addr, batch) == Sent::TooBig;
+                refused.then(|| (to, t.clone()))
             }
-            None => telemetry::dropped_n("no_transport", batch.len()),
+            None => {
+                telemetry::dropped_n("no_transport", batch.len());
+                None
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (TUNSETIFF), turning on a TUN device's segmentation offload (TUNSETOFFLOAD), a gathered write (the virtio-net header and the packet in
 //! one writev, without copying the packet), giving the device an IPv6 address (the
 //! `tun` crate addresses it through an IPv4 socket only), disconnecting a UDP socket, and
-//! sending a raw Ethernet frame (a gratuitous ARP). The only unsafe code of the crate;
+//! sending a raw Ethernet frame (a gratuitous ARP), reading a socket's path MTU. The only unsafe code of the crate;
 //! each block states why it is sound.
 
 use std::io::{self, IoSlice};
@@ -218,4 +218,35 @@ pub fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The path MTU the kernel knows for the peer of the connected socket `fd` (IP_MTU, or
+/// IPV6_MTU for an IPv6 socket): the outgoing link's MTU, or less where an ICMP "too
+/// big" taught it the path's. An unconnected socket fails (ENOTCONN).
+#[allow(unsafe_code)]
+pub fn path_mtu(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<usize> {
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: getsockopt writes at most `len` bytes (the size of a c_int) at the pointer,
+    // which is `mtu`, alive and writable for the call, and the length back into `len`;
+    // `fd` is a descriptor the caller borrows from a socket it keeps open.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }

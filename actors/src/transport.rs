@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -125,6 +125,39 @@ impl TransportHandle {
         }
     }
 
+    /// The largest tunnel packet the kernel lets a datagram to `to` on this UDP transport
+    /// carry: its path MTU to `to` (the outgoing link's MTU, or less where an ICMP "too
+    /// big" taught it the path's) less the IP and UDP headers and a session packet's
+    /// header and tag. A client's socket is connected and is asked itself; a gateway's
+    /// is shared by every peer, so a socket of the same family and local address,
+    /// connected to `to` and never sent on, is asked instead. `None` for a connection
+    /// transport (see [`TransportHandle::packet_room`]) or when the kernel cannot say.
+    pub fn path_room(&self, to: SocketAddr) -> Option<usize> {
+        use std::os::fd::AsFd;
+        let Writer::Udp(udp) = &self.sender else {
+            return None;
+        };
+        let to = SocketAddr::new(to.ip().to_canonical(), to.port());
+        let mtu = match crate::sys::path_mtu(udp.socket.as_fd(), self.local.is_ipv6()) {
+            Ok(mtu) => mtu,
+            Err(_) => {
+                let local = self.local.ip().to_canonical();
+                let from = if local.is_ipv4() == to.is_ipv4() && !local.is_unspecified() {
+                    local
+                } else if to.is_ipv4() {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                };
+                let probe = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).ok()?;
+                probe.connect(to).ok()?;
+                crate::sys::path_mtu(probe.as_fd(), to.is_ipv6()).ok()?
+            }
+        };
+        let headers = if to.is_ipv4() { 20 + 8 } else { 40 + 8 };
+        Some(mtu.saturating_sub(headers + jvpn_core::wire::OVERHEAD))
+    }
+
     /// Sends one datagram to `to` (a connection has one peer: `to` is its address).
     pub fn send(&self, to: SocketAddr, datagram: &[u8]) -> Sent {
         match &self.sender {
@@ -142,10 +175,7 @@ impl TransportHandle {
             Writer::Conn(conn) => {
                 let mut outcome = Sent::Ok;
                 for (&at, &len) in batch.offsets.iter().zip(&batch.lens) {
-                    let sent = conn.send(&batch.bytes[at..at + len]);
-                    if sent != Sent::Ok {
-                        outcome = sent;
-                    }
+                    outcome = outcome.then(conn.send(&batch.bytes[at..at + len]));
                 }
                 return outcome;
             }
@@ -166,10 +196,7 @@ impl TransportHandle {
             }
             let from = batch.offsets[start];
             let to_byte = batch.offsets[end - 1] + batch.lens[end - 1];
-            let sent = udp.send(to, &batch.bytes[from..to_byte], stride);
-            if sent != Sent::Ok {
-                outcome = sent;
-            }
+            outcome = outcome.then(udp.send(to, &batch.bytes[from..to_byte], stride));
             start = end;
         }
         outcome
@@ -186,6 +213,23 @@ pub enum Sent {
     Failed(io::ErrorKind),
     /// The first success after failures.
     Recovered,
+    /// Refused by the kernel as larger than the path takes (EMSGSIZE: a tunnel MTU set
+    /// above the path's MTU less the headers): dropped, counted (`send_too_big`), and
+    /// the path not blamed; [`TransportHandle::path_room`] says what fits.
+    TooBig,
+}
+
+impl Sent {
+    /// The outcome of this send followed by `next`, as the caller needs it: the later
+    /// path signal, else whether one was too big.
+    fn then(self, next: Sent) -> Sent {
+        match (self, next) {
+            (_, Sent::Failed(_) | Sent::Recovered) => next,
+            (Sent::Failed(_) | Sent::Recovered, _) => self,
+            (Sent::TooBig, _) | (_, Sent::TooBig) => Sent::TooBig,
+            (Sent::Ok, Sent::Ok) => Sent::Ok,
+        }
+    }
 }
 
 /// Sealed datagrams to send together: contiguous bytes and each datagram's extent.
@@ -294,19 +338,14 @@ impl UdpSender {
             // datagram is dropped, and the path is not to blame.
             Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => {
                 telemetry::dropped_n("send_too_big", count);
-                Sent::Ok
+                Sent::TooBig
             }
             // The kernel refused segmentation offload (quinn-udp turned GSO off for
             // this socket): send the segments one by one.
             Err(_) if transmit.segment_size.is_some() && self.state.max_gso_segments() == 1 => {
-                let mut outcome = Sent::Ok;
-                for one in contents.chunks(segment) {
-                    let sent = self.send(to, one, one.len());
-                    if sent != Sent::Ok {
-                        outcome = sent;
-                    }
-                }
-                outcome
+                contents.chunks(segment).fold(Sent::Ok, |outcome, one| {
+                    outcome.then(self.send(to, one, one.len()))
+                })
             }
             Err(e) => {
                 telemetry::dropped_n("send_failed", count);
@@ -337,7 +376,7 @@ impl Sent {
     /// The path signal this outcome carries, if any.
     pub fn signal(self) -> Option<Signal> {
         match self {
-            Sent::Ok => None,
+            Sent::Ok | Sent::TooBig => None,
             Sent::Failed(kind) => Some(Signal::SendFailed(kind)),
             Sent::Recovered => Some(Signal::Recovered),
         }
@@ -805,6 +844,45 @@ mod tests {
             }
         }
         got
+    }
+
+    /// A datagram larger than the path takes is refused as too big, not as a failing
+    /// path (the next send is plain `Ok`, not `Recovered`); what the path takes is asked
+    /// of the kernel, of the socket itself when it is connected (a client's) and of a
+    /// probe connected to the peer when it is not (a gateway's), with the same answer:
+    /// the loopback's MTU (at most 65 535, the largest IPv4 datagram) less the IPv4 and
+    /// UDP headers and a session packet's 36 bytes.
+    #[test]
+    fn a_datagram_too_large_is_refused_as_too_big_and_the_kernel_says_what_fits() {
+        let lo = std::fs::read_to_string("/sys/class/net/lo/mtu").expect("loopback MTU");
+        let lo = lo.trim().parse::<usize>().expect("a number").min(65_535);
+        for connected in [false, true] {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
+            let to = peer.local_addr().expect("addr");
+            if connected {
+                socket.connect(to).expect("connect");
+            }
+            let handle = PreparedUdp::new(socket, 0).expect("prepared").handle();
+            assert_eq!(
+                handle.path_room(to),
+                Some(lo - 28 - 36),
+                "connected {connected}"
+            );
+            // Larger than any IPv4 datagram, and than the loopback's MTU.
+            let huge = vec![0u8; lo.max(65_508)];
+            assert_eq!(
+                handle.send(to, &huge),
+                Sent::TooBig,
+                "connected {connected}"
+            );
+            assert_eq!(
+                handle.send(to, &[1; 100]),
+                Sent::Ok,
+                "connected {connected}"
+            );
+            assert_eq!(handle.packet_room(), None, "UDP names no room of its own");
+        }
     }
 
     /// A datagram sent after the reader drained its socket arrives, each time; a burst

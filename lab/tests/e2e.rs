@@ -1466,6 +1466,19 @@ fn full_size_pings(lab: &Lab) -> u32 {
     full
 }
 
+/// Sets the MTU of path A's link, both ends.
+fn set_path_a_mtu(lab: &Lab, mtu: u16) {
+    let mtu = mtu.to_string();
+    let gateway_side = format!("jv{}ga", tag_of(lab));
+    for (role, dev) in [("c", lab.client_link(Path2::A)), ("g", gateway_side)] {
+        lab.exec_ok(
+            &lab.ns(role),
+            &["ip", "link", "set", "dev", &dev, "mtu", &mtu],
+        )
+        .expect("link mtu");
+    }
+}
+
 /// Connects `lab`'s client, then checks that full-size pings (at least 4 of 5) and a
 /// checked TCP transfer pass through the tunnel, and ends the lab.
 fn carries_full_size_packets(mut lab: Lab, what: &str) {
@@ -1491,14 +1504,7 @@ fn a_quic_session_connects_and_carries_full_size_packets_on_a_pppoe_sized_path()
     let endpoint = format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A);
     lab.gateway_listen = vec![endpoint.clone()];
     lab.client_candidates = vec![endpoint];
-    let gateway_side = format!("jv{}ga", tag_of(&lab));
-    for (role, dev) in [("c", lab.client_link(Path2::A)), ("g", gateway_side)] {
-        lab.exec_ok(
-            &lab.ns(role),
-            &["ip", "link", "set", "dev", &dev, "mtu", "1492"],
-        )
-        .expect("link mtu");
-    }
+    set_path_a_mtu(&lab, 1_492);
     carries_full_size_packets(lab, "quic over a 1 492-byte path");
 }
 
@@ -1552,38 +1558,82 @@ fn packets_too_large_for_a_quic_path_are_answered_with_icmp_and_tcp_adapts() {
     );
     assert!(answered >= 2.0, "the gateway answered {answered} times");
     // Pings of the tunnel's full size that may not be fragmented: answered, not lost.
-    let mut answers = Vec::new();
-    for (to, size) in [(SERVER, "1392"), (SERVER6, "1372")] {
-        let out = lab
-            .exec(
-                &lab.ns("c"),
-                &[
-                    "ping", "-n", "-M", "do", "-c", "2", "-i", "0.2", "-W", "2", "-s", size, to,
-                ],
-            )
-            .expect("ping");
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let answer = said
-            .lines()
-            .find(|l| l.contains("mtu = 1402") || l.contains("mtu=1402"));
-        let Some(answer) = answer else {
-            panic!(
-                "no ICMP answer naming 1 402 to {to}:\n{said}\n{}",
-                lab.diagnostics()
-            );
-        };
-        answers.push(answer.trim().to_string());
-    }
+    let answers = [
+        too_big_answer(&lab, SERVER, 1_392, 1_402),
+        too_big_answer(&lab, SERVER6, 1_372, 1_402),
+    ];
     let up = transfer(&mut lab, bytes, None);
     eprintln!(
         "TRANSPORT quic with tunnel MTU 1 420: {bytes} B down (IPv4, IPv6) at {:.0} and {:.0} Mbit/s, then up at {up:.0} Mbit/s (every byte checked); the gateway sent {answered} answers; pings answered: {answers:?}",
         down[0], down[1]
     );
     finish(lab);
+}
+
+/// A UDP path whose link narrows, under a transfer, below the tunnel's full-size
+/// datagrams (to 1 420 bytes, where a full-size packet of the default tunnel MTU needs
+/// 1 444): the kernel refuses them (a GSO batch of them as a whole), the session asks it
+/// what the path takes (1 356 bytes of tunnel packet) and answers the senders with ICMP
+/// "too big", as over QUIC; the path is not taken for a failing one. Without the answers
+/// both transfers stalled to their timeout.
+#[test]
+fn packets_too_large_for_a_udp_path_are_answered_with_icmp_and_tcp_adapts() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e29") else { return };
+    let endpoint = format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT);
+    lab.gateway_listen = vec![endpoint.clone()];
+    lab.client_candidates = vec![endpoint];
+    connect(&mut lab, FAST_POLICY, "exit");
+    // The server's transfer first (once the client's host has learned the path's size
+    // to the server, it offers the server smaller segments): the link narrows under it,
+    // while the gateway sends it to the client in batches of full-size datagrams.
+    let bytes = transfer_bytes().max(32_000_000);
+    let listen = format!("{CLIENT_TUNNEL}:5202");
+    start_transfer_between(&mut lab, "down", ("s", "c"), &listen, bytes, None);
+    std::thread::sleep(Duration::from_millis(500));
+    set_path_a_mtu(&lab, 1_420);
+    let down = await_transfer(&mut lab, "down", bytes);
+    let up = transfer(&mut lab, bytes, None);
+    let page = gateway_metrics(&lab);
+    let answered = metric(&page, "jvpn_icmp_too_big_total{outcome=\"sent\"}");
+    assert!(answered >= 1.0, "the gateway answered {answered} times");
+    // Refused as too big, never taken for a failing path.
+    let failed = metric(&page, "jvpn_packets_dropped_total{reason=\"send_failed\"}");
+    assert_eq!(failed, 0.0, "{page}");
+    let client = lab.status("client").expect("client status");
+    let answer = too_big_answer(&lab, SERVER, 1_352, 1_356);
+    eprintln!(
+        "TRANSPORT udp, link narrowed to 1 420 bytes: {bytes} B up at {up:.0} Mbit/s, down at {down:.0} Mbit/s (every byte checked; the gateway sent {answered} answers); {answer:?}; client {}",
+        client["state"]
+    );
+    finish(lab);
+}
+
+/// Sends two pings of `size` bytes of data that may not be fragmented from the client to
+/// `to`, and returns the line that reports the tunnel's ICMP answer naming `mtu`.
+fn too_big_answer(lab: &Lab, to: &str, size: u32, mtu: u32) -> String {
+    let size = size.to_string();
+    let out = lab
+        .exec(
+            &lab.ns("c"),
+            &[
+                "ping", "-n", "-M", "do", "-c", "2", "-i", "0.2", "-W", "2", "-s", &size, to,
+            ],
+        )
+        .expect("ping");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let named = [format!("mtu = {mtu}"), format!("mtu={mtu}")];
+    match said.lines().find(|l| named.iter().any(|n| l.contains(n))) {
+        Some(line) => line.trim().to_string(),
+        None => panic!(
+            "no ICMP answer naming {mtu} to {to}:\n{said}\n{}",
+            lab.diagnostics()
+        ),
+    }
 }
 
 /// A QUIC-only session over an IPv6 path carries full-size packets: with quinn's 8-byte
