@@ -766,7 +766,8 @@ impl StreamHandler<TunRead> for ClientAgent {
                 if let Some((gateway, handle)) = path {
                     let device = self.device.as_deref();
                     let packets = packets.iter().map(|p| &p[..]);
-                    self.too_big.refused(&handle, gateway, packets, device, now);
+                    self.too_big
+                        .refused(&handle, gateway, packets, room, device, now);
                 }
             }
         });

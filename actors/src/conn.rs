@@ -239,9 +239,11 @@ impl ConnSender {
             None => Err(io::ErrorKind::NotConnected),
             Some(Link::Quic(conn)) => match conn.send_datagram(Bytes::copy_from_slice(datagram)) {
                 Ok(()) => Ok(()),
+                // The room shrank since the session checked it (QUIC measured a smaller
+                // path): the session answers it (`crate::too_big`).
                 Err(quinn::SendDatagramError::TooLarge) => {
                     telemetry::dropped("send_too_big");
-                    return Sent::Ok;
+                    return Sent::TooBig;
                 }
                 Err(_) => Err(io::ErrorKind::ConnectionReset),
             },

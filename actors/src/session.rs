@@ -404,7 +404,8 @@ impl Handler<FromTunnel> for SessionActor {
             if let Some((to, via)) = self.send_batch(to, batch) {
                 let packets = msg.0.iter().map(|p| &p[..]);
                 let device = Some(self.env.device.as_ref());
-                self.too_big.refused(&via, to.addr, packets, device, now);
+                self.too_big
+                    .refused(&via, to.addr, packets, room, device, now);
             }
         });
         self.settle(ctx);

@@ -2,7 +2,8 @@
 //! its session's path carries now is dropped, and its sender is told the size that
 //! fits, in a packet written into the TUN device. What the path carries is a QUIC
 //! connection's datagram room, or over UDP what the kernel said of the path the last
-//! time it refused a datagram as too big (kept for [`LEARNED_FOR`]). Answers are
+//! time it refused a datagram as too big (kept for [`LEARNED_FOR`]); TCP carries any
+//! packet. Answers are
 //! budgeted per session: a sender that ignores them costs a few a second, not one per
 //! packet.
 
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use jvpn_core::bucket::TokenBucket;
 use jvpn_core::icmp;
+use jvpn_core::ids::Protocol;
 
 use crate::telemetry;
 use crate::transport::TransportHandle;
@@ -31,41 +33,59 @@ pub const LEARNED_FOR: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct TooBig {
     budget: TokenBucket,
-    /// The room of the UDP path to that address, learned then.
-    learned: Option<(SocketAddr, usize, Instant)>,
+    /// The room of the UDP path from that local address to that peer, learned then.
+    learned: Option<(SocketAddr, SocketAddr, usize, Instant)>,
 }
 
 impl TooBig {
     /// The largest tunnel packet `via` carries to `to` now, if it names a limit: a QUIC
-    /// connection's room, or what the kernel said of a UDP path to `to` in the last
-    /// [`LEARNED_FOR`].
+    /// connection's room, or what the kernel said of this UDP path in the last
+    /// [`LEARNED_FOR`]. TCP names none.
     pub fn room(&self, via: &TransportHandle, to: SocketAddr, now: Instant) -> Option<usize> {
-        via.packet_room().or_else(|| {
-            self.learned
-                .filter(|&(at, _, when)| {
-                    at == to && now.saturating_duration_since(when) < LEARNED_FOR
-                })
-                .map(|(_, room, _)| room)
-        })
+        if via.protocol() != Protocol::Udp {
+            return via.packet_room();
+        }
+        self.learned
+            .filter(|&(local, peer, _, when)| {
+                local == via.local()
+                    && peer == to
+                    && now.saturating_duration_since(when) < LEARNED_FOR
+            })
+            .map(|(_, _, room, _)| room)
     }
 
-    /// After a send to `to` on `via` of which the kernel refused a datagram as too big
-    /// ([`crate::transport::Sent::TooBig`]): learns the path's room and answers each of
+    /// After a send to `to` on `via` of which a datagram was refused as too big
+    /// ([`crate::transport::Sent::TooBig`]: by the kernel over UDP, by QUIC for a room
+    /// that shrank within the batch): learns the path's room, and answers each of
     /// `packets` (the send's tunnel packets; the refused ones are counted as dropped
-    /// already) that does not fit it.
+    /// already) that does not fit it and was not answered before it was sealed, against
+    /// the room `checked` then.
     pub fn refused<'p>(
         &mut self,
         via: &TransportHandle,
         to: SocketAddr,
         packets: impl IntoIterator<Item = &'p [u8]>,
+        checked: Option<usize>,
         device: Option<&dyn TunDevice>,
         now: Instant,
     ) {
-        let Some(room) = via.path_room(to) else {
+        let room = if via.protocol() == Protocol::Udp {
+            let room = via.path_room(to);
+            if let Some(room) = room {
+                self.learned = Some((via.local(), to, room, now));
+            }
+            room
+        } else {
+            via.packet_room()
+        };
+        let Some(room) = room else {
             return;
         };
-        self.learned = Some((to, room, now));
-        for packet in packets.into_iter().filter(|p| p.len() > room) {
+        let answered_before = |len: usize| checked.is_some_and(|checked| len > checked);
+        for packet in packets
+            .into_iter()
+            .filter(|p| p.len() > room && !answered_before(p.len()))
+        {
             self.answer(device, packet, room, now);
         }
     }
@@ -84,17 +104,21 @@ impl TooBig {
     }
 
     /// Answers the sender of `packet` through `device`, budget allowing
-    /// (`jvpn_icmp_too_big_total` counts each outcome).
+    /// (`jvpn_icmp_too_big_total` counts each outcome); the answer is built only once
+    /// the packet has earned one and the budget has paid for it.
     fn answer(&mut self, device: Option<&dyn TunDevice>, packet: &[u8], room: usize, now: Instant) {
-        let mut answer = Vec::new();
         let mtu = u16::try_from(room).unwrap_or(u16::MAX);
-        let outcome = match icmp::too_big(packet, mtu, &mut answer) {
+        let outcome = match icmp::answerable(packet, mtu) {
             Err(why) => why.as_str(),
-            Ok(()) if !self.budget.take(now, ANSWERS_PER_SECOND, ANSWER_BURST) => "over_budget",
-            Ok(()) => match device.map(|d| d.write(&answer)) {
-                Some(Ok(())) => "sent",
-                Some(Err(_)) | None => "not_written",
-            },
+            Ok(_) if !self.budget.take(now, ANSWERS_PER_SECOND, ANSWER_BURST) => "over_budget",
+            Ok(_) => {
+                let mut answer = Vec::new();
+                match (icmp::too_big(packet, mtu, &mut answer), device) {
+                    (Ok(()), Some(device)) if device.write(&answer).is_ok() => "sent",
+                    (Err(why), _) => why.as_str(),
+                    _ => "not_written",
+                }
+            }
         };
         telemetry::icmp_too_big(outcome);
     }

@@ -213,15 +213,18 @@ pub enum Sent {
     Failed(io::ErrorKind),
     /// The first success after failures.
     Recovered,
-    /// Refused by the kernel as larger than the path takes (EMSGSIZE: a tunnel MTU set
-    /// above the path's MTU less the headers): dropped, counted (`send_too_big`), and
-    /// the path not blamed; [`TransportHandle::path_room`] says what fits.
+    /// Refused as larger than the path takes, by the kernel (EMSGSIZE: a tunnel MTU set
+    /// above the path's MTU less the headers; [`TransportHandle::path_room`] says what
+    /// fits) or by QUIC (its room shrank; [`TransportHandle::packet_room`]): dropped,
+    /// counted (`send_too_big`), and the path not blamed.
     TooBig,
 }
 
 impl Sent {
     /// The outcome of this send followed by `next`, as the caller needs it: the later
-    /// path signal, else whether one was too big.
+    /// path signal, else whether one was too big. A batch that carries both a path
+    /// signal and a refusal reports the signal: its refused packets go unanswered, and
+    /// the next refusal teaches the room.
     fn then(self, next: Sent) -> Sent {
         match (self, next) {
             (_, Sent::Failed(_) | Sent::Recovered) => next,

@@ -17,9 +17,14 @@
 //!
 //! Some packets get no answer, as RFC 1812 (section 4.3.2.7) and RFC 4443 (section 2.4)
 //! say: ICMP errors (never an error about an error), IPv4 fragments other than the
-//! first, packets to or from an address that is not unicast, and anything that is not a
-//! well-formed IP packet. An IPv4 packet without "don't fragment" may be fragmented on
-//! its way, which the tunnel does not do: it gets no answer either, and is dropped.
+//! first, packets from an address that names no single host (unspecified, loopback,
+//! multicast, broadcast, IPv4's reserved 240/4), and anything that is not a well-formed
+//! IP packet. Packets to a multicast address get none either, although RFC 4443 asks
+//! for a "packet too big" there: the answer's source would be that group, which no
+//! packet may carry. An IPv4 packet without "don't fragment" may be fragmented on its
+//! way, which the tunnel does not do: it gets no answer, and is dropped. Nor does an IPv6
+//! packet when the room is below IPv6's minimum MTU (1 280): RFC 8201 has the sender keep
+//! sending 1 280-byte packets whatever the answer says, so it would change nothing.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -61,9 +66,13 @@ pub enum NoAnswer {
     /// An ICMP or ICMPv6 error message.
     #[error("an ICMP error")]
     IcmpError,
-    /// From or to an address that is not unicast (unspecified, multicast, broadcast).
+    /// From or to an address that names no single host (see the module's doc).
     #[error("source or destination not unicast")]
     NotUnicast,
+    /// An IPv6 packet, and a room below IPv6's minimum MTU (1 280): the sender would not
+    /// go below 1 280 (RFC 8201), so an answer changes nothing.
+    #[error("room below IPv6's minimum MTU")]
+    BelowIpv6Minimum,
 }
 
 impl NoAnswer {
@@ -75,6 +84,7 @@ impl NoAnswer {
             NoAnswer::LaterFragment => "later_fragment",
             NoAnswer::IcmpError => "icmp_error",
             NoAnswer::NotUnicast => "not_unicast",
+            NoAnswer::BelowIpv6Minimum => "below_ipv6_minimum",
         }
     }
 }
@@ -86,14 +96,50 @@ impl NoAnswer {
 /// Whether the packet is in fact larger than `mtu` is the caller's to know.
 pub fn too_big(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer> {
     out.clear();
+    match answerable(packet, mtu)? {
+        Invoking::V4 {
+            source,
+            destination,
+        } => build_v4(packet, source, destination, mtu, out),
+        Invoking::V6 {
+            source,
+            destination,
+        } => build_v6(packet, source, destination, mtu, out),
+    }
+    Ok(())
+}
+
+/// The addresses of a packet that gets an answer (see [`answerable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invoking {
+    /// An IPv4 packet's source and destination.
+    V4 {
+        /// Its source.
+        source: Ipv4Addr,
+        /// Its destination.
+        destination: Ipv4Addr,
+    },
+    /// An IPv6 packet's source and destination.
+    V6 {
+        /// Its source.
+        source: Ipv6Addr,
+        /// Its destination.
+        destination: Ipv6Addr,
+    },
+}
+
+/// Whether [`too_big`] answers `packet` for a room of `mtu` bytes, and if so the
+/// addresses it answers between; checks only, builds nothing (a caller on a budget
+/// checks before it spends).
+pub fn answerable(packet: &[u8], mtu: u16) -> Result<Invoking, NoAnswer> {
     match packet.first().map(|b| b >> 4) {
-        Some(4) => too_big_v4(packet, mtu, out),
-        Some(6) => too_big_v6(packet, mtu, out),
+        Some(4) => answerable_v4(packet),
+        Some(6) => answerable_v6(packet, mtu),
         _ => Err(NoAnswer::Malformed),
     }
 }
 
-fn too_big_v4(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer> {
+fn answerable_v4(packet: &[u8]) -> Result<Invoking, NoAnswer> {
     let header_len = usize::from(packet[0] & 0x0f) * 4;
     let total = packet
         .get(2..4)
@@ -119,6 +165,13 @@ fn too_big_v4(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer
     if fragment & IPV4_DONT_FRAGMENT == 0 {
         return Err(NoAnswer::MayFragment);
     }
+    Ok(Invoking::V4 {
+        source,
+        destination,
+    })
+}
+
+fn build_v4(packet: &[u8], source: Ipv4Addr, destination: Ipv4Addr, mtu: u16, out: &mut Vec<u8>) {
     let quote = &packet[..packet.len().min(IPV4_ERROR_MAX - 28)];
     let total = 28 + quote.len();
     out.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, HOP_LIMIT, PROTO_ICMP, 0, 0]);
@@ -133,10 +186,9 @@ fn too_big_v4(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer
     out.extend_from_slice(quote);
     let icmp_sum = internet_checksum_of(&[&out[20..]]);
     out[22..24].copy_from_slice(&icmp_sum.to_be_bytes());
-    Ok(())
 }
 
-fn too_big_v6(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer> {
+fn answerable_v6(packet: &[u8], mtu: u16) -> Result<Invoking, NoAnswer> {
     let payload = packet
         .get(4..6)
         .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
@@ -144,7 +196,8 @@ fn too_big_v6(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer
         return Err(NoAnswer::Malformed);
     }
     // Only an ICMPv6 message right after the fixed header is recognised as an error; one
-    // behind extension headers is answered (RFC 4443 asks for no more than this check).
+    // behind extension headers is answered (RFC 4443 makes no such exception; an error
+    // is at most 1 280 bytes, so only a room below that meets one).
     if packet[6] == PROTO_ICMPV6 {
         let kind = *packet.get(40).ok_or(NoAnswer::Malformed)?;
         if kind < 128 {
@@ -156,6 +209,16 @@ fn too_big_v6(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer
     if !unicast(IpAddr::V6(source)) || !unicast(IpAddr::V6(destination)) {
         return Err(NoAnswer::NotUnicast);
     }
+    if usize::from(mtu) < IPV6_ERROR_MAX {
+        return Err(NoAnswer::BelowIpv6Minimum);
+    }
+    Ok(Invoking::V6 {
+        source,
+        destination,
+    })
+}
+
+fn build_v6(packet: &[u8], source: Ipv6Addr, destination: Ipv6Addr, mtu: u16, out: &mut Vec<u8>) {
     let quote = &packet[..packet.len().min(IPV6_ERROR_MAX - 48)];
     let length = (8 + quote.len()) as u16;
     out.extend_from_slice(&[0x60, 0, 0, 0]);
@@ -175,7 +238,6 @@ fn too_big_v6(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Result<(), NoAnswer
         &out[40..],
     ]);
     out[42..44].copy_from_slice(&sum.to_be_bytes());
-    Ok(())
 }
 
 /// ICMP types that report an error about another packet (RFC 1812 section 4.3.2.7: none
@@ -184,11 +246,14 @@ fn is_icmpv4_error(kind: u8) -> bool {
     matches!(kind, 3 | 4 | 5 | 11 | 12)
 }
 
-/// Whether `addr` names one host: not unspecified, multicast or the broadcast address.
+/// Whether `addr` names one host elsewhere: not unspecified, loopback, multicast, the
+/// broadcast address or IPv4's reserved 240/4 (RFC 1812 section 4.3.2.7).
 fn unicast(addr: IpAddr) -> bool {
     match addr {
-        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
-        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.octets()[0] >= 240)
+        }
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
     }
 }
 
@@ -333,6 +398,15 @@ mod tests {
             assert_eq!(too_big(&packet, 1_400, &mut out), Err(why));
             assert!(out.is_empty());
         }
+        // A loopback source; an IPv6 room below 1 280.
+        let mut looped = v4(1_420, IPV4_DONT_FRAGMENT, 6);
+        looped[12..16].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(too_big(&looped, 1_400, &mut out), Err(NoAnswer::NotUnicast));
+        assert_eq!(
+            too_big(&v6(1_420, 6, 0), 1_279, &mut out),
+            Err(NoAnswer::BelowIpv6Minimum)
+        );
+        assert_eq!(too_big(&v6(1_420, 6, 0), 1_280, &mut out), Ok(()));
         // Echo requests are not errors: they are answered.
         let mut ping = v4(1_420, IPV4_DONT_FRAGMENT, PROTO_ICMP);
         ping[20] = 8;
@@ -375,22 +449,35 @@ mod tests {
             if let Some(first) = packet.first_mut() {
                 *first = version;
             }
-            // Make the length field agree often enough to reach the builders.
+            // Make the length field agree, and an IPv4 packet a first fragment with DF,
+            // often enough to reach the builders.
             let len = packet.len();
             if len >= 40 && version == 0x60 {
                 packet[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
             } else if len >= 20 && version == 0x45 {
                 packet[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                packet[6..8].copy_from_slice(&IPV4_DONT_FRAGMENT.to_be_bytes());
             }
             let mut out = Vec::new();
-            if too_big(&packet, mtu, &mut out).is_ok() {
-                if version == 0x45 {
-                    prop_assert!(out.len() <= IPV4_ERROR_MAX);
-                    prop_assert_eq!(internet_checksum_of(&[&out[..20]]), 0);
-                    prop_assert_eq!(internet_checksum_of(&[&out[20..]]), 0);
-                } else {
-                    prop_assert!(out.len() <= IPV6_ERROR_MAX);
-                    prop_assert_eq!(usize::from(u16::from_be_bytes([out[4], out[5]])) + 40, out.len());
+            let answered = too_big(&packet, mtu, &mut out);
+            prop_assert_eq!(answered.is_ok(), answerable(&packet, mtu).is_ok());
+            if answered.is_ok() {
+                match out[0] >> 4 {
+                    4 => {
+                        prop_assert!(out.len() <= IPV4_ERROR_MAX);
+                        prop_assert_eq!(internet_checksum_of(&[&out[..20]]), 0);
+                        prop_assert_eq!(internet_checksum_of(&[&out[20..]]), 0);
+                    }
+                    6 => {
+                        prop_assert!(out.len() <= IPV6_ERROR_MAX);
+                        let length = u16::from_be_bytes([out[4], out[5]]);
+                        prop_assert_eq!(usize::from(length) + 40, out.len());
+                        let upper = u32::from(length).to_be_bytes();
+                        let pseudo = [0, 0, 0, PROTO_ICMPV6];
+                        let sum = internet_checksum_of(&[&out[8..40], &upper, &pseudo, &out[40..]]);
+                        prop_assert_eq!(sum, 0);
+                    }
+                    other => prop_assert!(false, "answer of version {}", other),
                 }
             }
         }

@@ -1539,35 +1539,56 @@ fn packets_too_large_for_a_quic_path_are_answered_with_icmp_and_tcp_adapts() {
     lab.tunnel_mtu = Some(1_420);
     lab.tunnel_families = (true, true);
     lab.client_routes = "networks = [\"10.202.0.0/24\", \"fd02::/64\"]\n".into();
+    lab.client_metrics = CLIENT_METRICS.into();
     connect(&mut lab, FAST_POLICY, "exit");
-    // The server's transfers first, IPv4 and IPv6: once the client's host has learned the
-    // path's size to the server (below), it offers the server a smaller segment size,
-    // and the gateway would have nothing to answer.
+    // The server's transfers first, IPv4 then IPv6, each answered by the gateway: once
+    // the client's host has learned the path's size to the server (below), it offers
+    // the server a smaller segment size, and the gateway would have nothing to answer.
     let bytes = transfer_bytes();
     let mut down = Vec::new();
+    let mut answered = 0.0;
     for (name, listen) in [
         ("down4", format!("{CLIENT_TUNNEL}:5202")),
         ("down6", format!("[{CLIENT_TUNNEL6}]:5203")),
     ] {
         start_transfer_between(&mut lab, name, ("s", "c"), &listen, bytes, None);
         down.push(await_transfer(&mut lab, name, bytes));
+        let now = icmp_answers(&gateway_metrics(&lab));
+        assert!(now > answered, "the gateway answered none for {name}");
+        answered = now;
     }
-    let answered = metric(
-        &gateway_metrics(&lab),
-        "jvpn_icmp_too_big_total{outcome=\"sent\"}",
-    );
-    assert!(answered >= 2.0, "the gateway answered {answered} times");
+    // The client's transfer, answered by the client; to the gateway's own address: the
+    // server has learned the path's size to the client by now and would offer it
+    // smaller segments.
+    let to_gateway = format!("{}:5204", netlab::GATEWAY_TUNNEL);
+    start_transfer_between(&mut lab, "up", ("c", "g"), &to_gateway, bytes, None);
+    let up = await_transfer(&mut lab, "up", bytes);
+    let client_answered = icmp_answers(&client_metrics(&lab));
+    assert!(client_answered >= 1.0, "the client answered none");
     // Pings of the tunnel's full size that may not be fragmented: answered, not lost.
     let answers = [
         too_big_answer(&lab, SERVER, 1_392, 1_402),
         too_big_answer(&lab, SERVER6, 1_372, 1_402),
     ];
-    let up = transfer(&mut lab, bytes, None);
     eprintln!(
-        "TRANSPORT quic with tunnel MTU 1 420: {bytes} B down (IPv4, IPv6) at {:.0} and {:.0} Mbit/s, then up at {up:.0} Mbit/s (every byte checked); the gateway sent {answered} answers; pings answered: {answers:?}",
+        "TRANSPORT quic with tunnel MTU 1 420: {bytes} B down (IPv4, IPv6) at {:.0} and {:.0} Mbit/s, then up at {up:.0} Mbit/s (every byte checked); answers sent: gateway {answered}, client {client_answered}; pings: {answers:?}",
         down[0], down[1]
     );
     finish(lab);
+}
+
+/// Where the client serves its metrics in the tests that read them.
+const CLIENT_METRICS: &str = "127.0.0.1:9478";
+
+/// The client's metrics page (served on [`CLIENT_METRICS`]).
+fn client_metrics(lab: &Lab) -> String {
+    lab.exec_ok(&lab.ns("c"), &[tool(), "fetch", "--addr", CLIENT_METRICS])
+        .expect("client metrics page")
+}
+
+/// The ICMP "too big" answers a metrics page counts as sent.
+fn icmp_answers(page: &str) -> f64 {
+    metric(page, "jvpn_icmp_too_big_total{outcome=\"sent\"}")
 }
 
 /// A UDP path whose link narrows, under a transfer, below the tunnel's full-size
@@ -1583,28 +1604,32 @@ fn packets_too_large_for_a_udp_path_are_answered_with_icmp_and_tcp_adapts() {
     let endpoint = format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT);
     lab.gateway_listen = vec![endpoint.clone()];
     lab.client_candidates = vec![endpoint];
+    lab.client_metrics = CLIENT_METRICS.into();
     connect(&mut lab, FAST_POLICY, "exit");
-    // The server's transfer first (once the client's host has learned the path's size
-    // to the server, it offers the server smaller segments): the link narrows under it,
-    // while the gateway sends it to the client in batches of full-size datagrams.
+    // The server's transfer first: the link narrows under it, while the gateway sends
+    // it to the client in batches of full-size datagrams.
     let bytes = transfer_bytes().max(32_000_000);
     let listen = format!("{CLIENT_TUNNEL}:5202");
     start_transfer_between(&mut lab, "down", ("s", "c"), &listen, bytes, None);
     std::thread::sleep(Duration::from_millis(500));
     set_path_a_mtu(&lab, 1_420);
     let down = await_transfer(&mut lab, "down", bytes);
-    let up = transfer(&mut lab, bytes, None);
     let page = gateway_metrics(&lab);
-    let answered = metric(&page, "jvpn_icmp_too_big_total{outcome=\"sent\"}");
-    assert!(answered >= 1.0, "the gateway answered {answered} times");
+    let answered = icmp_answers(&page);
+    assert!(answered >= 1.0, "the gateway answered none");
     // Refused as too big, never taken for a failing path.
     let failed = metric(&page, "jvpn_packets_dropped_total{reason=\"send_failed\"}");
     assert_eq!(failed, 0.0, "{page}");
-    let client = lab.status("client").expect("client status");
+    // The client's transfer, to the gateway's own address: the server has learned the
+    // path's size to the client by now and would offer it smaller segments.
+    let to_gateway = format!("{}:5203", netlab::GATEWAY_TUNNEL);
+    start_transfer_between(&mut lab, "up", ("c", "g"), &to_gateway, bytes, None);
+    let up = await_transfer(&mut lab, "up", bytes);
+    let client_answered = icmp_answers(&client_metrics(&lab));
+    assert!(client_answered >= 1.0, "the client answered none");
     let answer = too_big_answer(&lab, SERVER, 1_352, 1_356);
     eprintln!(
-        "TRANSPORT udp, link narrowed to 1 420 bytes: {bytes} B up at {up:.0} Mbit/s, down at {down:.0} Mbit/s (every byte checked; the gateway sent {answered} answers); {answer:?}; client {}",
-        client["state"]
+        "TRANSPORT udp, link narrowed to 1 420 bytes: {bytes} B down at {down:.0} Mbit/s, up at {up:.0} Mbit/s (every byte checked); answers sent: gateway {answered}, client {client_answered}; {answer:?}"
     );
     finish(lab);
 }
