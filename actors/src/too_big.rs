@@ -3,9 +3,8 @@
 //! fits, in a packet written into the TUN device. What the path carries is a QUIC
 //! connection's datagram room, or over UDP what the kernel said of the path the last
 //! time it refused a datagram as too big (kept for [`LEARNED_FOR`]); TCP carries any
-//! packet. Answers are
-//! budgeted per session: a sender that ignores them costs a few a second, not one per
-//! packet.
+//! packet. Answers are budgeted per session: a sender that ignores them costs a few a
+//! second, not one per packet.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
