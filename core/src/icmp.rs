@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 
-use crate::offload::internet_checksum_of;
+use crate::offload::{internet_checksum, internet_checksum_of};
 
 /// An IPv4 ICMP error is at most this long, the quoted packet included (RFC 1812).
 const IPV4_ERROR_MAX: usize = 576;
@@ -179,12 +179,12 @@ fn build_v4(packet: &[u8], source: Ipv4Addr, destination: Ipv4Addr, mtu: u16, ou
     out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     out.extend_from_slice(&destination.octets());
     out.extend_from_slice(&source.octets());
-    let header_sum = internet_checksum_of(&[&out[..20]]);
+    let header_sum = internet_checksum(&out[..20]);
     out[10..12].copy_from_slice(&header_sum.to_be_bytes());
     out.extend_from_slice(&[ICMP_UNREACHABLE, ICMP_FRAGMENTATION_NEEDED, 0, 0, 0, 0]);
     out.extend_from_slice(&mtu.to_be_bytes());
     out.extend_from_slice(quote);
-    let icmp_sum = internet_checksum_of(&[&out[20..]]);
+    let icmp_sum = internet_checksum(&out[20..]);
     out[22..24].copy_from_slice(&icmp_sum.to_be_bytes());
 }
 
@@ -312,10 +312,10 @@ mod tests {
             "from the packet's destination"
         );
         assert_eq!(&out[16..20], &[10, 0, 0, 2], "to its source");
-        assert_eq!(internet_checksum_of(&[&out[..20]]), 0, "header checksum");
+        assert_eq!(internet_checksum(&out[..20]), 0, "header checksum");
         assert_eq!((out[20], out[21]), (3, 4));
         assert_eq!(u16::from_be_bytes([out[26], out[27]]), 1_402);
-        assert_eq!(internet_checksum_of(&[&out[20..]]), 0, "ICMP checksum");
+        assert_eq!(internet_checksum(&out[20..]), 0, "ICMP checksum");
         assert_eq!(&out[28..], &packet[..548], "the quote");
     }
 
@@ -326,7 +326,7 @@ mod tests {
         too_big(&packet, 68, &mut out).expect("answered");
         assert_eq!(out.len(), 128);
         assert_eq!(&out[28..], &packet[..]);
-        assert_eq!(internet_checksum_of(&[&out[20..]]), 0);
+        assert_eq!(internet_checksum(&out[20..]), 0);
     }
 
     #[test]
@@ -465,8 +465,8 @@ mod tests {
                 match out[0] >> 4 {
                     4 => {
                         prop_assert!(out.len() <= IPV4_ERROR_MAX);
-                        prop_assert_eq!(internet_checksum_of(&[&out[..20]]), 0);
-                        prop_assert_eq!(internet_checksum_of(&[&out[20..]]), 0);
+                        prop_assert_eq!(internet_checksum(&out[..20]), 0);
+                        prop_assert_eq!(internet_checksum(&out[20..]), 0);
                     }
                     6 => {
                         prop_assert!(out.len() <= IPV6_ERROR_MAX);

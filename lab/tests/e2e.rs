@@ -1385,9 +1385,7 @@ fn each_transport_kind_alone_is_a_plain_vpn() {
         ("e18", "tcp", TCP_PORT),
     ] {
         let Some(mut lab) = lab(tag) else { return };
-        let endpoint = format!("{kind}://{}:{port}", netlab::GATEWAY_A);
-        lab.gateway_listen = vec![endpoint.clone()];
-        lab.client_candidates = vec![endpoint];
+        serve_only(&mut lab, format!("{kind}://{}:{port}", netlab::GATEWAY_A));
         connect(&mut lab, FAST_POLICY, "exit");
         let gw = lab.status("gw").expect("gateway status");
         let bound = gw["sessions"][0]["active_transport"]
@@ -1420,9 +1418,10 @@ fn each_transport_kind_alone_is_a_plain_vpn() {
 fn a_quic_session_keeps_carrying_full_size_packets_after_heavy_loss() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e24") else { return };
-    let endpoint = format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A);
-    lab.gateway_listen = vec![endpoint.clone()];
-    lab.client_candidates = vec![endpoint];
+    serve_only(
+        &mut lab,
+        format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A),
+    );
     connect(&mut lab, FAST_POLICY, "exit");
     // Enough that the loss lasts its whole time (a few Mbit/s get through it).
     let bytes = 16_000_000;
@@ -1466,6 +1465,12 @@ fn full_size_pings(lab: &Lab) -> u32 {
     full
 }
 
+/// The gateway listens on `endpoint` alone, and the client has it as its only candidate.
+fn serve_only(lab: &mut Lab, endpoint: String) {
+    lab.gateway_listen = vec![endpoint.clone()];
+    lab.client_candidates = vec![endpoint];
+}
+
 /// Sets the MTU of path A's link, both ends.
 fn set_path_a_mtu(lab: &Lab, mtu: u16) {
     let mtu = mtu.to_string();
@@ -1501,9 +1506,10 @@ fn carries_full_size_packets(mut lab: Lab, what: &str) {
 fn a_quic_session_connects_and_carries_full_size_packets_on_a_pppoe_sized_path() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e25") else { return };
-    let endpoint = format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A);
-    lab.gateway_listen = vec![endpoint.clone()];
-    lab.client_candidates = vec![endpoint];
+    serve_only(
+        &mut lab,
+        format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A),
+    );
     set_path_a_mtu(&lab, 1_492);
     carries_full_size_packets(lab, "quic over a 1 492-byte path");
 }
@@ -1533,9 +1539,10 @@ fn a_quic_listener_on_the_ipv6_wildcard_carries_full_size_packets_to_an_ipv4_cli
 fn packets_too_large_for_a_quic_path_are_answered_with_icmp_and_tcp_adapts() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e28") else { return };
-    let endpoint = format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A);
-    lab.gateway_listen = vec![endpoint.clone()];
-    lab.client_candidates = vec![endpoint];
+    serve_only(
+        &mut lab,
+        format!("quic://{}:{QUIC_PORT}", netlab::GATEWAY_A),
+    );
     lab.tunnel_mtu = Some(1_420);
     lab.tunnel_families = (true, true);
     lab.client_routes = "networks = [\"10.202.0.0/24\", \"fd02::/64\"]\n".into();
@@ -1601,9 +1608,10 @@ fn icmp_answers(page: &str) -> f64 {
 fn packets_too_large_for_a_udp_path_are_answered_with_icmp_and_tcp_adapts() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e29") else { return };
-    let endpoint = format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT);
-    lab.gateway_listen = vec![endpoint.clone()];
-    lab.client_candidates = vec![endpoint];
+    serve_only(
+        &mut lab,
+        format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT),
+    );
     lab.client_metrics = CLIENT_METRICS.into();
     connect(&mut lab, FAST_POLICY, "exit");
     // The server's transfer first: the link narrows under it, while the gateway sends
@@ -1669,9 +1677,7 @@ fn too_big_answer(lab: &Lab, to: &str, size: u32, mtu: u32) -> String {
 fn a_quic_session_over_an_ipv6_path_carries_full_size_packets() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e27") else { return };
-    let endpoint = format!("quic://[{GATEWAY_A6}]:{QUIC_PORT}");
-    lab.gateway_listen = vec![endpoint.clone()];
-    lab.client_candidates = vec![endpoint];
+    serve_only(&mut lab, format!("quic://[{GATEWAY_A6}]:{QUIC_PORT}"));
     carries_full_size_packets(lab, "quic over IPv6");
 }
 
@@ -1799,9 +1805,7 @@ fn a_session_jumps_from_udp_to_quic_and_tcp_and_keeps_its_identity() {
 fn a_tcp_peer_that_stops_reading_does_not_grow_the_gateway() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e20") else { return };
-    let endpoint = format!("tcp://{}:{TCP_PORT}", netlab::GATEWAY_A);
-    lab.gateway_listen = vec![endpoint.clone()];
-    lab.client_candidates = vec![endpoint];
+    serve_only(&mut lab, format!("tcp://{}:{TCP_PORT}", netlab::GATEWAY_A));
     // A policy that tolerates the freeze (no heartbeat-driven end within it).
     let patient = "[policy.session]\ntransport_lost_ttl_ms = 60000\n";
     let id = connect(&mut lab, patient, "exit");
