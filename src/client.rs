@@ -111,7 +111,7 @@ async fn serve(
             protocol: setup.protocol,
         })
         .collect();
-    let client = Client::new(
+    let mut client = Client::new(
         ClientConfig {
             ciphers: jvpn_core::crypto::CipherSet::this_machine(),
             keypair: setup.keypair.clone(),
@@ -121,6 +121,10 @@ async fn serve(
         },
         service::wall_clock(),
     );
+    // The UDP paths are searched for the size they carry (a hop narrower than the first
+    // link drops full-size datagrams silently otherwise): spec/runtime.md.
+    let largest = usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD;
+    client.search_path_mtu(u16::try_from(largest).unwrap_or(u16::MAX));
     let reporter = Reporter::new(
         service::wall_clock(),
         NodeId("client".into()),

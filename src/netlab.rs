@@ -241,6 +241,11 @@ impl Lab {
         format!("jv{}c{}", self.tag, path.letter())
     }
 
+    /// The gateway-side interface of `path`.
+    pub fn gateway_link(&self, path: Path2) -> String {
+        format!("jv{}g{}", self.tag, path.letter())
+    }
+
     /// Creates the namespace `ns` (replacing a stale one of that name) with its
     /// loopback up; it is deleted with the lab.
     pub fn add_namespace(&mut self, ns: &str) -> Result<()> {

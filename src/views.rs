@@ -80,6 +80,7 @@ pub fn client(view: &AgentView) -> Value {
         "state_version": view.state_version,
         "tunnel_addresses": addresses(s.tunnel),
         "active_transport": s.active.map(|t| t.0),
+        "path_room": s.path_room,
         "cipher": s.cipher.map(|c| c.name()),
         "sessions_established": s.sessions,
         "last_end": s.last_end.map(|r| r.as_str()),
@@ -214,6 +215,12 @@ pub fn render_at(v: &Value, now_ms: u64) -> String {
             );
             let _ = writeln!(out, "  tunnel: {}", text(&v["tunnel_addresses"]));
             let _ = writeln!(out, "  active transport: {}", text(&v["active_transport"]));
+            if let Some(room) = v["path_room"].as_u64() {
+                let _ = writeln!(
+                    out,
+                    "  its path carries tunnel packets of up to {room} bytes (size probes)"
+                );
+            }
             let _ = writeln!(out, "  cipher: {}", text(&v["cipher"]));
             let _ = writeln!(
                 out,
@@ -278,7 +285,8 @@ mod tests {
         let answer = json!({
             "ok": true, "role": "client", "session_id": "00000000000000aa",
             "state": "ATTACHED", "state_version": 4, "tunnel_addresses": ["10.77.0.2/24"],
-            "active_transport": 1, "cipher": "aes-256-gcm", "rx_bytes": 1, "tx_bytes": 2,
+            "active_transport": 1, "path_room": 1332, "cipher": "aes-256-gcm",
+            "rx_bytes": 1, "tx_bytes": 2,
             "last_reattach_ms": 312.0, "sessions_established": 1,
             "candidates": [{"id": 1, "gateway": "192.0.2.1:51820", "active": true,
                 "loss_ratio": 0.0, "samples": 10, "srtt_ms": 0.8, "rtt_p95_ms": 1.2,
@@ -291,6 +299,10 @@ mod tests {
         assert!(text.contains("heard 120 ms ago"), "{text}");
         assert!(text.contains("last reattach took: 312 ms"), "{text}");
         assert!(text.contains("cipher: aes-256-gcm"), "{text}");
+        assert!(
+            text.contains("tunnel packets of up to 1332 bytes"),
+            "{text}"
+        );
         assert!(!text.contains(&now.to_string()), "{text}");
     }
 }

@@ -65,6 +65,9 @@ pub struct AgentStatus {
     pub cipher: Option<jvpn_core::crypto::Cipher>,
     /// The transport in use.
     pub active: Option<TransportId>,
+    /// The largest tunnel packet the active transport's path carries, when its size
+    /// probes found it narrower than the tunnel makes (`jvpn_core::pmtu`).
+    pub path_room: Option<usize>,
     /// Sessions established so far (a reconnect makes it 2, ...).
     pub sessions: u32,
     /// Why the last session ended, if one did.
@@ -321,6 +324,7 @@ impl ClientAgent {
             tunnel: None,
             cipher: None,
             active: None,
+            path_room: None,
             sessions: 0,
             last_end: None,
             last_reattach: None,
@@ -500,12 +504,14 @@ impl ClientAgent {
 
     fn status(&self) -> AgentStatus {
         let control = self.client.control();
+        let active = control.and_then(|c| c.active()).map(|t| t.id);
         AgentStatus {
             state: self.client.state(),
             session_id: self.client.session_id(),
             tunnel: self.client.tunnel(),
             cipher: self.client.cipher(),
-            active: control.and_then(|c| c.active()).map(|t| t.id),
+            active,
+            path_room: active.and_then(|id| self.client.path_room(id)),
             sessions: self.sessions,
             last_end: self.last_end,
             last_reattach: self.last_reattach,
@@ -738,11 +744,11 @@ impl StreamHandler<TunRead> for ClientAgent {
             return;
         };
         let now = Instant::now();
-        let room = self
-            .client
-            .active_transport()
-            .and_then(|id| self.transport(id))
-            .and_then(|(_, gateway, _, handle)| self.too_big.room(handle, *gateway, now));
+        let room = self.client.active_transport().and_then(|id| {
+            let (_, gateway, _, handle) = self.transport(id)?;
+            let probed = self.client.path_room(id);
+            self.too_big.room(handle, *gateway, probed, now)
+        });
         Batch::with_scratch(|batch| {
             // Every packet goes to the active transport, which cannot change while this
             // read is handled.

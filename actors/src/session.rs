@@ -376,12 +376,11 @@ impl Handler<FromTunnel> for SessionActor {
     fn handle(&mut self, msg: FromTunnel, ctx: &mut Context<Self>) {
         let _measure = Handling::start(ActorKind::Session);
         let now = Instant::now();
-        let room = self
-            .session
-            .as_ref()
-            .and_then(|s| s.binding())
-            .and_then(|to| Some((to, transport_for(&self.paths, to)?)))
-            .and_then(|(to, via)| self.too_big.room(via, to.addr, now));
+        let room = self.session.as_ref().and_then(|s| {
+            let to = s.binding()?;
+            let via = transport_for(&self.paths, to)?;
+            self.too_big.room(via, to.addr, s.path_room(to), now)
+        });
         Batch::with_scratch(|batch| {
             let mut to: Option<Endpoint> = None;
             for packet in &msg.0 {

@@ -1,9 +1,10 @@
 //! The runtime's half of ICMP "too big" (`jvpn_core::icmp`): a tunnel packet larger than
 //! its session's path carries now is dropped, and its sender is told the size that
 //! fits, in a packet written into the TUN device. What the path carries is a QUIC
-//! connection's datagram room, or over UDP what the kernel said of the path the last
-//! time it refused a datagram as too big (kept for [`LEARNED_FOR`]); TCP carries any
-//! packet. Answers are budgeted per session: a sender that ignores them costs a few a
+//! connection's datagram room, or over UDP the smaller of what the kernel said of the
+//! path the last time it refused a datagram as too big (kept for [`LEARNED_FOR`]) and
+//! what the session's size probes found (`jvpn_core::pmtu`: a narrower hop beyond the
+//! first link, which the kernel does not tell); TCP carries any packet. Answers are budgeted per session: a sender that ignores them costs a few a
 //! second, not one per packet.
 
 use std::net::SocketAddr;
@@ -38,19 +39,31 @@ pub struct TooBig {
 
 impl TooBig {
     /// The largest tunnel packet `via` carries to `to` now, if it names a limit: a QUIC
-    /// connection's room, or what the kernel said of this UDP path in the last
-    /// [`LEARNED_FOR`]. TCP names none.
-    pub fn room(&self, via: &TransportHandle, to: SocketAddr, now: Instant) -> Option<usize> {
+    /// connection's room; over UDP the smaller of what the kernel said of this path in
+    /// the last [`LEARNED_FOR`] and `probed`, the room the session's size probes found.
+    /// TCP names none.
+    pub fn room(
+        &self,
+        via: &TransportHandle,
+        to: SocketAddr,
+        probed: Option<usize>,
+        now: Instant,
+    ) -> Option<usize> {
         if via.protocol() != Protocol::Udp {
             return via.packet_room();
         }
-        self.learned
+        let learned = self
+            .learned
             .filter(|&(local, peer, _, when)| {
                 local == via.local()
                     && peer == to
                     && now.saturating_duration_since(when) < LEARNED_FOR
             })
-            .map(|(_, _, room, _)| room)
+            .map(|(_, _, room, _)| room);
+        match (learned, probed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// After a send to `to` on `via` of which a datagram was refused as too big

@@ -21,13 +21,14 @@ use crate::crypto::{
 use crate::event::{EventBody, SessionEvent, TransportRef, WallClock};
 use crate::fsm::{State, TerminationCause};
 use crate::gateway::COOKIE_ROTATION;
-use crate::ids::{SessionId, StateVersion, TransportId};
+use crate::ids::{Protocol, SessionId, StateVersion, TransportId};
 use crate::mac::{Cookie, CookieKey, MacKey, SealedCookie};
+use crate::pmtu::{self, PathSearch};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::wire::{
     self, encode_initiation, Control, Datagram, InitPayload, PacketType, ReattachRequest,
-    RespPayload, Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN,
+    RespPayload, SizeProbe, Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN, OVERHEAD,
 };
 
 /// How long a handshake or rekey waits for its answer before it may be retried.
@@ -126,6 +127,10 @@ enum Pending {
         token: u64,
     },
     RekeyInit,
+    SizeProbe {
+        via: TransportId,
+        probe: pmtu::SizeProbe,
+    },
 }
 
 struct Probing {
@@ -149,6 +154,9 @@ struct Established {
     reattach: Option<Reattaching>,
     rekey: Option<(Initiation, Instant)>,
     keys_expired_reported: bool,
+    /// The path MTU search on the active transport, when it is UDP and a search was
+    /// asked for ([`Client::search_path_mtu`]).
+    path_search: Option<(TransportId, PathSearch)>,
 }
 
 /// A reattach in flight: the counters of the requests sent for it (an answer to any of
@@ -210,6 +218,9 @@ pub struct Client {
     last_timestamp: Timestamp,
     /// Events of a session that has ended, until drained.
     ended_events: VecDeque<SessionEvent>,
+    /// The largest datagram the tunnel makes, when the UDP path is to be searched for
+    /// the size it carries ([`Client::search_path_mtu`]).
+    search_largest: Option<u16>,
     out: Vec<u8>,
     inbuf: Vec<u8>,
 }
@@ -230,9 +241,26 @@ impl Client {
             phase: Phase::Idle { retry_at: None },
             last_timestamp: Timestamp::default(),
             ended_events: VecDeque::new(),
+            search_largest: None,
             out: Vec::new(),
             inbuf: Vec::new(),
         }
+    }
+
+    /// Searches each UDP path the session is bound to for the largest datagram it
+    /// carries both ways, up to `largest_datagram` (the tunnel MTU and
+    /// [`crate::wire::OVERHEAD`]), with size probes (`core::pmtu`); what is found is
+    /// [`Client::path_room`], and is told to the gateway. Without it no path is searched.
+    pub fn search_path_mtu(&mut self, largest_datagram: u16) {
+        self.search_largest = Some(largest_datagram);
+    }
+
+    /// The largest tunnel packet the path of `via` carries, when its search found it
+    /// narrower than the largest the tunnel makes; `None` names no limit.
+    pub fn path_room(&self, via: TransportId) -> Option<usize> {
+        let (id, search) = self.established()?.path_search.as_ref()?;
+        let limit = search.limit().filter(|_| *id == via)?;
+        Some(usize::from(limit).saturating_sub(OVERHEAD))
     }
 
     /// Starts (or retries) the handshake over `via`; returns the initiation to send.
@@ -544,6 +572,16 @@ impl Client {
                     push_pending(&mut e.pending, Pending::Probe(p.transport.id));
                 }
             }
+            follow_active_path(e, self.search_largest, now);
+            if let Some((via, search)) = e.path_search.as_mut() {
+                if let Some(probe) = search.poll(now) {
+                    // Only the newest probe is worth sending.
+                    let via = *via;
+                    e.pending
+                        .retain(|p| !matches!(p, Pending::SizeProbe { .. }));
+                    e.pending.push_back(Pending::SizeProbe { via, probe });
+                }
+            }
             let rekey_stale = e
                 .rekey
                 .as_ref()
@@ -594,6 +632,19 @@ impl Client {
                     .seal(&Control::PathResponse { token }, now, &mut self.out)
                     .ok()
                     .map(|_| via),
+                Pending::SizeProbe { via, probe } => {
+                    let limit = e
+                        .path_search
+                        .as_ref()
+                        .filter(|(id, _)| *id == via)
+                        .and_then(|(_, s)| s.limit())
+                        .unwrap_or(0);
+                    let probe = SizeProbe::of_size(probe.seq, limit, probe.size);
+                    e.channel
+                        .seal(&Control::SizeProbe(probe), now, &mut self.out)
+                        .ok()
+                        .map(|_| via)
+                }
                 Pending::RekeyInit => send_rekey(
                     e,
                     &self.config.keypair,
@@ -617,6 +668,7 @@ impl Client {
         match &self.phase {
             Phase::Established(e) => {
                 let probes = e.probing.iter().map(|p| p.next_at);
+                let search = e.path_search.as_ref().map(|(_, s)| s.next_deadline());
                 let rekey = e
                     .rekey
                     .as_ref()
@@ -627,6 +679,7 @@ impl Client {
                     .filter(|r| !r.challenged)
                     .map(|r| r.sent_at + REATTACH_RESEND);
                 probes
+                    .chain(search)
                     .chain(resend)
                     .chain(e.control.next_deadline())
                     .chain(std::iter::once(rekey))
@@ -804,7 +857,11 @@ impl Client {
             reattach: None,
             rekey: None,
             keys_expired_reported: false,
+            path_search: None,
         }));
+        if let Phase::Established(e) = &mut self.phase {
+            follow_active_path(e, self.search_largest, now);
+        }
         Handled::Consumed
     }
 
@@ -981,8 +1038,17 @@ fn handle_control(
             }
             Handled::Consumed
         }
+        Control::SizeProbeAck(ack) => {
+            if let Some((_, search)) = e.path_search.as_mut().filter(|(id, _)| *id == via) {
+                let size = usize::from(ack.padding) + OVERHEAD + SizeProbe::FIELDS_LEN;
+                let size = u16::try_from(size).unwrap_or(u16::MAX);
+                search.answered(ack.seq, size, now);
+            }
+            Handled::Consumed
+        }
         Control::Heartbeat { .. }
         | Control::Probe { .. }
+        | Control::SizeProbe(_)
         | Control::StandbyProbeAck { .. }
         | Control::ReattachRequest(_)
         | Control::PathResponse { .. }
@@ -1027,9 +1093,27 @@ fn collect_actions(e: &mut Established) {
     }
 }
 
+/// Keeps the path MTU search on the active transport: a new search when the session
+/// moved to another UDP transport (the path is another), none on QUIC (it searches its
+/// own) or TCP (a stream carries any packet), nor when no search was asked for.
+fn follow_active_path(e: &mut Established, largest: Option<u16>, now: Instant) {
+    let wanted = largest
+        .and(e.control.active())
+        .filter(|t| t.protocol == Protocol::Udp);
+    match (wanted, &e.path_search) {
+        (Some(active), Some((id, _))) if *id == active.id => {}
+        (Some(active), _) => {
+            let largest = largest.unwrap_or(0);
+            e.path_search = Some((active.id, PathSearch::new(largest, now)));
+        }
+        (None, _) => e.path_search = None,
+    }
+}
+
 /// Queues `p` unless an equal item is queued already. With one probe per transport, one
-/// reattach (newer ones replace older), one path response (likewise) and one rekey, the
-/// queue never holds more than the number of transports plus three.
+/// reattach (newer ones replace older), one path response (likewise), one size probe
+/// (likewise) and one rekey, the queue never holds more than the number of transports
+/// plus four.
 fn push_pending(queue: &mut VecDeque<Pending>, p: Pending) {
     if !queue.contains(&p) {
         queue.push_back(p);

@@ -44,6 +44,7 @@ mod keycache;
 pub mod mac;
 mod noise_suite;
 pub mod offload;
+pub mod pmtu;
 pub mod policy;
 pub mod reason;
 pub mod replay;

@@ -93,6 +93,11 @@ pub enum PacketType {
     /// session (spec/cluster.md): sealed under the session's keys with a nonce of its
     /// own (the counter field carries a random number), outside the replay window.
     StandbyProbeAck = 18,
+    /// The client asks whether its path carries datagrams of this one's size
+    /// (`core::pmtu`): padded to the size tried.
+    SizeProbe = 19,
+    /// The answer to a size probe, padded to the size of the probe received.
+    SizeProbeAck = 20,
 }
 
 impl PacketType {
@@ -118,6 +123,8 @@ impl PacketType {
             16 => P::PathResponse,
             17 => P::CookieReply,
             18 => P::StandbyProbeAck,
+            19 => P::SizeProbe,
+            20 => P::SizeProbeAck,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -144,6 +151,8 @@ impl PacketType {
             P::PathResponse => "path_response",
             P::CookieReply => "cookie_reply",
             P::StandbyProbeAck => "standby_probe_ack",
+            P::SizeProbe => "size_probe",
+            P::SizeProbeAck => "size_probe_ack",
         }
     }
 }
@@ -236,6 +245,10 @@ impl<'a> Reader<'a> {
 
     fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.take::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.take()?))
     }
 
     fn u32(&mut self) -> Result<u32, WireError> {
@@ -872,6 +885,39 @@ pub enum Control<'a> {
         /// The challenge's token.
         token: u64,
     },
+    /// Does the path carry datagrams of this one's size, both ways? (`core::pmtu`)
+    SizeProbe(SizeProbe),
+    /// The answer to a size probe, padded as the probe was.
+    SizeProbeAck(SizeProbe),
+}
+
+/// The contents of a size probe and of its answer (the answer echoes the probe's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeProbe {
+    /// Echoed by the answer.
+    pub seq: u64,
+    /// The largest datagram the client found its path to carry both ways, bytes, when
+    /// smaller than the largest it sends; 0 when it knows no such limit. The gateway
+    /// keeps it as the limit of its sends to the client at the address it came from.
+    pub limit: u16,
+    /// Zero bytes that follow, making the datagram the size probed.
+    pub padding: u16,
+}
+
+impl SizeProbe {
+    /// The bytes of a size probe's plaintext before its padding.
+    pub const FIELDS_LEN: usize = 10;
+
+    /// The probe of seq `seq` whose datagram is `size` bytes (or the smallest a probe
+    /// can be, if `size` is smaller).
+    pub fn of_size(seq: u64, limit: u16, size: u16) -> SizeProbe {
+        let padding = usize::from(size).saturating_sub(OVERHEAD + Self::FIELDS_LEN);
+        SizeProbe {
+            seq,
+            limit,
+            padding: u16::try_from(padding).unwrap_or(u16::MAX),
+        }
+    }
 }
 
 impl<'a> Control<'a> {
@@ -892,6 +938,8 @@ impl<'a> Control<'a> {
             Control::RekeyResp(_) => PacketType::RekeyResp,
             Control::PathChallenge { .. } => PacketType::PathChallenge,
             Control::PathResponse { .. } => PacketType::PathResponse,
+            Control::SizeProbe(_) => PacketType::SizeProbe,
+            Control::SizeProbeAck(_) => PacketType::SizeProbeAck,
         }
     }
 
@@ -941,6 +989,11 @@ impl<'a> Control<'a> {
                 out.extend_from_slice(&binding_version.0.to_be_bytes());
             }
             Control::Terminate { reason } => out.push(reason.wire_id()),
+            Control::SizeProbe(p) | Control::SizeProbeAck(p) => {
+                out.extend_from_slice(&p.seq.to_be_bytes());
+                out.extend_from_slice(&p.limit.to_be_bytes());
+                out.resize(out.len() + usize::from(p.padding), 0);
+            }
         }
     }
 
@@ -1014,6 +1067,37 @@ impl<'a> Control<'a> {
                 Reader::exact(bytes, NOISE_REKEY_RESP_LEN, "rekey response")?;
                 Control::RekeyResp(bytes)
             }
+            P::SizeProbe | P::SizeProbeAck => {
+                let what = if ptype == P::SizeProbe {
+                    "size probe"
+                } else {
+                    "size probe ack"
+                };
+                let (fields, padding) =
+                    bytes
+                        .split_at_checked(SizeProbe::FIELDS_LEN)
+                        .ok_or(WireError::TooShort {
+                            what,
+                            need: SizeProbe::FIELDS_LEN,
+                            got: bytes.len(),
+                        })?;
+                // Zero, as for reserved bytes: what decodes encodes back the same.
+                if padding.iter().any(|&b| b != 0) {
+                    return Err(WireError::NonZeroReserved);
+                }
+                let mut r = Reader::exact(fields, SizeProbe::FIELDS_LEN, what)?;
+                let probe = SizeProbe {
+                    seq: r.u64()?,
+                    limit: r.u16()?,
+                    padding: u16::try_from(padding.len())
+                        .map_err(|_| WireError::TooLong(bytes.len()))?,
+                };
+                if ptype == P::SizeProbe {
+                    Control::SizeProbe(probe)
+                } else {
+                    Control::SizeProbeAck(probe)
+                }
+            }
             P::HandshakeInit | P::HandshakeResp | P::SessionUnknown | P::CookieReply => {
                 return Err(WireError::UnexpectedType(ptype))
             }
@@ -1062,6 +1146,16 @@ mod tests {
             Control::RekeyResp(&REKEY_RESP),
             Control::PathChallenge { token: 0xfeed },
             Control::PathResponse { token: 0xfeed },
+            Control::SizeProbe(SizeProbe {
+                seq: 3,
+                limit: 0,
+                padding: 0,
+            }),
+            Control::SizeProbeAck(SizeProbe {
+                seq: 4,
+                limit: 1_416,
+                padding: 1_390,
+            }),
         ]
     }
 
@@ -1077,7 +1171,10 @@ mod tests {
     #[test]
     fn fixed_size_controls_refuse_a_byte_more_or_less() {
         for c in controls() {
-            if matches!(c, Control::Data(_)) {
+            if matches!(
+                c,
+                Control::Data(_) | Control::SizeProbe(_) | Control::SizeProbeAck(_)
+            ) {
                 continue;
             }
             let mut bytes = Vec::new();
@@ -1093,6 +1190,33 @@ mod tests {
                 "{c:?} - 1 byte"
             );
         }
+    }
+
+    #[test]
+    fn a_size_probe_is_padded_to_the_size_probed_and_needs_its_fields() {
+        let probe = SizeProbe::of_size(9, 1_400, 1_444);
+        let mut bytes = Vec::new();
+        Control::SizeProbe(probe).encode(&mut bytes);
+        assert_eq!(bytes.len() + OVERHEAD, 1_444);
+        assert!(bytes[SizeProbe::FIELDS_LEN..].iter().all(|&b| b == 0));
+        // Any padding decodes, as its length.
+        bytes.push(0);
+        assert_eq!(
+            Control::decode(PacketType::SizeProbeAck, &bytes),
+            Ok(Control::SizeProbeAck(SizeProbe {
+                padding: probe.padding + 1,
+                ..probe
+            }))
+        );
+        // Fewer bytes than the fields, or padding that is not zero: refused.
+        assert!(Control::decode(PacketType::SizeProbe, &bytes[..9]).is_err());
+        bytes.push(1);
+        assert_eq!(
+            Control::decode(PacketType::SizeProbe, &bytes),
+            Err(WireError::NonZeroReserved)
+        );
+        // A size below a probe's smallest makes the smallest.
+        assert_eq!(SizeProbe::of_size(1, 0, 10).padding, 0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use jvpn_core::reason::ReasonCode;
 use jvpn_core::store::{MemoryStore, SessionStore};
 use jvpn_core::wire::{
     encode_handshake, encode_initiation, parse, Control, Datagram, InitPayload, PacketType,
-    ReattachRequest, RespPayload, Timestamp, TunnelAddr, TunnelAddrs,
+    ReattachRequest, RespPayload, Timestamp, TunnelAddr, TunnelAddrs, OVERHEAD,
 };
 
 const UNIX_T0: u64 = 1_800_000_000_000;
@@ -108,6 +108,11 @@ struct World {
     standby_accepted: u32,
     /// Until when the client's reattach requests are lost on the way.
     lose_reattach_until: Option<Instant>,
+    /// The largest datagram each path carries (`None`: any); larger ones are lost, both
+    /// ways, with no word to either end.
+    narrow: [Option<usize>; 2],
+    /// The gateway predates size probes: it drops them as of an unknown type.
+    drops_size_probes: bool,
     /// A second node of the first one's cluster, reached on path 2 when present (see
     /// [`World::two_nodes`]).
     second: Option<SecondNode>,
@@ -192,6 +197,8 @@ impl World {
             config,
             standby_accepted: 0,
             lose_reattach_until: None,
+            narrow: [None, None],
+            drops_size_probes: false,
             second: None,
         }
     }
@@ -316,6 +323,12 @@ impl World {
         if self.lose_reattach_until.is_some_and(|t| self.now < t) && is_reattach(bytes) {
             return;
         }
+        if self.narrow[via as usize - 1].is_some_and(|n| bytes.len() > n) {
+            return;
+        }
+        if self.drops_size_probes && bytes.first() == Some(&(PacketType::SizeProbe as u8)) {
+            return;
+        }
         if via == 2 && self.second.is_some() {
             return self.second_node_receives(bytes);
         }
@@ -344,7 +357,9 @@ impl World {
     }
 
     fn gateway_send(&mut self, via: u32, bytes: &[u8]) {
-        if !self.up[via as usize - 1] {
+        if !self.up[via as usize - 1]
+            || self.narrow[via as usize - 1].is_some_and(|n| bytes.len() > n)
+        {
             return;
         }
         let now = self.now;
@@ -2097,4 +2112,61 @@ fn a_captured_reattach_request_takes_no_session_to_another_node() {
     // Against the record after the move: already accepted there.
     assert!(why(&mut w, &after).contains("accepted before"));
     assert!(w.gw.session(id).is_none(), "nothing built by a replay");
+}
+
+/// The largest datagram the tunnel makes in these tests (a tunnel MTU of 1 380).
+const LARGEST: u16 = 1_416;
+
+#[test]
+fn size_probes_find_a_narrow_path_both_ends_keep_it_and_a_jump_searches_anew() {
+    let mut w = World::new(Policy::default());
+    w.client.search_path_mtu(LARGEST);
+    // Path 1 carries datagrams of up to 1 300 bytes; path 2 any.
+    w.narrow = [Some(1_300), None];
+    let mut w = w.attached();
+    w.run_until_ms(20_000);
+    let room = w.client.path_room(TransportId(1)).expect("a limit found");
+    let most = 1_300 - OVERHEAD;
+    assert!(room <= most && room + 8 > most, "room {room}");
+    let id = w.session();
+    let at_gateway = w.gw.session(id).and_then(|s| s.path_room(endpoint(1)));
+    assert_eq!(
+        at_gateway,
+        Some(room),
+        "the gateway keeps what the client found"
+    );
+    // Path 1 dies: the session jumps to path 2, whose search finds no limit, and the
+    // gateway's limit, of the old path, does not follow the binding.
+    w.up[0] = false;
+    w.run_until_ms(40_000);
+    assert_eq!(w.gw_binding(), Some(endpoint(2)));
+    assert_eq!(w.client.path_room(TransportId(2)), None);
+    assert_eq!(
+        w.gw.session(id).and_then(|s| s.path_room(endpoint(2))),
+        None
+    );
+    let searched = w
+        .sent
+        .iter()
+        .filter(|(via, b)| *via == 2 && b.first() == Some(&(PacketType::SizeProbe as u8)))
+        .count();
+    assert!(searched >= 1, "path 2 was not searched");
+}
+
+#[test]
+fn a_gateway_that_drops_size_probes_leaves_the_path_without_a_limit_and_is_asked_rarely() {
+    let mut w = World::new(Policy::default());
+    w.client.search_path_mtu(LARGEST);
+    w.drops_size_probes = true;
+    let mut w = w.attached();
+    w.run_until_ms(120_000);
+    assert_eq!(w.client.path_room(TransportId(1)), None);
+    assert_eq!(w.client.state(), State::Attached);
+    let probes = w
+        .sent
+        .iter()
+        .filter(|(_, b)| b.first() == Some(&(PacketType::SizeProbe as u8)))
+        .count();
+    // The largest twice, the base twice, then nothing until the raise timer.
+    assert_eq!(probes, 4);
 }

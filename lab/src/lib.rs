@@ -86,6 +86,14 @@ pub trait LabTools {
     fn block(&self, protocol: &str, port: u16) -> Result<()>;
     /// Removes the rules of [`LabTools::block`].
     fn unblock(&self, protocol: &str, port: u16) -> Result<()>;
+    /// A hop narrower than the links of `path`, beyond them: every VPN datagram (UDP,
+    /// the gateway's `port`) whose IP packet is longer than `bytes` is dropped, both
+    /// ways, and no ICMP tells either end, as a router that filters ICMP would (a path
+    /// MTU black hole). Rules at the input of the client's and the gateway's namespaces:
+    /// neither kernel learns anything when it sends. The links then cut the senders'
+    /// UDP GSO batches into datagrams before they cross (as a router forwarding them
+    /// would), so that the rules see each datagram, not a batch.
+    fn narrow_beyond(&self, path: Path2, port: u16, bytes: u16) -> Result<()>;
 }
 
 /// The IP packet length above which [`LabTools::lossy_large`] drops.
@@ -273,6 +281,30 @@ impl LabTools for Lab {
             "table inet jvblock{protocol}{port} {{\n chain in {{ type filter hook input priority -10; {protocol} dport {port} drop\n }}\n chain out {{ type filter hook output priority -10; {protocol} sport {port} drop\n }}\n}}\n"
         );
         nft(self, &self.ns("g"), &script)
+    }
+
+    fn narrow_beyond(&self, path: Path2, port: u16, bytes: u16) -> Result<()> {
+        for (role, link) in [
+            ("c", self.client_link(path)),
+            ("g", self.gateway_link(path)),
+        ] {
+            self.exec_ok(
+                &self.ns(role),
+                &["ip", "link", "set", "dev", &link, "gso_max_segs", "1"],
+            )?;
+        }
+        let gw = path.gateway();
+        let table = format!("jvnarrow{}", path.letter());
+        for (role, matching) in [
+            ("g", format!("udp dport {port} ip daddr {gw}")),
+            ("c", format!("udp sport {port} ip saddr {gw}")),
+        ] {
+            let script = format!(
+                "table inet {table} {{\n chain in {{ type filter hook input priority -10; {matching} meta length > {bytes} drop\n }}\n}}\n"
+            );
+            nft(self, &self.ns(role), &script)?;
+        }
+        Ok(())
     }
 
     fn unblock(&self, protocol: &str, port: u16) -> Result<()> {

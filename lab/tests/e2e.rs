@@ -1474,8 +1474,10 @@ fn serve_only(lab: &mut Lab, endpoint: String) {
 /// Sets the MTU of path A's link, both ends.
 fn set_path_a_mtu(lab: &Lab, mtu: u16) {
     let mtu = mtu.to_string();
-    let gateway_side = format!("jv{}ga", tag_of(lab));
-    for (role, dev) in [("c", lab.client_link(Path2::A)), ("g", gateway_side)] {
+    for (role, dev) in [
+        ("c", lab.client_link(Path2::A)),
+        ("g", lab.gateway_link(Path2::A)),
+    ] {
         lab.exec_ok(
             &lab.ns(role),
             &["ip", "link", "set", "dev", &dev, "mtu", &mtu],
@@ -1642,9 +1644,94 @@ fn packets_too_large_for_a_udp_path_are_answered_with_icmp_and_tcp_adapts() {
     finish(lab);
 }
 
+/// A UDP path with a hop narrower than its links, beyond them, that drops larger
+/// datagrams silently (no ICMP reaches either end: the kernels learn nothing, and small
+/// heartbeats still pass): the client's size probes find what the path carries both
+/// ways and tell the gateway; packets larger than that are answered with ICMP "too big"
+/// at both ends, and TCP through the tunnel adapts. Without the probes every full-size
+/// packet vanished and the first transfer stalled.
+#[test]
+fn a_udp_path_narrower_beyond_its_links_is_found_by_size_probes_and_tcp_adapts() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e30") else { return };
+    serve_only(
+        &mut lab,
+        format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT),
+    );
+    lab.client_metrics = CLIENT_METRICS.into();
+    // IP packets of up to 1 400 bytes pass: datagrams of up to 1 372 bytes of payload,
+    // tunnel packets of up to 1 336 (the tunnel makes up to 1 380 + 36).
+    lab.narrow_beyond(Path2::A, netlab::PORT, 1_400)
+        .expect("narrow hop");
+    let started = Instant::now();
+    connect(&mut lab, FAST_POLICY, "exit");
+    // The search ends within a step (8 bytes) below what the path carries: the client
+    // then answers a DF ping larger than that with the size found. The ping goes to an
+    // address of the tunnel's network that no host has: the client answers it before
+    // sealing, and its kernel learns the size for that address only (for the server's or
+    // the gateway's address, it would offer the transfers below smaller segments).
+    let nobody = "10.77.0.99";
+    let expected = (1_336 - 8 + 1)..=1_336;
+    let mut answer = Err(String::new());
+    let found = wait_until(Duration::from_secs(30), || {
+        answer = too_big_answer_within(&lab, nobody, 1_352, expected.clone());
+        answer.is_ok()
+    });
+    let (line, mtu) = match answer {
+        Ok(found) => found,
+        Err(said) => panic!(
+            "the client found no size within {expected:?} in 30 s ({found}):\n{said}\n{}",
+            lab.diagnostics()
+        ),
+    };
+    let search = started.elapsed();
+    // The client's status says so too.
+    let status = lab.status("client").expect("status");
+    assert_eq!(
+        status["path_room"].as_u64(),
+        Some(u64::from(mtu)),
+        "{status}"
+    );
+    // The server's transfer: its full-size segments reach the gateway, which answers
+    // with the size the client told it.
+    let bytes = transfer_bytes().max(16_000_000);
+    let listen = format!("{CLIENT_TUNNEL}:5202");
+    start_transfer_between(&mut lab, "down", ("s", "c"), &listen, bytes, None);
+    let down = await_transfer(&mut lab, "down", bytes);
+    let answered = icmp_answers(&gateway_metrics(&lab));
+    assert!(answered >= 1.0, "the gateway answered none");
+    let to_gateway = format!("{}:5203", netlab::GATEWAY_TUNNEL);
+    start_transfer_between(&mut lab, "up", ("c", "g"), &to_gateway, bytes, None);
+    let up = await_transfer(&mut lab, "up", bytes);
+    let client_answered = icmp_answers(&client_metrics(&lab));
+    assert!(client_answered >= 1.0, "the client answered none");
+    eprintln!(
+        "TRANSPORT udp, a hop of 1 400 bytes beyond the links: size found (tunnel packets up to {mtu}) {:.1} s after the start; {bytes} B down at {down:.0} Mbit/s, up at {up:.0} Mbit/s (every byte checked); answers sent: gateway {answered}, client {client_answered}; {line:?}",
+        search.as_secs_f64()
+    );
+    finish(lab);
+}
+
 /// Sends two pings of `size` bytes of data that may not be fragmented from the client to
 /// `to`, and returns the line that reports the tunnel's ICMP answer naming `mtu`.
 fn too_big_answer(lab: &Lab, to: &str, size: u32, mtu: u32) -> String {
+    match too_big_answer_within(lab, to, size, mtu..=mtu) {
+        Ok((line, _)) => line,
+        Err(said) => panic!(
+            "no ICMP answer naming {mtu} to {to}:\n{said}\n{}",
+            lab.diagnostics()
+        ),
+    }
+}
+
+/// As [`too_big_answer`], for an answer naming an MTU within `mtu`: the line and the MTU
+/// it names, or what ping said.
+fn too_big_answer_within(
+    lab: &Lab,
+    to: &str,
+    size: u32,
+    mtu: std::ops::RangeInclusive<u32>,
+) -> Result<(String, u32), String> {
     let size = size.to_string();
     let out = lab
         .exec(
@@ -1659,14 +1746,19 @@ fn too_big_answer(lab: &Lab, to: &str, size: u32, mtu: u32) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let named = [format!("mtu = {mtu}"), format!("mtu={mtu}")];
-    match said.lines().find(|l| named.iter().any(|n| l.contains(n))) {
-        Some(line) => line.trim().to_string(),
-        None => panic!(
-            "no ICMP answer naming {mtu} to {to}:\n{said}\n{}",
-            lab.diagnostics()
-        ),
-    }
+    // "Frag needed and DF set (mtu = 1356)" (IPv4), "Packet too big: mtu=1402" (IPv6).
+    let named = |line: &str| {
+        let (_, rest) = line.split_once("mtu")?;
+        let digits: String = rest
+            .trim_start_matches([' ', '='])
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<u32>().ok().filter(|m| mtu.contains(m))
+    };
+    said.lines()
+        .find_map(|l| Some((l.trim().to_string(), named(l)?)))
+        .ok_or(said)
 }
 
 /// A QUIC-only session over an IPv6 path carries full-size packets: with quinn's 8-byte

@@ -45,6 +45,10 @@ pub struct GatewaySession {
     binding: Option<(Endpoint, TransportRef)>,
     bound_at: StateVersion,
     binding_heard: Instant,
+    /// The largest datagram the client found its path to carry both ways, when smaller
+    /// than what it sends (its size probes say, `core::pmtu`), with the address that
+    /// path reaches it at.
+    path_limit: Option<(Endpoint, u16)>,
     volatile_since: Option<Instant>,
     limiter: SwitchLimiter,
     /// A path waiting to answer a challenge: a reattach that passed every check, or the
@@ -159,6 +163,7 @@ impl GatewaySession {
             binding: None,
             bound_at: StateVersion(0),
             binding_heard: now,
+            path_limit: None,
             volatile_since: None,
             pending_path: None,
             last_rekey_init: None,
@@ -379,6 +384,15 @@ impl GatewaySession {
     /// The next event, oldest first.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         self.journal.poll()
+    }
+
+    /// The largest tunnel packet the path to `to` carries, when the client found it
+    /// narrower than what it sends (its size probes, `core::pmtu`); `None` names no
+    /// limit.
+    pub fn path_room(&self, to: Endpoint) -> Option<usize> {
+        self.path_limit
+            .filter(|&(at, _)| at == to)
+            .map(|(_, size)| usize::from(size).saturating_sub(crate::wire::OVERHEAD))
     }
 
     /// The earliest instant at which [`GatewaySession::handle_timeout`] has work.
@@ -695,6 +709,14 @@ impl GatewaySession {
                 self.reply(&ack, now)
             }
             Control::Probe { seq } => self.reply(&Control::ProbeAck { seq }, now),
+            Control::SizeProbe(probe) => {
+                // The answer is padded as the probe was: it proves the size the other
+                // way, and is never larger than what the client sent.
+                if bound {
+                    self.path_limit = (probe.limit > 0).then_some((from, probe.limit));
+                }
+                self.reply(&Control::SizeProbeAck(probe), now)
+            }
             Control::PathResponse { token } => self.complete_path(store, from, token, now),
             Control::Terminate { reason } => {
                 self.terminate(store, TerminationCause::announced(reason), now);
@@ -704,6 +726,7 @@ impl GatewaySession {
             Control::ReattachRequest(_)
             | Control::HeartbeatAck { .. }
             | Control::ProbeAck { .. }
+            | Control::SizeProbeAck(_)
             | Control::StandbyProbeAck { .. }
             | Control::ReattachAck { .. }
             | Control::ReattachDeny { .. }

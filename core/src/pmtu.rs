@@ -1,0 +1,374 @@
+//! Path MTU search by authenticated probes (packetization-layer PMTU discovery, in the
+//! manner of RFC 8899), for the client's UDP path: which datagram size the path carries
+//! both ways, found without trusting ICMP.
+//!
+//! Why: the UDP sockets send with DF set and ignore the path MTU the kernel learns from
+//! ICMP (quinn-udp's IP_PMTUDISC_PROBE), so a hop narrower than the first link, beyond
+//! it, drops full-size datagrams silently, and so does a path that filters ICMP. Heart
+//! beats are small and still pass: without a search the session looks healthy while
+//! every full-size tunnel packet vanishes and TCP inside stalls. With the size found,
+//! tunnel packets too large for it are answered with ICMP "too big" into the tunnel
+//! (`core::icmp`), and the senders inside shrink their packets.
+//!
+//! A probe is a size probe padded to the size tried, and the gateway pads its answer to
+//! the size of the probe it received: an answer proves the size both ways. The search
+//! tries the largest datagram the tunnel makes first (on most paths it fits, and the
+//! search ends at once), then [`BASE`], then halves the interval between the largest
+//! size answered and the smallest size lost until it is [`STEP`] bytes wide. A size is
+//! lost after [`TRIES`] probes of it went unanswered for [`PROBE_TIMEOUT`] each. Once
+//! found, the size is probed again at once when it is a limit (each probe carries the
+//! limit, and so tells it to the gateway), then every [`CONFIRM_EVERY`] (a path that narrowed starts
+//! a new search), and a size below the largest is searched upwards again after
+//! [`RAISE_AFTER`]. A path that does not answer even [`BASE`] (a gateway that predates
+//! size probes, or a path that carries nothing) is left without a size, and tried again
+//! after [`RAISE_AFTER`].
+//!
+//! Pure and deterministic: time is passed in.
+
+use std::time::{Duration, Instant};
+
+/// The smallest size searched (RFC 8899's BASE_PLPMTU for UDP; QUIC's minimum): paths
+/// narrower than this are not worth a size.
+pub const BASE: u16 = 1_200;
+/// The search stops when the largest size answered and the smallest lost are this close.
+pub const STEP: u16 = 8;
+/// How long a probe is waited for.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Probes of one size before it counts as lost: one lost datagram does not shrink the
+/// path.
+pub const TRIES: u8 = 2;
+/// How often a found size is probed again (black-hole detection: a probe of a few
+/// hundred bytes each way per half minute).
+pub const CONFIRM_EVERY: Duration = Duration::from_secs(30);
+/// How long a size below the largest (or no size) is kept before searching upwards
+/// again (RFC 8899's PMTU_RAISE_TIMER).
+pub const RAISE_AFTER: Duration = Duration::from_secs(600);
+
+/// A probe to send: its sequence number and the datagram size it is padded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeProbe {
+    /// Echoed by the answer.
+    pub seq: u64,
+    /// The size of the whole datagram, bytes.
+    pub size: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Searching between the largest size answered (`lo`, 0 if none) and the smallest
+    /// size lost (`hi`, above the largest if none).
+    Searching { lo: u16, hi: u16 },
+    /// Found `confirmed` (or nothing); probed again at `next_at`, searched upwards again
+    /// at `raise_at`.
+    Found { raise_at: Instant },
+}
+
+/// The probe in flight: its size, the seq of its first try (an answer to any try of the
+/// size counts), its tries so far.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    size: u16,
+    first_seq: u64,
+    tries: u8,
+}
+
+/// The search on one path.
+#[derive(Debug, Clone)]
+pub struct PathSearch {
+    largest: u16,
+    phase: Phase,
+    confirmed: Option<u16>,
+    in_flight: Option<InFlight>,
+    seq: u64,
+    next_at: Instant,
+}
+
+impl PathSearch {
+    /// A search for a path whose largest datagram is `largest` bytes (the tunnel MTU and
+    /// the session's overhead), whose first probe is due at `now`.
+    pub fn new(largest: u16, now: Instant) -> PathSearch {
+        PathSearch {
+            largest,
+            phase: Phase::Searching {
+                lo: 0,
+                hi: largest.saturating_add(1),
+            },
+            confirmed: None,
+            in_flight: None,
+            seq: 0,
+            next_at: now,
+        }
+    }
+
+    /// The largest datagram the path was found to carry both ways, if any.
+    pub fn confirmed(&self) -> Option<u16> {
+        self.confirmed
+    }
+
+    /// The size found, when it is smaller than the largest datagram: the path's limit.
+    pub fn limit(&self) -> Option<u16> {
+        self.confirmed.filter(|&c| c < self.largest)
+    }
+
+    /// When [`PathSearch::poll`] has work next.
+    pub fn next_deadline(&self) -> Instant {
+        self.next_at
+    }
+
+    /// The probe to send now, if one is due: after a probe that went unanswered, the
+    /// next try of its size or, once it counts as lost, of the next size.
+    pub fn poll(&mut self, now: Instant) -> Option<SizeProbe> {
+        if now < self.next_at {
+            return None;
+        }
+        if let Some(probe) = self.in_flight {
+            if probe.tries < TRIES {
+                return Some(self.send(probe.size, Some(probe), now));
+            }
+            self.in_flight = None;
+            self.lost(probe.size, now);
+        }
+        match self.phase {
+            Phase::Searching { lo, hi } => match self.next_size(lo, hi) {
+                Some(size) => Some(self.send(size, None, now)),
+                None => {
+                    self.found((lo > 0).then_some(lo), now);
+                    None
+                }
+            },
+            Phase::Found { raise_at } => {
+                if now >= raise_at && self.confirmed.is_none_or(|c| c < self.largest) {
+                    // Search upwards from what is known to pass.
+                    self.phase = Phase::Searching {
+                        lo: self.confirmed.unwrap_or(0),
+                        hi: self.largest.saturating_add(1),
+                    };
+                    return self.poll(now);
+                }
+                match self.confirmed {
+                    Some(size) => Some(self.send(size, None, now)),
+                    None => {
+                        self.next_at = raise_at;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// The answer to probe `seq` came, a datagram of `size` bytes; whether it answered
+    /// the probe in flight (an answer smaller than the probe proves nothing).
+    pub fn answered(&mut self, seq: u64, size: u16, now: Instant) -> bool {
+        let Some(probe) = self.in_flight else {
+            return false;
+        };
+        if seq < probe.first_seq || seq > self.seq || size < probe.size {
+            return false;
+        }
+        self.in_flight = None;
+        match self.phase {
+            Phase::Searching { lo, hi } => {
+                let lo = lo.max(probe.size);
+                self.phase = Phase::Searching { lo, hi };
+                if self.next_size(lo, hi).is_none() {
+                    self.found(Some(lo), now);
+                } else {
+                    self.next_at = now;
+                }
+            }
+            Phase::Found { .. } => self.next_at = now + CONFIRM_EVERY,
+        }
+        true
+    }
+
+    /// The size to try between `lo` answered and `hi` lost, or `None` when the search
+    /// is over.
+    fn next_size(&self, lo: u16, hi: u16) -> Option<u16> {
+        if hi > self.largest {
+            // Nothing lost yet: the largest first.
+            return (lo < self.largest).then_some(self.largest);
+        }
+        if lo == 0 {
+            // The largest was lost: does the path carry the base at all?
+            return (hi > BASE).then_some(BASE);
+        }
+        (hi - lo > STEP).then(|| lo + (hi - lo) / 2)
+    }
+
+    /// `size` counts as lost.
+    fn lost(&mut self, size: u16, now: Instant) {
+        match self.phase {
+            Phase::Searching { lo, hi } => {
+                self.phase = Phase::Searching {
+                    lo,
+                    hi: hi.min(size),
+                }
+            }
+            Phase::Found { .. } => {
+                // The path narrowed (or lost its way): search again from nothing.
+                self.confirmed = None;
+                self.phase = Phase::Searching {
+                    lo: 0,
+                    hi: self.largest.saturating_add(1),
+                };
+            }
+        }
+        self.next_at = now;
+    }
+
+    fn found(&mut self, size: Option<u16>, now: Instant) {
+        self.confirmed = size;
+        self.phase = Phase::Found {
+            raise_at: now + RAISE_AFTER,
+        };
+        self.next_at = match size {
+            // A limit is confirmed at once: the probe tells it to the gateway.
+            Some(size) if size < self.largest => now,
+            Some(_) => now + CONFIRM_EVERY,
+            None => now + RAISE_AFTER,
+        };
+    }
+
+    fn send(&mut self, size: u16, retry: Option<InFlight>, now: Instant) -> SizeProbe {
+        self.seq += 1;
+        self.in_flight = Some(match retry {
+            Some(p) => InFlight {
+                tries: p.tries + 1,
+                ..p
+            },
+            None => InFlight {
+                size,
+                first_seq: self.seq,
+                tries: 1,
+            },
+        });
+        self.next_at = now + PROBE_TIMEOUT;
+        SizeProbe {
+            seq: self.seq,
+            size,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Runs a search against a path that carries datagrams up to `carries` bytes (every
+    /// larger probe is lost), answering each probe that fits at once; returns what it
+    /// found and the virtual time it took.
+    fn search(largest: u16, carries: u16) -> (Option<u16>, Duration, usize) {
+        let start = Instant::now();
+        let mut now = start;
+        let mut s = PathSearch::new(largest, now);
+        let mut probes = 0;
+        let found = |s: &PathSearch| matches!(s.phase, Phase::Found { .. });
+        while !found(&s) {
+            assert!(probes < 100, "the search does not end");
+            if let Some(p) = s.poll(now) {
+                probes += 1;
+                if p.size <= carries {
+                    assert!(s.answered(p.seq, p.size, now));
+                }
+            }
+            if !found(&s) {
+                now = s.next_deadline().max(now);
+            }
+        }
+        (s.confirmed(), now - start, probes)
+    }
+
+    #[test]
+    fn a_path_that_carries_the_largest_datagram_is_found_with_one_probe() {
+        assert_eq!(search(1416, 1500), (Some(1416), Duration::ZERO, 1));
+    }
+
+    #[test]
+    fn a_narrower_path_is_found_within_a_step_below_what_it_carries() {
+        let (found, took, probes) = search(1444, 1420);
+        let found = found.expect("a size");
+        assert!(found <= 1420 && found > 1420 - STEP, "found {found}");
+        // The largest is lost twice (2 s), then a handful of halvings.
+        assert!(probes <= 2 + 1 + 2 * 6, "{probes} probes");
+        assert!(took <= Duration::from_secs(12), "took {took:?}");
+    }
+
+    #[test]
+    fn a_path_that_answers_nothing_has_no_size_and_is_tried_again_later() {
+        let (found, took, probes) = search(1444, 0);
+        assert_eq!(found, None);
+        assert_eq!(probes, 2 * TRIES as usize);
+        assert_eq!(took, PROBE_TIMEOUT * 2 * TRIES as u32);
+    }
+
+    #[test]
+    fn one_lost_probe_does_not_shrink_the_path() {
+        let now = Instant::now();
+        let mut s = PathSearch::new(1444, now);
+        let first = s.poll(now).expect("a probe");
+        assert_eq!(first.size, 1444);
+        // Lost; the second try of the same size is answered.
+        let later = now + PROBE_TIMEOUT;
+        let second = s.poll(later).expect("a second try");
+        assert_eq!(second.size, 1444);
+        assert!(
+            !s.answered(second.seq, 1_443, later),
+            "an answer smaller than the probe"
+        );
+        assert!(s.answered(second.seq, 1_444, later));
+        assert_eq!(s.confirmed(), Some(1444));
+        assert_eq!(s.limit(), None);
+        // A late answer to the first try changes nothing.
+        assert!(!s.answered(first.seq, 1_444, later));
+    }
+
+    #[test]
+    fn a_found_size_is_probed_again_and_a_narrowed_path_searched_anew() {
+        let now = Instant::now();
+        let mut s = PathSearch::new(1444, now);
+        let p = s.poll(now).expect("a probe");
+        assert!(s.answered(p.seq, p.size, now));
+        assert_eq!(s.next_deadline(), now + CONFIRM_EVERY);
+        assert_eq!(s.poll(now + CONFIRM_EVERY / 2), None);
+        // The confirmation is lost twice: the path narrowed.
+        let t = now + CONFIRM_EVERY;
+        assert_eq!(s.poll(t).map(|p| p.size), Some(1444));
+        assert_eq!(s.poll(t + PROBE_TIMEOUT).map(|p| p.size), Some(1444));
+        let next = s.poll(t + PROBE_TIMEOUT * 2).expect("a new search");
+        assert_eq!(s.confirmed(), None);
+        assert_eq!(next.size, 1444);
+    }
+
+    #[test]
+    fn a_smaller_size_is_searched_upwards_again_after_the_raise_timer() {
+        let now = Instant::now();
+        let mut s = PathSearch::new(1444, now);
+        s.phase = Phase::Found {
+            raise_at: now + RAISE_AFTER,
+        };
+        s.confirmed = Some(1300);
+        s.next_at = now + RAISE_AFTER;
+        let p = s.poll(now + RAISE_AFTER).expect("a probe");
+        assert_eq!(p.size, 1444);
+        assert!(s.answered(p.seq, p.size, now + RAISE_AFTER));
+        assert_eq!(s.confirmed(), Some(1444));
+    }
+
+    proptest! {
+        /// Against any path, with any largest size, the search ends, never claims more
+        /// than the path carries, and finds it within a step when it carries the base.
+        #[test]
+        fn the_search_ends_and_never_overstates(largest in 0u16..=9_000, carries in 0u16..=9_000) {
+            let (found, took, _) = search(largest, carries);
+            prop_assert!(took <= Duration::from_secs(60));
+            match found {
+                Some(f) => {
+                    prop_assert!(f <= carries && f <= largest);
+                    prop_assert!(f + STEP >= carries.min(largest));
+                }
+                None => prop_assert!(carries < BASE.min(largest) || largest == 0),
+            }
+        }
+    }
+}
