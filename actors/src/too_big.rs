@@ -60,10 +60,7 @@ impl TooBig {
                     && now.saturating_duration_since(when) < LEARNED_FOR
             })
             .map(|(_, _, room, _)| room);
-        match (learned, probed) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        learned.into_iter().chain(probed).min()
     }
 
     /// After a send to `to` on `via` of which a datagram was refused as too big

@@ -27,8 +27,8 @@ use crate::pmtu::{self, PathSearch};
 use crate::policy::Policy;
 use crate::reason::ReasonCode;
 use crate::wire::{
-    self, encode_initiation, Control, Datagram, InitPayload, PacketType, ReattachRequest,
-    RespPayload, SizeProbe, Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN, OVERHEAD,
+    self, encode_initiation, room_of, Control, Datagram, InitPayload, PacketType, ReattachRequest,
+    RespPayload, SizeProbe, Timestamp, TunnelAddrs, COOKIE_NONCE_LEN, MAC_LEN,
 };
 
 /// How long a handshake or rekey waits for its answer before it may be retried.
@@ -155,8 +155,9 @@ struct Established {
     rekey: Option<(Initiation, Instant)>,
     keys_expired_reported: bool,
     /// The path MTU search on the active transport, when it is UDP and a search was
-    /// asked for ([`Client::search_path_mtu`]).
+    /// asked for ([`Client::search_path_mtu`]: the largest datagram, kept here).
     path_search: Option<(TransportId, PathSearch)>,
+    search_largest: Option<u16>,
 }
 
 /// A reattach in flight: the counters of the requests sent for it (an answer to any of
@@ -247,10 +248,11 @@ impl Client {
         }
     }
 
-    /// Searches each UDP path the session is bound to for the largest datagram it
+    /// Searches the active transport's path, when it is UDP, for the largest datagram it
     /// carries both ways, up to `largest_datagram` (the tunnel MTU and
-    /// [`crate::wire::OVERHEAD`]), with size probes (`core::pmtu`); what is found is
-    /// [`Client::path_room`], and is told to the gateway. Without it no path is searched.
+    /// [`crate::wire::OVERHEAD`]), with size probes (`core::pmtu`), anew after each jump
+    /// to another UDP transport; what is found is [`Client::path_room`], and is told to
+    /// the gateway. Without it no path is searched. Takes effect from the next session.
     pub fn search_path_mtu(&mut self, largest_datagram: u16) {
         self.search_largest = Some(largest_datagram);
     }
@@ -259,8 +261,7 @@ impl Client {
     /// narrower than the largest the tunnel makes; `None` names no limit.
     pub fn path_room(&self, via: TransportId) -> Option<usize> {
         let (id, search) = self.established()?.path_search.as_ref()?;
-        let limit = search.limit().filter(|_| *id == via)?;
-        Some(usize::from(limit).saturating_sub(OVERHEAD))
+        search.limit().filter(|_| *id == via).map(room_of)
     }
 
     /// Starts (or retries) the handshake over `via`; returns the initiation to send.
@@ -572,7 +573,7 @@ impl Client {
                     push_pending(&mut e.pending, Pending::Probe(p.transport.id));
                 }
             }
-            follow_active_path(e, self.search_largest, now);
+            follow_active_path(e, now);
             if let Some((via, search)) = e.path_search.as_mut() {
                 if let Some(probe) = search.poll(now) {
                     // Only the newest probe is worth sending.
@@ -858,9 +859,10 @@ impl Client {
             rekey: None,
             keys_expired_reported: false,
             path_search: None,
+            search_largest: self.search_largest,
         }));
         if let Phase::Established(e) = &mut self.phase {
-            follow_active_path(e, self.search_largest, now);
+            follow_active_path(e, now);
         }
         Handled::Consumed
     }
@@ -948,6 +950,10 @@ fn handle_control(
     control: Control<'_>,
     now: Instant,
 ) -> Handled {
+    // An authenticated packet on the path searched: its probes are lost on a live path.
+    if let Some((_, search)) = e.path_search.as_mut().filter(|(id, _)| *id == via) {
+        search.heard();
+    }
     let handled = match control {
         Control::Data(_) => Handled::Tunnel,
         Control::HeartbeatAck {
@@ -1040,9 +1046,7 @@ fn handle_control(
         }
         Control::SizeProbeAck(ack) => {
             if let Some((_, search)) = e.path_search.as_mut().filter(|(id, _)| *id == via) {
-                let size = usize::from(ack.padding) + OVERHEAD + SizeProbe::FIELDS_LEN;
-                let size = u16::try_from(size).unwrap_or(u16::MAX);
-                search.answered(ack.seq, size, now);
+                search.answered(ack.seq, ack.datagram_len(), now);
             }
             Handled::Consumed
         }
@@ -1055,6 +1059,7 @@ fn handle_control(
         | Control::RekeyInit(_) => Handled::Drop(ClientDrop::Unexpected),
     };
     collect_actions(e);
+    follow_active_path(e, now);
     handled
 }
 
@@ -1096,18 +1101,19 @@ fn collect_actions(e: &mut Established) {
 /// Keeps the path MTU search on the active transport: a new search when the session
 /// moved to another UDP transport (the path is another), none on QUIC (it searches its
 /// own) or TCP (a stream carries any packet), nor when no search was asked for.
-fn follow_active_path(e: &mut Established, largest: Option<u16>, now: Instant) {
-    let wanted = largest
-        .and(e.control.active())
-        .filter(|t| t.protocol == Protocol::Udp);
-    match (wanted, &e.path_search) {
-        (Some(active), Some((id, _))) if *id == active.id => {}
-        (Some(active), _) => {
-            let largest = largest.unwrap_or(0);
-            e.path_search = Some((active.id, PathSearch::new(largest, now)));
-        }
-        (None, _) => e.path_search = None,
+fn follow_active_path(e: &mut Established, now: Instant) {
+    let active = e
+        .control
+        .active()
+        .filter(|t| t.protocol == Protocol::Udp)
+        .map(|t| t.id);
+    let wanted = e.search_largest.zip(active);
+    if wanted.map(|(_, id)| id) == e.path_search.as_ref().map(|(id, _)| *id) {
+        return;
     }
+    e.path_search = wanted.map(|(largest, id)| (id, PathSearch::new(largest, now)));
+    e.pending
+        .retain(|p| !matches!(p, Pending::SizeProbe { .. }));
 }
 
 /// Queues `p` unless an equal item is queued already. With one probe per transport, one

@@ -45,6 +45,12 @@ pub const COOKIE_NONCE_LEN: usize = 12;
 /// Length of a cookie reply: prefix, nonce, sealed cookie (smaller than the initiation
 /// it answers, so that it amplifies nothing).
 pub const COOKIE_REPLY_LEN: usize = HANDSHAKE_PREFIX_LEN + COOKIE_NONCE_LEN + MAC_LEN + TAG_LEN;
+/// The largest tunnel packet a datagram of `datagram` bytes carries: less the session
+/// packet's header and tag.
+pub fn room_of(datagram: u16) -> usize {
+    usize::from(datagram).saturating_sub(OVERHEAD)
+}
+
 /// Length of a SessionUnknown hint.
 pub const SESSION_UNKNOWN_LEN: usize = 12;
 /// The largest datagram any transport carries (and so the largest this code decodes).
@@ -908,6 +914,12 @@ impl SizeProbe {
     /// The bytes of a size probe's plaintext before its padding.
     pub const FIELDS_LEN: usize = 10;
 
+    /// The size of the datagram this probe travels in (saturating at 65 535).
+    pub fn datagram_len(&self) -> u16 {
+        let len = usize::from(self.padding) + OVERHEAD + Self::FIELDS_LEN;
+        u16::try_from(len).unwrap_or(u16::MAX)
+    }
+
     /// The probe of seq `seq` whose datagram is `size` bytes (or the smallest a probe
     /// can be, if `size` is smaller).
     pub fn of_size(seq: u64, limit: u16, size: u16) -> SizeProbe {
@@ -1198,6 +1210,7 @@ mod tests {
         let mut bytes = Vec::new();
         Control::SizeProbe(probe).encode(&mut bytes);
         assert_eq!(bytes.len() + OVERHEAD, 1_444);
+        assert_eq!(probe.datagram_len(), 1_444);
         assert!(bytes[SizeProbe::FIELDS_LEN..].iter().all(|&b| b == 0));
         // Any padding decodes, as its length.
         bytes.push(0);

@@ -392,7 +392,7 @@ impl GatewaySession {
     pub fn path_room(&self, to: Endpoint) -> Option<usize> {
         self.path_limit
             .filter(|&(at, _)| at == to)
-            .map(|(_, size)| usize::from(size).saturating_sub(crate::wire::OVERHEAD))
+            .map(|(_, size)| crate::wire::room_of(size))
     }
 
     /// The earliest instant at which [`GatewaySession::handle_timeout`] has work.
@@ -712,8 +712,10 @@ impl GatewaySession {
             Control::SizeProbe(probe) => {
                 // The answer is padded as the probe was: it proves the size the other
                 // way, and is never larger than what the client sent.
+                // A limit below the smallest size searched is none a client finds.
                 if bound {
-                    self.path_limit = (probe.limit > 0).then_some((from, probe.limit));
+                    self.path_limit =
+                        (probe.limit >= crate::pmtu::BASE).then_some((from, probe.limit));
                 }
                 self.reply(&Control::SizeProbeAck(probe), now)
             }
