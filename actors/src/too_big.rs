@@ -4,8 +4,9 @@
 //! connection's datagram room, or over UDP the smaller of what the kernel said of the
 //! path the last time it refused a datagram as too big (kept for [`LEARNED_FOR`]) and
 //! what the session's size probes found (`jvpn_core::pmtu`: a narrower hop beyond the
-//! first link, which the kernel does not tell); TCP carries any packet. Answers are budgeted per session: a sender that ignores them costs a few a
-//! second, not one per packet.
+//! first link, which the kernel does not tell); TCP carries any packet. Answers are
+//! budgeted per session: a sender that ignores them costs a few a second, not one per
+//! packet.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
