@@ -87,8 +87,8 @@ pub trait LabTools {
     /// Removes the rules of [`LabTools::block`].
     fn unblock(&self, protocol: &str, port: u16) -> Result<()>;
     /// A hop narrower than the links of `path`, beyond them: every VPN datagram (UDP,
-    /// the gateway's `port`) whose IP packet is longer than `bytes` is dropped, both
-    /// ways, and no ICMP tells either end, as a router that filters ICMP would (a path
+    /// the gateway's `port`, over IPv4 or IPv6) whose IP packet is longer than `bytes`
+    /// is dropped, both ways, and no ICMP tells either end, as a router that filters ICMP would (a path
     /// MTU black hole). Rules at the input of the client's and the gateway's namespaces:
     /// neither kernel learns anything when it sends. The links then cut the senders'
     /// UDP GSO batches into datagrams before they cross (as a router forwarding them
@@ -284,25 +284,21 @@ impl LabTools for Lab {
     }
 
     fn narrow_beyond(&self, path: Path2, port: u16, bytes: u16) -> Result<()> {
-        for (role, link) in [
-            ("c", self.client_link(path)),
-            ("g", self.gateway_link(path)),
+        let table = format!("jvnarrow{}", path.letter());
+        for (role, link, matching) in [
+            ("g", self.gateway_link(path), format!("udp dport {port}")),
+            ("c", self.client_link(path), format!("udp sport {port}")),
         ] {
+            let ns = self.ns(role);
             self.exec_ok(
-                &self.ns(role),
+                &ns,
                 &["ip", "link", "set", "dev", &link, "gso_max_segs", "1"],
             )?;
-        }
-        let gw = path.gateway();
-        let table = format!("jvnarrow{}", path.letter());
-        for (role, matching) in [
-            ("g", format!("udp dport {port} ip daddr {gw}")),
-            ("c", format!("udp sport {port} ip saddr {gw}")),
-        ] {
+            // By the path's interface: either family of outer addresses.
             let script = format!(
-                "table inet {table} {{\n chain in {{ type filter hook input priority -10; {matching} meta length > {bytes} drop\n }}\n}}\n"
+                "table inet {table} {{\n chain in {{ type filter hook input priority -10; iifname \"{link}\" {matching} meta length > {bytes} drop\n }}\n}}\n"
             );
-            nft(self, &self.ns(role), &script)?;
+            nft(self, &ns, &script)?;
         }
         Ok(())
     }

@@ -1653,14 +1653,29 @@ fn packets_too_large_for_a_udp_path_are_answered_with_icmp_and_tcp_adapts() {
 #[test]
 fn a_udp_path_narrower_beyond_its_links_is_found_by_size_probes_and_tcp_adapts() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("e30") else { return };
-    serve_only(
-        &mut lab,
-        format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT),
-    );
-    lab.client_metrics = CLIENT_METRICS.into();
+    let Some(lab) = lab("e30") else { return };
     // IP packets of up to 1 400 bytes pass: datagrams of up to 1 372 bytes of payload,
     // tunnel packets of up to 1 336 (the tunnel makes up to 1 380 + 36).
+    let endpoint = format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT);
+    narrow_hop_is_found(lab, endpoint, 1_336, "IPv4");
+}
+
+/// The same over an IPv6 path: its headers take 20 bytes more of the 1 400.
+#[test]
+fn a_udp_path_over_ipv6_narrower_beyond_its_links_is_found_by_size_probes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = lab("e31") else { return };
+    let endpoint = format!("udp://[{GATEWAY_A6}]:{}", netlab::PORT);
+    narrow_hop_is_found(lab, endpoint, 1_316, "IPv6");
+}
+
+/// Serves only `endpoint` (UDP) over path A, narrowed beyond its links to IP packets of
+/// 1 400 bytes, where a tunnel packet of up to `carried` bytes fits; connects; checks
+/// that the client finds the size within a step and that checked transfers both ways
+/// pass, answered with ICMP at both ends.
+fn narrow_hop_is_found(mut lab: Lab, endpoint: String, carried: u32, family: &str) {
+    serve_only(&mut lab, endpoint);
+    lab.client_metrics = CLIENT_METRICS.into();
     lab.narrow_beyond(Path2::A, netlab::PORT, 1_400)
         .expect("narrow hop");
     let started = Instant::now();
@@ -1671,7 +1686,7 @@ fn a_udp_path_narrower_beyond_its_links_is_found_by_size_probes_and_tcp_adapts()
     // sealing, and its kernel learns the size for that address only (for the server's or
     // the gateway's address, it would offer the transfers below smaller segments).
     let nobody = "10.77.0.99";
-    let expected = (1_336 - 8 + 1)..=1_336;
+    let expected = (carried - 8 + 1)..=carried;
     let mut answer = Err(String::new());
     let found = wait_until(Duration::from_secs(30), || {
         answer = too_big_answer_within(&lab, nobody, 1_352, expected.clone());
@@ -1706,7 +1721,7 @@ fn a_udp_path_narrower_beyond_its_links_is_found_by_size_probes_and_tcp_adapts()
     let client_answered = icmp_answers(&client_metrics(&lab));
     assert!(client_answered >= 1.0, "the client answered none");
     eprintln!(
-        "TRANSPORT udp, a hop of 1 400 bytes beyond the links: size found (tunnel packets up to {mtu}) {:.1} s after the start; {bytes} B down at {down:.0} Mbit/s, up at {up:.0} Mbit/s (every byte checked); answers sent: gateway {answered}, client {client_answered}; {line:?}",
+        "TRANSPORT udp over {family}, a hop of 1 400 bytes beyond the links: size found (tunnel packets up to {mtu}) {:.1} s after the start; {bytes} B down at {down:.0} Mbit/s, up at {up:.0} Mbit/s (every byte checked); answers sent: gateway {answered}, client {client_answered}; {line:?}",
         search.as_secs_f64()
     );
     finish(lab);
