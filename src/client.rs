@@ -75,6 +75,8 @@ async fn serve(
     service::metrics(setup.metrics)?;
     let sink = service::event_sink(&setup.events)?;
     let fwmark = setup.full_tunnel.then_some(setup.fwmark);
+    // The largest datagram a tunnel packet makes.
+    let largest = usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD;
     let mut candidates = Vec::new();
     for (i, c) in setup.candidates.iter().enumerate() {
         if c.protocol == Protocol::Quic {
@@ -91,7 +93,7 @@ async fn serve(
                 fwmark,
                 pin,
                 connect_timeout: connect_attempt(&setup.policy),
-                packet_max: usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD,
+                packet_max: largest,
             }),
             (_, None) => anyhow::bail!("candidate {}: gateway_tls_pin is missing", i + 1),
         };
@@ -123,7 +125,6 @@ async fn serve(
     );
     // The UDP paths are searched for the size they carry (a hop narrower than the first
     // link drops full-size datagrams silently otherwise): spec/runtime.md.
-    let largest = usize::from(setup.tunnel.mtu) + jvpn_core::wire::OVERHEAD;
     client.search_path_mtu(u16::try_from(largest).unwrap_or(u16::MAX));
     let reporter = Reporter::new(
         service::wall_clock(),

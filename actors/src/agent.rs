@@ -503,8 +503,7 @@ impl ClientAgent {
     }
 
     fn status(&self) -> AgentStatus {
-        let control = self.client.control();
-        let active = control.and_then(|c| c.active()).map(|t| t.id);
+        let active = self.client.active_transport();
         AgentStatus {
             state: self.client.state(),
             session_id: self.client.session_id(),

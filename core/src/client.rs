@@ -634,13 +634,9 @@ impl Client {
                     .ok()
                     .map(|_| via),
                 Pending::SizeProbe { via, probe } => {
-                    let limit = e
-                        .path_search
-                        .as_ref()
-                        .filter(|(id, _)| *id == via)
-                        .and_then(|(_, s)| s.limit())
-                        .unwrap_or(0);
-                    let probe = SizeProbe::of_size(probe.seq, limit, probe.size);
+                    // Queued only for the search in force: a new one drops it.
+                    let limit = e.path_search.as_ref().and_then(|(_, s)| s.limit());
+                    let probe = SizeProbe::of_size(probe.seq, limit.unwrap_or(0), probe.size);
                     e.channel
                         .seal(&Control::SizeProbe(probe), now, &mut self.out)
                         .ok()
@@ -1059,7 +1055,11 @@ fn handle_control(
         | Control::RekeyInit(_) => Handled::Drop(ClientDrop::Unexpected),
     };
     collect_actions(e);
-    follow_active_path(e, now);
+    // Only control packets move the active transport; data, the bulk of the packets,
+    // never does.
+    if !matches!(handled, Handled::Tunnel) {
+        follow_active_path(e, now);
+    }
     handled
 }
 

@@ -40,8 +40,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Unanswered probes of one size, each while the path delivered something else, before
 /// the size counts as lost (RFC 8899's MAX_PROBES): random loss rarely shrinks the path.
 pub const TRIES: u8 = 3;
-/// How often a found size is probed again (black-hole detection: a probe of a few
-/// hundred bytes each way per half minute).
+/// How often a found size is probed again (black-hole detection: one datagram of the
+/// size found each way per half minute).
 pub const CONFIRM_EVERY: Duration = Duration::from_secs(30);
 /// How long a size below the largest (or no size) is kept before searching upwards
 /// again (RFC 8899's PMTU_RAISE_TIMER).
@@ -146,14 +146,20 @@ impl PathSearch {
         if let Some(mut probe) = self.in_flight {
             probe.lost += u8::from(probe.heard);
             if probe.lost < TRIES {
-                return Some(self.send(probe.size, Some(probe), now));
+                return Some(self.send(
+                    InFlight {
+                        heard: false,
+                        ..probe
+                    },
+                    now,
+                ));
             }
             self.in_flight = None;
             self.lost(probe.size, now);
         }
         match self.phase {
             Phase::Searching { lo, hi } => match self.next_size(lo, hi) {
-                Some(size) => Some(self.send(size, None, now)),
+                Some(size) => Some(self.send_first(size, now)),
                 None => {
                     self.found((lo > 0).then_some(lo), now);
                     None
@@ -169,7 +175,7 @@ impl PathSearch {
                     return self.poll(now);
                 }
                 match self.confirmed {
-                    Some(size) => Some(self.send(size, None, now)),
+                    Some(size) => Some(self.send_first(size, now)),
                     None => {
                         self.next_at = raise_at;
                         None
@@ -249,21 +255,25 @@ impl PathSearch {
         };
     }
 
-    fn send(&mut self, size: u16, retry: Option<InFlight>, now: Instant) -> SizeProbe {
+    /// The first try of `size`.
+    fn send_first(&mut self, size: u16, now: Instant) -> SizeProbe {
+        let probe = InFlight {
+            size,
+            first_seq: self.seq + 1,
+            lost: 0,
+            heard: false,
+        };
+        self.send(probe, now)
+    }
+
+    /// Sends a try of `probe` (its next seq) and waits [`PROBE_TIMEOUT`] for it.
+    fn send(&mut self, probe: InFlight, now: Instant) -> SizeProbe {
         self.seq += 1;
-        self.in_flight = Some(match retry {
-            Some(p) => InFlight { heard: false, ..p },
-            None => InFlight {
-                size,
-                first_seq: self.seq,
-                lost: 0,
-                heard: false,
-            },
-        });
+        self.in_flight = Some(probe);
         self.next_at = now + PROBE_TIMEOUT;
         SizeProbe {
             seq: self.seq,
-            size,
+            size: probe.size,
         }
     }
 }

@@ -45,16 +45,16 @@ pub const COOKIE_NONCE_LEN: usize = 12;
 /// Length of a cookie reply: prefix, nonce, sealed cookie (smaller than the initiation
 /// it answers, so that it amplifies nothing).
 pub const COOKIE_REPLY_LEN: usize = HANDSHAKE_PREFIX_LEN + COOKIE_NONCE_LEN + MAC_LEN + TAG_LEN;
+/// Length of a SessionUnknown hint.
+pub const SESSION_UNKNOWN_LEN: usize = 12;
+/// The largest datagram any transport carries (and so the largest this code decodes).
+pub const MAX_DATAGRAM: usize = 65_535;
+
 /// The largest tunnel packet a datagram of `datagram` bytes carries: less the session
 /// packet's header and tag.
 pub fn room_of(datagram: u16) -> usize {
     usize::from(datagram).saturating_sub(OVERHEAD)
 }
-
-/// Length of a SessionUnknown hint.
-pub const SESSION_UNKNOWN_LEN: usize = 12;
-/// The largest datagram any transport carries (and so the largest this code decodes).
-pub const MAX_DATAGRAM: usize = 65_535;
 
 /// The first byte of every packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1085,24 +1085,19 @@ impl<'a> Control<'a> {
                 } else {
                     "size probe ack"
                 };
-                let (fields, padding) =
-                    bytes
-                        .split_at_checked(SizeProbe::FIELDS_LEN)
-                        .ok_or(WireError::TooShort {
-                            what,
-                            need: SizeProbe::FIELDS_LEN,
-                            got: bytes.len(),
-                        })?;
+                // The fields, then any number of padding bytes: what is left.
+                let mut r = Reader { bytes, what };
+                let (seq, limit) = (r.u64()?, r.u16()?);
                 // Zero, as for reserved bytes: what decodes encodes back the same.
-                if padding.iter().any(|&b| b != 0) {
+                if r.bytes.iter().any(|&b| b != 0) {
                     return Err(WireError::NonZeroReserved);
                 }
-                let mut r = Reader::exact(fields, SizeProbe::FIELDS_LEN, what)?;
+                let padding =
+                    u16::try_from(r.bytes.len()).map_err(|_| WireError::TooLong(bytes.len()))?;
                 let probe = SizeProbe {
-                    seq: r.u64()?,
-                    limit: r.u16()?,
-                    padding: u16::try_from(padding.len())
-                        .map_err(|_| WireError::TooLong(bytes.len()))?,
+                    seq,
+                    limit,
+                    padding,
                 };
                 if ptype == P::SizeProbe {
                     Control::SizeProbe(probe)
