@@ -69,6 +69,7 @@ pub fn client(view: &AgentView) -> Value {
                 "rtt_p95_ms": h.and_then(|h| h.rtt_p95).map(ms),
                 "heartbeat_age_ms": h.map(|h| ms(h.heartbeat_age)),
                 "dead": h.map(|h| h.dead),
+                "path_room": c.path_room,
             })
         })
         .collect();
@@ -238,7 +239,7 @@ pub fn render_at(v: &Value, now_ms: u64) -> String {
             for c in v["candidates"].as_array().cloned().unwrap_or_default() {
                 let _ = writeln!(
                     out,
-                    "    {}{} {}: loss {} over {} samples, srtt {} ms, p95 {} ms, heard {} ago{}",
+                    "    {}{} {}: loss {} over {} samples, srtt {} ms, p95 {} ms, heard {} ago{}{}",
                     if c["active"] == true { "*" } else { " " },
                     text(&c["id"]),
                     text(&c["gateway"]),
@@ -247,7 +248,11 @@ pub fn render_at(v: &Value, now_ms: u64) -> String {
                     text(&c["srtt_ms"]),
                     text(&c["rtt_p95_ms"]),
                     duration(&c["heartbeat_age_ms"]),
-                    if c["dead"] == true { ", DEAD" } else { "" }
+                    if c["dead"] == true { ", DEAD" } else { "" },
+                    c["path_room"]
+                        .as_u64()
+                        .map(|room| format!(", carries up to {room}"))
+                        .unwrap_or_default()
                 );
             }
             let _ = writeln!(out, "  last transitions:");
@@ -290,7 +295,10 @@ mod tests {
             "last_reattach_ms": 312.0, "sessions_established": 1,
             "candidates": [{"id": 1, "gateway": "192.0.2.1:51820", "active": true,
                 "loss_ratio": 0.0, "samples": 10, "srtt_ms": 0.8, "rtt_p95_ms": 1.2,
-                "heartbeat_age_ms": 120.0, "dead": false}],
+                "heartbeat_age_ms": 120.0, "dead": false, "path_room": 1332},
+                {"id": 2, "gateway": "192.0.2.2:51820", "active": false,
+                "loss_ratio": 0.0, "samples": 3, "srtt_ms": 0.9, "rtt_p95_ms": 1.0,
+                "heartbeat_age_ms": 900.0, "dead": false, "path_room": null}],
             "recent_transitions": [{"ts_ms": now - 180_000, "from": "BIRTH", "to": "ATTACHED",
                 "reason_code": "attached_to_transport"}],
         });
@@ -303,6 +311,11 @@ mod tests {
             text.contains("tunnel packets of up to 1332 bytes"),
             "{text}"
         );
+        assert!(
+            text.contains("heard 120 ms ago, carries up to 1332\n"),
+            "{text}"
+        );
+        assert!(text.contains("heard 900 ms ago\n"), "{text}");
         assert!(!text.contains(&now.to_string()), "{text}");
     }
 }

@@ -129,6 +129,9 @@ pub struct CandidateView {
     pub active: bool,
     /// Its health as the core measures it (`None` before the session exists).
     pub health: Option<jvpn_core::health::HealthSnapshot>,
+    /// The largest tunnel packet its path carries, when its size probes found it
+    /// narrower than the tunnel makes (standby paths are searched too).
+    pub path_room: Option<usize>,
 }
 
 /// Everything `jvpn status` shows of a client.
@@ -908,6 +911,7 @@ impl Handler<Describe> for ClientAgent {
                 gateway: *gateway,
                 active: active == Some(*id),
                 health: health.iter().find(|(t, _)| t.id == *id).map(|(_, h)| *h),
+                path_room: self.client.path_room(*id),
             })
             .collect();
         MessageResult(AgentView {

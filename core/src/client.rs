@@ -140,6 +140,12 @@ struct Probing {
     /// The last probe sent (its seq and packet counter) until a standby node answers
     /// it: such an answer fits this one probe only, once.
     standby_fits: Option<(u64, u64)>,
+    /// The search of this transport's path for the largest datagram it carries, when it
+    /// is UDP and a search was asked for ([`Client::search_path_mtu`]). A standby's
+    /// search sends at most one size probe with each of its standby probes, so that a
+    /// jump finds the size already known; the active transport's runs on its own
+    /// schedule.
+    search: Option<PathSearch>,
 }
 
 struct Established {
@@ -154,10 +160,22 @@ struct Established {
     reattach: Option<Reattaching>,
     rekey: Option<(Initiation, Instant)>,
     keys_expired_reported: bool,
-    /// The path MTU search on the active transport, when it is UDP and a search was
-    /// asked for ([`Client::search_path_mtu`]: the largest datagram, kept here).
-    path_search: Option<(TransportId, PathSearch)>,
-    search_largest: Option<u16>,
+    /// The transport whose path search last ran as the active one's: another active
+    /// transport is a jump, which tells the new path's search ([`PathSearch::activated`]).
+    searched_active: Option<TransportId>,
+}
+
+impl Established {
+    /// The path search of transport `id`, if it has one.
+    fn search(&self, id: TransportId) -> Option<&PathSearch> {
+        let probing = self.probing.iter().find(|p| p.transport.id == id)?;
+        probing.search.as_ref()
+    }
+
+    fn search_mut(&mut self, id: TransportId) -> Option<&mut PathSearch> {
+        let probing = self.probing.iter_mut().find(|p| p.transport.id == id)?;
+        probing.search.as_mut()
+    }
 }
 
 /// A reattach in flight: the counters of the requests sent for it (an answer to any of
@@ -248,11 +266,11 @@ impl Client {
         }
     }
 
-    /// Searches the active transport's path, when it is UDP, for the largest datagram it
-    /// carries both ways, up to `largest_datagram` (the tunnel MTU and
-    /// [`crate::wire::OVERHEAD`]), with size probes (`core::pmtu`), anew after each jump
-    /// to another UDP transport; what is found is [`Client::path_room`], and is told to
-    /// the gateway. Without it no path is searched. Takes effect from the next session.
+    /// Searches the path of each UDP transport, the standbys too, for the largest
+    /// datagram it carries both ways, up to `largest_datagram` (the tunnel MTU and
+    /// [`crate::wire::OVERHEAD`]), with size probes (`core::pmtu`); what is found is
+    /// [`Client::path_room`], and the active path's is told to the gateway. Without it
+    /// no path is searched. Takes effect from the next session.
     pub fn search_path_mtu(&mut self, largest_datagram: u16) {
         self.search_largest = Some(largest_datagram);
     }
@@ -260,8 +278,7 @@ impl Client {
     /// The largest tunnel packet the path of `via` carries, when its search found it
     /// narrower than the largest the tunnel makes; `None` names no limit.
     pub fn path_room(&self, via: TransportId) -> Option<usize> {
-        let (id, search) = self.established()?.path_search.as_ref()?;
-        search.limit().filter(|_| *id == via).map(room_of)
+        self.established()?.search(via)?.limit().map(room_of)
     }
 
     /// Starts (or retries) the handshake over `via`; returns the initiation to send.
@@ -494,6 +511,9 @@ impl Client {
                         match probing {
                             Some(p) if p.standby_fits == Some((seq, probe_counter)) => {
                                 p.standby_fits = None;
+                                if let Some(search) = p.search.as_mut() {
+                                    search.heard();
+                                }
                                 let _ = e.control.probe_acked(via, seq, now);
                                 Handled::Consumed
                             }
@@ -560,27 +580,28 @@ impl Client {
                     _ => e.reattach = None,
                 }
             }
+            follow_active_path(e, now);
             let active = e.control.active().map(|t| t.id);
             let policy = &self.config.policy;
             for p in &mut e.probing {
-                if p.next_at <= now {
-                    let interval = if Some(p.transport.id) == active {
+                let id = p.transport.id;
+                let is_active = Some(id) == active;
+                let due = p.next_at <= now;
+                if due {
+                    let interval = if is_active {
                         policy.heartbeat_interval()
                     } else {
                         policy.probe_interval()
                     };
                     p.next_at = now + interval;
-                    push_pending(&mut e.pending, Pending::Probe(p.transport.id));
+                    push_pending(&mut e.pending, Pending::Probe(id));
                 }
-            }
-            follow_active_path(e, now);
-            if let Some((via, search)) = e.path_search.as_mut() {
-                if let Some(probe) = search.poll(now) {
-                    // Only the newest probe is worth sending.
-                    let via = *via;
-                    e.pending
-                        .retain(|p| !matches!(p, Pending::SizeProbe { .. }));
-                    e.pending.push_back(Pending::SizeProbe { via, probe });
+                // The active path's search on its own schedule; a standby's with its
+                // standby probe, after it (whose answer shows the path alive).
+                if is_active || due {
+                    if let Some(probe) = p.search.as_mut().and_then(|s| s.poll(now)) {
+                        queue_size_probe(&mut e.pending, id, probe);
+                    }
                 }
             }
             let rekey_stale = e
@@ -634,9 +655,8 @@ impl Client {
                     .ok()
                     .map(|_| via),
                 Pending::SizeProbe { via, probe } => {
-                    // Queued only for the search in force: a new one drops it.
-                    let limit = e.path_search.as_ref().and_then(|(_, s)| s.limit());
-                    let probe = SizeProbe::of_size(probe.seq, limit.unwrap_or(0), probe.size);
+                    let limit = e.search(via).and_then(PathSearch::limit).unwrap_or(0);
+                    let probe = SizeProbe::of_size(probe.seq, limit, probe.size);
                     e.channel
                         .seal(&Control::SizeProbe(probe), now, &mut self.out)
                         .ok()
@@ -665,7 +685,14 @@ impl Client {
         match &self.phase {
             Phase::Established(e) => {
                 let probes = e.probing.iter().map(|p| p.next_at);
-                let search = e.path_search.as_ref().map(|(_, s)| s.next_deadline());
+                // Only the active path's search keeps a timer of its own; the standbys'
+                // run with their probes.
+                let active = e.control.active().map(|t| t.id);
+                let search = e
+                    .probing
+                    .iter()
+                    .filter(|p| Some(p.transport.id) == active)
+                    .filter_map(|p| p.search.as_ref().map(PathSearch::next_deadline));
                 let rekey = e
                     .rekey
                     .as_ref()
@@ -834,11 +861,13 @@ impl Client {
         let mut probing = Vec::new();
         for t in &self.config.transports {
             if control.add_transport(*t, now).is_ok() {
+                let searched = self.search_largest.filter(|_| t.protocol == Protocol::Udp);
                 probing.push(Probing {
                     transport: *t,
                     next_at: now + policy.heartbeat_interval(),
                     seq: 0,
                     standby_fits: None,
+                    search: searched.map(|largest| PathSearch::new(largest, now)),
                 });
             }
         }
@@ -854,8 +883,7 @@ impl Client {
             reattach: None,
             rekey: None,
             keys_expired_reported: false,
-            path_search: None,
-            search_largest: self.search_largest,
+            searched_active: None,
         }));
         if let Phase::Established(e) = &mut self.phase {
             follow_active_path(e, now);
@@ -946,8 +974,8 @@ fn handle_control(
     control: Control<'_>,
     now: Instant,
 ) -> Handled {
-    // An authenticated packet on the path searched: its probes are lost on a live path.
-    if let Some((_, search)) = e.path_search.as_mut().filter(|(id, _)| *id == via) {
+    // An authenticated packet on a path searched: its probes are lost on a live path.
+    if let Some(search) = e.search_mut(via) {
         search.heard();
     }
     let handled = match control {
@@ -1041,7 +1069,7 @@ fn handle_control(
             Handled::Consumed
         }
         Control::SizeProbeAck(ack) => {
-            if let Some((_, search)) = e.path_search.as_mut().filter(|(id, _)| *id == via) {
+            if let Some(search) = e.search_mut(via) {
                 search.answered(ack.seq, ack.datagram_len(), now);
             }
             Handled::Consumed
@@ -1098,28 +1126,32 @@ fn collect_actions(e: &mut Established) {
     }
 }
 
-/// Keeps the path MTU search on the active transport: a new search when the session
-/// moved to another UDP transport (the path is another), none on QUIC (it searches its
-/// own) or TCP (a stream carries any packet), nor when no search was asked for.
+/// Tells the search of a transport that became the active one (at the session's start,
+/// or a jump) that it is: its limit is told to the gateway at once, or it searches
+/// again ([`PathSearch::activated`]). QUIC (it searches its own path) and TCP (a stream
+/// carries any packet) have no search.
 fn follow_active_path(e: &mut Established, now: Instant) {
-    let active = e
-        .control
-        .active()
-        .filter(|t| t.protocol == Protocol::Udp)
-        .map(|t| t.id);
-    let wanted = e.search_largest.zip(active);
-    if wanted.map(|(_, id)| id) == e.path_search.as_ref().map(|(id, _)| *id) {
+    let active = e.control.active().map(|t| t.id);
+    if active == e.searched_active {
         return;
     }
-    e.path_search = wanted.map(|(largest, id)| (id, PathSearch::new(largest, now)));
-    e.pending
-        .retain(|p| !matches!(p, Pending::SizeProbe { .. }));
+    e.searched_active = active;
+    if let Some(search) = active.and_then(|id| e.search_mut(id)) {
+        search.activated(now);
+    }
 }
 
-/// Queues `p` unless an equal item is queued already. With one probe per transport, one
-/// reattach (newer ones replace older), one path response (likewise), one size probe
-/// (likewise) and one rekey, the queue never holds more than the number of transports
-/// plus four.
+/// Queues a size probe of `via`'s search, replacing one queued for it: only the newest
+/// is worth sending.
+fn queue_size_probe(queue: &mut VecDeque<Pending>, via: TransportId, probe: pmtu::SizeProbe) {
+    queue.retain(|p| !matches!(p, Pending::SizeProbe { via: v, .. } if *v == via));
+    queue.push_back(Pending::SizeProbe { via, probe });
+}
+
+/// Queues `p` unless an equal item is queued already. With one probe and one size probe
+/// per transport (newer size probes replace older), one reattach (likewise), one path
+/// response (likewise) and one rekey, the queue never holds more than twice the number
+/// of transports plus three.
 fn push_pending(queue: &mut VecDeque<Pending>, p: Pending) {
     if !queue.contains(&p) {
         queue.push_back(p);

@@ -137,6 +137,29 @@ impl PathSearch {
         }
     }
 
+    /// The path became the session's active path (a jump to it; until then it was a
+    /// standby, searched at the standby probes' pace). A limit found is probed again at
+    /// once: the probe tells it to the gateway, which keeps the limit of the path it
+    /// sends on only. A search that ended without a size starts again at once: on a
+    /// standby path nothing may have answered it (a standby node of a gateway cluster
+    /// answers only the standby probes), and the path now leads to the session's owner.
+    /// A search under way goes on.
+    pub fn activated(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Found { .. } if self.confirmed.is_none() => {
+                *self = PathSearch::new(self.largest, now);
+            }
+            Phase::Found { .. } if self.limit().is_some() => {
+                if let Some(probe) = self.in_flight.as_mut() {
+                    // The confirmation in flight is sent again now, its try not counted.
+                    probe.heard = false;
+                }
+                self.next_at = now;
+            }
+            Phase::Found { .. } | Phase::Searching { .. } => {}
+        }
+    }
+
     /// The probe to send now, if one is due: after a probe that went unanswered, the
     /// next try of its size or, once it counts as lost, of the next size.
     pub fn poll(&mut self, now: Instant) -> Option<SizeProbe> {
@@ -396,6 +419,53 @@ mod tests {
         assert!(s.answered(p.seq, p.size, now));
         assert_eq!(s.next_deadline(), now + CONFIRM_EVERY);
         (s, now + CONFIRM_EVERY)
+    }
+
+    #[test]
+    fn an_activated_path_tells_its_limit_at_once_and_searches_again_if_it_found_none() {
+        // A limit: the confirmation is due at once, also with one in flight (sent again,
+        // its try not counted).
+        let (mut s, due) = limited();
+        let limit = s.limit();
+        let mut now = due + Duration::from_secs(3);
+        let p = s.poll(due).expect("a confirmation");
+        s.heard();
+        s.activated(now);
+        assert_eq!(s.next_deadline(), now);
+        let again = s.poll(now).expect("sent again at once");
+        assert_eq!((again.size, s.limit()), (p.size, limit));
+        for _ in 0..TRIES - 1 {
+            s.heard();
+            now = s.next_deadline();
+            let next = s.poll(now).expect("a try");
+            // Only the tries after the activation's count: the size is not lost yet.
+            assert_eq!(next.size, p.size);
+        }
+        assert!(s.answered(again.seq + 2, p.size, now));
+        assert_eq!(s.limit(), limit);
+        // No size (nothing answered the standby): a new search at once, from the top.
+        let (found, took, _) = search(1444, 0);
+        assert_eq!(found, None);
+        let start = Instant::now();
+        let mut s = PathSearch::new(1444, start);
+        while s.poll(s.next_deadline()).is_some() {
+            s.heard();
+        }
+        assert_eq!(s.confirmed(), None);
+        let now = start + took + Duration::from_secs(5);
+        assert!(s.next_deadline() > now + Duration::from_secs(500));
+        s.activated(now);
+        assert_eq!(s.poll(now).map(|p| p.size), Some(1444));
+        // The largest found, or a search under way: nothing changes.
+        let mut s = PathSearch::new(1444, start);
+        let p = s.poll(start).expect("a probe");
+        let before = s.next_deadline();
+        s.activated(start);
+        assert_eq!(s.next_deadline(), before);
+        assert!(s.answered(p.seq, p.size, start));
+        let before = s.next_deadline();
+        s.activated(start);
+        assert_eq!(s.next_deadline(), before);
     }
 
     #[test]

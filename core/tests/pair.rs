@@ -2118,7 +2118,7 @@ fn a_captured_reattach_request_takes_no_session_to_another_node() {
 const LARGEST: u16 = 1_416;
 
 #[test]
-fn size_probes_find_a_narrow_path_both_ends_keep_it_and_a_jump_searches_anew() {
+fn size_probes_find_a_narrow_path_both_ends_keep_it_and_a_path_that_narrows_is_found_again() {
     let mut w = World::new(Policy::default());
     w.client.search_path_mtu(LARGEST);
     // Path 1 carries datagrams of up to 1 300 bytes; path 2 any.
@@ -2135,9 +2135,10 @@ fn size_probes_find_a_narrow_path_both_ends_keep_it_and_a_jump_searches_anew() {
         Some(room),
         "the gateway keeps what the client found"
     );
-    // Path 1 dies: the session jumps to path 2, which carries up to 1 350: its own
-    // search finds that, and the gateway's limit follows what the client says of path
-    // 2 (the old path's limit is cleared by the new search's first probe).
+    // Path 2, found to carry the largest while a standby, narrows to 1 350, and path 1
+    // dies: the session jumps to path 2, whose search finds the narrower size from its
+    // lost confirmations, and the gateway's limit follows what the client says of path
+    // 2 (the old path's limit goes with the binding).
     w.narrow[1] = Some(1_350);
     w.up[0] = false;
     w.run_until_ms(60_000);
@@ -2158,12 +2159,102 @@ fn a_gateway_that_drops_size_probes_leaves_the_path_without_a_limit_and_is_rarel
     let mut w = w.attached();
     w.run_until_ms(120_000);
     assert_eq!(w.client.path_room(TransportId(1)), None);
+    assert_eq!(w.client.path_room(TransportId(2)), None);
     assert_eq!(w.client.state(), State::Attached);
-    let probes = w
-        .sent
+    // On each path, the active one and the standby: the largest and the base three times
+    // each, then nothing until the raise timer.
+    for path in [1, 2] {
+        assert_eq!(
+            size_probes_sent(&w, path),
+            2 * usize::from(jvpn_core::pmtu::TRIES),
+            "path {path}"
+        );
+    }
+}
+
+fn size_probes_sent(w: &World, path: u32) -> usize {
+    let probe = |b: &[u8]| b.first() == Some(&(PacketType::SizeProbe as u8));
+    w.sent
         .iter()
-        .filter(|(_, b)| b.first() == Some(&(PacketType::SizeProbe as u8)))
-        .count();
-    // The largest and the base three times each, then nothing until the raise timer.
-    assert_eq!(probes, 2 * usize::from(jvpn_core::pmtu::TRIES));
+        .filter(|(via, b)| *via == path && probe(b))
+        .count()
+}
+
+/// Runs `w` in steps of 100 ms until the gateway session `id` is bound to path 2 (at
+/// most `limit_ms` of virtual time); the instant it was, in ms since the start.
+fn run_until_bound_to_path_2(w: &mut World, from_ms: u64, limit_ms: u64) -> u64 {
+    let bound = |w: &World| w.gw_binding() == Some(endpoint(2));
+    let mut at = from_ms;
+    while !bound(w) {
+        assert!(at < limit_ms, "no jump to path 2 by {limit_ms} ms");
+        at += 100;
+        w.run_until_ms(at);
+    }
+    at
+}
+
+/// A standby path is searched too, at its probes' pace: when the session jumps to it,
+/// its size is known, so both ends keep to it from the jump on, instead of losing
+/// full-size packets for the ten seconds of a new search.
+#[test]
+fn a_standby_path_is_searched_before_the_jump_so_both_ends_keep_to_it_at_once() {
+    let mut w = World::new(Policy::default());
+    w.client.search_path_mtu(LARGEST);
+    // Path 1 carries any datagram; path 2, the standby, up to 1 300 bytes.
+    w.narrow = [None, Some(1_300)];
+    let mut w = w.attached();
+    w.run_until_ms(60_000);
+    assert_eq!(w.client.path_room(TransportId(1)), None);
+    let room = w
+        .client
+        .path_room(TransportId(2))
+        .expect("the standby's limit");
+    let most = 1_300 - OVERHEAD;
+    assert!(room <= most && room + 8 > most, "room {room}");
+    let id = w.session();
+    let session = w.gw.session(id).expect("session");
+    assert_eq!(session.path_room(endpoint(1)), None);
+    assert_eq!(
+        session.path_room(endpoint(2)),
+        None,
+        "the gateway keeps no limit of a path it does not send on"
+    );
+    // One size probe with each standby probe at most: no more than one every 2 s.
+    assert!(size_probes_sent(&w, 2) <= 30, "{}", size_probes_sent(&w, 2));
+
+    w.up[0] = false;
+    run_until_bound_to_path_2(&mut w, 60_000, 75_000);
+    assert_eq!(w.client.path_room(TransportId(2)), Some(room));
+    let session = w.gw.session(id).expect("session");
+    assert_eq!(
+        session.path_room(endpoint(2)),
+        Some(room),
+        "told to the gateway within 100 ms of the jump"
+    );
+}
+
+/// A standby node of a cluster answers only standby probes: the size probes of the path
+/// that leads to it find nothing. When the session jumps there, the node owns it, and
+/// the path is searched again at once.
+#[test]
+fn a_standby_path_that_answered_no_size_probe_is_searched_again_after_the_jump() {
+    let mut w = World::two_nodes(Policy::default());
+    w.client.search_path_mtu(LARGEST);
+    w.narrow = [None, Some(1_300)];
+    let mut w = w.attached();
+    let id = w.session();
+    w.gw.reserve_until(id, 1_000);
+    w.run_until_ms(60_000);
+    assert_eq!(w.client.path_room(TransportId(2)), None, "nothing answered");
+    w.up[0] = false;
+    w.run_until_ms(90_000);
+    let node = w.second.as_ref().expect("second node");
+    let moved = node.gw.session(id).expect("the second node has it");
+    assert_eq!(moved.binding(), Some(endpoint(2)));
+    let room = w.client.path_room(TransportId(2)).expect("path 2's limit");
+    let most = 1_300 - OVERHEAD;
+    assert!(room <= most && room + 8 > most, "room {room}");
+    let node = w.second.as_ref().expect("second node");
+    let moved = node.gw.session(id).expect("the second node has it");
+    assert_eq!(moved.path_room(endpoint(2)), Some(room));
 }

@@ -1653,7 +1653,7 @@ fn packets_too_large_for_a_udp_path_are_answered_with_icmp_and_tcp_adapts() {
 #[test]
 fn a_udp_path_narrower_beyond_its_links_is_found_by_size_probes_and_tcp_adapts() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lab) = lab("e30") else { return };
+    let Some(lab) = lab("e33") else { return };
     // IP packets of up to 1 400 bytes pass: datagrams of up to 1 372 bytes of payload,
     // tunnel packets of up to 1 336 (the tunnel makes up to 1 380 + 36).
     let endpoint = format!("udp://{}:{}", netlab::GATEWAY_A, netlab::PORT);
@@ -1664,9 +1664,67 @@ fn a_udp_path_narrower_beyond_its_links_is_found_by_size_probes_and_tcp_adapts()
 #[test]
 fn a_udp_path_over_ipv6_narrower_beyond_its_links_is_found_by_size_probes() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lab) = lab("e31") else { return };
+    let Some(lab) = lab("e34") else { return };
     let endpoint = format!("udp://[{GATEWAY_A6}]:{}", netlab::PORT);
     narrow_hop_is_found(lab, endpoint, 1_316, "IPv6");
+}
+
+/// A standby path narrower beyond its links is searched before the session needs it:
+/// path A is cut under a transfer, the session jumps to path B knowing its size, and
+/// the client answers a full-size packet with that size from the jump on (before, the
+/// search began at the jump, and full-size packets vanished for its ten seconds). The
+/// transfer spanning the jump, and one after it, complete, every byte checked.
+#[test]
+fn a_jump_to_a_standby_path_narrower_beyond_its_links_keeps_to_its_size_at_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("e35") else { return };
+    lab.client_metrics = CLIENT_METRICS.into();
+    lab.narrow_beyond(Path2::B, netlab::PORT, 1_400)
+        .expect("narrow hop");
+    let started = Instant::now();
+    connect(&mut lab, FAST_POLICY, "exit");
+    // Path B's search runs while it is a standby: its room shows in the status.
+    let carried: u64 = 1_336;
+    let expected = (carried - 8 + 1)..=carried;
+    let mut status = serde_json::Value::Null;
+    let found = wait_until(Duration::from_secs(60), || {
+        status = lab.status("client").unwrap_or_default();
+        status["candidates"][1]["path_room"].as_u64().is_some()
+    });
+    let room = status["candidates"][1]["path_room"].as_u64();
+    assert!(
+        found && room.is_some_and(|r| expected.contains(&r)),
+        "no room within {expected:?} for the standby path B in 60 s: {status}\n{}",
+        lab.diagnostics()
+    );
+    let searched = started.elapsed();
+    assert_eq!(status["active_transport"], 1, "{status}");
+    assert_eq!(
+        status["candidates"][0]["path_room"],
+        serde_json::Value::Null
+    );
+
+    // A transfer from the server, spread over 6 s, spans the cut of path A.
+    let bytes = transfer_bytes().max(16_000_000);
+    let listen = format!("{CLIENT_TUNNEL}:5202");
+    start_transfer_between(&mut lab, "down", ("s", "c"), &listen, bytes, Some(6_000));
+    std::thread::sleep(Duration::from_millis(1_500));
+    lab.cut(Path2::A).expect("cut");
+    let cut = Instant::now();
+    let jumped = wait_until(Duration::from_secs(10), || lab.attached_on(2));
+    assert!(jumped, "no jump to path B\n{}", lab.diagnostics());
+    let jump = cut.elapsed();
+    // At once, no retry: the client answers a full-size packet with path B's size.
+    let nobody = "10.77.0.99";
+    let mtu = room.map_or(0, |r| u32::try_from(r).unwrap_or(0));
+    let line = too_big_answer(&lab, nobody, 1_352, mtu);
+    let [down, up, gateway_answered, client_answered] = both_ends_answer(&mut lab, bytes);
+    eprintln!(
+        "STANDBY path B, a hop of 1 400 bytes beyond its links: its size found while a standby (tunnel packets up to {mtu}) {:.1} s after the start; path A cut, jump within {:.2} s, the size applied at once ({line:?}); {bytes} B down across the jump at {down:.0} Mbit/s, up after it at {up:.0} Mbit/s (every byte checked); answers sent: gateway {gateway_answered}, client {client_answered}",
+        searched.as_secs_f64(),
+        jump.as_secs_f64()
+    );
+    finish(lab);
 }
 
 /// Serves only `endpoint` (UDP) over path A, narrowed beyond its links to IP packets of
@@ -1712,19 +1770,28 @@ fn narrow_hop_is_found(mut lab: Lab, endpoint: String, carried: u32, family: &st
     let bytes = transfer_bytes().max(16_000_000);
     let listen = format!("{CLIENT_TUNNEL}:5202");
     start_transfer_between(&mut lab, "down", ("s", "c"), &listen, bytes, None);
-    let down = await_transfer(&mut lab, "down", bytes);
-    let answered = icmp_answers(&gateway_metrics(&lab));
-    assert!(answered >= 1.0, "the gateway answered none");
-    let to_gateway = format!("{}:5203", netlab::GATEWAY_TUNNEL);
-    start_transfer_between(&mut lab, "up", ("c", "g"), &to_gateway, bytes, None);
-    let up = await_transfer(&mut lab, "up", bytes);
-    let client_answered = icmp_answers(&client_metrics(&lab));
-    assert!(client_answered >= 1.0, "the client answered none");
+    let [down, up, answered, client_answered] = both_ends_answer(&mut lab, bytes);
     eprintln!(
         "TRANSPORT udp over {family}, a hop of 1 400 bytes beyond the links: size found (tunnel packets up to {mtu}) {:.1} s after the start; {bytes} B down at {down:.0} Mbit/s, up at {up:.0} Mbit/s (every byte checked); answers sent: gateway {answered}, client {client_answered}; {line:?}",
         search.as_secs_f64()
     );
     finish(lab);
+}
+
+/// Awaits the checked transfer "down" of `bytes` (the server's, to the client, already
+/// started), then makes one of the client's to the gateway ("up"); each end must have
+/// answered a packet too large for the path with ICMP by the end of the transfer it
+/// sends on. Returns the Mbit/s down and up and the answers of the gateway and client.
+fn both_ends_answer(lab: &mut Lab, bytes: u64) -> [f64; 4] {
+    let down = await_transfer(lab, "down", bytes);
+    let gateway_answered = icmp_answers(&gateway_metrics(lab));
+    assert!(gateway_answered >= 1.0, "the gateway answered none");
+    let to_gateway = format!("{}:5203", netlab::GATEWAY_TUNNEL);
+    start_transfer_between(lab, "up", ("c", "g"), &to_gateway, bytes, None);
+    let up = await_transfer(lab, "up", bytes);
+    let client_answered = icmp_answers(&client_metrics(lab));
+    assert!(client_answered >= 1.0, "the client answered none");
+    [down, up, gateway_answered, client_answered]
 }
 
 /// Sends two pings of `size` bytes of data that may not be fragmented from the client to
@@ -2269,6 +2336,18 @@ fn dockerfile_list(text: &str, instruction: &str, within: Option<&str>) -> Vec<S
 fn the_container_entrypoint_runs_unprivileged_and_stops_cleanly() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut lab) = lab("e31") else { return };
+    // The image's user opens /dev/net/tun as any user may where udev made the node (mode
+    // 0666 on every distribution); a machine without udev may leave it to root alone.
+    use std::os::unix::fs::PermissionsExt;
+    let tun_mode = std::fs::metadata("/dev/net/tun")
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    assert!(
+        tun_mode & 0o006 == 0o006,
+        "/dev/net/tun is not open to every user (mode {tun_mode:o}), as udev makes it: the \
+         image's unprivileged user cannot create its TUN device (`chmod 0666 /dev/net/tun`, \
+         as .ci/run does)"
+    );
     let dockerfile =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Dockerfile"))
             .expect("Dockerfile");
