@@ -24,7 +24,9 @@ use futures_util::{FutureExt, Stream};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, Mutex};
 
-use jvpn_core::offload::{coalesce, segments, VnetHeader, VNET_HDR_DATA_VALID, VNET_HDR_LEN};
+use jvpn_core::offload::{
+    coalesce, segments, VnetHeader, MAX_COALESCED, VNET_HDR_DATA_VALID, VNET_HDR_LEN,
+};
 use jvpn_core::wire::{TunnelAddr, TunnelAddrs};
 
 use crate::runtime::{ActorKind, Close};
@@ -575,14 +577,22 @@ impl TunDevice for KernelTun {
 
     fn write_batch(&self, packets: &[&[u8]]) {
         thread_local! {
-            /// Where runs are joined: one per thread that writes (the arbiters).
-            static JOINED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+            /// Where a run's headers are rebuilt: one per thread that writes (the
+            /// arbiters).
+            static HEAD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
         let fd = self.write_queue();
-        JOINED.with_borrow_mut(|buf| {
-            coalesce(packets, buf, |write| {
-                let parts = [IoSlice::new(write)];
-                if sys::write_gathered(fd, &parts).is_err() {
+        HEAD.with_borrow_mut(|head| {
+            coalesce(packets, head, |parts| {
+                let mut slices = [IoSlice::new(&[]); MAX_COALESCED + 1];
+                for (slice, part) in slices.iter_mut().zip(parts) {
+                    *slice = IoSlice::new(part);
+                }
+                // At most MAX_COALESCED + 1 parts (`coalesce`).
+                let written = slices
+                    .get(..parts.len())
+                    .is_some_and(|gathered| sys::write_gathered(fd, gathered).is_ok());
+                if !written {
                     telemetry::dropped("tun_write_failed");
                 }
             });

@@ -130,15 +130,17 @@ impl<'p> TcpSegment<'p> {
 /// TCP flow joined into one super-packet behind a virtio-net header that asks the kernel
 /// to take it as a GSO packet (its TCP checksum left partial, for the kernel to complete
 /// per segment); every other packet is written alone behind [`VNET_HDR_DATA_VALID`].
-/// `buf` is reused between calls.
-pub fn coalesce(packets: &[&[u8]], buf: &mut Vec<u8>, mut write: impl FnMut(&[u8])) {
+///
+/// Each write is handed over in parts, to be written gathered (one `writev`): the
+/// virtio-net header and the first segment's headers, rebuilt in `head` (reused between
+/// calls), then the segments' payloads as they are in `packets`. The data is not copied
+/// on its way to the device: a run of 45 segments is 46 parts, and a copy of the 64 KiB
+/// was a tenth of a receiving gateway's time under one TCP stream.
+pub fn coalesce(packets: &[&[u8]], head: &mut Vec<u8>, mut write: impl FnMut(&[&[u8]])) {
     let mut i = 0;
     while i < packets.len() {
         let Some(first) = TcpSegment::parse(packets[i]) else {
-            buf.clear();
-            buf.extend_from_slice(&VNET_HDR_DATA_VALID);
-            buf.extend_from_slice(packets[i]);
-            write(buf);
+            write(&[&VNET_HDR_DATA_VALID, packets[i]]);
             i += 1;
             continue;
         };
@@ -163,21 +165,27 @@ pub fn coalesce(packets: &[&[u8]], buf: &mut Vec<u8>, mut write: impl FnMut(&[u8
                 break;
             }
         }
-        buf.clear();
         if end == i + 1 {
-            buf.extend_from_slice(&VNET_HDR_DATA_VALID);
-            buf.extend_from_slice(packets[i]);
+            write(&[&VNET_HDR_DATA_VALID, packets[i]]);
         } else {
-            join(&first, &packets[i + 1..end], total, flags, buf);
+            join_head(&first, total, flags, head);
+            let mut parts: [&[u8]; MAX_COALESCED + 1] = [&[]; MAX_COALESCED + 1];
+            parts[0] = head;
+            parts[1] = first.payload;
+            let hdr_len = first.headers.len();
+            for (part, p) in parts[2..].iter_mut().zip(&packets[i + 1..end]) {
+                *part = p.get(hdr_len..).unwrap_or_default();
+            }
+            write(&parts[..end - i + 1]);
         }
-        write(buf);
         i = end;
     }
 }
 
-/// Builds, in `buf`, the virtio-net header and super-packet of `first` followed by the
-/// payloads of `rest` (already checked to continue it).
-fn join(first: &TcpSegment<'_>, rest: &[&[u8]], total: usize, flags: u8, buf: &mut Vec<u8>) {
+/// Builds, in `head`, the virtio-net header and the IP and TCP headers of the
+/// super-packet that `first` begins: `total` bytes long, with `flags` (the run's,
+/// together).
+fn join_head(first: &TcpSegment<'_>, total: usize, flags: u8, head: &mut Vec<u8>) {
     let ip_len = first.ip_len;
     let hdr_len = first.headers.len();
     let v4 = ip_len == 20;
@@ -188,26 +196,22 @@ fn join(first: &TcpSegment<'_>, rest: &[&[u8]], total: usize, flags: u8, buf: &m
     vnet[4..6].copy_from_slice(&(first.payload.len() as u16).to_le_bytes());
     vnet[6..8].copy_from_slice(&(ip_len as u16).to_le_bytes());
     vnet[8..10].copy_from_slice(&16u16.to_le_bytes());
-    buf.extend_from_slice(&vnet);
-    let start = buf.len();
-    buf.extend_from_slice(first.headers);
-    buf.extend_from_slice(first.payload);
-    for p in rest {
-        buf.extend_from_slice(p.get(hdr_len..).unwrap_or_default());
-    }
-    let packet = &mut buf[start..];
+    head.clear();
+    head.extend_from_slice(&vnet);
+    head.extend_from_slice(first.headers);
+    let headers = &mut head[VNET_HDR_LEN..];
     if v4 {
-        packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        packet[10..12].fill(0);
-        let ip_sum = !fold(sum_bytes(0, &packet[..20]));
-        packet[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        headers[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        headers[10..12].fill(0);
+        let ip_sum = !fold(sum_bytes(0, &headers[..20]));
+        headers[10..12].copy_from_slice(&ip_sum.to_be_bytes());
     } else {
-        packet[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        headers[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
     }
-    packet[ip_len + 13] = flags;
+    headers[ip_len + 13] = flags;
     // Partial: the pseudo-header's sum only, as the kernel expects with NEEDS_CSUM.
-    let partial = fold(pseudo_header_sum(packet, ip_len, total - ip_len));
-    packet[ip_len + 16..ip_len + 18].copy_from_slice(&partial.to_be_bytes());
+    let partial = fold(pseudo_header_sum(headers, ip_len, total - ip_len));
+    headers[ip_len + 16..ip_len + 18].copy_from_slice(&partial.to_be_bytes());
 }
 
 /// Why a packet read from the device was refused.
@@ -608,7 +612,9 @@ mod tests {
     fn coalesced(packets: &[Vec<u8>]) -> Vec<Vec<Vec<u8>>> {
         let slices: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
         let mut writes = Vec::new();
-        coalesce(&slices, &mut Vec::new(), |w| writes.push(w.to_vec()));
+        coalesce(&slices, &mut Vec::new(), |parts| {
+            writes.push(parts.concat())
+        });
         writes
             .iter()
             .map(|w| {
@@ -742,7 +748,9 @@ mod tests {
         ) {
             let slices: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
             let mut bytes = 0;
-            coalesce(&slices, &mut Vec::new(), |w| bytes += w.len() - VNET_HDR_LEN);
+            coalesce(&slices, &mut Vec::new(), |parts| {
+                bytes += parts.iter().map(|p| p.len()).sum::<usize>() - VNET_HDR_LEN
+            });
             prop_assert!(bytes <= packets.iter().map(Vec::len).sum::<usize>());
         }
 
