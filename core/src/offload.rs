@@ -675,6 +675,23 @@ mod tests {
         assert_eq!(writes[1][0], udp, "written as it came");
     }
 
+    /// A run stops at MAX_COALESCED segments (the parts of a write are bounded by it)
+    /// even when 64 KiB would take more.
+    #[test]
+    fn a_run_is_cut_after_max_coalesced_segments() {
+        let (header, packet) = super_packet(false, &[9; 100 * 150], 100);
+        let mut segs = split_all(&header, &packet).expect("segments");
+        for s in &mut segs {
+            s[33] &= !(TCP_FIN | TCP_CWR | TCP_PSH);
+        }
+        let writes = coalesced(&segs);
+        let sizes: Vec<usize> = writes.iter().map(Vec::len).collect();
+        assert_eq!(
+            sizes,
+            vec![MAX_COALESCED, MAX_COALESCED, 150 - 2 * MAX_COALESCED]
+        );
+    }
+
     /// Found by the property below: an IPv4 first byte on a packet too short for an IPv4
     /// header must not be read past its end.
     #[test]

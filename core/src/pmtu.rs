@@ -138,25 +138,34 @@ impl PathSearch {
     }
 
     /// The path became the session's active path (a jump to it; until then it was a
-    /// standby, searched at the standby probes' pace). A limit found is probed again at
-    /// once: the probe tells it to the gateway, which keeps the limit of the path it
-    /// sends on only. A search that ended without a size starts again at once: on a
-    /// standby path nothing may have answered it (a standby node of a gateway cluster
-    /// answers only the standby probes), and the path now leads to the session's owner.
-    /// A search under way goes on.
+    /// standby, searched at the standby probes' pace). What its search learnt while
+    /// nothing on it answered a size probe may be wrong: a standby node of a gateway
+    /// cluster answers the standby probes (the path counts as alive) but not size
+    /// probes, so sizes counted lost there were never asked of the session's owner, to
+    /// which the path now leads. So:
+    /// - a size found is probed again at once: a limit is so told to the gateway, which
+    ///   keeps the limit of the path it sends on only, and any size is confirmed on the
+    ///   path as it is now (a confirmation in flight is sent again, its try not counted);
+    /// - a search that ended without a size, or one under way that no answer has
+    ///   reached yet, starts again at once, from the largest;
+    /// - a search under way that has had answers goes on (they came from the node
+    ///   that answers size probes).
     pub fn activated(&mut self, now: Instant) {
-        match self.phase {
-            Phase::Found { .. } if self.confirmed.is_none() => {
-                *self = PathSearch::new(self.largest, now);
+        let answered =
+            self.confirmed.is_some() || matches!(self.phase, Phase::Searching { lo, .. } if lo > 0);
+        if !answered {
+            // The seq goes on: a late answer to an old probe matches no new one.
+            *self = PathSearch {
+                seq: self.seq,
+                ..PathSearch::new(self.largest, now)
+            };
+            return;
+        }
+        if let Phase::Found { .. } = self.phase {
+            if let Some(probe) = self.in_flight.as_mut() {
+                probe.heard = false;
             }
-            Phase::Found { .. } if self.limit().is_some() => {
-                if let Some(probe) = self.in_flight.as_mut() {
-                    // The confirmation in flight is sent again now, its try not counted.
-                    probe.heard = false;
-                }
-                self.next_at = now;
-            }
-            Phase::Found { .. } | Phase::Searching { .. } => {}
+            self.next_at = now;
         }
     }
 
@@ -422,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn an_activated_path_tells_its_limit_at_once_and_searches_again_if_it_found_none() {
+    fn an_activated_path_confirms_its_size_at_once_and_searches_again_if_nothing_answered() {
         // A limit: the confirmation is due at once, also with one in flight (sent again,
         // its try not counted).
         let (mut s, due) = limited();
@@ -456,16 +465,59 @@ mod tests {
         assert!(s.next_deadline() > now + Duration::from_secs(500));
         s.activated(now);
         assert_eq!(s.poll(now).map(|p| p.size), Some(1444));
-        // The largest found, or a search under way: nothing changes.
+        // A search under way that nothing answered yet (its losses counted while only a
+        // standby node answered): it starts again, its seq going on.
+        let mut s = PathSearch::new(1444, start);
+        let mut now = start;
+        let mut last = 0;
+        for _ in 0..TRIES {
+            last = s.poll(now).expect("a try of the largest").seq;
+            s.heard();
+            now = s.next_deadline();
+        }
+        let base = s.poll(now).expect("the base after the largest was lost");
+        assert_eq!(base.size, BASE);
+        s.heard();
+        s.activated(now);
+        let first = s.poll(now).expect("at once");
+        assert_eq!(first.size, 1444, "from the largest again");
+        assert!(first.seq > base.seq && base.seq > last);
+        assert!(
+            !s.answered(base.seq, BASE, now),
+            "an old answer matches nothing"
+        );
+        // Losses count from the activation on: the largest is tried TRIES times again.
+        for _ in 1..TRIES {
+            s.heard();
+            now = s.next_deadline();
+            assert_eq!(s.poll(now).map(|p| p.size), Some(1444));
+        }
+        // A search under way that has had an answer goes on.
+        let mut s = PathSearch::new(1444, start);
+        let mut now = start;
+        for _ in 0..TRIES {
+            s.poll(now).expect("a try of the largest");
+            s.heard();
+            now = s.next_deadline();
+        }
+        let base = s.poll(now).expect("the base");
+        assert!(s.answered(base.seq, BASE, now));
+        let next = s.poll(now).expect("the next size");
+        let before = s.next_deadline();
+        s.activated(now);
+        assert_eq!(s.next_deadline(), before);
+        assert!(
+            s.answered(next.seq, next.size, now),
+            "the same probe in flight"
+        );
+        // The largest found: confirmed at once on the path as it is now.
         let mut s = PathSearch::new(1444, start);
         let p = s.poll(start).expect("a probe");
-        let before = s.next_deadline();
-        s.activated(start);
-        assert_eq!(s.next_deadline(), before);
         assert!(s.answered(p.seq, p.size, start));
-        let before = s.next_deadline();
-        s.activated(start);
-        assert_eq!(s.next_deadline(), before);
+        let now = start + Duration::from_secs(7);
+        assert_eq!(s.next_deadline(), start + CONFIRM_EVERY);
+        s.activated(now);
+        assert_eq!(s.poll(now).map(|p| p.size), Some(1444));
     }
 
     #[test]

@@ -2136,9 +2136,9 @@ fn size_probes_find_a_narrow_path_both_ends_keep_it_and_a_path_that_narrows_is_f
         "the gateway keeps what the client found"
     );
     // Path 2, found to carry the largest while a standby, narrows to 1 350, and path 1
-    // dies: the session jumps to path 2, whose search finds the narrower size from its
-    // lost confirmations, and the gateway's limit follows what the client says of path
-    // 2 (the old path's limit goes with the binding).
+    // dies: the session jumps to path 2, whose size is confirmed at once, lost, and
+    // searched below, and the gateway's limit follows what the client says of path 2
+    // (the old path's limit goes with the binding).
     w.narrow[1] = Some(1_350);
     w.up[0] = false;
     w.run_until_ms(60_000);
@@ -2219,8 +2219,18 @@ fn a_standby_path_is_searched_before_the_jump_so_both_ends_keep_to_it_at_once() 
         None,
         "the gateway keeps no limit of a path it does not send on"
     );
-    // One size probe with each standby probe at most: no more than one every 2 s.
-    assert!(size_probes_sent(&w, 2) <= 30, "{}", size_probes_sent(&w, 2));
+    // Each of the standby's size probes goes right after one of its standby probes: at
+    // most one per standby probe interval.
+    let on_2 = |k: usize, t: PacketType| {
+        w.sent
+            .get(k)
+            .is_some_and(|(via, b)| *via == 2 && b.first() == Some(&(t as u8)))
+    };
+    let paced = (0..w.sent.len())
+        .filter(|&k| on_2(k, PacketType::SizeProbe))
+        .all(|k| k > 0 && on_2(k - 1, PacketType::Probe));
+    assert!(paced, "a standby size probe not paced by a standby probe");
+    assert!(size_probes_sent(&w, 2) >= 6, "the standby was searched");
 
     w.up[0] = false;
     run_until_bound_to_path_2(&mut w, 60_000, 75_000);
@@ -2234,27 +2244,38 @@ fn a_standby_path_is_searched_before_the_jump_so_both_ends_keep_to_it_at_once() 
 }
 
 /// A standby node of a cluster answers only standby probes: the size probes of the path
-/// that leads to it find nothing. When the session jumps there, the node owns it, and
-/// the path is searched again at once.
+/// that leads to it find nothing, and count as lost there. When the session jumps there,
+/// the node owns it, and the path is searched again at once, from the largest: whenever
+/// path 1 dies, while that search is under way (with the largest or the base counted
+/// lost there: path 1 dying at 9 s failed with the search simply going on) or after it
+/// ended without a size.
 #[test]
 fn a_standby_path_that_answered_no_size_probe_is_searched_again_after_the_jump() {
+    for jump_at in (1_000..30_000).step_by(1_000).chain([60_000]) {
+        standby_node_searched_again_after_a_jump_at(jump_at);
+    }
+}
+
+fn standby_node_searched_again_after_a_jump_at(jump_at: u64) {
     let mut w = World::two_nodes(Policy::default());
     w.client.search_path_mtu(LARGEST);
     w.narrow = [None, Some(1_300)];
     let mut w = w.attached();
     let id = w.session();
     w.gw.reserve_until(id, 1_000);
-    w.run_until_ms(60_000);
+    w.run_until_ms(jump_at);
     assert_eq!(w.client.path_room(TransportId(2)), None, "nothing answered");
     w.up[0] = false;
-    w.run_until_ms(90_000);
+    w.run_until_ms(jump_at + 30_000);
+    let jumped = format!("path 1 died at {jump_at} ms");
     let node = w.second.as_ref().expect("second node");
     let moved = node.gw.session(id).expect("the second node has it");
-    assert_eq!(moved.binding(), Some(endpoint(2)));
-    let room = w.client.path_room(TransportId(2)).expect("path 2's limit");
+    assert_eq!(moved.binding(), Some(endpoint(2)), "{jumped}");
+    let room = w.client.path_room(TransportId(2));
     let most = 1_300 - OVERHEAD;
-    assert!(room <= most && room + 8 > most, "room {room}");
-    let node = w.second.as_ref().expect("second node");
-    let moved = node.gw.session(id).expect("the second node has it");
-    assert_eq!(moved.path_room(endpoint(2)), Some(room));
+    assert!(
+        room.is_some_and(|room| room <= most && room + 8 > most),
+        "{jumped}: room {room:?}"
+    );
+    assert_eq!(moved.path_room(endpoint(2)), room, "{jumped}");
 }
