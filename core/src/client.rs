@@ -688,11 +688,9 @@ impl Client {
                 // Only the active path's search keeps a timer of its own; the standbys'
                 // run with their probes.
                 let active = e.control.active().map(|t| t.id);
-                let search = e
-                    .probing
-                    .iter()
-                    .filter(|p| Some(p.transport.id) == active)
-                    .filter_map(|p| p.search.as_ref().map(PathSearch::next_deadline));
+                let search = active
+                    .and_then(|id| e.search(id))
+                    .map(PathSearch::next_deadline);
                 let rekey = e
                     .rekey
                     .as_ref()
