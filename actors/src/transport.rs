@@ -11,6 +11,7 @@
 //! counts it.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,7 @@ use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use crate::read_slot::ReadSlot;
 use crate::runtime::{ActorKind, Close, Crash};
 use crate::telemetry::{self, Direction, TrafficMeter};
 
@@ -525,27 +527,65 @@ struct Read {
 }
 
 /// The reader's buffers: [`READ_SLOTS`] slots of [`SLOT_BYTES`] the kernel writes
-/// into, and the buffer the datagrams of a read are copied to ([`Arena`]), all reused.
+/// into, the spent slots waiting to be reused, and the buffer small runs are copied to
+/// ([`Arena`]).
+///
+/// A run of [`TAKEN_RUN_BYTES`] or more (a GRO run under a flow) is handed on where
+/// the kernel wrote it ([`ReadSlot::take`]): its slot goes with its datagrams, and a
+/// spent slot whose datagrams have all been dropped takes its place, else a new one.
+/// A smaller run is copied into the arena, so that a lone datagram never holds a whole
+/// slot.
 struct ReadBuffers {
-    slots: Vec<Vec<u8>>,
+    slots: Vec<ReadSlot>,
     meta: Vec<RecvMeta>,
+    /// Slots whose runs were handed on, oldest first, at most [`SPARE_SLOTS`].
+    spent: VecDeque<ReadSlot>,
     arena: Arena,
 }
+
+/// The smallest run handed on in its slot rather than copied: a quarter of a slot, so a
+/// datagram kept (in a mailbox) holds at most four times its run's bytes.
+const TAKEN_RUN_BYTES: usize = SLOT_BYTES / 4;
+
+/// Spent slots kept for reuse. A slot is reused once the session has handled its
+/// datagrams, usually before the next read; a few reads may come first under load. A
+/// spent slot beyond these is let go (its memory goes with its last datagram).
+const SPARE_SLOTS: usize = 16;
 
 impl ReadBuffers {
     fn new() -> Self {
         ReadBuffers {
-            slots: (0..READ_SLOTS).map(|_| vec![0u8; SLOT_BYTES]).collect(),
+            slots: (0..READ_SLOTS).map(|_| ReadSlot::new()).collect(),
             meta: vec![RecvMeta::default(); READ_SLOTS],
+            spent: VecDeque::with_capacity(SPARE_SLOTS),
             arena: Arena::new(),
         }
     }
+
+    /// Hands on slot `i`'s first `len` bytes where they were written, and puts a whole
+    /// slot in its place.
+    fn take(&mut self, i: usize, len: usize) -> BytesMut {
+        let renewed = self.spent.iter_mut().position(ReadSlot::renew);
+        let fresh = match renewed.and_then(|at| self.spent.remove(at)) {
+            Some(slot) => slot,
+            None => ReadSlot::new(),
+        };
+        let mut slot = std::mem::replace(&mut self.slots[i], fresh);
+        let run = slot.take(len);
+        if self.spent.len() == SPARE_SLOTS {
+            self.spent.pop_front();
+        }
+        self.spent.push_back(slot);
+        run
+    }
 }
 
-/// The datagrams a reader hands on are views of one buffer, reused whole once every
-/// view of it has been dropped, instead of one allocation per datagram: under a TCP
-/// flow through the tunnel the allocator's share of the receiving side's CPU samples
-/// went from 7 % to 2 % (bench/results/read-arena-2026-12-07.txt).
+/// The datagrams of small runs are copied into one buffer and handed on as views of
+/// it, reused whole once every view of it has been dropped, instead of one allocation
+/// per datagram: under a TCP flow through the tunnel the allocator's share of the
+/// receiving side's CPU samples went from 7 % to 2 %
+/// (bench/results/read-arena-2026-12-07.txt; large runs have since been handed on in
+/// their slots, [`ReadBuffers`]).
 struct Arena {
     buffer: BytesMut,
 }
@@ -566,8 +606,8 @@ impl Arena {
 
     /// Makes room for `bytes`: the room left, or the same buffer again if nothing else
     /// holds a part of it and it is large enough, else a new one (of `bytes` if that is
-    /// more than [`ARENA_BYTES`]: the arena grows to the largest read, at most
-    /// [`READ_SLOTS`] × [`SLOT_BYTES`]).
+    /// more than [`ARENA_BYTES`]: the arena grows to the largest read's small runs,
+    /// under [`READ_SLOTS`] × [`TAKEN_RUN_BYTES`]).
     fn make_room(&mut self, bytes: usize) {
         if self.buffer.capacity() - self.buffer.len() < bytes && !self.buffer.try_reclaim(bytes) {
             self.buffer = BytesMut::with_capacity(bytes.max(ARENA_BYTES));
@@ -586,19 +626,25 @@ impl Arena {
     ) {
         self.make_room(run.len());
         self.buffer.extend_from_slice(run);
-        let mut run = self.buffer.split();
-        let stride = stride.max(1);
-        while run.len() > stride {
-            batch.push((from, run.split_to(stride)));
-        }
-        if !run.is_empty() {
-            batch.push((from, run));
-        }
+        split_datagrams(from, self.buffer.split(), stride, batch);
     }
 }
 
-/// Waits until the socket is readable, then reads what is there (one recvmmsg), the
-/// datagrams copied out of the reused slots into the [`Arena`].
+/// Hands on each datagram of `run` (each `stride` bytes, the last one shorter) as a
+/// view of its own.
+fn split_datagrams(from: SocketAddr, mut run: BytesMut, stride: usize, batch: &mut Vec<Incoming>) {
+    let stride = stride.max(1);
+    while run.len() > stride {
+        batch.push((from, run.split_to(stride)));
+    }
+    if !run.is_empty() {
+        batch.push((from, run));
+    }
+}
+
+/// Waits until the socket is readable, then reads what is there (one recvmmsg): each
+/// large run handed on in its slot, each small one copied into the [`Arena`]
+/// ([`ReadBuffers`]).
 ///
 /// It wakes for datagrams and for errors: an ICMP error on a connected socket (port or
 /// host unreachable) makes it erroneous, not readable, and is read at once.
@@ -612,8 +658,11 @@ impl Arena {
 async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffers) -> Read {
     let read = socket
         .async_io(Interest::READABLE | Interest::ERROR, || {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                bufs.slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+            let mut slices: Vec<IoSliceMut<'_>> = bufs
+                .slots
+                .iter_mut()
+                .map(|s| IoSliceMut::new(s.room()))
+                .collect();
             sender
                 .state
                 .recv(UdpSockRef::from(socket), &mut slices, &mut bufs.meta)
@@ -629,12 +678,26 @@ async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffe
         }
     };
     let mut batch = Vec::with_capacity(n);
-    let total = bufs.meta.iter().take(n).map(|m| m.len).sum();
-    bufs.arena.make_room(total);
-    for (meta, slot) in bufs.meta.iter().zip(&bufs.slots).take(n) {
-        let run = &slot[..meta.len.min(slot.len())];
-        bufs.arena
-            .split_run(meta.addr, run, meta.stride, &mut batch);
+    let copied = bufs
+        .meta
+        .iter()
+        .take(n)
+        .map(|m| m.len)
+        .filter(|&len| len < TAKEN_RUN_BYTES)
+        .sum();
+    bufs.arena.make_room(copied);
+    for i in 0..n.min(READ_SLOTS) {
+        let RecvMeta {
+            addr, len, stride, ..
+        } = bufs.meta[i];
+        let len = len.min(SLOT_BYTES);
+        if len >= TAKEN_RUN_BYTES {
+            let run = bufs.take(i, len);
+            split_datagrams(addr, run, stride, &mut batch);
+        } else {
+            let run = &bufs.slots[i].room()[..len];
+            bufs.arena.split_run(addr, run, stride, &mut batch);
+        }
     }
     Read { batch, error: None }
 }
@@ -812,6 +875,122 @@ mod tests {
         assert_ne!(third[0].1.as_ptr(), start);
         assert!(kept.is_some_and(|d| d.iter().all(|&b| b == 2)));
         assert!(third.iter().all(|(_, d)| d.iter().all(|&b| b == 3)));
+    }
+
+    /// A large run goes on in its slot; the slot is used again once its datagrams are
+    /// dropped, never while one lives, and the spent slots kept are bounded.
+    #[test]
+    fn a_large_run_is_handed_on_in_its_slot_which_is_reused_only_once_its_datagrams_are_gone() {
+        let mut bufs = ReadBuffers::new();
+        let len = TAKEN_RUN_BYTES;
+        let read = |bufs: &mut ReadBuffers, byte: u8| {
+            let room = bufs.slots[0].room();
+            room[..len].fill(byte);
+            let at = room.as_ptr();
+            let run = bufs.take(0, len);
+            assert_eq!(run.as_ptr(), at, "handed on where it was written");
+            assert!(run.iter().all(|&b| b == byte));
+            run
+        };
+        let first = read(&mut bufs, 1);
+        let first_at = first.as_ptr();
+        assert_eq!(
+            bufs.slots[0].room().len(),
+            SLOT_BYTES,
+            "a whole slot in its place"
+        );
+        drop(first);
+        // The next large run takes the slot put in its place, and the first one, its
+        // datagrams gone, is put back in its memory: the run after is read into it.
+        let second = read(&mut bufs, 2);
+        assert_ne!(second.as_ptr(), first_at);
+        let third = read(&mut bufs, 4);
+        assert_eq!(third.as_ptr(), first_at);
+        drop(third);
+        // Runs kept (in mailboxes): each read takes another slot, and none is written
+        // while a datagram of it lives.
+        let kept: Vec<BytesMut> = (0..SPARE_SLOTS as u8 + 4)
+            .map(|i| read(&mut bufs, 10 + i))
+            .collect();
+        assert!(second.iter().all(|&b| b == 2));
+        for (i, run) in kept.iter().enumerate() {
+            assert!(run.iter().all(|&b| b == 10 + i as u8), "run {i}");
+        }
+        assert_eq!(
+            bufs.spent.len(),
+            SPARE_SLOTS,
+            "the spent slots kept are bounded"
+        );
+        // Once they are let go, the slots kept are read into again, as they were left
+        // (a new slot would be zeroed): after the slot in place, every read finds one.
+        drop(kept);
+        drop(second);
+        let _ = read(&mut bufs, 3);
+        for _ in 1..SPARE_SLOTS {
+            assert!(bufs.slots[0].room()[0] >= 10, "a kept slot, not a new one");
+            let _ = read(&mut bufs, 3);
+        }
+    }
+
+    /// Hands on the datagrams themselves.
+    struct Keep(tokio::sync::mpsc::UnboundedSender<Vec<BytesMut>>);
+
+    impl Deliver for Keep {
+        fn datagrams(&self, _: &TransportHandle, batch: Vec<Incoming>) {
+            let _ = self.0.send(batch.into_iter().map(|(_, d)| d).collect());
+        }
+        fn signal(&self, _: &TransportHandle, _: Signal) {}
+    }
+
+    /// Batches sent in one go (a GSO run the receiving socket takes as one GRO run on
+    /// this loopback, or separate datagrams where the kernel has neither) arrive as the
+    /// datagrams they hold, and the datagrams of earlier reads, still held, keep their
+    /// bytes while later reads come in.
+    #[actix_rt::test]
+    async fn datagrams_of_large_runs_keep_their_bytes_while_later_reads_come_in() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+        let to = socket.local_addr().expect("addr");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _reader = PreparedUdp::new(socket, 0)
+            .expect("prepared")
+            .start(Arc::new(Keep(tx)));
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
+        let sender = PreparedUdp::new(peer, 0).expect("prepared").handle();
+        let datagram = |round: usize, i: usize| -> Vec<u8> {
+            (0..1_200).map(|k| (round * 31 + i * 7 + k) as u8).collect()
+        };
+        let mut held: Vec<(usize, Vec<BytesMut>)> = Vec::new();
+        for round in 0..2 * SPARE_SLOTS {
+            let mut batch = Batch::default();
+            for i in 0..40 {
+                let appended: Result<(), ()> = batch.append(|out| {
+                    out.extend_from_slice(&datagram(round, i));
+                    Ok(())
+                });
+                assert!(appended.is_ok());
+            }
+            assert_eq!(sender.send_batch(to, &batch), Sent::Ok);
+            let mut got = Vec::new();
+            while got.len() < 40 {
+                match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+                    Ok(Some(d)) => got.extend(d),
+                    _ => panic!("round {round}: {} of 40 datagrams", got.len()),
+                }
+            }
+            // Every second round is let go at once, the others held to the end.
+            if round % 2 == 0 {
+                held.push((round, got));
+            } else {
+                for (i, d) in got.iter().enumerate() {
+                    assert_eq!(&d[..], &datagram(round, i)[..], "round {round}, {i}");
+                }
+            }
+        }
+        for (round, got) in &held {
+            for (i, d) in got.iter().enumerate() {
+                assert_eq!(&d[..], &datagram(*round, i)[..], "held round {round}, {i}");
+            }
+        }
     }
 
     /// An ICMP port unreachable makes a connected socket erroneous, not readable: the
