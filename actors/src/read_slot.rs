@@ -67,9 +67,12 @@ impl ReadSlot {
         // SAFETY: the buffer is the allocation `new` made with `BytesMut::zeroed` (it
         // is only ever split, cleared and reclaimed, none of which moves it to another
         // allocation, and it starts at that allocation's start again), so its first
-        // SLOT_BYTES bytes were initialized then; bytes written since (by the kernel, or
-        // by a datagram opened in place) are initialized too, and safe code cannot make
-        // initialized bytes uninitialized again. Its capacity covers them (checked).
+        // SLOT_BYTES bytes were initialized then. Bytes written since are initialized
+        // too: the kernel's receives, and sessions opening datagrams in place. A holder
+        // of a datagram could, in safe code, write uninitialized bytes into the spare
+        // capacity behind it (`BytesMut::spare_capacity_mut`); nothing in this program
+        // does, and the datagram type says so ([`crate::transport::Incoming`]). The
+        // capacity covers the bytes (checked).
         unsafe { self.buf.set_len(SLOT_BYTES) };
         true
     }

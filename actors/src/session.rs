@@ -246,6 +246,14 @@ impl SessionActor {
     /// (a client's QUIC or TCP connection made again arrives from the same address on a
     /// new connection, and the old one is closed).
     fn heard_on(&mut self, from: Endpoint, via: &TransportHandle) {
+        // Most packets come on the path heard last, with the same handle: nothing moves.
+        if self
+            .paths
+            .front()
+            .is_some_and(|(e, t)| *e == from && t.same(via))
+        {
+            return;
+        }
         if let Some(i) = self.paths.iter().position(|(e, _)| *e == from) {
             self.paths.remove(i);
         } else if self.paths.len() >= PATHS_KEPT {
@@ -326,6 +334,8 @@ impl Handler<Inbound> for SessionActor {
         // Which datagrams opened into packets for the device: written together at the
         // end, so that a run of one flow's segments is one write.
         let mut opened = Vec::with_capacity(msg.datagrams.len());
+        // One instant for the message: its datagrams came in one read.
+        let now = Instant::now();
         for (i, (addr, header, datagram)) in msg.datagrams.iter_mut().enumerate() {
             let Some(session) = self.session.as_mut() else {
                 break;
@@ -342,7 +352,7 @@ impl Handler<Inbound> for SessionActor {
                 from,
                 header,
                 datagram,
-                Instant::now(),
+                now,
             );
             match received {
                 Received::Reply(bytes) => {

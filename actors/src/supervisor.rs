@@ -935,8 +935,9 @@ impl GatewayRouter {
                         via: via.clone(),
                         from,
                         header: *header,
-                        // Copied out of the reader's arena (transport.rs): it may wait
-                        // seconds for a handover, and would keep the arena whole.
+                        // Copied out of the reader's memory (a 64 KiB slot or the arena,
+                        // transport.rs): it may wait seconds for a handover, and would
+                        // keep that memory whole.
                         datagram: BytesMut::from(&datagram[..]),
                     };
                     if !offer(&link.node, ActorKind::Cluster, unclaimed) {
@@ -995,8 +996,9 @@ impl GatewayRouter {
             let handshake = Handshake {
                 via: via.clone(),
                 from,
-                // Copied out of the reader's arena (transport.rs), which a datagram
-                // waiting in the handshake queue would otherwise keep whole.
+                // Copied out of the reader's memory (a 64 KiB slot or the arena,
+                // transport.rs), which a datagram waiting in the handshake queue would
+                // otherwise keep whole.
                 datagram: Bytes::copy_from_slice(&datagram),
                 waiting: Waiting::new(&self.waiting),
             };
