@@ -547,8 +547,9 @@ struct Read {
 /// A run of [`TAKEN_RUN_BYTES`] or more (a GRO run under a flow) is handed on where
 /// the kernel wrote it ([`ReadSlot::take`]): its slot goes with its datagrams, and a
 /// spent slot whose datagrams have all been dropped takes its place, else a new one
-/// (see [`ReadBuffers::take`]). A smaller run is copied into the arena, so that a lone
-/// datagram never holds a whole slot.
+/// (see [`ReadBuffers::take`]; with none free and no more to be made, it is copied). A
+/// smaller run is copied into the arena, so that a lone datagram never holds a whole
+/// slot.
 struct ReadBuffers {
     slots: Vec<ReadSlot>,
     meta: Vec<RecvMeta>,
@@ -578,6 +579,18 @@ impl ReadBuffers {
             spent: VecDeque::with_capacity(SPARE_SLOTS),
             arena: Arena::new(),
         }
+    }
+
+    /// How many runs can be handed on in their slots now: the spent slots whose
+    /// datagrams are all gone (made whole here), and those that may still be made.
+    fn free_slots(&mut self) -> usize {
+        let renewed = self
+            .spent
+            .iter_mut()
+            .map(ReadSlot::renew)
+            .filter(|&r| r)
+            .count();
+        renewed + SPARE_SLOTS.saturating_sub(self.spent.len())
     }
 
     /// Hands on slot `i`'s first `len` bytes where they were written, and puts a whole
@@ -624,8 +637,8 @@ impl Arena {
 
     /// Makes room for `bytes`: the room left, or the same buffer again if nothing else
     /// holds a part of it and it is large enough, else a new one (of `bytes` if that is
-    /// more than [`ARENA_BYTES`]: the arena grows to the largest read's small runs,
-    /// under [`READ_SLOTS`] × [`TAKEN_RUN_BYTES`]).
+    /// more than [`ARENA_BYTES`]: the arena grows to the most one read copies, at most
+    /// [`READ_SLOTS`] × [`SLOT_BYTES`]).
     fn make_room(&mut self, bytes: usize) {
         if self.buffer.capacity() - self.buffer.len() < bytes && !self.buffer.try_reclaim(bytes) {
             self.buffer = BytesMut::with_capacity(bytes.max(ARENA_BYTES));
@@ -661,8 +674,8 @@ fn split_datagrams(from: SocketAddr, mut run: BytesMut, stride: usize, batch: &m
 }
 
 /// Waits until the socket is readable, then reads what is there (one recvmmsg): each
-/// large run handed on in its slot, each small one copied into the [`Arena`]
-/// ([`ReadBuffers`]).
+/// large run handed on in its slot while whole slots can take their places, every
+/// other run copied into the [`Arena`] ([`ReadBuffers`]).
 ///
 /// It wakes for datagrams and for errors: an ICMP error on a connected socket (port or
 /// host unreachable) makes it erroneous, not readable, and is read at once.
@@ -695,24 +708,29 @@ async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffe
             }
         }
     };
+    let n = n.min(READ_SLOTS);
     let mut batch = Vec::with_capacity(n);
-    let copied = bufs
-        .meta
-        .iter()
-        .take(n)
-        .map(|m| m.len)
-        .filter(|&len| len < TAKEN_RUN_BYTES)
-        .sum();
+    // Which runs stay in their slots: the large ones, as far as whole slots can take
+    // their places; the rest are copied, into one arena sized for them all.
+    let mut free = bufs.free_slots();
+    let mut taken = [false; READ_SLOTS];
+    let mut copied = 0;
+    for (i, meta) in bufs.meta.iter().take(n).enumerate() {
+        let len = meta.len.min(SLOT_BYTES);
+        if len >= TAKEN_RUN_BYTES && free > 0 {
+            free -= 1;
+            taken[i] = true;
+        } else {
+            copied += len;
+        }
+    }
     bufs.arena.make_room(copied);
-    for i in 0..n.min(READ_SLOTS) {
+    for (i, &take) in taken.iter().enumerate().take(n) {
         let RecvMeta {
             addr, len, stride, ..
         } = bufs.meta[i];
         let len = len.min(SLOT_BYTES);
-        match (len >= TAKEN_RUN_BYTES)
-            .then(|| bufs.take(i, len))
-            .flatten()
-        {
+        match take.then(|| bufs.take(i, len)).flatten() {
             Some(run) => split_datagrams(addr, run, stride, &mut batch),
             None => {
                 let run = &bufs.slots[i].room()[..len];
@@ -951,6 +969,7 @@ mod tests {
         }
         assert_eq!(kept.len(), SPARE_SLOTS - 1);
         assert_eq!(bufs.spent.len(), SPARE_SLOTS);
+        assert_eq!(bufs.free_slots(), 0, "a read copies its large runs now");
         let left = bufs.slots[0].room();
         assert_eq!(left.len(), SLOT_BYTES, "the slot stays whole in its place");
         assert!(left[..len].iter().all(|&b| b == 10 + kept.len() as u8));
@@ -962,6 +981,7 @@ mod tests {
         // (a new slot would be zeroed): after the slot in place, every read finds one.
         drop(kept);
         drop(second);
+        assert_eq!(bufs.free_slots(), SPARE_SLOTS);
         assert!(read(&mut bufs, 3).is_some());
         for _ in 1..SPARE_SLOTS {
             assert_ne!(bufs.slots[0].room()[0], 0, "a spent slot, not a new one");
@@ -981,10 +1001,11 @@ mod tests {
     }
 
     /// Batches sent in one go, each a GSO run the receiving socket takes as one GRO run
-    /// on this loopback (each run handed on in its slot), arrive as the datagrams they
-    /// hold, and the datagrams of earlier reads, still held, keep their bytes while
-    /// later reads come in. Where the kernel has no UDP GSO or GRO nothing here takes
-    /// the slot path, and the test says so and stops.
+    /// on this loopback, arrive as the datagrams they hold, and the datagrams of earlier
+    /// reads, still held, keep their bytes while later reads come in. Half the rounds
+    /// are held to the end: the last of them find every spent slot held and are copied
+    /// (ReadBuffers::take), the others stay in their slots. Where the kernel has no UDP
+    /// GSO or GRO neither happens, and the test says so and stops.
     #[actix_rt::test]
     async fn datagrams_of_large_runs_keep_their_bytes_while_later_reads_come_in() {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
@@ -1014,7 +1035,7 @@ mod tests {
                 assert!(appended.is_ok());
             }
             assert_eq!(sender.send_batch(to, &batch), Sent::Ok);
-            // One read of one run: 48 000 bytes, taken in its slot.
+            // One read of one run: 48 000 bytes.
             let got = match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
                 Ok(Some(d)) => d,
                 _ => panic!("round {round}: no datagrams"),
