@@ -711,13 +711,19 @@ async fn read_batch(socket: &UdpSocket, sender: &UdpSender, bufs: &mut ReadBuffe
     let n = n.min(READ_SLOTS);
     let mut batch = Vec::with_capacity(n);
     // Which runs stay in their slots: the large ones, as far as whole slots can take
-    // their places; the rest are copied, into one arena sized for them all.
-    let mut free = bufs.free_slots();
+    // their places; the rest are copied, into one arena sized for them all. A read of
+    // small runs only (a ping) leaves the spent slots untouched.
+    let large = |m: &RecvMeta| m.len >= TAKEN_RUN_BYTES;
+    let mut free = if bufs.meta.iter().take(n).any(large) {
+        bufs.free_slots()
+    } else {
+        0
+    };
     let mut taken = [false; READ_SLOTS];
     let mut copied = 0;
     for (i, meta) in bufs.meta.iter().take(n).enumerate() {
         let len = meta.len.min(SLOT_BYTES);
-        if len >= TAKEN_RUN_BYTES && free > 0 {
+        if large(meta) && free > 0 {
             free -= 1;
             taken[i] = true;
         } else {
